@@ -1,0 +1,24 @@
+"""What runs inside an agent actor: the Agent contract, the built-in roles, model backends.
+
+Public names::
+
+    # The contract
+    Agent, StepContext
+    # Models
+    Model, SimulatedModel, SimulatedModelConfig, build_model
+    # Errors an agent may raise
+    ThreadboundError, AgentError, TransientError, ModelError, TransientModelError
+"""
+
+from .base import Agent, StepContext
+from .errors import AgentError, ModelError, ThreadboundError, TransientError, TransientModelError
+from .models import Model, SimulatedModel, SimulatedModelConfig, build_model
+
+__all__ = [
+    # The contract
+    "Agent", "StepContext",
+    # Models
+    "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
+    # Errors
+    "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError",
+]

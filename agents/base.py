@@ -1,0 +1,147 @@
+"""The Agent contract: what runs inside an agent actor for one role of a task.
+
+An agent is bound to one actor ("slot") for the length of its task. The pool makes
+a fresh instance for every binding, calls :meth:`Agent.step` once per round, and
+after every successful step records :meth:`Agent.get_state` as the agent's
+committed state. If the actor is replaced (timeout, crash, recycling) the new
+instance receives that committed state through :meth:`Agent.set_state`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator
+
+from .models.base import Model
+
+
+RESERVED_KINDS = frozenset(
+    {
+        "pending", "admitted", "running", "succeeded", "failed", "cancelled", "timed_out",
+        "round_started", "step_started", "step_finished", "step_failed", "step_timed_out",
+        "agent_crashed", "retrying", "tokens", "message", "level",
+    }
+)
+
+
+@dataclass
+class StepContext:
+    """Everything one step of one agent may see, plus the ways it talks back.
+
+    Attributes:
+        task_id: the task this step belongs to.
+        role: the agent's role name (``coder``, ``tester``, ... or your own).
+        goal: the task's goal text.
+        workspace: the task's workspace directory, or None.
+        round: the current round, from 1.
+        attempt: the attempt of this step, from 1 (retries increase it).
+        idempotency_key: stable for this task, round, role and attempt; use it to
+            make external side effects idempotent.
+        inputs: the task's ``inputs`` mapping.
+        outputs: committed outputs of earlier steps of this task, by role (this
+            round's earlier agents, else the previous round's).
+        feedback: what agents asked for when they requested this round, or [].
+        level: reasoning level 1-4.
+        streaming: False when the pool runs non-streaming (tokens are then
+            collected into one final ``message`` event).
+        model: the configured model backend.
+    """
+
+    task_id: str
+    role: str
+    goal: str
+    workspace: str | None = None
+    round: int = 1
+    attempt: int = 1
+    idempotency_key: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    feedback: list[str] = field(default_factory=list)
+    level: int = 2
+    streaming: bool = True
+    model: Model | None = None
+    _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False)
+    _round_requests: list[str] = field(default_factory=list, repr=False)
+
+    def emit(self, kind: str, data: Any = None) -> None:
+        """Write a custom event to the task's stream (e.g. tool output).
+
+        Events reach clients in order with the tokens the step yields; from a
+        generator step they are delivered at its next ``yield``.
+
+        Examples:
+            >>> ctx = StepContext(task_id="t1", role="coder", goal="g")
+            >>> ctx.emit("tool_output", {"cmd": "ls", "stdout": "a.py"})
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ValueError("event kind must be a non-empty string")
+        if kind in RESERVED_KINDS:
+            raise ValueError(f"event kind {kind!r} is reserved by the runtime; pick another name")
+        self._pending.append((kind, data))
+
+    def ask(self, messages: list[dict[str, str]], **options: Any) -> Generator[str, None, str]:
+        """Call the task's model: yields tokens as they come and returns the whole text.
+
+        Use it with ``yield from`` inside a generator step, so tokens stream to clients::
+
+            text = yield from ctx.ask([{"role": "user", "content": ctx.goal}])
+
+        When the pool runs non-streaming the model is called without streaming and the
+        whole answer is yielded once.
+        """
+        if self.model is None:
+            raise RuntimeError("this step has no model configured")
+        opts = {
+            "agent": self.role, "task_id": self.task_id, "level": self.level,
+            "round": self.round, "attempt": self.attempt, "goal": self.goal,
+            "stream": self.streaming, **options,
+        }
+        if not self.streaming:
+            text = self.model.complete(messages, **opts)
+            yield text
+            return text
+        parts: list[str] = []
+        for tok in self.model.stream(messages, **opts):
+            parts.append(tok)
+            yield tok
+        return "".join(parts)
+
+    def request_round(self, feedback: str) -> None:
+        """Ask for another round (e.g. tests failed), with feedback for the next one.
+
+        When the round ends and rounds remain, every agent runs again with
+        ``ctx.feedback`` set; when none remain the task fails with that feedback.
+        """
+        self._round_requests.append(str(feedback))
+
+
+class Agent:
+    """Base class for a role. Subclass it and implement :meth:`step`.
+
+    ``step`` either returns its output, or is a generator that yields tokens
+    (``str``) as it produces them and returns its output at the end. Outputs must
+    be picklable; plain data (str, numbers, lists, dicts) shows in event streams.
+
+    Examples:
+        >>> class Echo(Agent):
+        ...     def step(self, ctx):
+        ...         for word in ctx.goal.split():
+        ...             yield word + " "
+        ...         return {"echoed": ctx.goal}
+        >>> ctx = StepContext(task_id="t1", role="echo", goal="hello world")
+        >>> list(Echo().step(ctx))
+        ['hello ', 'world ']
+    """
+
+    def step(self, ctx: StepContext) -> Any | Iterator[str]:
+        raise NotImplementedError(f"{type(self).__name__}.step() is not implemented")
+
+    def get_state(self) -> Any:
+        """Return this agent's state to commit after a successful step (default: None).
+
+        Return plain data, never handles, locks or open files.
+        """
+        return None
+
+    def set_state(self, state: Any) -> None:
+        """Restore state committed by an earlier instance of this role (default: ignore)."""

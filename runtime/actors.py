@@ -1,0 +1,38 @@
+"""The one place where plain classes become Ray actors and get their Ray options."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+
+from .config import RuntimeConfig
+from .slot import SlotWorker
+from .supervisor import Supervisor
+
+# One thread, own process; never restarted by Ray: the supervisor replaces slots itself
+# so that the agent cap holds while it does.
+SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(SlotWorker)
+
+# An async actor: many clients may wait on it at once, it never blocks a CPU.
+SupervisorActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)(Supervisor)
+
+
+def slot_actor_factory(config: RuntimeConfig) -> Callable[[str], Any]:
+    opts: dict[str, Any] = {"namespace": config.ray.namespace}
+    if config.ray.agent_num_cpus is not None:
+        opts["num_cpus"] = config.ray.agent_num_cpus
+    if config.ray.detached:
+        opts["lifetime"] = "detached"
+
+    def make(name: str) -> Any:
+        return SlotActor.options(name=name, **opts).remote(name)
+
+    return make
+
+
+def supervisor_options(config: RuntimeConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"name": config.name, "namespace": config.ray.namespace, "get_if_exists": True}
+    if config.ray.detached:
+        opts["lifetime"] = "detached"
+    return opts

@@ -1,0 +1,251 @@
+"""Runtime configuration: explicit, validated, frozen.
+
+Build one with ``RuntimeConfig(...)`` in Python, or ``RuntimeConfig.from_yaml(path)``
+from a file (see ``configs/runtime.yaml`` for every knob, documented). Durations
+accept numbers or strings such as ``30s``, ``5m``, ``250ms``; they are converted
+once, here. Unknown keys are errors with a "did you mean" hint; a bad file raises
+one :class:`ConfigError` that names the file and every bad field.
+
+Environment overrides (applied by ``from_yaml`` and ``from_env``, never at import):
+
+    THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_STEP_TIMEOUT_S,
+    THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
+    THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
+    THREADBOUND_MODEL_BACKEND
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from threadbound.agents.models import ModelConfig, SimulatedModelConfig
+
+from .errors import ConfigError
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+
+
+def to_seconds(value: Any) -> Any:
+    """``30`` -> 30.0, ``"5m"`` -> 300.0, ``"250ms"`` -> 0.25; other values pass to validation."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"expected a duration such as 30, '30s', '5m' or '250ms', got {value!r}")
+        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    return value
+
+
+def _to_ms(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().endswith(("ms", "s", "m", "h")):
+        return to_seconds(value) * 1000.0
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(to_seconds), Field(gt=0)]
+Millis = Annotated[float, BeforeValidator(_to_ms), Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryConfig(_Section):
+    """How failed steps are retried: exponential backoff with full jitter."""
+
+    max_attempts: int = Field(default=3, ge=1, description="attempts per step, first included")
+    backoff_s: Seconds = 0.5
+    max_backoff_s: Seconds = 10.0
+    jitter: bool = True
+    retry_on: tuple[Literal["timeout", "crash", "transient"], ...] = ("timeout", "crash", "transient")
+
+
+class RayConfig(_Section):
+    """How to reach Ray. ``address: null`` starts a local Ray unless one is running here."""
+
+    address: str | None = None
+    namespace: str = Field(default="threadbound", min_length=1)
+    num_cpus: int | None = Field(default=None, ge=1)
+    detached: bool = False
+    agent_num_cpus: float | None = Field(default=None, ge=0)
+
+
+class ReasoningConfig(_Section):
+    """Reasoning level handed to agents (1 = quick ... 4 = thorough)."""
+
+    level: int = Field(default=2, ge=1, le=4)
+    max_level: int = Field(default=4, ge=1, le=4)
+
+
+class HealthConfig(_Section):
+    """Health monitoring and degradation (thresholds arrive with the degradation work)."""
+
+    enabled: bool = True
+
+
+class RuntimeConfig(_Section):
+    """Everything the pool needs; see ``configs/runtime.yaml`` for each field's meaning.
+
+    Examples:
+        >>> cfg = RuntimeConfig(max_agents=4, step_timeout_s="2m")
+        >>> cfg.step_timeout_s
+        120.0
+    """
+
+    name: str = Field(default="threadbound", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    max_agents: int = Field(default=10, ge=1)
+    max_agents_per_task: int = Field(default=3, ge=1)
+    recycle_after: int = Field(default=100, ge=1)
+    prewarm: bool = False
+    step_timeout_s: Seconds = 30.0
+    task_timeout_s: Seconds = 600.0
+    max_rounds: int = Field(default=3, ge=1)
+    default_agents: tuple[str, ...] = ("coder", "tester", "reviewer")
+    retry: RetryConfig = RetryConfig()
+    snapshot_interval_s: Seconds = 5.0
+    snapshot_dir: str = Field(default=".threadbound/snapshots", min_length=1)
+    streaming: bool = True
+    token_batch_size: int = Field(default=32, ge=1)
+    token_interval_ms: Millis = 50.0
+    keep_finished_tasks: int = Field(default=1000, ge=1)
+    shutdown_grace_s: Seconds = 5.0
+    agents: dict[str, str] = Field(default_factory=dict)
+    model: ModelConfig = SimulatedModelConfig()
+    reasoning: ReasoningConfig = ReasoningConfig()
+    health: HealthConfig = HealthConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _caps_fit(self) -> "RuntimeConfig":
+        if self.max_agents_per_task > self.max_agents:
+            raise ValueError(
+                f"max_agents_per_task ({self.max_agents_per_task}) cannot exceed "
+                f"max_agents ({self.max_agents}); lower it or raise max_agents"
+            )
+        if self.reasoning.level > self.reasoning.max_level:
+            raise ValueError("reasoning.level cannot exceed reasoning.max_level")
+        return self
+
+    # -- constructors ---------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, source: str = "<config>") -> "RuntimeConfig":
+        """Validate a mapping (e.g. parsed YAML); errors name ``source`` and each field."""
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                source,
+                [("", f"the file must be a mapping of settings (key: value), got {type(data).__name__}")],
+            )
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(source, _problems(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, *, env: Mapping[str, str] | None = None) -> "RuntimeConfig":
+        """Load a YAML file, then apply ``THREADBOUND_*`` overrides from ``env``.
+
+        ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+        """
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(str(p), [("", "file not found; pass an existing YAML file")]) from None
+        except OSError as exc:
+            raise ConfigError(str(p), [("", f"cannot read file: {exc.strerror}")]) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(str(p), [("", f"not valid YAML: {where}{getattr(exc, 'problem', exc)}")]) from None
+        cfg = cls.from_mapping(data, source=str(p))
+        return cfg.with_env(os.environ if env is None else env)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "RuntimeConfig":
+        """The defaults with ``THREADBOUND_*`` overrides applied."""
+        return cls().with_env(os.environ if env is None else env)
+
+    def with_env(self, env: Mapping[str, str]) -> "RuntimeConfig":
+        """A copy with the overrides found in ``env`` applied (see module docstring)."""
+        data = self.model_dump(mode="python")
+        used = []
+        for var, path in ENV_OVERRIDES.items():
+            if var in env and env[var] != "":
+                node = data
+                for key in path[:-1]:
+                    node = node[key]
+                node[path[-1]] = env[var]
+                used.append(var)
+        if not used:
+            return self
+        if "THREADBOUND_MODEL_BACKEND" in used:
+            data["model"] = {"backend": data["model"]["backend"]}
+        return self.from_mapping(data, source="environment (" + ", ".join(used) + ")")
+
+    def replace(self, **changes: Any) -> "RuntimeConfig":
+        """A validated copy with some fields changed."""
+        data = self.model_dump(mode="python")
+        data.update(changes)
+        return self.from_mapping(data)
+
+
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "THREADBOUND_MAX_AGENTS": ("max_agents",),
+    "THREADBOUND_MAX_AGENTS_PER_TASK": ("max_agents_per_task",),
+    "THREADBOUND_STEP_TIMEOUT_S": ("step_timeout_s",),
+    "THREADBOUND_TASK_TIMEOUT_S": ("task_timeout_s",),
+    "THREADBOUND_SNAPSHOT_DIR": ("snapshot_dir",),
+    "THREADBOUND_SNAPSHOT_INTERVAL_S": ("snapshot_interval_s",),
+    "THREADBOUND_STREAMING": ("streaming",),
+    "THREADBOUND_RAY_ADDRESS": ("ray", "address"),
+    "THREADBOUND_RAY_NAMESPACE": ("ray", "namespace"),
+    "THREADBOUND_MODEL_BACKEND": ("model", "backend"),
+}
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    """Known field names of the section at ``path`` (for 'did you mean' hints)."""
+    model: Any = RuntimeConfig
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = fields[part].annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"simulated"}))
+        path = ".".join(str(p) for p in loc)
+        typ = err["type"]
+        if typ == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            msg = f"unknown key{hint} Allowed here: {', '.join(known)}" if known else f"unknown key{hint}"
+        elif typ == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            path = ".".join(filter(None, [path, str(ctx.get("discriminator", "")).strip("'")]))
+            msg = f"must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
+        elif typ == "value_error":
+            msg = err["msg"].removeprefix("Value error, ")
+        else:
+            msg = err["msg"].replace("Input should be", "must be") + f" (got {err.get('input')!r})"
+        out.append((path, msg))
+    return out

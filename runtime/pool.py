@@ -1,0 +1,261 @@
+"""``AgentPool`` and ``TaskHandle``: the thin client side of the supervisor actor.
+
+Several clients (this process, another process, the CLI) may attach to one
+supervisor by its name; all state lives in the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Iterator, Mapping
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from threadbound.agents.errors import ThreadboundError
+
+from .config import RuntimeConfig
+from .errors import PoolClosed, ResultTimeout, TaskCancelled, TaskFailed, TaskTimedOut
+from .registry import role_blobs
+from .task import CANCELLED, SUCCEEDED, TIMED_OUT, Event, Task, TaskResult, TaskSummary
+
+log = logging.getLogger("threadbound.pool")
+
+_POLL_S = 10.0  # longest a single long-poll read waits inside the supervisor
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps errors raised in actors; hand the user our own error back."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ThreadboundError):
+        return cause
+    if isinstance(exc, RayActorError):
+        return PoolClosed("the pool's supervisor is gone (shut down or crashed)")
+    return exc
+
+
+def _get(ref: Any, timeout: float | None = None) -> Any:
+    try:
+        return ray.get(ref, timeout=timeout)
+    except (RayTaskError, RayActorError) as exc:
+        raise _unwrap(exc) from None
+
+
+async def _aget(ref: Any) -> Any:
+    try:
+        return await ref
+    except (RayTaskError, RayActorError) as exc:
+        raise _unwrap(exc) from None
+
+
+def _event(task_id: str, row: tuple) -> Event:
+    offset, kind, agent, data, ts = row
+    return Event(task_id=task_id, offset=offset, kind=kind, agent=agent, data=data, ts=ts)
+
+
+def _result(d: dict[str, Any]) -> TaskResult:
+    res = TaskResult(**d)
+    if res.status == SUCCEEDED:
+        return res
+    cls = {CANCELLED: TaskCancelled, TIMED_OUT: TaskTimedOut}.get(res.status, TaskFailed)
+    err = cls(f"task {res.task_id} {res.status}: {res.error}", task_id=res.task_id, elapsed=res.elapsed_s)
+    err.result = res
+    if isinstance(err, TaskCancelled):
+        err.reason = (res.error or "").removeprefix("cancelled (").rstrip(")") or "cancelled"
+    raise err
+
+
+class TaskHandle:
+    """A submitted task: stream its events, wait for its result, cancel it.
+
+    Examples:
+        >>> handle = pool.submit(Task(goal="fix it", agents=["coder"]))   # doctest: +SKIP
+        >>> for event in handle.stream():                                # doctest: +SKIP
+        ...     print(event.offset, event.kind, event.agent, event.data)
+        >>> handle.result(timeout=60).outputs["coder"]                    # doctest: +SKIP
+    """
+
+    def __init__(self, supervisor: Any, task_id: str) -> None:
+        self._sup = supervisor
+        self.task_id = task_id
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_id!r})"
+
+    @property
+    def status(self) -> str:
+        """pending, admitted, running, succeeded, failed, cancelled or timed_out."""
+        return self.summary().status
+
+    def summary(self) -> TaskSummary:
+        return _get(self._sup.task_summary.remote(self.task_id))
+
+    def stream(self, from_offset: int = 0) -> Iterator[Event]:
+        """Every event from ``from_offset`` on, in order, following live until the task ends.
+
+        Reconnecting with the offset after the last one seen continues exactly there.
+        """
+        offset = from_offset
+        while True:
+            rows, _ = _get(self._sup.read.remote(self.task_id, offset, _POLL_S))
+            for row in rows:
+                ev = _event(self.task_id, row)
+                offset = ev.offset + 1
+                yield ev
+                if ev.terminal:
+                    return
+
+    async def astream(self, from_offset: int = 0) -> AsyncIterator[Event]:
+        """``stream`` for asyncio: ``async for event in handle.astream(): ...``"""
+        offset = from_offset
+        while True:
+            rows, _ = await _aget(self._sup.read.remote(self.task_id, offset, _POLL_S))
+            for row in rows:
+                ev = _event(self.task_id, row)
+                offset = ev.offset + 1
+                yield ev
+                if ev.terminal:
+                    return
+
+    def result(self, timeout: float | None = None) -> TaskResult:
+        """Wait for the task to end and return its result.
+
+        Raises :class:`TaskFailed`, :class:`TaskTimedOut` or :class:`TaskCancelled`
+        (each with ``.result``) if it did not succeed, and :class:`ResultTimeout` if
+        ``timeout`` seconds pass first (the task keeps running).
+        """
+        d = _get(self._sup.wait.remote(self.task_id, timeout))
+        if d is None:
+            raise ResultTimeout(f"task {self.task_id} did not finish within {timeout}s; "
+                                "it is still running: wait again or cancel it",
+                                task_id=self.task_id, limit=timeout)
+        return _result(d)
+
+    async def aresult(self, timeout: float | None = None) -> TaskResult:
+        """``result`` for asyncio."""
+        d = await _aget(self._sup.wait.remote(self.task_id, timeout))
+        if d is None:
+            raise ResultTimeout(f"task {self.task_id} did not finish within {timeout}s",
+                                task_id=self.task_id, limit=timeout)
+        return _result(d)
+
+    def cancel(self) -> str:
+        """Cancel the task (a running step's actor is killed); returns the final status."""
+        return _get(self._sup.cancel.remote(self.task_id))
+
+    async def acancel(self) -> str:
+        return await _aget(self._sup.cancel.remote(self.task_id))
+
+
+class AgentPool:
+    """The pool of agent actors, driven by one supervisor actor.
+
+    Starts Ray if it is not running (or joins ``config.ray.address``), then creates
+    the supervisor named ``config.name`` in ``config.ray.namespace`` or attaches to
+    the one already there.
+
+    Args:
+        config: a :class:`RuntimeConfig`; defaults to ``RuntimeConfig.from_env()``.
+        agents: extra roles, ``{"role": AgentSubclass or "pkg.mod:Class"}``.
+
+    Examples:
+        >>> from threadbound.runtime import AgentPool, RuntimeConfig, Task   # doctest: +SKIP
+        >>> with AgentPool(RuntimeConfig(max_agents=4)) as pool:                 # doctest: +SKIP
+        ...     print(pool.submit(Task(goal="hello", agents=["coder"])).result().status)
+        succeeded
+    """
+
+    def __init__(self, config: RuntimeConfig | None = None, *,
+                 agents: Mapping[str, Any] | None = None) -> None:
+        config = config if config is not None else RuntimeConfig.from_env()
+        blobs = role_blobs(config.agents, agents)  # fail on bad roles before touching Ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"namespace": config.ray.namespace, "logging_level": logging.WARNING}
+            if config.ray.address:
+                kwargs["address"] = config.ray.address
+            elif config.ray.num_cpus:
+                kwargs["num_cpus"] = config.ray.num_cpus
+            ray.init(**kwargs)
+            self._owns_ray = True
+        from .actors import SupervisorActor, supervisor_options
+
+        self._sup = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs)
+        _get(self._sup.register_roles.remote(blobs))
+        info = _get(self._sup.info.remote())
+        self.config: RuntimeConfig = info["config"]
+        self.name: str = info["name"]
+        if config.prewarm:
+            _get(self._sup.prewarm.remote())
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, *, agents: Mapping[str, Any] | None = None) -> "AgentPool":
+        """A pool configured by a YAML file (with ``THREADBOUND_*`` overrides applied)."""
+        return cls(RuntimeConfig.from_yaml(path), agents=agents)
+
+    def __enter__(self) -> "AgentPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # -- tasks ------------------------------------------------------------------------
+
+    def submit(self, task: Task) -> TaskHandle:
+        """Queue a task; returns at once with its handle. Bad input raises here."""
+        task.validated(self.config.default_agents)  # clear errors before a round trip
+        return TaskHandle(self._sup, _get(self._sup.submit.remote(task)))
+
+    async def asubmit(self, task: Task) -> TaskHandle:
+        task.validated(self.config.default_agents)
+        return TaskHandle(self._sup, await _aget(self._sup.submit.remote(task)))
+
+    def task(self, task_id: str) -> TaskHandle:
+        """A handle to a task already submitted (by any client of this pool)."""
+        _get(self._sup.task_summary.remote(task_id))  # raises TaskNotFound
+        return TaskHandle(self._sup, task_id)
+
+    def tasks(self) -> list[TaskSummary]:
+        """Summaries of every task the pool remembers, oldest first."""
+        return _get(self._sup.tasks_summary.remote())
+
+    def register(self, role: str, agent: Any) -> None:
+        """Add or replace a role: an Agent subclass or ``"package.module:Class"``."""
+        blobs = role_blobs({role: agent})
+        _get(self._sup.register_roles.remote({role: blobs[role]}))
+
+    def roles(self) -> list[str]:
+        return _get(self._sup.info.remote())["roles"]
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, task counts by status, and every slot (owner, pid, alive, ...)."""
+        return _get(self._sup.stats.remote())
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach this client; the supervisor and its tasks keep running."""
+        self._closed = True
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop the pool: cancel queued tasks, give running ones ``grace_s`` to finish,
+        cancel the rest, kill every agent actor and the supervisor. Stops Ray too if
+        this pool started it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _get(self._sup.shutdown.remote(grace_s), timeout=(grace_s or self.config.shutdown_grace_s) + 30)
+        except (PoolClosed, ray.exceptions.GetTimeoutError):
+            pass
+        finally:
+            try:
+                ray.kill(self._sup, no_restart=True)
+            except Exception:
+                pass
+            if self._owns_ray:
+                ray.shutdown()
