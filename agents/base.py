@@ -66,8 +66,8 @@ class StepContext:
     def emit(self, kind: str, data: Any = None) -> None:
         """Write a custom event to the task's stream (e.g. tool output).
 
-        Events reach clients in order with the tokens the step yields; from a
-        generator step they are delivered at its next ``yield``.
+        Events reach clients in order with the tokens the step yields, as soon as
+        they are emitted (pending tokens are flushed first).
 
         Examples:
             >>> ctx = StepContext(task_id="t1", role="coder", goal="g")

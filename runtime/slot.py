@@ -1,7 +1,8 @@
 """The inside of an agent actor ("slot"): binds an agent, runs its steps, batches tokens.
 
 :class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``
-(``max_concurrency=1``: one thread, its own process). One binding = one fresh agent
+(``max_concurrency=1``: one step at a time, in its own process; the agent's code
+runs on one helper thread so tokens are flushed on time). One binding = one fresh agent
 instance for one role of one task; its state is restored from the committed state
 the supervisor sends. :meth:`SlotWorker.run_step` is a generator: every item it
 yields is a list of ``(kind, data)`` events, and the last item carries the step's
@@ -13,8 +14,10 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -68,7 +71,17 @@ class _TokenBatcher:
     def add(self, token: str) -> bool:
         """Add a token; True when the pending tokens should be flushed now."""
         self.parts.append(token)
-        return len(self.parts) >= self.batch_size or self.clock() - self.last_flush >= self.interval_s
+        return self.due()
+
+    def due(self) -> bool:
+        return bool(self.parts) and (
+            len(self.parts) >= self.batch_size or self.clock() - self.last_flush >= self.interval_s)
+
+    def wait_s(self) -> float | None:
+        """How long until pending tokens are due by time (None: nothing pending)."""
+        if not self.parts:
+            return None
+        return max(0.0, self.interval_s - (self.clock() - self.last_flush))
 
     def take(self) -> tuple[str, Any] | None:
         if not self.parts:
@@ -77,6 +90,49 @@ class _TokenBatcher:
         self.parts = []
         self.last_flush = self.clock()
         return ("tokens", {"text": text, "n": n})
+
+
+_DONE = object()
+
+
+class _Sink(deque):
+    """Where the agent's thread puts tokens and events; wakes the streaming side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake = threading.Event()
+
+    def append(self, item: Any) -> None:  # also used by StepContext.emit
+        super().append(item)
+        if not self.wake.is_set():
+            self.wake.set()
+
+
+def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any]) -> None:
+    """Run one step on the agent's thread, feeding every token and event into ``sink``."""
+    try:
+        result = agent.step(ctx)
+        if inspect.isgenerator(result):
+            while True:
+                try:
+                    item = next(result)
+                except StopIteration as stop:
+                    outcome["output"] = stop.value
+                    break
+                if isinstance(item, str):
+                    sink.append(item)
+                elif item is not None:
+                    raise TypeError(
+                        f"agent {ctx.role!r} yielded {type(item).__name__}; a step yields "
+                        "str tokens (use ctx.emit(kind, data) for other events)")
+        else:
+            outcome["output"] = result
+        outcome["state"] = agent.get_state()
+    except BaseException as exc:  # the agent's failure becomes data, never a lost stream
+        outcome["error"] = exc
+        outcome["traceback"] = traceback.format_exc(limit=20)
+    finally:
+        sink.append(_DONE)
 
 
 class SlotWorker:
@@ -125,21 +181,17 @@ class SlotWorker:
         return model
 
     def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
-        """Run one step of the bound agent, yielding batches of events, outcome last."""
+        """Run one step of the bound agent, yielding batches of events, outcome last.
+
+        The agent runs on a helper thread (one at a time: this actor has one step in
+        flight at most) so that pending tokens are flushed on time even while the
+        agent is busy or stuck; a stuck agent's tokens so far are thus never lost.
+        """
         started = time.monotonic()
         batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
         collected: list[str] = []  # non-streaming: tokens become one final message
-        ctx: StepContext | None = None
-
-        def drain(out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-            if ctx is not None and ctx._pending:
-                tok = batcher.take()
-                if tok:
-                    out.append(tok)
-                out.extend(ctx._pending)
-                ctx._pending.clear()
-            return out
-
+        sink = _Sink()
+        outcome: dict[str, Any] = {}
         try:
             agent = self._bind(req)
             ctx = StepContext(
@@ -148,57 +200,56 @@ class SlotWorker:
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
             )
-            result = agent.step(ctx)
-            if inspect.isgenerator(result):
-                gen = result
-                while True:
-                    try:
-                        item = next(gen)
-                    except StopIteration as stop:
-                        output = stop.value
-                        break
-                    out = drain([])
-                    if isinstance(item, str):
-                        if not req.streaming:
-                            collected.append(item)
-                        elif batcher.add(item):
-                            out.append(batcher.take())
-                    elif item is not None:
-                        raise TypeError(
-                            f"agent {req.role!r} yielded {type(item).__name__}; a step yields "
-                            "str tokens (use ctx.emit(kind, data) for other events)"
-                        )
-                    if out:
-                        yield out
-            else:
-                output = result
-            final = drain([])
-            tok = batcher.take()
-            if tok:
-                final.append(tok)
-            if collected:
-                final.append(("message", {"text": "".join(collected)}))
-            state = agent.get_state()
-            final.append((RESULT, {
-                "output": output, "state": state, "round_requests": list(ctx._round_requests),
-                "elapsed_s": time.monotonic() - started,
-            }))
-            yield final
-        except GeneratorExit:
-            raise
-        except BaseException as exc:  # the agent's failure becomes data, never a lost stream
-            out = drain([]) if ctx is not None else []
-            tok = batcher.take()
-            if tok:
-                out.append(tok)
-            if collected:
-                out.append(("message", {"text": "".join(collected)}))
-            out.append((ERROR, {
-                "type": type(exc).__name__,
-                "message": str(exc) or type(exc).__name__,
-                "transient": isinstance(exc, TransientError),
-                "retry_after_s": getattr(exc, "retry_after_s", None),
-                "traceback": traceback.format_exc(limit=20),
-                "elapsed_s": time.monotonic() - started,
-            }))
-            yield out
+            ctx._pending = sink
+        except BaseException as exc:
+            yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
+            return
+        threading.Thread(target=_drive, args=(agent, ctx, sink, outcome),
+                         name=f"{req.role}/{req.task_id}", daemon=True).start()
+        done = False
+        while not done:
+            sink.wake.wait(batcher.wait_s())
+            sink.wake.clear()
+            out: list[tuple[str, Any]] = []
+            while sink:
+                item = sink.popleft()
+                if item is _DONE:
+                    done = True
+                elif isinstance(item, str):
+                    if not req.streaming:
+                        collected.append(item)
+                    elif batcher.add(item) and len(batcher.parts) >= batcher.batch_size:
+                        out.append(batcher.take())
+                else:  # a custom event: tokens before it go first, order is kept
+                    tok = batcher.take()
+                    if tok:
+                        out.append(tok)
+                    out.append(item)
+            if batcher.due() or done:
+                tok = batcher.take()
+                if tok:
+                    out.append(tok)
+            if done:
+                if collected:
+                    out.append(("message", {"text": "".join(collected)}))
+                if "error" in outcome:
+                    out.append((ERROR, _error_data(outcome["error"], outcome["traceback"], started)))
+                else:
+                    out.append((RESULT, {
+                        "output": outcome.get("output"), "state": outcome.get("state"),
+                        "round_requests": list(ctx._round_requests),
+                        "elapsed_s": time.monotonic() - started,
+                    }))
+            if out:
+                yield out
+
+
+def _error_data(exc: BaseException, tb: str, started: float) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc) or type(exc).__name__,
+        "transient": isinstance(exc, TransientError),
+        "retry_after_s": getattr(exc, "retry_after_s", None),
+        "traceback": tb,
+        "elapsed_s": time.monotonic() - started,
+    }

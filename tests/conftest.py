@@ -1,0 +1,66 @@
+"""One local Ray per test session, with its auth token kept out of the real home."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import sys
+import tempfile
+
+import pytest
+
+_ISOLATED = tempfile.mkdtemp(prefix="threadbound-tests-")
+# Ray 2.60 turns token auth on for local clusters and would write ~/.ray/auth_token.
+# Point it at a token of our own in a temporary directory instead.
+_TOKEN = os.path.join(_ISOLATED, "auth_token")
+with open(os.open(_TOKEN, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+    fh.write(secrets.token_hex(32))
+os.environ["RAY_AUTH_TOKEN_PATH"] = _TOKEN
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Agent actors import the test agents by module name.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, namespace="threadbound-tests", include_dashboard=True,
+             logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def pool_name():
+    return f"test{next(_names)}"
+
+
+def make_pool(name: str, **overrides):
+    """A pool of test agents (roles a..e) with small caps and short timeouts."""
+    from scripted_agents import Scripted
+
+    from threadbound.runtime import AgentPool, RuntimeConfig
+
+    settings = dict(name=name, max_agents=3, max_agents_per_task=3, step_timeout_s=10,
+                    task_timeout_s=60, token_batch_size=4, token_interval_ms=20,
+                    retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2})
+    settings.update(overrides)
+    roles = {r: Scripted for r in "abcde"}
+    return AgentPool(RuntimeConfig.from_mapping(settings), agents=roles)
+
+
+def eventually(fn, timeout_s=15.0, interval_s=0.2):
+    """Poll ``fn`` until it returns a truthy value (Ray's state API reports with a delay)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval_s)

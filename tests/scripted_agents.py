@@ -1,0 +1,65 @@
+"""Agents for tests, driven by the task's inputs so one class covers many behaviours.
+
+``ctx.inputs[role]`` (or ``ctx.inputs["*"]``) may hold:
+    tokens: int            tokens to stream (default 3)
+    token_sleep_s: float   pause before each token
+    hang_on: [attempts]    sleep for an hour on these attempts (after streaming tokens)
+    crash_on: [attempts]   exit the process on these attempts (after streaming tokens)
+    transient_on: [attempts] raise TransientError on these attempts
+    error_on: [attempts]   raise ValueError on these attempts
+    sleep_s: float         sleep before returning (holds the slot)
+    rounds: int            request another round until this round
+    emit: int              custom events to emit between tokens
+    mark: str              a directory; write one file per committed call (side-effect counter)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from threadbound.agents import Agent, TransientError
+
+
+class Scripted(Agent):
+    def __init__(self) -> None:
+        self.calls = 0  # committed state: survives actor replacement through set_state
+
+    def get_state(self):
+        return {"calls": self.calls}
+
+    def set_state(self, state):
+        self.calls = state["calls"]
+
+    def step(self, ctx):
+        spec = dict(ctx.inputs.get("*", {}))
+        spec.update(ctx.inputs.get(ctx.role, {}))
+        for i in range(spec.get("tokens", 3)):
+            if spec.get("token_sleep_s"):
+                time.sleep(spec["token_sleep_s"])
+            if i < spec.get("emit", 0):
+                ctx.emit("progress", {"i": i})
+            yield f"{ctx.role}{i} "
+        if ctx.attempt in spec.get("hang_on", []):
+            time.sleep(3600)
+        if ctx.attempt in spec.get("crash_on", []):
+            os._exit(3)
+        if ctx.attempt in spec.get("transient_on", []):
+            raise TransientError("service busy", retry_after_s=spec.get("retry_after_s"))
+        if ctx.attempt in spec.get("error_on", []):
+            raise ValueError("bad thing")
+        if spec.get("sleep_s"):
+            time.sleep(spec["sleep_s"])
+        if ctx.round < spec.get("rounds", 0):
+            ctx.request_round(f"{ctx.role} wants round {ctx.round + 1}")
+        self.calls += 1
+        if spec.get("mark"):
+            with open(os.path.join(spec["mark"], ctx.idempotency_key.replace(":", "_")), "w") as fh:
+                fh.write(ctx.idempotency_key)
+        return {"role": ctx.role, "pid": os.getpid(), "calls": self.calls, "round": ctx.round,
+                "attempt": ctx.attempt, "feedback": ctx.feedback}
+
+
+class NotAnAgent:
+    def step(self, ctx):
+        return None

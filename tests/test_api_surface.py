@@ -1,0 +1,31 @@
+"""The public surface changes only on purpose."""
+
+import threadbound.agents
+import threadbound.runtime
+import threadbound.snapshots
+
+
+def test_runtime_exports():
+    assert sorted(threadbound.runtime.__all__) == sorted([
+        "AgentPool", "TaskHandle", "Task", "TaskResult", "TaskSummary", "Event", "RuntimeConfig",
+        "ThreadboundError", "ConfigError", "InvalidTask", "UnknownRole", "AgentNotLoadable",
+        "TaskNotFound", "PoolClosed", "ResultTimeout", "TaskError", "TaskFailed", "TaskTimedOut",
+        "TaskCancelled",
+    ])
+
+
+def test_agents_exports():
+    assert sorted(threadbound.agents.__all__) == sorted([
+        "Agent", "StepContext", "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
+        "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError",
+    ])
+
+
+def test_snapshots_exports():
+    assert threadbound.snapshots.__all__ == []
+
+
+def test_every_export_resolves():
+    for mod in (threadbound.runtime, threadbound.agents, threadbound.snapshots):
+        for name in mod.__all__:
+            assert getattr(mod, name) is not None

@@ -1,0 +1,117 @@
+"""Event streams on a real local Ray: order, replay, reconnect, two clients, asyncio."""
+
+import asyncio
+
+import pytest
+from conftest import eventually, make_pool
+
+from threadbound.runtime import Task
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session):
+    p = make_pool("streams")
+    yield p
+    p.shutdown()
+
+
+def kinds(events):
+    return [e.kind for e in events]
+
+
+def test_stream_shows_every_event_in_order_and_result_has_outputs(pool):
+    handle = pool.submit(Task(goal="hello", agents=["a", "b"], inputs={"*": {"tokens": 9, "emit": 2}}))
+    events = list(handle.stream())
+    assert [e.offset for e in events] == list(range(len(events)))
+    assert kinds(events)[:4] == ["pending", "admitted", "running", "round_started"]
+    assert events[-1].kind == "succeeded" and events[-1].terminal
+    for role in ("a", "b"):
+        text = "".join(e.data["text"] for e in events if e.kind == "tokens" and e.agent == role)
+        assert text == "".join(f"{role}{i} " for i in range(9))
+        assert [e.data["i"] for e in events if e.kind == "progress" and e.agent == role] == [0, 1]
+    result = handle.result(timeout=30)
+    assert result.ok and result.outputs["a"]["role"] == "a" and result.outputs["b"]["calls"] == 1
+    assert handle.status == "succeeded"
+
+
+def test_tokens_are_batched_not_one_event_each(pool):
+    handle = pool.submit(Task(goal="many tokens", agents=["a"], inputs={"a": {"tokens": 200}}))
+    batches = [e for e in handle.stream() if e.kind == "tokens"]
+    assert sum(e.data["n"] for e in batches) == 200
+    assert len(batches) <= 200 // 4 + 2  # token_batch_size is 4 in these pools
+
+
+def test_reconnect_from_offset_misses_nothing_and_repeats_nothing(pool):
+    handle = pool.submit(Task(goal="long", agents=["a", "b", "c"],
+                              inputs={"*": {"tokens": 12, "token_sleep_s": 0.01}}))
+    first = []
+    for event in handle.stream():
+        first.append(event)
+        if len(first) == 7:
+            break  # the client drops mid-run
+    rest = list(pool.task(handle.task_id).stream(from_offset=first[-1].offset + 1))
+    full = list(handle.stream())
+    assert first + rest == full
+    assert [e.offset for e in first + rest] == list(range(len(full)))
+
+
+def test_two_clients_on_one_supervisor_see_identical_sequences(pool):
+    other = make_pool("streams")  # same name: attaches to the same supervisor
+    try:
+        handle = pool.submit(Task(goal="shared", agents=["a", "b"], inputs={"*": {"tokens": 20}}))
+        theirs = list(other.task(handle.task_id).stream())
+        ours = list(handle.stream())
+        assert theirs == ours and ours[-1].kind == "succeeded"
+        assert handle.task_id in {t.task_id for t in other.tasks()}
+    finally:
+        other.close()
+
+
+def test_asyncio_users_get_the_same_api(pool):
+    async def main():
+        handle = await pool.asubmit(Task(goal="async", agents=["a"], inputs={"a": {"tokens": 5}}))
+        events = [e async for e in handle.astream()]
+        result = await handle.aresult(timeout=30)
+        return events, result
+
+    events, result = asyncio.run(main())
+    assert events[-1].kind == "succeeded" and result.ok
+
+
+def test_agents_that_ask_for_rounds_get_feedback(pool):
+    handle = pool.submit(Task(goal="iterate", agents=["a", "b"], inputs={"b": {"rounds": 2}}))
+    result = handle.result(timeout=30)
+    assert result.rounds == 2
+    assert result.outputs["a"]["feedback"] == ["b wants round 2"]
+    assert result.outputs["a"]["calls"] == 2  # the same agent, its state kept across rounds
+
+
+def test_rounds_running_out_fail_the_task_with_the_feedback(pool):
+    from threadbound.runtime import TaskFailed
+
+    handle = pool.submit(Task(goal="never done", agents=["a"], max_rounds=2, inputs={"a": {"rounds": 5}}))
+    with pytest.raises(TaskFailed, match="no success after 2 round"):
+        handle.result(timeout=30)
+
+
+def test_step_calls_are_named_role_slash_task_for_the_dashboard(pool):
+    from ray.util.state import list_tasks
+
+    handle = pool.submit(Task(goal="named", agents=["a", "b"]))
+    handle.result(timeout=30)
+    name = f"a/{handle.task_id}"
+    found = eventually(lambda: list_tasks(filters=[("name", "=", name)], raise_on_missing_output=False))
+    assert {t.name for t in found} == {name}
+
+
+def test_non_streaming_pool_sends_one_message_per_step(ray_session):
+    p = make_pool("nostream", streaming=False, max_agents=1, max_agents_per_task=1)
+    try:
+        events = list(p.submit(Task(goal="quiet", agents=["a"], inputs={"a": {"tokens": 6}})).stream())
+        assert "tokens" not in kinds(events)
+        (msg,) = [e for e in events if e.kind == "message"]
+        assert msg.data["text"] == "a0 a1 a2 a3 a4 a5 "
+    finally:
+        p.shutdown()

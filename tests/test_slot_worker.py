@@ -1,0 +1,128 @@
+"""The inside of an agent actor, run in-process: batching, errors, state, non-streaming."""
+
+import time
+
+import cloudpickle
+import pytest
+
+from threadbound.agents import Agent, SimulatedModelConfig, TransientError
+from threadbound.runtime.slot import ERROR, RESULT, SlotWorker, StepRequest, _TokenBatcher
+
+
+class Words(Agent):
+    def __init__(self):
+        self.n = 0
+
+    def get_state(self):
+        return self.n
+
+    def set_state(self, state):
+        self.n = state
+
+    def step(self, ctx):
+        text = yield from ctx.ask([{"role": "user", "content": ctx.goal}])
+        ctx.emit("note", {"len": len(text)})
+        self.n += 1
+        return {"text": text, "n": self.n}
+
+
+class Boom(Agent):
+    def step(self, ctx):
+        yield "partial "
+        raise TransientError("try later", retry_after_s=1.5)
+
+
+def request(cls, **kw):
+    base = dict(binding="t1/x/1", agent_blob=cloudpickle.dumps(cls), task_id="t1", role="x",
+                goal="one two three four five", workspace=None, round=1, attempt=1,
+                idempotency_key="t1:1:x:1", inputs={}, outputs={}, feedback=[], level=2,
+                streaming=True, model_config=SimulatedModelConfig(answers={"x": "a b c d e f g"}),
+                token_batch_size=3, token_interval_s=3600.0)
+    base.update(kw)
+    return StepRequest(**base)
+
+
+def run(worker, req):
+    return [ev for batch in worker.run_step(req) for ev in batch]
+
+
+def test_tokens_are_batched_and_joined_text_is_exact():
+    events = run(SlotWorker("agent/0"), request(Words))
+    tokens = [d for k, d in events if k == "tokens"]
+    assert all(t["n"] <= 3 for t in tokens)
+    assert "".join(t["text"] for t in tokens) == "a b c d e f g"
+    kinds = [k for k, _ in events]
+    assert kinds.index("note") > max(i for i, k in enumerate(kinds) if k == "tokens")
+    assert kinds[-1] == RESULT and events[-1][1]["output"]["text"] == "a b c d e f g"
+
+
+def test_pending_tokens_are_flushed_on_time_while_the_agent_is_busy():
+    class Stall(Agent):
+        def step(self, ctx):
+            yield "x "
+            yield "y "
+            time.sleep(0.5)  # busy (or stuck): what it streamed must not wait for it
+            return "done"
+
+    batches = list(SlotWorker("agent/0").run_step(request(Stall, token_batch_size=100, token_interval_s=0.05)))
+    assert batches[0] == [("tokens", {"text": "x y ", "n": 2})]  # out before the step ended
+    assert batches[-1][-1][0] == RESULT
+
+
+def test_non_streaming_yields_one_message_and_no_tokens():
+    events = run(SlotWorker("agent/0"), request(Words, streaming=False))
+    assert [k for k, _ in events if k in ("tokens", "message")] == ["message"]
+    assert dict(events)["message"]["text"] == "a b c d e f g"
+
+
+def test_state_is_restored_on_a_new_binding_and_kept_within_one():
+    w = SlotWorker("agent/0")
+    assert run(w, request(Words))[-1][1]["state"] == 1
+    assert run(w, request(Words))[-1][1]["state"] == 2  # same binding: same instance
+    fresh = run(w, request(Words, binding="t1/x/2", state=10, has_state=True))
+    assert fresh[-1][1]["state"] == 11 and w.bindings == 2
+
+
+def test_agent_failure_becomes_data_after_partial_output():
+    events = run(SlotWorker("agent/0"), request(Boom))
+    assert events[0] == ("tokens", {"text": "partial ", "n": 1})
+    kind, err = events[-1]
+    assert kind == ERROR and err["transient"] and err["retry_after_s"] == 1.5
+    assert "try later" in err["message"]
+
+
+def test_yielding_a_non_string_is_a_clear_error():
+    class Bad(Agent):
+        def step(self, ctx):
+            yield 42
+
+    kind, err = run(SlotWorker("agent/0"), request(Bad))[-1]
+    assert kind == ERROR and "yielded int" in err["message"]
+
+
+def test_release_leaves_the_slot_clean():
+    w = SlotWorker("agent/0")
+    run(w, request(Words))
+    w.release()
+    assert w.agent is None and w.binding is None
+
+
+def test_batcher_flushes_on_size_and_interval():
+    now = [0.0]
+    b = _TokenBatcher(batch_size=10, interval_s=0.05, clock=lambda: now[0])
+    assert b.add("a")  # first token: flush immediately
+    b.take()
+    assert not b.add("b")
+    now[0] = 0.06
+    assert b.add("c")
+    assert b.take() == ("tokens", {"text": "bc", "n": 2})
+
+
+@pytest.mark.parametrize("kind", ["error", "transient"])
+def test_simulated_faults_raise_typed_errors(kind):
+    from threadbound.agents import ModelError, SimulatedModel, TransientModelError
+
+    m = SimulatedModel(SimulatedModelConfig(faults=[{"kind": kind, "agent": "x", "attempt": 1}]))
+    with pytest.raises(TransientModelError if kind == "transient" else ModelError):
+        list(m.stream([], agent="x", attempt=1))
+    assert list(m.stream([], agent="x", attempt=2))  # other attempts are untouched
