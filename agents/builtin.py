@@ -1,35 +1,241 @@
-"""The built-in roles: coder, tester, reviewer.
+"""The built-in roles: a coder that edits the workspace, a tester that runs its tests in
+the sandbox, a reviewer that checks the change and approves it or sends it back.
 
-Each asks the task's model for its part and streams the answer. (The workspace
-editing, sandboxed test runs and static review arrive with the agents work.)
+Every round: coder -> tester -> reviewer. The task succeeds when the tests pass and
+the reviewer approves; otherwise the reviewer (or tester) asks for another round with
+feedback. Task inputs they read: ``test_command`` (list of strings, default pytest),
+``apply`` (write the approved change back to the user's directory), ``sandbox``
+(limits: wall_s, cpu_s, memory_mb, max_procs).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+import sys
 from typing import Any, Generator
 
+from . import sandbox
 from .base import Agent, StepContext
+from .edits import PatchError, apply_hunks, parse
+from .errors import AgentError
+from .workspace import Workspace, WorkspaceError
+
+MAX_CONTEXT_CHARS = 24_000
+_SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
 
 
-class _ModelRole(Agent):
-    instruction = ""
+def workspace_of(ctx: StepContext) -> Workspace:
+    if not ctx.workspace:
+        raise AgentError(f"the {ctx.role} needs a workspace; submit the task with workspace=<directory>",
+                         task_id=ctx.task_id, agent=ctx.role)
+    try:
+        return Workspace.for_task(ctx.task_id, ctx.workspace)
+    except WorkspaceError as exc:
+        raise AgentError(str(exc), task_id=ctx.task_id, agent=ctx.role) from None
+
+
+def _files_block(ws: Workspace) -> str:
+    parts, used = [], 0
+    for rel in ws.files():
+        text = ws.read(rel)
+        if used + len(text) > MAX_CONTEXT_CHARS:
+            parts.append(f"({rel} omitted: context budget)")
+            continue
+        used += len(text)
+        lang = "python" if rel.endswith(".py") else ""
+        parts.append(f"```{lang} {rel}\n{text}```")
+    return "\n\n".join(parts)
+
+
+class Coder(Agent):
+    """Asks the model for changes and writes them into the task's workspace copy."""
 
     def step(self, ctx: StepContext) -> Generator[str, None, Any]:
-        prompt = f"{self.instruction}\n\nGoal: {ctx.goal}"
-        if ctx.feedback:
-            prompt += "\n\nFeedback from the last round:\n" + "\n".join(ctx.feedback)
-        text = yield from ctx.ask([{"role": "system", "content": f"You are the {ctx.role}."},
-                                   {"role": "user", "content": prompt}])
-        return {"text": text}
+        ws = workspace_of(ctx)
+        prompt = (
+            f"Goal: {ctx.goal}\n\nThe workspace files:\n\n{_files_block(ws)}\n\n"
+            + (("Feedback from the last round:\n" + "\n".join(ctx.feedback) + "\n\n") if ctx.feedback else "")
+            + "Reply with every file you change as a whole file in a fenced block whose info "
+              "string is the language and the path, for example:\n```python src/module.py\n...\n```\n"
+              "Unified diffs are accepted too. Do not change the tests unless the goal says so."
+        )
+        reply = yield from ctx.ask([
+            {"role": "system", "content": "You are a careful software engineer. You fix code so its tests pass."},
+            {"role": "user", "content": prompt},
+        ])
+        edits = parse(reply)
+        changed, problems = [], []
+        for rel, text in edits.files.items():
+            try:
+                ws.write(rel, text)
+                changed.append(rel)
+            except (WorkspaceError, OSError) as exc:
+                problems.append(f"{rel}: {exc}")
+        for rel, hunks in edits.patches:
+            try:
+                ws.write(rel, apply_hunks(ws.read(rel), hunks))
+                changed.append(rel)
+            except (PatchError, WorkspaceError, OSError) as exc:
+                problems.append(f"{rel}: {exc}")
+        for rel in edits.deletes:
+            try:
+                ws.resolve(rel).unlink()
+                changed.append(rel)
+            except (WorkspaceError, OSError) as exc:
+                problems.append(f"{rel}: {exc}")
+        if not edits:
+            problems.append("the reply contained no file block or diff that could be applied")
+        if problems:
+            ctx.emit("edit_problems", {"problems": problems})
+        return {"changed": changed, "problems": problems,
+                "summary": f"changed {', '.join(changed) or 'nothing'}" + (f"; {len(problems)} problem(s)" if problems else "")}
 
 
-class Coder(_ModelRole):
-    instruction = "Propose the code changes that achieve the goal."
+def parse_pytest(output: str) -> dict[str, int]:
+    """Counts from pytest's closing line (``2 failed, 3 passed in 0.1s``)."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    lines = [l for l in output.splitlines() if _SUMMARY.search(l) and " in " in l]
+    for n, what in _SUMMARY.findall(lines[-1] if lines else ""):
+        key = "errors" if what.startswith("error") else what
+        if key in counts:
+            counts[key] += int(n)
+    return counts
 
 
-class Tester(_ModelRole):
-    instruction = "Say how to test the change."
+class Tester(Agent):
+    """Runs the workspace's tests in the sandbox and reports structured results."""
+
+    def step(self, ctx: StepContext) -> dict[str, Any]:
+        ws = workspace_of(ctx)
+        command = ctx.inputs.get("test_command") or [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        if isinstance(command, str):
+            command = command.split()
+        limits = sandbox.SandboxLimits(**{"wall_s": 120.0, **ctx.inputs.get("sandbox", {})})
+        res = sandbox.run(list(command), cwd=str(ws.path), limits=limits)
+        if res.exit_code == 127 and res.elapsed_s < 5:
+            raise AgentError(f"test command {command[0]!r} was not found in the sandbox; set the task's "
+                             f"test_command input. Output: {res.output.strip()[:300]}",
+                             task_id=ctx.task_id, agent=ctx.role)
+        counts = parse_pytest(res.output)
+        if res.exit_code == 5 or (sum(counts.values()) == 0 and res.exit_code == 0):
+            raise AgentError(f"the workspace {ctx.workspace} has no tests (the test command collected "
+                             "nothing); add tests or set the task's test_command input",
+                             task_id=ctx.task_id, agent=ctx.role)
+        ok = res.exit_code == 0 and res.killed is None
+        result = {
+            "ok": ok, **counts, "exit_code": res.exit_code, "killed": res.killed, "signal": res.signal,
+            "elapsed_s": round(res.elapsed_s, 3), "network_isolated": res.network_isolated,
+            "notes": res.notes, "output": res.output[-6000:],
+            "summary": (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors"
+                        + (f" (killed: {res.killed})" if res.killed else "")),
+        }
+        ctx.emit("test_result", {k: result[k] for k in ("ok", "passed", "failed", "errors", "killed", "summary")})
+        if not ok:
+            ctx.request_round("Tests failed: " + result["summary"] + "\n" + res.output[-3000:])
+        return result
 
 
-class Reviewer(_ModelRole):
-    instruction = "Review the change."
+_VERDICT = re.compile(r"verdict\W{0,5}(approved?|lgtm|request[_ -]?changes|changes[_ -]requested|reject(?:ed)?)", re.I)
+
+
+def parse_verdict(text: str) -> tuple[str | None, str]:
+    """``("approve" | "request_changes" | None, reasons)`` from a review.
+
+    Accepts a JSON object with ``verdict`` (and ``reasons``), or a line such as
+    ``VERDICT: APPROVE``; None when no verdict can be found.
+    """
+    for m in re.finditer(r"\{[^{}]*\"verdict\"[^{}]*\}", text, re.S):
+        try:
+            obj = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            continue
+        v = str(obj.get("verdict", "")).lower()
+        reasons = obj.get("reasons") or obj.get("reason") or ""
+        reasons = "; ".join(map(str, reasons)) if isinstance(reasons, list) else str(reasons)
+        if v.startswith("approve") or v == "lgtm":
+            return "approve", reasons
+        if v:
+            return "request_changes", reasons
+    matches = _VERDICT.findall(text)
+    if matches:
+        v = matches[-1].lower()
+        return ("approve" if v.startswith("approve") or v == "lgtm" else "request_changes"), text.strip()
+    return None, text.strip()
+
+
+def static_checks(ws: Workspace, paths: list[str]) -> list[str]:
+    """Problems found in changed Python files: they must compile; ruff's error rules if installed."""
+    problems = []
+    py = [p for p in paths if p.endswith(".py") and (ws.path / p).exists()]
+    for rel in py:
+        try:
+            compile(ws.read(rel), rel, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            problems.append(f"{rel} does not compile: {type(exc).__name__}: {exc}")
+    ruff = shutil.which("ruff")
+    if ruff and py:
+        r = subprocess.run([ruff, "check", "--select", "E9,F63,F7,F82", "--output-format", "concise",
+                            "--no-cache", *py], cwd=ws.path, capture_output=True, text=True, timeout=60)
+        if r.returncode not in (0,):
+            problems += [l for l in r.stdout.splitlines() if ":" in l and not l.startswith("Found")][:20]
+    return problems
+
+
+class Reviewer(Agent):
+    """Static checks plus a model review ending in a verdict; approves or sends back."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+
+    def get_state(self) -> Any:
+        return {"rounds": self.rounds}
+
+    def set_state(self, state: Any) -> None:
+        self.rounds = list(state.get("rounds", []))
+
+    def step(self, ctx: StepContext) -> Generator[str, None, Any]:
+        ws = workspace_of(ctx)
+        changed = ws.changed()
+        diff = ws.diff()
+        tests = ctx.outputs.get("tester") or {}
+        problems = static_checks(ws, changed)
+        prompt = (
+            f"Goal: {ctx.goal}\n\nThe change (unified diff):\n```diff\n{diff[:MAX_CONTEXT_CHARS] or '(no change)'}\n```\n\n"
+            f"Test result: {tests.get('summary', 'not run')}\n"
+            + (("Static check problems:\n" + "\n".join(problems) + "\n") if problems else "")
+            + "\nReview the change. End with one line: VERDICT: APPROVE or VERDICT: REQUEST_CHANGES, "
+              "with your reasons above it."
+        )
+        review = yield from ctx.ask([
+            {"role": "system", "content": "You are a strict code reviewer."},
+            {"role": "user", "content": prompt},
+        ])
+        verdict, reasons = parse_verdict(review)
+        approved = verdict == "approve" and not problems and bool(tests.get("ok"))
+        feedback = []
+        if not tests.get("ok"):
+            feedback.append("tests are not passing")
+        if problems:
+            feedback.append("static checks: " + "; ".join(problems))
+        if verdict is None:
+            feedback.append("the review had no verdict; the reviewer said: " + reasons[:1500])
+        elif verdict == "request_changes":
+            feedback.append("the reviewer requested changes: " + reasons[:1500])
+        applied: list[str] = []
+        if approved and ctx.inputs.get("apply"):
+            applied = ws.apply_back()
+        summary = {"round": ctx.round, "changed": changed, "tests": tests.get("summary"),
+                   "verdict": verdict or "unparseable", "approved": approved}
+        self.rounds = [r for r in self.rounds if r["round"] != ctx.round] + [summary]
+        if not approved:
+            ctx.request_round("Review: " + " | ".join(feedback))
+        return {
+            "approved": approved, "verdict": verdict or "unparseable", "reasons": reasons[:4000],
+            "static_problems": problems, "diff": diff, "changed": changed,
+            "files": {rel: ws.read(rel) for rel in changed if (ws.path / rel).exists()},
+            "rounds": list(self.rounds), "applied": applied, "workspace_copy": str(ws.path),
+            "summary": ("approved" if approved else "changes requested") + f" ({tests.get('summary', 'no tests')})",
+        }

@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import logging
 import random
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ class Supervisor:
         self.seq = 0
         self.closing = False
         self.started_at = time.time()
+        # Task ids are unique across supervisors (a workspace copy or log keyed by one
+        # never meets another run's task): a sequence number plus this run's suffix.
+        self.run_id = secrets.token_hex(2)
         if make_actor is None:
             from .actors import slot_actor_factory
 
@@ -144,7 +148,7 @@ class Supervisor:
         if unknown:
             raise UnknownRole(unknown[0], list(self.roles))
         self.seq += 1
-        task_id = f"t{self.seq:06d}"
+        task_id = f"t{self.seq:05d}-{self.run_id}"
         ts = _TaskState(id=task_id, spec=spec, seq=self.seq, submitted_at=time.time(),
                         blobs={r: self.roles[r] for r in spec.agents})
         self.tasks[task_id] = ts

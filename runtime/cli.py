@@ -1,0 +1,200 @@
+"""``threadbound``: run a task from the terminal, list a pool's tasks, check a config.
+
+    threadbound run examples/fizzbuzz                 # stream the agents' work, then a summary
+    threadbound run examples/fizzbuzz --json          # events as JSON lines, for scripts
+    threadbound tasks --address auto                  # tasks of a running (detached) pool
+    threadbound config check configs/runtime.yaml     # validate a config file
+
+Exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+from threadbound.agents.errors import ThreadboundError
+
+from .config import RuntimeConfig
+from .task import Event, Task
+
+DEFAULT_GOAL = "Make the failing tests pass."
+
+
+def _config(args: argparse.Namespace) -> RuntimeConfig:
+    cfg = RuntimeConfig.from_yaml(args.config) if args.config else RuntimeConfig.from_env()
+    changes: dict[str, Any] = {}
+    if getattr(args, "address", None):
+        changes["ray"] = {**cfg.ray.model_dump(), "address": args.address}
+    if getattr(args, "name", None):
+        changes["name"] = args.name
+    if getattr(args, "no_stream", False):
+        changes["streaming"] = False
+    return cfg.replace(**changes) if changes else cfg
+
+
+class _Live:
+    """Renders events for a person: tokens inline, a header per step, a summary line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.at_line_start = True
+
+    def _line(self, text: str) -> None:
+        if not self.at_line_start:
+            self.out.write("\n")
+        self.out.write(text + "\n")
+        self.at_line_start = True
+
+    def __call__(self, ev: Event) -> None:
+        d = ev.data
+        if ev.kind == "tokens" or ev.kind == "message":
+            self.out.write(d["text"])
+            self.at_line_start = d["text"].endswith("\n")
+        elif ev.kind == "step_started":
+            retry = f", attempt {d['attempt']}" if d["attempt"] > 1 else ""
+            self._line(f"── round {d['round']} · {ev.agent} on {d['slot']}{retry} ──")
+        elif ev.kind == "step_finished":
+            summary = d.get("output", {}).get("summary") if isinstance(d.get("output"), dict) else None
+            self._line(f"   ✓ {ev.agent} done in {d['elapsed_s']:.2f}s" + (f": {summary}" if summary else ""))
+        elif ev.kind in ("step_timed_out", "agent_crashed", "step_failed", "retrying"):
+            detail = d.get("error") or d.get("reason") or f"after {d.get('elapsed_s')}s"
+            self._line(f"   ! {ev.kind} ({ev.agent}): {detail}")
+        elif ev.kind in ("pending", "admitted", "running", "round_started"):
+            pass
+        elif ev.terminal:
+            self._line(f"== task {ev.task_id} {ev.kind}" + (f": {d['error']}" if d.get("error") else ""))
+        else:
+            self._line(f"   · {ev.kind} ({ev.agent}): {json.dumps(d, default=str)[:200]}")
+        self.out.flush()
+
+
+def _summary(handle: Any) -> None:
+    from .errors import TaskError
+
+    try:
+        res = handle.result(timeout=10)
+    except TaskError as exc:
+        res = exc.result
+    if res is None:
+        return
+    review = res.outputs.get("reviewer") if isinstance(res.outputs.get("reviewer"), dict) else {}
+    tests = res.outputs.get("tester") if isinstance(res.outputs.get("tester"), dict) else {}
+    print(f"\nsummary: {res.status} after {res.rounds} round(s) in {res.elapsed_s:.1f}s")
+    if tests:
+        print(f"  tests:    {tests.get('summary')}")
+    for r in review.get("rounds", []):
+        print(f"  round {r['round']}: changed {', '.join(r['changed']) or 'nothing'}; tests {r['tests']}; "
+              f"verdict {r['verdict']}")
+    if review.get("changed"):
+        print(f"  changed:  {', '.join(review['changed'])} (copy at {review.get('workspace_copy')})")
+        print("  applied to your workspace" if review.get("applied") else
+              "  your workspace is untouched; rerun with --apply to write the change back")
+    if res.error:
+        print(f"  error:    {res.error}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pool import AgentPool
+
+    cfg = _config(args)
+    agents = [a.strip() for a in args.agents.split(",")] if args.agents else None
+    task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
+                max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)})
+    task.validated(cfg.default_agents)  # bad input fails before Ray starts
+    pool = AgentPool(cfg)
+    handle = None
+    try:
+        handle = pool.submit(task)
+        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if args.json \
+            else _Live(sys.stdout)
+        last = None
+        for ev in handle.stream():
+            render(ev)
+            last = ev
+        if not args.json:
+            _summary(handle)
+        return 0 if last is not None and last.kind == "succeeded" else 1
+    except KeyboardInterrupt:
+        if handle is not None:
+            handle.cancel()
+        print("\ncancelled", file=sys.stderr)
+        return 1
+    finally:
+        pool.shutdown(grace_s=1)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import ray
+
+    from .pool import _get
+
+    cfg = _config(args)
+    ray.init(address=cfg.ray.address or "auto", namespace=cfg.ray.namespace, logging_level="ERROR")
+    try:
+        sup = ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
+    except ValueError:
+        print(f"no pool named {cfg.name!r} in namespace {cfg.ray.namespace!r}", file=sys.stderr)
+        return 2
+    rows = _get(sup.tasks_summary.remote())
+    for t in rows:
+        print(f"{t.task_id}  {t.status:<10} round {t.round}  {', '.join(t.agents):<24} {t.goal[:60]}")
+    if not rows:
+        print("no tasks")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = RuntimeConfig.from_yaml(args.file)
+    if args.action == "show":
+        import yaml
+
+        print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+    else:
+        print(f"{args.file}: ok")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="threadbound", description="Run coding agents on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task on a workspace and stream what the agents do")
+    run.add_argument("workspace", nargs="?", default=None, help="directory with code and tests")
+    run.add_argument("--goal", "-g", help=f"what to achieve (default: {DEFAULT_GOAL!r})")
+    run.add_argument("--agents", help="comma-separated roles (default: the config's default_agents)")
+    run.add_argument("--max-rounds", type=int, default=None)
+    run.add_argument("--apply", action="store_true", help="write the final change back to the workspace")
+    run.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
+    run.add_argument("--address", help="Ray address to join, e.g. auto")
+    run.add_argument("--json", action="store_true", help="print events as JSON lines")
+    run.add_argument("--no-stream", action="store_true", help="one message per step instead of tokens")
+    run.set_defaults(func=cmd_run)
+
+    tasks = sub.add_parser("tasks", help="list the tasks of a running pool")
+    tasks.add_argument("--config", "-c")
+    tasks.add_argument("--address", default=None)
+    tasks.add_argument("--name", default=None, help="pool name (default: the config's name)")
+    tasks.set_defaults(func=cmd_tasks)
+
+    conf = sub.add_parser("config", help="check or show a runtime config file")
+    conf.add_argument("action", choices=["check", "show"])
+    conf.add_argument("file")
+    conf.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ThreadboundError as exc:
+        print(f"threadbound: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
