@@ -215,27 +215,43 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _model_backends() -> dict[str, type[BaseModel]]:
+    from threadbound.agents.models import _BACKENDS
+
+    return {cls.model_fields["backend"].default: cls for cls in _BACKENDS}
+
+
 def _fields_at(path: tuple[Any, ...]) -> list[str]:
     """Known field names of the section at ``path`` (for 'did you mean' hints)."""
     model: Any = RuntimeConfig
     for part in path:
+        if model is RuntimeConfig and part == "model":
+            model = None  # resolved by the backend tag that follows in the path
+            continue
+        if model is None:
+            model = _model_backends().get(part)
+            continue
         fields = getattr(model, "model_fields", None)
         if not fields or part not in fields:
             return []
         model = fields[part].annotation
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
+    if model is None:
+        return []
     return list(getattr(model, "model_fields", {}))
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"simulated"}))
+        full = tuple(err["loc"])
+        tags = set(_model_backends())
+        loc = tuple(p for i, p in enumerate(full) if not (i and full[i - 1] == "model" and p in tags))
         path = ".".join(str(p) for p in loc)
         typ = err["type"]
         if typ == "extra_forbidden":
-            known = _fields_at(loc[:-1])
+            known = _fields_at(full[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             msg = f"unknown key{hint} Allowed here: {', '.join(known)}" if known else f"unknown key{hint}"

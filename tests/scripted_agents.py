@@ -63,3 +63,9 @@ class Scripted(Agent):
 class NotAnAgent:
     def step(self, ctx):
         return None
+
+
+def shouting_model(messages, **options):
+    """A callable model backend: streams the last message back in capitals."""
+    for word in messages[-1]["content"].upper().split():
+        yield word + " "

@@ -7,10 +7,23 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from .base import Message, Model
+from .callable import CallableModel, CallableModelConfig
+from .local import LocalModel, LocalModelConfig
+from .openai import OpenAIModel, OpenAIModelConfig
 from .simulated import FaultRule, SimulatedModel, SimulatedModelConfig
 
 # The `model:` section of the runtime config: one member per backend, keyed by `backend`.
-ModelConfig = Annotated[Union[SimulatedModelConfig], Field(discriminator="backend")]
+ModelConfig = Annotated[
+    Union[SimulatedModelConfig, OpenAIModelConfig, CallableModelConfig, LocalModelConfig],
+    Field(discriminator="backend"),
+]
+
+_BACKENDS = {
+    SimulatedModelConfig: SimulatedModel,
+    OpenAIModelConfig: OpenAIModel,
+    CallableModelConfig: CallableModel,
+    LocalModelConfig: LocalModel,
+}
 
 
 def build_model(config) -> Model:
@@ -20,12 +33,15 @@ def build_model(config) -> Model:
         >>> build_model(SimulatedModelConfig()).name
         'simulated'
     """
-    if isinstance(config, SimulatedModelConfig):
-        return SimulatedModel(config)
-    raise TypeError(f"no model backend for {type(config).__name__}")
+    try:
+        return _BACKENDS[type(config)](config)
+    except KeyError:
+        raise TypeError(f"no model backend for {type(config).__name__}") from None
 
 
 __all__ = [
     "Message", "Model", "ModelConfig", "build_model",
     "SimulatedModel", "SimulatedModelConfig", "FaultRule",
+    "OpenAIModel", "OpenAIModelConfig", "CallableModel", "CallableModelConfig",
+    "LocalModel", "LocalModelConfig",
 ]

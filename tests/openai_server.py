@@ -1,0 +1,87 @@
+"""A small OpenAI-compatible chat-completions server for tests: real HTTP, real SSE.
+
+The requested ``model`` name picks the behaviour:
+    anything else  stream (or return) "Hello from the test server: <last user message>"
+    rate-limit     429 with Retry-After: 2
+    overloaded     503
+    bad-request    400
+    slow           sleeps 5 s before answering (read timeouts)
+    garbage        a stream chunk that is not JSON
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, code, body, headers=None):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"body": req, "auth": self.headers.get("Authorization")})
+        model = req.get("model")
+        if model == "rate-limit":
+            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
+        if model == "overloaded":
+            return self._send(503, {"error": {"message": "overloaded"}})
+        if model == "bad-request":
+            return self._send(400, {"error": {"message": "unknown parameter"}})
+        if model == "slow":
+            time.sleep(5)
+        text = "Hello from the test server: " + req["messages"][-1]["content"]
+        if not req.get("stream"):
+            return self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if model == "garbage":
+            self.wfile.write(b"data: {not json\n\n")
+            return
+        for word in text.split(" "):
+            chunk = {"choices": [{"delta": {"content": word + " "}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.close_connection = True
+
+
+class OpenAITestServer:
+    """Start with ``with OpenAITestServer() as srv: srv.url``; stops on exit."""
+
+    def __init__(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.requests = []
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self):
+        return self.httpd.requests
+
+    def __enter__(self) -> "OpenAITestServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

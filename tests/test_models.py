@@ -1,0 +1,99 @@
+"""Every model backend passes one conformance suite; then each backend's own failure modes."""
+
+import socket
+
+import pytest
+from openai_server import OpenAITestServer
+
+from threadbound.agents import ModelError, TransientModelError, build_model
+from threadbound.agents.models import (
+    CallableModelConfig, LocalModelConfig, OpenAIModelConfig, SimulatedModelConfig,
+)
+from threadbound.agents.models import local as local_backend
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hello"}]
+OPTIONS = {"agent": "coder", "task_id": "t1", "level": 2, "round": 1, "attempt": 1}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with OpenAITestServer() as srv:
+        yield srv
+
+
+@pytest.fixture(params=["simulated", "openai", "callable", "local"])
+def model(request, server):
+    if request.param == "simulated":
+        return build_model(SimulatedModelConfig(answers={"coder": "hello there, friend"}))
+    if request.param == "openai":
+        return build_model(OpenAIModelConfig(base_url=server.url, api_key="k", model="m"))
+    if request.param == "callable":
+        return build_model(CallableModelConfig(callable="scripted_agents:shouting_model"))
+    if not local_backend.available():
+        pytest.skip("the local model is an optional extra: pip install -e '.[local]'")
+    pytest.skip("the local model runs in its own per-node actor; see test_local_model_smoke")
+
+
+def test_streams_text_tokens_that_join_to_the_full_answer(model):
+    tokens = list(model.stream(MESSAGES, stream=True, **OPTIONS))
+    assert tokens and all(isinstance(t, str) for t in tokens)
+    assert "".join(tokens).strip() == model.complete(MESSAGES, **OPTIONS).strip()
+
+
+def test_openai_sends_model_key_and_messages(server):
+    m = build_model(OpenAIModelConfig(base_url=server.url, api_key="sk-test", model="m", level_models={1: "small"}))
+    assert "say hello" in m.complete(MESSAGES, **{**OPTIONS, "level": 1})
+    last = server.requests[-1]
+    assert last["auth"] == "Bearer sk-test" and last["body"]["model"] == "small"
+    assert last["body"]["messages"] == MESSAGES
+
+
+def test_openai_reads_base_url_and_key_from_the_environment(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    assert "hello" in build_model(OpenAIModelConfig(model="m")).complete(MESSAGES)
+    assert server.requests[-1]["auth"] == "Bearer sk-env"
+
+
+@pytest.mark.parametrize("name, error, retry_after", [
+    ("rate-limit", TransientModelError, 2.0),
+    ("overloaded", TransientModelError, None),
+    ("bad-request", ModelError, None),
+    ("garbage", ModelError, None),
+])
+def test_openai_failures_are_typed_for_the_retry_policy(server, name, error, retry_after):
+    m = build_model(OpenAIModelConfig(base_url=server.url, model=name))
+    with pytest.raises(error) as err:
+        list(m.stream(MESSAGES))
+    assert type(err.value) is error
+    assert getattr(err.value, "retry_after_s", None) == retry_after
+
+
+def test_openai_read_timeout_is_transient(server):
+    m = build_model(OpenAIModelConfig(base_url=server.url, model="slow", timeout_s=0.5))
+    with pytest.raises(TransientModelError, match="cannot reach|broke|slow"):
+        m.complete(MESSAGES)
+
+
+def test_refused_connection_is_a_clear_transient_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    m = build_model(OpenAIModelConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=2))
+    with pytest.raises(TransientModelError, match=f"cannot reach model server http://127.0.0.1:{port}/v1"):
+        m.complete(MESSAGES)
+
+
+def test_callable_import_path_that_does_not_resolve():
+    with pytest.raises(ModelError, match="cannot load 'scripted_agents:nope'"):
+        build_model(CallableModelConfig(callable="scripted_agents:nope"))
+
+
+def test_local_model_without_the_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(local_backend, "bundled_gguf", lambda: None)
+    if local_backend.importlib.util.find_spec("llama_cpp") is None:
+        match = "pip install -e '.\\[local\\]'"
+    else:
+        match = "no model file"
+    with pytest.raises(ModelError, match=match):
+        build_model(LocalModelConfig())
