@@ -54,7 +54,9 @@ def main() -> None:
             overshoot.append(ev["step_timed_out"].ts - ev["step_started"].ts - args.step_timeout_s)
         latency = []
         for _ in range(2 * args.n):
-            h = pool.submit(Task(goal="stream", agents=["a"], inputs={"a": {"tokens": 10_000, "token_sleep_s": 0.005}}))
+            # its own long step timeout: only the cancel may end this step
+            h = pool.submit(Task(goal="stream", agents=["a"], step_timeout_s=120,
+                                 inputs={"a": {"tokens": 10_000, "token_sleep_s": 0.005}}))
             for e in h.stream():
                 if e.kind == "tokens":
                     break
