@@ -20,7 +20,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -215,43 +215,52 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _model_backends() -> dict[str, type[BaseModel]]:
-    from threadbound.agents.models import _BACKENDS
+def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Follow a validation error's location through the config models.
 
-    return {cls.model_fields["backend"].default: cls for cls in _BACKENDS}
-
-
-def _fields_at(path: tuple[Any, ...]) -> list[str]:
-    """Known field names of the section at ``path`` (for 'did you mean' hints)."""
+    Returns the path as a user writes it (pydantic puts a discriminated union's tag,
+    e.g. ``openai`` in ``model.openai.base_ur``, into the location; the file has no
+    such key) and the model of the section it ends in, or None past plain values.
+    """
     model: Any = RuntimeConfig
-    for part in path:
-        if model is RuntimeConfig and part == "model":
-            model = None  # resolved by the backend tag that follows in the path
-            continue
-        if model is None:
-            model = _model_backends().get(part)
-            continue
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        model = fields[part].annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return []
-    if model is None:
-        return []
-    return list(getattr(model, "model_fields", {}))
+    path: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        path.append(str(part))
+        field = getattr(model, "model_fields", {}).get(part) if model is not None else None
+        i += 1
+        if field is None:
+            model = None
+        elif field.discriminator and i < len(loc):  # the next part is the union's tag
+            tag_name = str(field.discriminator)
+            members = {m.model_fields[tag_name].default: m for m in get_args(field.annotation)}
+            model = members.get(loc[i])
+            i += 1
+        else:
+            model = _section(field.annotation)
+            if model is None and i < len(loc):  # list[Section] / dict[str, Section]: the next part is an index or key
+                items = [a for a in get_args(field.annotation) if _section(a) is not None]
+                if items:
+                    path.append(str(loc[i]))
+                    model = items[0]
+                    i += 1
+    return ".".join(path), model
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
-        full = tuple(err["loc"])
-        tags = set(_model_backends())
-        loc = tuple(p for i, p in enumerate(full) if not (i and full[i - 1] == "model" and p in tags))
-        path = ".".join(str(p) for p in loc)
+        loc = tuple(err["loc"])
+        path, _ = _walk(loc)
         typ = err["type"]
         if typ == "extra_forbidden":
-            known = _fields_at(full[:-1])
+            _, section = _walk(loc[:-1])
+            known = list(section.model_fields) if section is not None else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             msg = f"unknown key{hint} Allowed here: {', '.join(known)}" if known else f"unknown key{hint}"
