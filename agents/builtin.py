@@ -19,7 +19,7 @@ from typing import Any, Generator
 
 from . import sandbox
 from .base import Agent, StepContext
-from .edits import PatchError, apply_hunks, parse
+from .edits import parse
 from .errors import AgentError
 from .workspace import Workspace, WorkspaceError
 
@@ -39,8 +39,7 @@ def workspace_of(ctx: StepContext) -> Workspace:
 
 def _files_block(ws: Workspace) -> str:
     parts, used = [], 0
-    for rel in ws.files():
-        text = ws.read(rel)
+    for rel, text in ws.texts().items():
         if used + len(text) > MAX_CONTEXT_CHARS:
             parts.append(f"({rel} omitted: context budget)")
             continue
@@ -67,25 +66,7 @@ class Coder(Agent):
             {"role": "user", "content": prompt},
         ])
         edits = parse(reply)
-        changed, problems = [], []
-        for rel, text in edits.files.items():
-            try:
-                ws.write(rel, text)
-                changed.append(rel)
-            except (WorkspaceError, OSError) as exc:
-                problems.append(f"{rel}: {exc}")
-        for rel, hunks in edits.patches:
-            try:
-                ws.write(rel, apply_hunks(ws.read(rel), hunks))
-                changed.append(rel)
-            except (PatchError, WorkspaceError, OSError) as exc:
-                problems.append(f"{rel}: {exc}")
-        for rel in edits.deletes:
-            try:
-                ws.resolve(rel).unlink()
-                changed.append(rel)
-            except (WorkspaceError, OSError) as exc:
-                problems.append(f"{rel}: {exc}")
+        changed, problems = ws.apply(edits)
         if not edits:
             problems.append("the reply contained no file block or diff that could be applied")
         if problems:
@@ -179,7 +160,7 @@ def static_checks(ws: Workspace, paths: list[str]) -> list[str]:
     if ruff and py:
         r = subprocess.run([ruff, "check", "--select", "E9,F63,F7,F82", "--output-format", "concise",
                             "--no-cache", *py], cwd=ws.path, capture_output=True, text=True, timeout=60)
-        if r.returncode not in (0,):
+        if r.returncode != 0:
             problems += [l for l in r.stdout.splitlines() if ":" in l and not l.startswith("Found")][:20]
     return problems
 
@@ -198,8 +179,8 @@ class Reviewer(Agent):
 
     def step(self, ctx: StepContext) -> Generator[str, None, Any]:
         ws = workspace_of(ctx)
-        changed = ws.changed()
-        diff = ws.diff()
+        change = ws.change()
+        changed, diff = change.paths, change.diff()
         tests = ctx.outputs.get("tester") or {}
         problems = static_checks(ws, changed)
         prompt = (
@@ -226,7 +207,7 @@ class Reviewer(Agent):
             feedback.append("the reviewer requested changes: " + reasons[:1500])
         applied: list[str] = []
         if approved and ctx.inputs.get("apply"):
-            applied = ws.apply_back()
+            applied = ws.apply_back(change)
         summary = {"round": ctx.round, "changed": changed, "tests": tests.get("summary"),
                    "verdict": verdict or "unparseable", "approved": approved}
         self.rounds = [r for r in self.rounds if r["round"] != ctx.round] + [summary]
@@ -235,7 +216,7 @@ class Reviewer(Agent):
         return {
             "approved": approved, "verdict": verdict or "unparseable", "reasons": reasons[:4000],
             "static_problems": problems, "diff": diff, "changed": changed,
-            "files": {rel: ws.read(rel) for rel in changed if (ws.path / rel).exists()},
+            "files": {rel: change.after[rel] for rel in changed if rel in change.after},
             "rounds": list(self.rounds), "applied": applied, "workspace_copy": str(ws.path),
             "summary": ("approved" if approved else "changes requested") + f" ({tests.get('summary', 'no tests')})",
         }

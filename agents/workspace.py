@@ -7,10 +7,15 @@ The user's directory is never written to unless the change is applied on purpose
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from .edits import Edits, PatchError, apply_hunks
 
 IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_modules", ".mypy_cache",
            ".ruff_cache", ".sandbox-home", ".threadbound"}
@@ -75,10 +80,10 @@ class Workspace:
             raise WorkspaceError(f"path {rel!r} leaves the workspace")
         return p
 
-    def files(self, base: Path | None = None) -> list[str]:
-        """Relative paths of the text files in the copy (or in ``base``), sorted."""
+    def texts(self, base: Path | None = None) -> dict[str, str]:
+        """The text files of the copy (or of ``base``): relative path -> content, by path."""
         root = base or self.path
-        out = []
+        out: dict[str, str] = {}
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in IGNORED and not d.endswith(".egg-info"))
             for name in filenames:
@@ -86,11 +91,14 @@ class Workspace:
                 if name.endswith(".pyc") or p.stat().st_size > MAX_TEXT_BYTES:
                     continue
                 try:
-                    p.read_text()
+                    out[str(p.relative_to(root))] = p.read_bytes().decode("utf-8")
                 except (UnicodeDecodeError, OSError):
                     continue
-                out.append(str(p.relative_to(root)))
-        return sorted(out)
+        return dict(sorted(out.items()))
+
+    def files(self, base: Path | None = None) -> list[str]:
+        """Relative paths of the text files in the copy (or in ``base``), sorted."""
+        return list(self.texts(base))
 
     def read(self, rel: str) -> str:
         return self.resolve(rel).read_text()
@@ -100,31 +108,42 @@ class Workspace:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
 
+    def apply(self, edits: Edits) -> tuple[list[str], list[str]]:
+        """Write parsed edits into the copy: returns (paths changed, problems with the rest).
+
+        An edit that cannot be applied is reported, never raised: it is feedback.
+        """
+        ops: list[tuple[str, Callable[[], object]]] = []
+        ops += [(rel, functools.partial(self.write, rel, text)) for rel, text in edits.files.items()]
+        ops += [(rel, functools.partial(self._patch, rel, hunks)) for rel, hunks in edits.patches]
+        ops += [(rel, lambda rel=rel: self.resolve(rel).unlink()) for rel in edits.deletes]
+        changed, problems = [], []
+        for rel, op in ops:
+            try:
+                op()
+                changed.append(rel)
+            except (PatchError, WorkspaceError, OSError) as exc:
+                problems.append(f"{rel}: {exc}")
+        return changed, problems
+
+    def _patch(self, rel: str, hunks: list) -> None:
+        self.write(rel, apply_hunks(self.read(rel), hunks))
+
+    def change(self) -> "Change":
+        """What differs between the original and the copy (each tree read once)."""
+        return Change(before=self.texts(self.original), after=self.texts())
+
     def changed(self) -> list[str]:
         """Files added, modified or deleted relative to the original."""
-        now, before = set(self.files()), set(self.files(self.original))
-        out = []
-        for rel in sorted(now | before):
-            a, b = self.original / rel, self.path / rel
-            if not a.exists() or not b.exists() or a.read_bytes() != b.read_bytes():
-                out.append(rel)
-        return out
+        return self.change().paths
 
     def diff(self) -> str:
         """A unified diff from the original to the copy (a/ and b/ prefixes, like git)."""
-        chunks = []
-        for rel in self.changed():
-            a, b = self.original / rel, self.path / rel
-            old = a.read_text().splitlines(keepends=True) if a.exists() else []
-            new = b.read_text().splitlines(keepends=True) if b.exists() else []
-            chunks.extend(difflib.unified_diff(old, new, f"a/{rel}" if a.exists() else "/dev/null",
-                                               f"b/{rel}" if b.exists() else "/dev/null"))
-        return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-                       for line in chunks)
+        return self.change().diff()
 
-    def apply_back(self) -> list[str]:
+    def apply_back(self, change: "Change | None" = None) -> list[str]:
         """Write the change into the user's original directory; returns the paths touched."""
-        touched = self.changed()
+        touched = (change or self.change()).paths
         for rel in touched:
             src, dst = self.path / rel, self.original / rel
             if src.exists():
@@ -133,3 +152,27 @@ class Workspace:
             elif dst.exists():
                 dst.unlink()
         return touched
+
+
+@dataclass(frozen=True)
+class Change:
+    """The text files of the original (``before``) and of the copy (``after``)."""
+
+    before: dict[str, str]
+    after: dict[str, str]
+
+    @property
+    def paths(self) -> list[str]:
+        """Files added, modified or deleted."""
+        return sorted(rel for rel in self.before.keys() | self.after.keys()
+                      if self.before.get(rel) != self.after.get(rel))
+
+    def diff(self) -> str:
+        chunks: list[str] = []
+        for rel in self.paths:
+            old, new = self.before.get(rel), self.after.get(rel)
+            chunks.extend(difflib.unified_diff(
+                (old or "").splitlines(keepends=True), (new or "").splitlines(keepends=True),
+                f"a/{rel}" if old is not None else "/dev/null", f"b/{rel}" if new is not None else "/dev/null"))
+        return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+                       for line in chunks)
