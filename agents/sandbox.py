@@ -21,11 +21,10 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -54,12 +53,8 @@ class SandboxResult:
     elapsed_s: float
     killed: str | None = None  # "wall_clock", "max_procs", "cpu_time", or None
     signal: str | None = None  # the signal that ended the process, if any
-    network_isolated: bool = False
-    pid_namespace: bool = False
+    network_isolated: bool = False  # and a PID namespace of its own: one unshare gives both
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,6 +115,39 @@ def _kill_tree(proc: subprocess.Popen, wait_s: float = 0.0) -> None:
         psutil.wait_procs(victims, timeout=wait_s)
 
 
+def _watched(argv: list[str], cwd: str, env: dict[str, str], limits: SandboxLimits,
+             started: float) -> tuple[int, list[str], bytes]:
+    """Run ``argv`` to its end under the watchdog: (exit code, limits that killed it, output)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_limits(limits))
+        killed: list[str] = []
+
+        def watch() -> None:
+            while proc.poll() is None:
+                if time.monotonic() - started > limits.wall_s:
+                    killed.append("wall_clock")
+                else:
+                    try:
+                        n = len(psutil.Process(proc.pid).children(recursive=True))
+                    except psutil.Error:
+                        n = 0
+                    if n > limits.max_procs:
+                        killed.append("max_procs")
+                if killed:
+                    _kill_tree(proc, wait_s=5.0)
+                    return
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        code = proc.wait()
+        watcher.join(timeout=5)
+        _kill_tree(proc, wait_s=5.0)  # leave nothing behind (daemonised grandchildren included)
+        out.seek(0)
+        return code, killed, out.read()
+
+
 def run(command: list[str], cwd: str, limits: SandboxLimits | None = None,
         env: dict[str, str] | None = None, max_output: int = 20_000) -> SandboxResult:
     """Run ``command`` in ``cwd`` under ``limits``; never raises for what the command does.
@@ -143,42 +171,12 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None,
             isolated = True
         else:
             notes.append(why)
-    out = tempfile.TemporaryFile()
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env if env is not None else scrubbed_env(cwd),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_limits(limits))
+        code, killed, data = _watched(argv, cwd, env if env is not None else scrubbed_env(cwd), limits, started)
     except OSError as exc:
-        out.close()
         return SandboxResult(command=list(command), exit_code=127, output=f"cannot start {command[0]!r}: {exc}",
                              elapsed_s=0.0, notes=notes)
-    killed: list[str] = []
-
-    def watch() -> None:
-        while proc.poll() is None:
-            if time.monotonic() - started > limits.wall_s:
-                killed.append("wall_clock")
-            else:
-                try:
-                    n = len(psutil.Process(proc.pid).children(recursive=True))
-                except psutil.Error:
-                    n = 0
-                if n > limits.max_procs:
-                    killed.append("max_procs")
-            if killed:
-                _kill_tree(proc, wait_s=5.0)
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    code = proc.wait()
-    watcher.join(timeout=5)
-    _kill_tree(proc, wait_s=5.0)  # leave nothing behind (daemonised grandchildren included)
-    out.seek(0)
-    data = out.read()
-    out.close()
     text = data.decode("utf-8", "replace")
     if len(text) > max_output:
         half = max_output // 2
@@ -193,4 +191,4 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None,
         killed.append("cpu_time")
     return SandboxResult(command=list(command), exit_code=code, output=text,
                          elapsed_s=time.monotonic() - started, killed=killed[0] if killed else None,
-                         signal=sig, network_isolated=isolated, pid_namespace=isolated, notes=notes)
+                         signal=sig, network_isolated=isolated, notes=notes)

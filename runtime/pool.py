@@ -6,10 +6,8 @@ supervisor by its name; all state lives in the supervisor.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import ray

@@ -215,16 +215,17 @@ class SlotWorker:
                 item = sink.popleft()
                 if item is _DONE:
                     done = True
-                elif isinstance(item, str):
-                    if not req.streaming:
-                        collected.append(item)
-                    elif batcher.add(item) and len(batcher.parts) >= batcher.batch_size:
-                        out.append(batcher.take())
-                else:  # a custom event: tokens before it go first, order is kept
+                elif not isinstance(item, str):  # a custom event: tokens before it go first
                     tok = batcher.take()
                     if tok:
                         out.append(tok)
                     out.append(item)
+                elif not req.streaming:
+                    collected.append(item)
+                else:
+                    batcher.add(item)
+                    if len(batcher.parts) >= batcher.batch_size:
+                        out.append(batcher.take())
             if batcher.due() or done:
                 tok = batcher.take()
                 if tok:

@@ -39,7 +39,6 @@ class _TaskState:
     id: str
     spec: Task
     blobs: dict[str, bytes]
-    seq: int
     submitted_at: float
     status: str = PENDING
     events: list[tuple] = field(default_factory=list)
@@ -149,7 +148,7 @@ class Supervisor:
             raise UnknownRole(unknown[0], list(self.roles))
         self.seq += 1
         task_id = f"t{self.seq:05d}-{self.run_id}"
-        ts = _TaskState(id=task_id, spec=spec, seq=self.seq, submitted_at=time.time(),
+        ts = _TaskState(id=task_id, spec=spec, submitted_at=time.time(),
                         blobs={r: self.roles[r] for r in spec.agents})
         self.tasks[task_id] = ts
         self._emit(ts, PENDING, None, goal=spec.goal, agents=list(spec.agents), priority=spec.priority)

@@ -1,6 +1,5 @@
 """The sandbox contains what generated test code may do (real subprocesses)."""
 
-import os
 import sys
 import textwrap
 
