@@ -10,6 +10,8 @@ feedback. Task inputs they read: ``test_command`` (list of strings, default pyte
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import re
 import shutil
@@ -86,16 +88,44 @@ def parse_pytest(output: str) -> dict[str, int]:
     return counts
 
 
+def _test_command(ctx: StepContext) -> list[str]:
+    command = ctx.inputs.get("test_command") or [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if isinstance(command, str):
+        command = command.split()
+    if not isinstance(command, (list, tuple)) or not command or not all(isinstance(c, str) and c for c in command):
+        raise AgentError(f"inputs.test_command must be a command line (a string or a list of strings), "
+                         f"got {ctx.inputs.get('test_command')!r}", task_id=ctx.task_id, agent=ctx.role)
+    return list(command)
+
+
+def _sandbox_limits(ctx: StepContext) -> sandbox.SandboxLimits:
+    given = ctx.inputs.get("sandbox", {})
+    allowed = [f.name for f in dataclasses.fields(sandbox.SandboxLimits)]
+    if not isinstance(given, dict):
+        raise AgentError(f"inputs.sandbox must be a mapping of limits ({', '.join(allowed)}), got {given!r}",
+                         task_id=ctx.task_id, agent=ctx.role)
+    for key, value in given.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            raise AgentError(f"inputs.sandbox.{key}: unknown limit" + (f"; did you mean `{close[0]}`?" if close else "")
+                             + f" Allowed: {', '.join(allowed)}", task_id=ctx.task_id, agent=ctx.role)
+        if key == "network":
+            if not isinstance(value, bool):
+                raise AgentError(f"inputs.sandbox.network: must be true or false, got {value!r}",
+                                 task_id=ctx.task_id, agent=ctx.role)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AgentError(f"inputs.sandbox.{key}: must be a positive number, got {value!r}",
+                             task_id=ctx.task_id, agent=ctx.role)
+    return sandbox.SandboxLimits(**{"wall_s": 120.0, **given})
+
+
 class Tester(Agent):
     """Runs the workspace's tests in the sandbox and reports structured results."""
 
     def step(self, ctx: StepContext) -> dict[str, Any]:
         ws = workspace_of(ctx)
-        command = ctx.inputs.get("test_command") or [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        if isinstance(command, str):
-            command = command.split()
-        limits = sandbox.SandboxLimits(**{"wall_s": 120.0, **ctx.inputs.get("sandbox", {})})
-        res = sandbox.run(list(command), cwd=str(ws.path), limits=limits)
+        command, limits = _test_command(ctx), _sandbox_limits(ctx)
+        res = sandbox.run(command, cwd=str(ws.path), limits=limits)
         if res.exit_code == 127 and res.elapsed_s < 5:
             raise AgentError(f"test command {command[0]!r} was not found in the sandbox; set the task's "
                              f"test_command input. Output: {res.output.strip()[:300]}",

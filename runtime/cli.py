@@ -146,10 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     import ray
 
-    from .pool import _get
+    from .pool import _get, connect_ray
 
     cfg = _config(args)
-    ray.init(address=cfg.ray.address or "auto", namespace=cfg.ray.namespace, logging_level="ERROR")
+    connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": cfg.ray.address or "auto"}))
     try:
         sup = ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
     except ValueError:

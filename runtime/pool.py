@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from threadbound.agents.errors import ThreadboundError
 
 from .config import RuntimeConfig
-from .errors import PoolClosed, ResultTimeout, TaskCancelled, TaskFailed, TaskTimedOut
+from .errors import ConfigError, PoolClosed, ResultTimeout, TaskCancelled, TaskFailed, TaskTimedOut
 from .registry import role_blobs
 from .task import CANCELLED, SUCCEEDED, TIMED_OUT, Event, Task, TaskResult, TaskSummary
 
@@ -47,6 +47,31 @@ async def _aget(ref: Any) -> Any:
         return await ref
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
+
+
+def connect_ray(config: RuntimeConfig) -> bool:
+    """Join ``config.ray.address`` (or start a local Ray) unless Ray is initialised here.
+
+    Returns True when this call started or joined Ray (the caller then owns it).
+    An address nobody answers at is a :class:`ConfigError` naming ``ray.address``.
+    """
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"namespace": config.ray.namespace, "logging_level": logging.WARNING}
+    if config.ray.address:
+        kwargs["address"] = config.ray.address
+    elif config.ray.num_cpus:
+        kwargs["num_cpus"] = config.ray.num_cpus
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        where = config.ray.address or os.environ.get("RAY_ADDRESS") or "this machine"
+        raise ConfigError("Ray connection", [(
+            "ray.address",
+            f"no Ray cluster answers at {where!r} ({str(exc).splitlines()[0]}); start one with "
+            "`ray start --head`, fix the address (or RAY_ADDRESS), or leave ray.address unset "
+            "to start a local Ray")]) from None
+    return True
 
 
 def _event(task_id: str, row: tuple) -> Event:
@@ -170,15 +195,7 @@ class AgentPool:
                  agents: Mapping[str, Any] | None = None) -> None:
         config = config if config is not None else RuntimeConfig.from_env()
         blobs = role_blobs(config.agents, agents)  # fail on bad roles before touching Ray
-        self._owns_ray = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"namespace": config.ray.namespace, "logging_level": logging.WARNING}
-            if config.ray.address:
-                kwargs["address"] = config.ray.address
-            elif config.ray.num_cpus:
-                kwargs["num_cpus"] = config.ray.num_cpus
-            ray.init(**kwargs)
-            self._owns_ray = True
+        self._owns_ray = connect_ray(config)
         from .actors import SupervisorActor, supervisor_options
 
         self._sup = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs)
