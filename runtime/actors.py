@@ -14,8 +14,17 @@ from .supervisor import Supervisor
 # so that the agent cap holds while it does.
 SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(SlotWorker)
 
+
+class _Supervisor(Supervisor):
+    """When Ray restarts the supervisor's process, it resumes from its snapshots."""
+
+    def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False) -> None:
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(config, roles, resume=resume or (restarted and config.snapshots.enabled))
+
+
 # An async actor: many clients may wait on it at once, it never blocks a CPU.
-SupervisorActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=10_000)(Supervisor)
+SupervisorActor = ray.remote(num_cpus=0, max_concurrency=10_000)(_Supervisor)
 
 
 def slot_actor_factory(config: RuntimeConfig) -> Callable[[str], Any]:
@@ -32,7 +41,9 @@ def slot_actor_factory(config: RuntimeConfig) -> Callable[[str], Any]:
 
 
 def supervisor_options(config: RuntimeConfig) -> dict[str, Any]:
-    opts: dict[str, Any] = {"name": config.name, "namespace": config.ray.namespace, "get_if_exists": True}
+    opts: dict[str, Any] = {"name": config.name, "namespace": config.ray.namespace, "get_if_exists": True,
+                            # Restarting helps only if there is state to restart from.
+                            "max_restarts": config.ray.supervisor_max_restarts if config.snapshots.enabled else 0}
     if config.ray.detached:
         opts["lifetime"] = "detached"
     return opts

@@ -3,6 +3,9 @@
     threadbound run examples/fizzbuzz                 # stream the agents' work, then a summary
     threadbound run examples/fizzbuzz --json          # events as JSON lines, for scripts
     threadbound tasks --address auto                  # tasks of a running (detached) pool
+    threadbound resume                                # restart a crashed pool from its snapshots
+    threadbound snapshots ls                          # what is in the snapshot directory
+    threadbound snapshots show .threadbound/snapshots/threadbound 12
     threadbound config check configs/runtime.yaml     # validate a config file
 
 Exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration.
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 from threadbound.agents.errors import ThreadboundError
@@ -163,6 +167,89 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follow(handles: list[Any], as_json: bool) -> bool:
+    """Print every handle's events from the start; True if all succeeded."""
+    ok = True
+    for handle in handles:
+        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if as_json \
+            else _Live(sys.stdout)
+        last = None
+        for ev in handle.stream():
+            render(ev)
+            last = ev
+        ok = ok and last is not None and last.kind == "succeeded"
+    return ok
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .pool import AgentPool
+
+    location = args.location or _config(args).snapshot_dir
+    pool = AgentPool.resume(location, name=args.pool)
+    try:
+        info = pool.resumed or {}
+        for why in info.get("skipped", []):
+            print(f"threadbound: WARNING: refused a damaged snapshot, resumed from an older one: {why}",
+                  file=sys.stderr)
+        print(f"resumed pool {pool.name!r} from snapshot {info.get('snapshot')} + {info.get('records')} "
+              f"journal record(s); {len(info.get('tasks', []))} unfinished task(s)", file=sys.stderr)
+        return 0 if _follow(pool.unfinished(), args.json) else 1
+    except KeyboardInterrupt:
+        print("\nstopped following; the tasks were cancelled by the shutdown", file=sys.stderr)
+        return 1
+    finally:
+        pool.shutdown(grace_s=1)
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from threadbound.snapshots import SnapshotError, SnapshotLocation, codec, load_key, open_store
+    from threadbound.snapshots.location import snap_name
+
+    from .durability import find_pool
+
+    where = find_pool(args.location or _config(args).snapshot_dir, args.pool)
+    try:
+        key = load_key(_config(args).snapshots.key_file)
+    except SnapshotError as exc:
+        key, why_unverified = None, str(exc)
+    loc = SnapshotLocation(open_store(where), key or b"")
+
+    def check(seq: int) -> str:
+        if key is None:
+            return f"unverified ({why_unverified})"
+        try:
+            codec.verify(loc.store.read(snap_name(seq)), key, loc._file(snap_name(seq)))
+        except SnapshotError as exc:
+            return f"REFUSED: {exc.reason}"
+        return "verified"
+
+    seqs = loc.snapshots()
+    if args.action == "ls":
+        print(f"{where}: {len(seqs)} snapshot(s), journal segments {loc.segments()}")
+        for seq in seqs:
+            try:
+                m = loc.manifest(seq)
+            except SnapshotError as exc:
+                print(f"  {seq:>6}  unreadable: {exc.reason}")
+                continue
+            by: dict[str, int] = {}
+            for st in (m.get("tasks") or {}).values():
+                by[st] = by.get(st, 0) + 1
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
+            print(f"  {seq:>6}  {when}  {m['payload_size']:>10} B  "
+                  f"{' '.join(f'{k}={v}' for k, v in sorted(by.items())) or 'no tasks':<40} "
+                  f"{'clean ' if m.get('clean') else ''}{check(seq)}")
+        return 0
+    seq = args.seq if args.seq is not None else (seqs[-1] if seqs else None)
+    if seq is None or seq not in seqs:
+        print(f"threadbound: {where}: no snapshot {seq}; have {seqs}", file=sys.stderr)
+        return 2
+    m = dict(loc.manifest(seq))
+    m["verification"] = check(seq)
+    print(json.dumps(m, indent=2, default=str))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = RuntimeConfig.from_yaml(args.file)
     if args.action == "show":
@@ -195,6 +282,22 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--address", default=None)
     tasks.add_argument("--name", default=None, help="pool name (default: the config's name)")
     tasks.set_defaults(func=cmd_tasks)
+
+    resume = sub.add_parser("resume", help="restart a crashed pool from its snapshots and follow its tasks")
+    resume.add_argument("location", nargs="?", default=None,
+                        help="snapshot_dir or URL the pool wrote to (default: the config's snapshot_dir)")
+    resume.add_argument("--pool", default=None, help="which pool, when several wrote to the location")
+    resume.add_argument("--config", "-c", help="runtime YAML, only to find snapshot_dir")
+    resume.add_argument("--json", action="store_true", help="print events as JSON lines")
+    resume.set_defaults(func=cmd_resume)
+
+    snaps = sub.add_parser("snapshots", help="list snapshots or show one's manifest (nothing is unpickled)")
+    snaps.add_argument("action", choices=["ls", "show"])
+    snaps.add_argument("location", nargs="?", default=None, help="snapshot_dir, URL or a pool's directory")
+    snaps.add_argument("seq", nargs="?", type=int, default=None, help="snapshot number (show; default newest)")
+    snaps.add_argument("--pool", default=None, help="which pool, when several wrote to the location")
+    snaps.add_argument("--config", "-c", help="runtime YAML, only to find snapshot_dir and the key file")
+    snaps.set_defaults(func=cmd_snapshots)
 
     conf = sub.add_parser("config", help="check or show a runtime config file")
     conf.add_argument("action", choices=["check", "show"])

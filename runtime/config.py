@@ -10,6 +10,7 @@ Environment overrides (applied by ``from_yaml`` and ``from_env``, never at impor
 
     THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_STEP_TIMEOUT_S,
     THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
+    THREADBOUND_SNAPSHOT_KEY_FILE,
     THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
     THREADBOUND_MODEL_BACKEND
 """
@@ -67,6 +68,17 @@ class RetryConfig(_Section):
     retry_on: tuple[Literal["timeout", "crash", "transient"], ...] = ("timeout", "crash", "transient")
 
 
+class SnapshotConfig(_Section):
+    """Snapshots and journal: how many to keep, how to sign, how durable."""
+
+    enabled: bool = True
+    keep: int = Field(default=3, ge=1, description="newest snapshots kept; resume may fall back within them")
+    keep_pinned: int = Field(default=10, ge=0, description="older snapshots kept for final states of forgotten tasks")
+    key_file: str | None = None  # None: ~/.threadbound/snapshot.key (THREADBOUND_SNAPSHOT_KEY wins)
+    fsync: bool = True
+    lease_ttl_s: Seconds = 15.0
+
+
 class RayConfig(_Section):
     """How to reach Ray. ``address: null`` starts a local Ray unless one is running here."""
 
@@ -75,6 +87,7 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(default=None, ge=1)
     detached: bool = False
     agent_num_cpus: float | None = Field(default=None, ge=0)
+    supervisor_max_restarts: int = Field(default=3, ge=0)
 
 
 class ReasoningConfig(_Section):
@@ -111,6 +124,7 @@ class RuntimeConfig(_Section):
     retry: RetryConfig = RetryConfig()
     snapshot_interval_s: Seconds = 5.0
     snapshot_dir: str = Field(default=".threadbound/snapshots", min_length=1)
+    snapshots: SnapshotConfig = SnapshotConfig()
     streaming: bool = True
     token_batch_size: int = Field(default=32, ge=1)
     token_interval_ms: Millis = 50.0
@@ -194,6 +208,21 @@ class RuntimeConfig(_Section):
             data["model"] = {"backend": data["model"]["backend"]}
         return self.from_mapping(data, source="environment (" + ", ".join(used) + ")")
 
+    @property
+    def snapshot_location(self) -> str:
+        """This pool's own snapshot location: ``<snapshot_dir>/<name>``."""
+        return f"{self.snapshot_dir.rstrip('/')}/{self.name}"
+
+    def with_absolute_paths(self) -> "RuntimeConfig":
+        """A copy whose local paths are absolute (actors may run in another directory)."""
+        changes: dict[str, Any] = {}
+        if "://" not in self.snapshot_dir and not os.path.isabs(self.snapshot_dir):
+            changes["snapshot_dir"] = os.path.abspath(os.path.expanduser(self.snapshot_dir))
+        key_file = self.snapshots.key_file
+        if key_file and not os.path.isabs(os.path.expanduser(key_file)):
+            changes["snapshots"] = {**self.snapshots.model_dump(), "key_file": os.path.abspath(key_file)}
+        return self.replace(**changes) if changes else self
+
     def replace(self, **changes: Any) -> "RuntimeConfig":
         """A validated copy with some fields changed."""
         data = self.model_dump(mode="python")
@@ -208,6 +237,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_TASK_TIMEOUT_S": ("task_timeout_s",),
     "THREADBOUND_SNAPSHOT_DIR": ("snapshot_dir",),
     "THREADBOUND_SNAPSHOT_INTERVAL_S": ("snapshot_interval_s",),
+    "THREADBOUND_SNAPSHOT_KEY_FILE": ("snapshots", "key_file"),
     "THREADBOUND_STREAMING": ("streaming",),
     "THREADBOUND_RAY_ADDRESS": ("ray", "address"),
     "THREADBOUND_RAY_NAMESPACE": ("ray", "namespace"),

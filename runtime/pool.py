@@ -6,9 +6,11 @@ supervisor by its name; all state lives in the supervisor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Any, AsyncIterator, Iterator, Mapping
+import time
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -18,11 +20,12 @@ from threadbound.agents.errors import ThreadboundError
 from .config import RuntimeConfig
 from .errors import ConfigError, PoolClosed, ResultTimeout, TaskCancelled, TaskFailed, TaskTimedOut
 from .registry import role_blobs
-from .task import CANCELLED, SUCCEEDED, TIMED_OUT, Event, Task, TaskResult, TaskSummary
+from .task import CANCELLED, SUCCEEDED, TERMINAL, TIMED_OUT, Event, Task, TaskResult, TaskSummary
 
 log = logging.getLogger("threadbound.pool")
 
 _POLL_S = 10.0  # longest a single long-poll read waits inside the supervisor
+_RECONNECT_S = 120.0  # how long a reader waits for a restarting supervisor
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -47,6 +50,67 @@ async def _aget(ref: Any) -> Any:
         return await ref
     except (RayTaskError, RayActorError) as exc:
         raise _unwrap(exc) from None
+
+
+def _restarting(name: tuple[str, str] | None, exc: BaseException) -> bool:
+    """True if the supervisor died but Ray is restarting it (its name still resolves)."""
+    if not isinstance(exc, RayActorError):
+        return False
+    if name is None:
+        return False
+    try:
+        ray.get_actor(name[0], namespace=name[1])
+    except ValueError:
+        return False
+    return True
+
+
+def _reading(name: tuple[str, str] | None, call: Callable[[], Any]) -> Any:
+    """``call()``, retried while a crashed supervisor is restarted and resumes."""
+    deadline = time.monotonic() + _RECONNECT_S
+    while True:
+        try:
+            return ray.get(call())
+        except (RayTaskError, RayActorError) as exc:
+            if time.monotonic() > deadline or not _restarting(name, exc):
+                raise _unwrap(exc) from None
+            log.warning("supervisor unavailable (%s); reconnecting", type(exc).__name__)
+            time.sleep(0.5)
+
+
+async def _areading(name: tuple[str, str] | None, call: Callable[[], Any]) -> Any:
+    deadline = time.monotonic() + _RECONNECT_S
+    while True:
+        try:
+            return await call()
+        except (RayTaskError, RayActorError) as exc:
+            if time.monotonic() > deadline or not _restarting(name, exc):
+                raise _unwrap(exc) from None
+            await asyncio.sleep(0.5)
+
+
+def _await_gone(name: str, namespace: str, timeout_s: float = 30.0) -> None:
+    """Wait until no supervisor named ``name`` lives (a crashed one may take a moment
+    to be reaped); refuse if one is alive and answering."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            handle = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        try:
+            ray.get(handle.info.remote(), timeout=2)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # dying
+        except RayTaskError:
+            raise PoolClosed(f"pool {name!r} has a supervisor that cannot serve; stop it with "
+                             f"ray.kill(ray.get_actor({name!r}, namespace={namespace!r})) first") from None
+        else:
+            raise PoolClosed(f"pool {name!r} is running (Ray may have restarted and resumed it already); "
+                             "attach to it with AgentPool(config) instead of resuming")
+        if time.monotonic() > deadline:
+            raise PoolClosed(f"pool {name!r}: the crashed supervisor is still being reaped after {timeout_s:.0f}s")
+        time.sleep(0.2)
 
 
 def connect_ray(config: RuntimeConfig) -> bool:
@@ -101,9 +165,10 @@ class TaskHandle:
         >>> handle.result(timeout=60).outputs["coder"]                    # doctest: +SKIP
     """
 
-    def __init__(self, supervisor: Any, task_id: str) -> None:
+    def __init__(self, supervisor: Any, task_id: str, name: tuple[str, str] | None = None) -> None:
         self._sup = supervisor
         self.task_id = task_id
+        self._name = name  # (pool name, namespace): lets readers ride out a supervisor restart
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.task_id!r})"
@@ -123,7 +188,7 @@ class TaskHandle:
         """
         offset = from_offset
         while True:
-            rows, _ = _get(self._sup.read.remote(self.task_id, offset, _POLL_S))
+            rows, _ = _reading(self._name, lambda: self._sup.read.remote(self.task_id, offset, _POLL_S))
             for row in rows:
                 ev = _event(self.task_id, row)
                 offset = ev.offset + 1
@@ -135,7 +200,7 @@ class TaskHandle:
         """``stream`` for asyncio: ``async for event in handle.astream(): ...``"""
         offset = from_offset
         while True:
-            rows, _ = await _aget(self._sup.read.remote(self.task_id, offset, _POLL_S))
+            rows, _ = await _areading(self._sup, lambda: self._sup.read.remote(self.task_id, offset, _POLL_S))
             for row in rows:
                 ev = _event(self.task_id, row)
                 offset = ev.offset + 1
@@ -150,7 +215,7 @@ class TaskHandle:
         (each with ``.result``) if it did not succeed, and :class:`ResultTimeout` if
         ``timeout`` seconds pass first (the task keeps running).
         """
-        d = _get(self._sup.wait.remote(self.task_id, timeout))
+        d = _reading(self._name, lambda: self._sup.wait.remote(self.task_id, timeout))
         if d is None:
             raise ResultTimeout(f"task {self.task_id} did not finish within {timeout}s; "
                                 "it is still running: wait again or cancel it",
@@ -159,7 +224,7 @@ class TaskHandle:
 
     async def aresult(self, timeout: float | None = None) -> TaskResult:
         """``result`` for asyncio."""
-        d = await _aget(self._sup.wait.remote(self.task_id, timeout))
+        d = await _areading(self._sup, lambda: self._sup.wait.remote(self.task_id, timeout))
         if d is None:
             raise ResultTimeout(f"task {self.task_id} did not finish within {timeout}s",
                                 task_id=self.task_id, limit=timeout)
@@ -192,20 +257,76 @@ class AgentPool:
     """
 
     def __init__(self, config: RuntimeConfig | None = None, *,
-                 agents: Mapping[str, Any] | None = None) -> None:
+                 agents: Mapping[str, Any] | None = None, _resume: bool = False) -> None:
         config = config if config is not None else RuntimeConfig.from_env()
+        config = config.with_absolute_paths()
         blobs = role_blobs(config.agents, agents)  # fail on bad roles before touching Ray
         self._owns_ray = connect_ray(config)
         from .actors import SupervisorActor, supervisor_options
 
-        self._sup = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs)
+        opts = supervisor_options(config)
+        if _resume:
+            try:
+                _await_gone(config.name, config.ray.namespace)
+            except PoolClosed:
+                self._stop_owned_ray()
+                raise
+        self._sup = SupervisorActor.options(**opts).remote(config, blobs, resume=_resume)
+        self._sup_name = (config.name, config.ray.namespace)
+        try:
+            info = _get(self._sup.info.remote())
+        except ThreadboundError:  # e.g. a snapshot location held by another supervisor
+            ray.kill(self._sup, no_restart=True)
+            self._stop_owned_ray()
+            raise
         _get(self._sup.register_roles.remote(blobs))
-        info = _get(self._sup.info.remote())
         self.config: RuntimeConfig = info["config"]
         self.name: str = info["name"]
+        self.resumed: dict[str, Any] | None = info.get("resumed")
+        if self.resumed and self.resumed.get("skipped"):
+            log.error("resumed from an older snapshot; newer ones were refused: %s",
+                      "; ".join(self.resumed["skipped"]))
         if config.prewarm:
             _get(self._sup.prewarm.remote())
         self._closed = False
+
+    def _stop_owned_ray(self) -> None:
+        if self._owns_ray:
+            ray.shutdown()
+
+    @classmethod
+    def resume(cls, location: str | os.PathLike, *, name: str | None = None,
+               config: RuntimeConfig | None = None, agents: Mapping[str, Any] | None = None) -> "AgentPool":
+        """Restart a crashed pool from the newest snapshot at ``location`` that verifies.
+
+        Committed steps are not run again; the step that was in flight restarts from its
+        beginning with its agent's last committed state; queued tasks keep their order;
+        task ids and event offsets continue. ``location`` is the ``snapshot_dir`` (or a
+        URL) the crashed pool wrote to, or its own ``<snapshot_dir>/<name>`` directory;
+        ``name`` picks a pool when several wrote there. Without ``config``, the crashed
+        pool's own config (from the snapshot manifest) is used. If the newest snapshot
+        is damaged, an older one is used and ``pool.resumed["skipped"]`` says why.
+
+        Examples:
+            >>> pool = AgentPool.resume(".threadbound/snapshots")          # doctest: +SKIP
+            >>> [h.task_id for h in pool.unfinished()]                      # doctest: +SKIP
+        """
+        from .durability import find_pool, manifest_config
+
+        where = find_pool(os.fspath(location), name)
+        found = manifest_config(where, config.snapshots.key_file if config is not None else None)
+        if config is not None:
+            found = config.replace(snapshot_dir=found.snapshot_dir, name=found.name)
+        return cls(found, agents=agents, _resume=True)
+
+    def unfinished(self) -> list["TaskHandle"]:
+        """Handles of every task that has not ended (e.g. to follow them after a resume)."""
+        return [TaskHandle(self._sup, t.task_id, self._sup_name) for t in self.tasks()
+                if t.status not in TERMINAL]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Write a snapshot now; returns what it cost (``bytes``, ``copy_ms``, ``write_ms``)."""
+        return _get(self._sup.snapshot_now.remote())
 
     @classmethod
     def from_config(cls, path: str | os.PathLike, *, agents: Mapping[str, Any] | None = None) -> "AgentPool":
@@ -223,16 +344,16 @@ class AgentPool:
     def submit(self, task: Task) -> TaskHandle:
         """Queue a task; returns at once with its handle. Bad input raises here."""
         task.validated(self.config.default_agents)  # clear errors before a round trip
-        return TaskHandle(self._sup, _get(self._sup.submit.remote(task)))
+        return TaskHandle(self._sup, _get(self._sup.submit.remote(task)), self._sup_name)
 
     async def asubmit(self, task: Task) -> TaskHandle:
         task.validated(self.config.default_agents)
-        return TaskHandle(self._sup, await _aget(self._sup.submit.remote(task)))
+        return TaskHandle(self._sup, await _aget(self._sup.submit.remote(task)), self._sup_name)
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle to a task already submitted (by any client of this pool)."""
         _get(self._sup.task_summary.remote(task_id))  # raises TaskNotFound
-        return TaskHandle(self._sup, task_id)
+        return TaskHandle(self._sup, task_id, self._sup_name)
 
     def tasks(self) -> list[TaskSummary]:
         """Summaries of every task the pool remembers, oldest first."""
@@ -272,5 +393,4 @@ class AgentPool:
                 ray.kill(self._sup, no_restart=True)
             except Exception:
                 pass
-            if self._owns_ray:
-                ray.shutdown()
+            self._stop_owned_ray()

@@ -8,8 +8,10 @@ on its one event loop, so any point between two awaits is a consistent state.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
+import os
 import random
 import secrets
 import time
@@ -17,15 +19,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import cloudpickle
 from ray.exceptions import RayError
 
+from threadbound.snapshots import HistoryExists, Loaded, SnapshotError
+
 from .config import RuntimeConfig
+from .durability import Durability, open_location
 from .errors import InvalidTask, PoolClosed, TaskNotFound, UnknownRole
 from .retry import backoff_s
 from .slot import ERROR, RESULT, StepRequest
 from .slots import Slot, SlotTable
 from .task import (
-    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, TIMED_OUT,
+    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TIMED_OUT,
     Task, TaskSummary,
 )
 
@@ -34,22 +40,37 @@ log = logging.getLogger("threadbound.supervisor")
 READ_BATCH = 5000  # events returned by one read() call at most
 
 
+# What a snapshot holds of a task (everything else is rebuilt on resume).
+_DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "done",
+                   "outputs", "states", "feedback", "requests", "inflight", "error", "finished_at")
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
 @dataclass(eq=False)
 class _TaskState:
     id: str
+    seq: int
     spec: Task
-    blobs: dict[str, bytes]
+    blob_ids: dict[str, str]  # role -> digest of the agent class blob it was submitted with
     submitted_at: float
     status: str = PENDING
     events: list[tuple] = field(default_factory=list)
+    visible: int = 0  # events clients may read: the ones already in the journal
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     round: int = 0
+    done: int = 0  # steps of the current round committed, in agents order
+    requests: list[str] = field(default_factory=list)  # round requests of this round so far
+    inflight: dict[str, int] = field(default_factory=dict)  # role -> attempt started, not committed
     outputs: dict[str, Any] = field(default_factory=dict)
     states: dict[str, Any] = field(default_factory=dict)  # role -> committed agent state
     feedback: list[str] = field(default_factory=list)
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    frozen: bytes | None = None  # pickled snapshot record, cached once the task is terminal
     slots: list[Slot] = field(default_factory=list)
     bound: "OrderedDict[str, Slot]" = field(default_factory=OrderedDict)
     bind_keys: dict[str, str] = field(default_factory=dict)
@@ -95,9 +116,13 @@ class Supervisor:
         make_actor: Callable[[str], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = config
-        self.roles = dict(roles)
+        self.roles: dict[str, bytes] = {}
+        self.role_ids: dict[str, str] = {}
+        self.blobs: dict[str, bytes] = {}  # digest -> agent class blob
+        self._set_roles(roles)
         self.clock = clock
         self.rng = rng or random.Random()
         self.tasks: dict[str, _TaskState] = {}
@@ -118,15 +143,187 @@ class Supervisor:
             slot_name=lambda i: f"{prefix}agent/{i}",
             namespace=config.ray.namespace, on_free=self._pump,
         )
+        self.durable: Durability | None = None
+        self.resumed: dict[str, Any] | None = None
+        self.fatal: BaseException | None = None  # why this supervisor cannot serve
+        self._started = False
+        if config.snapshots.enabled:
+            try:
+                self._open_durability(resume)
+            except (SnapshotError, OSError) as exc:
+                log.error("cannot start pool %r: %s", config.name, exc)
+                self.fatal = exc if isinstance(exc, SnapshotError) else SnapshotError(config.snapshot_location, str(exc))
+                if self.durable is not None and self.durable.lease is not None:
+                    self.durable.lease.release()
+                self.durable = None
+                return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by the first call instead
+        self._start()
+
+    # -- durability -----------------------------------------------------------------
+
+    def _open_durability(self, resume: bool) -> None:
+        location = open_location(self.cfg)
+        self.durable = Durability(self.cfg, location, self._on_durable)
+        self.durable.lease = location.acquire_lease(self.cfg.snapshots.lease_ttl_s)
+        if resume:
+            loaded = location.load_newest()
+            self._restore(loaded)
+        else:
+            newest = location.newest_manifest()
+            if newest is not None and not newest.get("clean"):
+                raise HistoryExists(location.location, (
+                    f"holds the history of pool {newest.get('name')!r}, which did not shut down cleanly "
+                    f"(last snapshot {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest.get('created_at', 0)))}"
+                    f", plus its journal); "
+                    f"resume it with `threadbound resume {location.location}` or AgentPool.resume(...), "
+                    "or delete that directory (or choose another snapshot_dir) to start over"))
+            location.clear()
+        numbers = location.snapshots() + location.segments()
+        self.durable.write_now(max(numbers, default=-1) + 1, self._export)
+        for ts in self.tasks.values():  # all of it is in the snapshot just written
+            ts.visible = len(ts.events)
+
+    def _start(self) -> None:
+        if self._started or self.fatal is not None:
+            return
+        self._started = True
+        if self.durable is not None:
+            self.durable.start(self._export)
+        self._pump()
+
+    def _on_durable(self, marks: dict[str, int]) -> None:
+        for task_id, n in marks.items():
+            ts = self.tasks.get(task_id)
+            if ts is not None and n > ts.visible:
+                ts.visible = n
+                self._notify(ts)
+
+    def _export(self) -> tuple[dict[str, Any], dict[str, str], list[Callable[[], None]]]:
+        """A consistent copy of the state for a snapshot (called between two awaits).
+
+        Only shallow copies are made here; pickling runs on the snapshot thread via the
+        returned jobs. A finished task never changes again, so its pickle is cached.
+        """
+        entries: list[Any] = []
+        jobs: list[Callable[[], None]] = []
+        used: set[str] = set(self.role_ids.values())
+        for ts in self.tasks.values():
+            used.update(ts.blob_ids.values())
+            if ts.frozen is not None:
+                entries.append(ts.frozen)
+                continue
+            rec = {f: getattr(ts, f) for f in _DURABLE_FIELDS}
+            for f in ("outputs", "states", "inflight", "blob_ids"):
+                rec[f] = dict(rec[f])
+            rec["feedback"], rec["requests"] = list(ts.feedback), list(ts.requests)
+            rec["events"] = list(ts.events)
+            entries.append(rec)
+            jobs.append(self._pickle_job(entries, len(entries) - 1, ts, ts.status in TERMINAL))
+        state = {"run_id": self.run_id, "seq": self.seq, "roles": dict(self.role_ids),
+                 "blobs": {d: self.blobs[d] for d in used if d in self.blobs},
+                 "tasks": entries, "started_at": self.started_at}
+        return state, {ts.id: ts.status for ts in self.tasks.values()}, jobs
+
+    @staticmethod
+    def _pickle_job(entries: list[Any], i: int, ts: _TaskState, final: bool) -> Callable[[], None]:
+        def job() -> None:
+            entries[i] = cloudpickle.dumps(entries[i])
+            if final:
+                ts.frozen = entries[i]
+
+        return job
+
+    def _restore(self, loaded: Loaded) -> None:
+        """Rebuild the state from a verified snapshot plus the journal after it."""
+        state = loaded.state
+        self.run_id, self.seq = state["run_id"], state["seq"]
+        self.blobs.update(state["blobs"])
+        given = dict(self.roles)
+        self.roles, self.role_ids = {}, {}
+        self._set_roles({r: self.blobs[d] for r, d in state["roles"].items() if d in self.blobs})
+        self._set_roles(given)  # roles the resuming client brings win
+        for entry in state["tasks"]:
+            rec = cloudpickle.loads(entry)  # bytes from a verified payload
+            ts = _TaskState(**{f: rec[f] for f in _DURABLE_FIELDS})
+            ts.events = list(rec["events"])
+            ts.visible = len(ts.events)
+            self.tasks[ts.id] = ts
+        for rec in loaded.records:
+            self._replay(rec)
+        interrupted = [ts for ts in self.tasks.values() if ts.status not in TERMINAL]
+        interrupted.sort(key=lambda ts: ts.seq)
+        self.resumed = {"snapshot": loaded.seq, "records": len(loaded.records),
+                        "skipped": [f"{p}: {why}" for p, why in loaded.skipped],
+                        "torn": loaded.torn, "tasks": [ts.id for ts in interrupted]}
+        if loaded.skipped:
+            log.error("resumed from an OLDER snapshot (%s) because newer ones were refused: %s",
+                      loaded.seq, "; ".join(self.resumed["skipped"]))
+        for ts in interrupted:
+            inflight = {r: a for r, a in ts.inflight.items()}
+            self._emit(ts, "resumed", None, snapshot=loaded.seq, replayed=len(loaded.records),
+                       skipped=self.resumed["skipped"], restarting=inflight)
+            heapq.heappush(self.queue, (-ts.spec.priority, ts.seq, ts.id))
+
+    def _replay(self, rec: list[Any]) -> None:
+        kind = rec[0]
+        if kind == "roles":
+            self._set_roles(rec[1])
+        elif kind == "submit":
+            _, task_id, seq, spec, blob_ids, submitted_at = rec
+            self.tasks[task_id] = _TaskState(id=task_id, seq=seq, spec=spec, blob_ids=dict(blob_ids),
+                                             submitted_at=submitted_at)
+            self.seq = max(self.seq, seq)
+        elif kind == "ev":
+            _, task_id, offset, ev_kind, agent, data, at = rec
+            ts = self.tasks.get(task_id)
+            if ts is None or offset < len(ts.events):
+                return  # forgotten task, or already in the snapshot
+            if offset > len(ts.events):
+                raise SnapshotError(self.durable.location.location if self.durable else "journal",
+                                    f"journal gap in task {task_id}: event {offset} follows "
+                                    f"{len(ts.events) - 1}; the journal is incomplete")
+            row = (offset, ev_kind, agent, data, at)
+            ts.events.append(row)
+            self._track(ts, row)
+        elif kind == "commit":
+            _, task_id, role, output, agent_state, requests = rec
+            ts = self.tasks.get(task_id)
+            if ts is not None:
+                self._apply_commit(ts, role, output, agent_state, requests)
+        elif kind == "forget":
+            for task_id in rec[1]:
+                self.tasks.pop(task_id, None)
+        else:
+            raise SnapshotError("journal", f"unknown journal record {kind!r}; written by a newer threadbound?")
+
+    def _set_roles(self, blobs: dict[str, bytes]) -> dict[str, bytes]:
+        changed = {}
+        for role, blob in blobs.items():
+            d = _digest(blob)
+            if self.role_ids.get(role) != d:
+                changed[role] = blob
+            self.roles[role], self.role_ids[role] = blob, d
+            self.blobs[d] = blob
+        return changed
 
     # -- client API -----------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
+        if self.fatal is not None:
+            raise self.fatal
+        self._start()
         return {"name": self.cfg.name, "config": self.cfg, "roles": sorted(self.roles),
-                "started_at": self.started_at}
+                "started_at": self.started_at, "resumed": self.resumed, "pid": os.getpid()}
 
     async def register_roles(self, blobs: dict[str, bytes]) -> list[str]:
-        self.roles.update(blobs)
+        changed = self._set_roles(blobs)
+        if changed and self.durable is not None:
+            self.durable.record(("roles", changed))
+            await self.durable.flush()
         return sorted(self.roles)
 
     async def prewarm(self) -> int:
@@ -140,19 +337,26 @@ class Supervisor:
         return len(held or [])
 
     async def submit(self, spec: Task) -> str:
+        if self.fatal is not None:
+            raise self.fatal
         if self.closing:
             raise PoolClosed("the pool is shutting down; no new tasks are accepted")
+        self._start()
         spec = spec.validated(self.cfg.default_agents)
         unknown = [r for r in spec.agents if r not in self.roles]
         if unknown:
             raise UnknownRole(unknown[0], list(self.roles))
         self.seq += 1
         task_id = f"t{self.seq:05d}-{self.run_id}"
-        ts = _TaskState(id=task_id, spec=spec, submitted_at=time.time(),
-                        blobs={r: self.roles[r] for r in spec.agents})
+        ts = _TaskState(id=task_id, seq=self.seq, spec=spec, submitted_at=time.time(),
+                        blob_ids={r: self.role_ids[r] for r in spec.agents})
         self.tasks[task_id] = ts
+        if self.durable is not None:
+            self.durable.record(("submit", task_id, ts.seq, spec, ts.blob_ids, ts.submitted_at))
         self._emit(ts, PENDING, None, goal=spec.goal, agents=list(spec.agents), priority=spec.priority)
-        heapq.heappush(self.queue, (-spec.priority, self.seq, task_id))
+        heapq.heappush(self.queue, (-spec.priority, ts.seq, task_id))
+        if self.durable is not None:
+            await self.durable.flush()  # accepted = on disk: a crash now loses nothing
         self._pump()
         return task_id
 
@@ -161,18 +365,18 @@ class Supervisor:
         ts = self._get(task_id)
         if offset < 0:
             raise InvalidTask("from_offset", f"must be >= 0, got {offset}")
-        if offset >= len(ts.events) and ts.status not in TERMINAL and wait_s > 0:
+        if offset >= ts.visible and not self._settled(ts) and wait_s > 0:
             try:
                 await asyncio.wait_for(ts.changed.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
-        return ts.events[offset:offset + READ_BATCH], ts.status
+        return ts.events[offset:min(ts.visible, offset + READ_BATCH)], ts.status
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any] | None:
         """The task's result once terminal, or None if ``timeout_s`` passes first."""
         ts = self._get(task_id)
         deadline = None if timeout_s is None else self.clock() + timeout_s
-        while ts.status not in TERMINAL:
+        while not self._settled(ts):
             remaining = None if deadline is None else deadline - self.clock()
             if remaining is not None and remaining <= 0:
                 return None
@@ -209,7 +413,18 @@ class Supervisor:
             "queue_depth": sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING),
             "slots": self.slots.describe(), "replacements": self.slots.replacements,
             "max_agents": self.cfg.max_agents, "max_agents_per_task": self.cfg.max_agents_per_task,
+            "durability": None if self.durable is None else {
+                "location": self.durable.location.location, "segment": self.durable.segment,
+                **self.durable.stats},
+            "resumed": self.resumed,
         }
+
+    async def snapshot_now(self) -> dict[str, Any]:
+        """Write a snapshot now; returns its cost (seq, bytes, copy_ms, write_ms)."""
+        if self.durable is None:
+            raise PoolClosed("snapshots are disabled for this pool (snapshots.enabled: false)")
+        await self.durable.flush()
+        return await self.durable.snapshot(self._export)
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Stop admitting, let running tasks finish for ``grace_s``, cancel the rest, kill slots."""
@@ -229,6 +444,9 @@ class Supervisor:
         if runners:
             await asyncio.wait(runners, timeout=5)
         await self.slots.shutdown()
+        if self.durable is not None:
+            durable, self.durable = self.durable, None
+            await durable.close(self._export)
 
     # -- admission ------------------------------------------------------------------
 
@@ -237,7 +455,7 @@ class Supervisor:
         while self.queue and not self.closing:
             _, _, task_id = self.queue[0]
             ts = self.tasks.get(task_id)
-            if ts is None or ts.status != PENDING:
+            if ts is None or ts.status in TERMINAL or ts.runner is not None:
                 heapq.heappop(self.queue)
                 continue
             need = min(len(set(ts.spec.agents)), self.cfg.max_agents_per_task)
@@ -289,36 +507,44 @@ class Supervisor:
         asyncio.get_running_loop().create_task(release())
 
     async def _pipeline(self, ts: _TaskState) -> None:
+        """Rounds of steps; after a resume it continues at the first step not committed."""
         self._set_status(ts, RUNNING)
         max_rounds = ts.spec.max_rounds or self.cfg.max_rounds
-        for rnd in range(1, max_rounds + 1):
-            ts.round = rnd
-            self._emit(ts, "round_started", None, round=rnd, feedback=list(ts.feedback))
-            requests: list[str] = []
-            for role in ts.spec.agents:
-                requests += await self._step(ts, role, rnd)
-            if not requests:
+        rnd = max(ts.round, 1)
+        while rnd <= max_rounds:
+            if ts.round != rnd:
+                self._emit(ts, "round_started", None, round=rnd, feedback=list(ts.feedback))
+            for i, role in enumerate(ts.spec.agents):
+                if i >= ts.done:
+                    await self._step(ts, role, rnd)
+            if not ts.requests:
                 self._finish(ts, SUCCEEDED)
                 return
-            ts.feedback = requests
+            ts.feedback = list(ts.requests)
+            rnd += 1
         raise _StepFailed(FAILED, f"no success after {max_rounds} round(s); last feedback: "
                           + "; ".join(ts.feedback)[:500])
 
-    async def _step(self, ts: _TaskState, role: str, rnd: int) -> list[str]:
+    async def _step(self, ts: _TaskState, role: str, rnd: int) -> None:
         policy = self.cfg.retry
-        attempt = 0
+        # A step interrupted by a crash restarts under its own attempt number, so its
+        # idempotency key is the same and an idempotent side effect is not repeated.
+        attempt = ts.inflight.get(role, 1) - 1
         while True:
             attempt += 1
             out = await self._attempt(ts, role, rnd, attempt)
             if out.kind == "ok":
-                ts.outputs[role] = out.data["output"]
-                ts.states[role] = out.data["state"]
-                output = out.data["output"]
+                output, requests = out.data["output"], list(out.data["round_requests"])
+                if self.durable is not None:
+                    self.durable.record(("commit", ts.id, role, output, out.data["state"], requests))
+                self._apply_commit(ts, role, output, out.data["state"], requests)
                 self._emit(ts, "step_finished", role, round=rnd, attempt=attempt,
                            elapsed_s=out.data.get("elapsed_s"),
                            output=output if _plain(output) else repr(output)[:2000],
-                           round_requests=out.data["round_requests"])
-                return out.data["round_requests"]
+                           round_requests=requests)
+                if self.durable is not None:
+                    await self.durable.flush()  # committed = in the journal
+                return
             retryable = out.kind in policy.retry_on and attempt < policy.max_attempts
             if not retryable:
                 status = TIMED_OUT if out.kind == "timeout" else FAILED
@@ -351,7 +577,7 @@ class Supervisor:
         timeout = ts.spec.step_timeout_s or self.cfg.step_timeout_s
         level = min(ts.spec.level or self.cfg.reasoning.level, self.cfg.reasoning.max_level)
         req = StepRequest(
-            binding=ts.bind_keys[role], agent_blob=ts.blobs[role], task_id=ts.id, role=role,
+            binding=ts.bind_keys[role], agent_blob=self.blobs[ts.blob_ids[role]], task_id=ts.id, role=role,
             goal=ts.spec.goal, workspace=ts.spec.workspace, round=rnd, attempt=attempt,
             idempotency_key=f"{ts.id}:{rnd}:{role}:{attempt}", inputs=ts.spec.inputs,
             outputs=dict(ts.outputs), feedback=list(ts.feedback), level=level,
@@ -408,25 +634,60 @@ class Supervisor:
     # -- events and state -----------------------------------------------------------
 
     def _emit(self, ts: _TaskState, kind: str, agent: str | None, **data: Any) -> None:
-        ts.events.append((len(ts.events), kind, agent, data, time.time()))
+        row = (len(ts.events), kind, agent, data, time.time())
+        ts.events.append(row)
+        self._track(ts, row)
+        if self.durable is not None:  # visible once written: see _on_durable
+            self.durable.record(("ev", ts.id, *row), ts.id, len(ts.events))
+        else:
+            ts.visible = len(ts.events)
+            self._notify(ts)
+
+    @staticmethod
+    def _track(ts: _TaskState, row: tuple) -> None:
+        """What an event changes in a task; shared by live runs and journal replay."""
+        _, kind, agent, data, at = row
+        if kind in STATUSES:
+            ts.status = kind
+            if kind in TERMINAL:
+                ts.finished_at, ts.error = at, data.get("error")
+        elif kind == "round_started":
+            ts.round, ts.feedback, ts.done, ts.requests = data["round"], list(data["feedback"]), 0, []
+        elif kind in ("step_started", "retrying"):
+            ts.inflight[agent] = data["attempt"]
+
+    @staticmethod
+    def _apply_commit(ts: _TaskState, role: str, output: Any, state: Any, requests: list[str]) -> None:
+        ts.outputs[role], ts.states[role] = output, state
+        ts.done += 1
+        ts.requests = ts.requests + list(requests)
+        ts.inflight.pop(role, None)
+
+    @staticmethod
+    def _notify(ts: _TaskState) -> None:
         ts.changed.set()
         ts.changed = asyncio.Event()
 
+    @staticmethod
+    def _settled(ts: _TaskState) -> bool:
+        """Terminal, and every event (the final one included) readable."""
+        return ts.status in TERMINAL and ts.visible >= len(ts.events)
+
     def _set_status(self, ts: _TaskState, status: str, **data: Any) -> None:
-        ts.status = status
         self._emit(ts, status, None, **data)
 
     def _finish(self, ts: _TaskState, status: str, **data: Any) -> None:
         if ts.status in TERMINAL:
             return
-        ts.finished_at = time.time()
-        ts.error = data.get("error")
         self._set_status(ts, status, **data)
 
     def _retain(self) -> None:
         finished = [ts for ts in self.tasks.values() if ts.status in TERMINAL]
-        for ts in finished[: max(0, len(finished) - self.cfg.keep_finished_tasks)]:
-            del self.tasks[ts.id]
+        forget = [ts.id for ts in finished[: max(0, len(finished) - self.cfg.keep_finished_tasks)]]
+        for task_id in forget:
+            del self.tasks[task_id]
+        if forget and self.durable is not None:
+            self.durable.record(("forget", forget))
 
     def _get(self, task_id: str) -> _TaskState:
         ts = self.tasks.get(task_id)

@@ -1,3 +1,21 @@
-"""Durable runtime state: snapshot codec, integrity, stores, retention (arrives with the snapshots work)."""
+"""Durable runtime state: the snapshot codec, integrity, stores, retention and lease.
 
-__all__: list[str] = []
+Never imports ``threadbound.runtime``: the runtime hands it plain state and records.
+"""
+
+from .errors import (
+    HistoryExists, LeaseHeld, NoSnapshot, SnapshotCorrupt, SnapshotError, UnsupportedFormat,
+)
+from .keys import load_key
+from .location import Loaded, SnapshotLocation
+from .stores import FsspecStore, LocalStore, Store, open_store
+
+__all__ = [
+    # Where snapshots live
+    "SnapshotLocation", "Loaded", "Store", "LocalStore", "FsspecStore", "open_store",
+    # Integrity
+    "load_key",
+    # Errors
+    "SnapshotError", "SnapshotCorrupt", "UnsupportedFormat", "NoSnapshot", "LeaseHeld",
+    "HistoryExists",
+]

@@ -18,11 +18,26 @@ with open(os.open(_TOKEN, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
     fh.write(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = _TOKEN
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Snapshot signing key for every pool of the session (actors inherit it from Ray),
+# so nothing reads or writes ~/.threadbound/snapshot.key.
+os.environ["THREADBOUND_SNAPSHOT_KEY"] = secrets.token_hex(32)
+SNAPSHOTS = os.path.join(_ISOLATED, "snapshots")
 # Agent actors import the test agents by module name.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
 
 _names = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_repo():
+    """Run from a scratch directory: a pool's default snapshot_dir is relative to it."""
+    here = os.getcwd()
+    scratch = os.path.join(_ISOLATED, "cwd")
+    os.makedirs(scratch, exist_ok=True)
+    os.chdir(scratch)
+    yield
+    os.chdir(here)
 
 
 @pytest.fixture(scope="session")
@@ -43,18 +58,24 @@ def pool_name():
     return f"test{next(_names)}"
 
 
+def pool_settings(name: str, **overrides) -> dict:
+    """Config of a test pool: small caps, short timeouts, snapshots in the session's scratch."""
+    settings = dict(name=name, max_agents=3, max_agents_per_task=3, step_timeout_s=10,
+                    task_timeout_s=60, token_batch_size=4, token_interval_ms=20,
+                    retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2},
+                    snapshot_dir=SNAPSHOTS)
+    settings.update(overrides)
+    return settings
+
+
 def make_pool(name: str, **overrides):
     """A pool of test agents (roles a..e) with small caps and short timeouts."""
     from scripted_agents import Scripted
 
     from threadbound.runtime import AgentPool, RuntimeConfig
 
-    settings = dict(name=name, max_agents=3, max_agents_per_task=3, step_timeout_s=10,
-                    task_timeout_s=60, token_batch_size=4, token_interval_ms=20,
-                    retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2})
-    settings.update(overrides)
     roles = {r: Scripted for r in "abcde"}
-    return AgentPool(RuntimeConfig.from_mapping(settings), agents=roles)
+    return AgentPool(RuntimeConfig.from_mapping(pool_settings(name, **overrides)), agents=roles)
 
 
 def eventually(fn, timeout_s=15.0, interval_s=0.2):

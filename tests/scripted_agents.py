@@ -10,7 +10,9 @@
     sleep_s: float         sleep before returning (holds the slot)
     rounds: int            request another round until this round
     emit: int              custom events to emit between tokens
-    mark: str              a directory; write one file per committed call (side-effect counter)
+    mark: str              a directory: every call appends its idempotency key to runs.log
+                           (counts executions), and makes one external effect idempotent
+                           by that key (creates effects/<key> unless it exists)
 """
 
 from __future__ import annotations
@@ -54,8 +56,18 @@ class Scripted(Agent):
             ctx.request_round(f"{ctx.role} wants round {ctx.round + 1}")
         self.calls += 1
         if spec.get("mark"):
-            with open(os.path.join(spec["mark"], ctx.idempotency_key.replace(":", "_")), "w") as fh:
-                fh.write(ctx.idempotency_key)
+            with open(os.path.join(spec["mark"], "runs.log"), "a") as fh:
+                fh.write(ctx.idempotency_key + "\n")
+            effects = os.path.join(spec["mark"], "effects")
+            os.makedirs(effects, exist_ok=True)
+            try:
+                fd = os.open(os.path.join(effects, ctx.idempotency_key.replace(":", "_")),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass  # done by an earlier run of this very step: do not repeat it
+            else:
+                os.write(fd, b"1")
+                os.close(fd)
         return {"role": ctx.role, "pid": os.getpid(), "calls": self.calls, "round": ctx.round,
                 "attempt": ctx.attempt, "feedback": ctx.feedback}
 

@@ -22,7 +22,10 @@ def test_agents_exports():
 
 
 def test_snapshots_exports():
-    assert threadbound.snapshots.__all__ == []
+    assert sorted(threadbound.snapshots.__all__) == sorted([
+        "SnapshotLocation", "Loaded", "Store", "LocalStore", "FsspecStore", "open_store", "load_key",
+        "SnapshotError", "SnapshotCorrupt", "UnsupportedFormat", "NoSnapshot", "LeaseHeld", "HistoryExists",
+    ])
 
 
 def test_every_export_resolves():

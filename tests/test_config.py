@@ -1,5 +1,7 @@
 """Config: a bad file gets one clear error naming the file, field and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 
 from threadbound.runtime import ConfigError, RuntimeConfig
@@ -12,7 +14,7 @@ def write(tmp_path, text):
 
 
 def test_shipped_config_loads_with_documented_defaults():
-    cfg = RuntimeConfig.from_yaml("configs/runtime.yaml", env={})
+    cfg = RuntimeConfig.from_yaml(Path(__file__).resolve().parent.parent / "configs" / "runtime.yaml", env={})
     assert (cfg.max_agents, cfg.max_agents_per_task, cfg.step_timeout_s) == (10, 3, 30.0)
     assert cfg.snapshot_interval_s == 5.0 and cfg.streaming is True
     assert cfg.model.backend == "simulated"

@@ -1,0 +1,276 @@
+"""The supervisor's durability: a journal flushed before a step counts as committed,
+and full snapshots every ``snapshot_interval_s`` taken off the event loop.
+
+The supervisor calls :meth:`Durability.record` for every state change (it only
+appends to an in-memory batch) and awaits :meth:`Durability.flush` where a step is
+acknowledged. One writer thread appends batches to the journal (group commit: all
+records gathered while the previous write ran go in one signed frame, one fsync).
+Events become visible to clients only once written, so a client never sees an
+event that a resume would not have: reconnecting with its last offset continues
+with no duplicate and no gap.
+
+Snapshots: :meth:`snapshot` takes the supervisor's consistent copy between two
+awaits (a shallow copy; cheap), closes the journal segment, and pickles, writes and
+prunes on a second thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import cloudpickle
+
+from threadbound.snapshots import NoSnapshot, SnapshotCorrupt, SnapshotLocation, load_key, open_store
+from threadbound.snapshots import codec
+from threadbound.snapshots.location import snap_name
+
+from .config import RuntimeConfig
+
+log = logging.getLogger("threadbound.durability")
+
+
+def _has_snapshots(location: str) -> bool:
+    try:
+        store = open_store(location)
+    except Exception:
+        return False
+    return any(n.startswith("snap-") for n in store.list())
+
+
+def _children(location: str) -> list[str]:
+    if "://" in location:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(location)
+        scheme = location.split("://", 1)[0]
+        return sorted(f"{scheme}://{p}" for p in fs.ls(root, detail=False) if fs.isdir(p))
+    if not os.path.isdir(location):
+        return []
+    return sorted(os.path.join(location, n) for n in os.listdir(location)
+                  if os.path.isdir(os.path.join(location, n)))
+
+
+def find_pool(path: str, name: str | None = None) -> str:
+    """The snapshot location of one pool: ``path`` itself, or ``path/<name>``, or the
+    only pool under ``path``."""
+    path = path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+    if name is not None:
+        path = f"{path}/{name}"
+    if _has_snapshots(path):
+        return path
+    pools = [c for c in _children(path) if _has_snapshots(c)] if name is None else []
+    if len(pools) == 1:
+        return pools[0]
+    if pools:
+        raise NoSnapshot(path, "holds the snapshots of several pools: "
+                               + ", ".join(p.rsplit("/", 1)[-1] for p in pools)
+                               + "; pass one of their directories (or name=...)")
+    raise NoSnapshot(path, "no snapshot here; pass the snapshot_dir (or <snapshot_dir>/<pool name>) "
+                           "the crashed pool wrote to")
+
+
+def manifest_config(location: str, key_file: str | None = None) -> RuntimeConfig:
+    """The config a crashed pool ran with, from its newest snapshot that verifies,
+    with ``snapshot_dir`` and ``name`` pointing at ``location``."""
+    loc = SnapshotLocation(open_store(location), load_key(key_file or _key_file_from_env()))
+    problems = []
+    for seq in reversed(loc.snapshots()):
+        name = loc._file(snap_name(seq))
+        try:
+            manifest, _ = codec.verify(loc.store.read(snap_name(seq)), loc.key, name)
+        except SnapshotCorrupt as exc:
+            problems.append(str(exc))
+            continue
+        cfg = RuntimeConfig.from_mapping(manifest.get("config") or {}, source=f"{name} (manifest)")
+        parent, _, base = location.rstrip("/").rpartition("/")
+        if base != cfg.name:
+            raise NoSnapshot(location, f"holds the snapshots of pool {cfg.name!r}, but the directory is "
+                                       f"named {base!r}; rename it back to {cfg.name!r}")
+        return cfg.replace(snapshot_dir=parent or "/")
+    raise NoSnapshot(location, "no snapshot here verifies: " + "; ".join(problems))
+
+
+def _key_file_from_env() -> str | None:
+    return os.environ.get("THREADBOUND_SNAPSHOT_KEY_FILE") or None
+
+
+def open_location(cfg: RuntimeConfig) -> SnapshotLocation:
+    """The snapshot location ``cfg`` names, with its signing key."""
+    key = load_key(cfg.snapshots.key_file)
+    store = open_store(cfg.snapshot_location, fsync=cfg.snapshots.fsync)
+    return SnapshotLocation(store, key, keep=cfg.snapshots.keep, keep_pinned=cfg.snapshots.keep_pinned)
+
+
+class Durability:
+    """Journal + snapshots for one supervisor; see the module docstring."""
+
+    def __init__(self, cfg: RuntimeConfig, location: SnapshotLocation,
+                 on_durable: Callable[[dict[str, int]], None]) -> None:
+        self.cfg = cfg
+        self.location = location
+        self.on_durable = on_durable
+        self.segment = 1
+        # Records not yet written, grouped by segment: [(segment, records, marks)].
+        self._groups: list[tuple[int, list[Any], dict[str, int]]] = [(self.segment, [], {})]
+        self._waiters: list[asyncio.Future] = []
+        self._wake = asyncio.Event()
+        self._journal = ThreadPoolExecutor(1, thread_name_prefix="threadbound-journal")
+        self._snapper = ThreadPoolExecutor(1, thread_name_prefix="threadbound-snapshot")
+        self._tasks: list[asyncio.Task] = []
+        self._snapshot_lock = asyncio.Lock()
+        self.failed: BaseException | None = None
+        self.lease = None
+        self.changes = 0  # records queued since start; a snapshot is due only if it moved
+        self._changes_at_snapshot = -1
+        self.stats: dict[str, Any] = {"snapshots": 0, "last_snapshot": None, "journal_frames": 0,
+                                      "journal_bytes": 0, "records": 0}
+
+    # -- journal --------------------------------------------------------------------
+
+    def record(self, rec: Any, task_id: str | None = None, events: int | None = None) -> None:
+        """Queue one record; ``events`` = the task's event count once it is written."""
+        _, records, marks = self._groups[-1]
+        records.append(rec)
+        self.changes += 1
+        if task_id is not None and events is not None:
+            marks[task_id] = events
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Return once every record queued so far is durable."""
+        if self.failed is not None:
+            raise self.failed
+        if not any(g[1] for g in self._groups):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._wake.set()
+        await fut
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while any(g[1] for g in self._groups):
+                groups, waiters = self._groups, self._waiters
+                self._groups, self._waiters = [(self.segment, [], {})], []
+                try:
+                    for seg, records, _ in groups:
+                        if records:
+                            n = await loop.run_in_executor(self._journal, self.location.append, seg, records)
+                            self.stats["journal_frames"] += 1
+                            self.stats["journal_bytes"] += n
+                            self.stats["records"] += len(records)
+                except BaseException as exc:  # the disk failed us: nothing more counts as committed
+                    log.error("journal write to %s failed: %r", self.location.location, exc)
+                    self.failed = exc
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    return
+                marks: dict[str, int] = {}
+                for _, _, m in groups:
+                    marks.update(m)
+                self.on_durable(marks)
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+
+    # -- snapshots ------------------------------------------------------------------
+
+    async def snapshot(self, export: Callable[[], tuple[dict[str, Any], dict[str, str], list]],
+                       *, clean: bool = False) -> dict[str, Any]:
+        """Write a full snapshot of ``export()``'s copy; returns what it cost."""
+        async with self._snapshot_lock:
+            t0 = time.perf_counter()
+            state, tasks, pickle_jobs = export()  # no await in between: consistent
+            self._changes_at_snapshot = self.changes
+            seq = self.segment
+            self.segment += 1
+            self._groups.append((self.segment, [], {}))
+            copy_ms = (time.perf_counter() - t0) * 1000
+            loop = asyncio.get_running_loop()
+            extra = self._extra(state, clean)
+            size, write_ms = await loop.run_in_executor(self._snapper, self._write, seq, state, tasks,
+                                                        pickle_jobs, extra)
+            cost = {"seq": seq, "bytes": size, "copy_ms": round(copy_ms, 3),
+                    "write_ms": round(write_ms, 3), "tasks": len(tasks), "at": time.time()}
+            self.stats["snapshots"] += 1
+            self.stats["last_snapshot"] = cost
+            return cost
+
+    def _extra(self, state: dict[str, Any], clean: bool) -> dict[str, Any]:
+        config = self.cfg.model_dump(mode="json")
+        if config.get("model", {}).get("api_key"):  # manifests are readable without the key
+            config["model"]["api_key"] = None
+        return {"name": self.cfg.name, "run_id": state.get("run_id"), "clean": clean, "config": config}
+
+    def write_now(self, seq: int, export: Callable[[], Any]) -> None:
+        """Write snapshot ``seq`` synchronously (at start, before any record); the
+        journal continues in segment ``seq + 1``."""
+        state, tasks, jobs = export()
+        self._write(seq, state, tasks, jobs, self._extra(state, False))
+        self.segment = seq + 1
+        self._groups = [(self.segment, [], {})]
+        self._changes_at_snapshot = self.changes
+
+    def _write(self, seq: int, state: dict[str, Any], tasks: dict[str, str],
+               pickle_jobs: list, extra: dict[str, Any]) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        for job in pickle_jobs:  # per-task pickles (finished tasks keep theirs cached)
+            job()
+        payload = cloudpickle.dumps(state)
+        _, size = self.location.write_snapshot(seq, None, tasks=tasks, extra=extra, payload=payload)
+        try:
+            self.location.prune()
+        except Exception as exc:  # retention failing must not fail the snapshot
+            log.warning("pruning %s failed: %r", self.location.location, exc)
+        return size, (time.perf_counter() - t0) * 1000
+
+    async def _every_interval(self, export: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.snapshot_interval_s)
+            if self.changes == self._changes_at_snapshot:
+                continue
+            try:
+                await self.snapshot(export)
+            except Exception as exc:  # a failed snapshot is logged and retried next interval
+                log.error("snapshot to %s failed: %r", self.location.location, exc)
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.snapshots.lease_ttl_s / 3)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._snapper, self.lease.renew)
+            except Exception as exc:
+                log.error("renewing the lease on %s failed: %r", self.location.location, exc)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self, export: Callable[[], Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._flusher(), name="threadbound/journal"),
+                       loop.create_task(self._every_interval(export), name="threadbound/snapshots"),
+                       loop.create_task(self._renew_lease(), name="threadbound/lease")]
+
+    async def close(self, export: Callable[[], Any]) -> None:
+        """Flush, write a final snapshot marked clean, release the lease."""
+        try:
+            await self.flush()
+            await self.snapshot(export, clean=True)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._journal.shutdown(wait=True)
+            self._snapper.shutdown(wait=True)
+            self.location.store.close()
+            if self.lease is not None:
+                self.lease.release()
+                self.lease = None
