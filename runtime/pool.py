@@ -68,13 +68,17 @@ def _restarting(name: tuple[str, str] | None, exc: BaseException) -> bool:
 def _reading(name: tuple[str, str] | None, call: Callable[[], Any]) -> Any:
     """``call()``, retried while a crashed supervisor is restarted and resumes."""
     deadline = time.monotonic() + _RECONNECT_S
+    warned = False
     while True:
         try:
             return ray.get(call())
         except (RayTaskError, RayActorError) as exc:
             if time.monotonic() > deadline or not _restarting(name, exc):
                 raise _unwrap(exc) from None
-            log.warning("supervisor unavailable (%s); reconnecting", type(exc).__name__)
+            if not warned:
+                log.warning("pool %r: supervisor unavailable (%s); waiting for Ray to restart it",
+                            name[0] if name else "?", type(exc).__name__)
+                warned = True
             time.sleep(0.5)
 
 

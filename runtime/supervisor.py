@@ -70,7 +70,8 @@ class _TaskState:
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    frozen: bytes | None = None  # pickled snapshot record, cached once the task is terminal
+    version: int = 0  # bumps on every change of what a snapshot holds of the task
+    frozen: tuple[int, bytes] | None = None  # (version, pickled snapshot record) cache
     slots: list[Slot] = field(default_factory=list)
     bound: "OrderedDict[str, Slot]" = field(default_factory=OrderedDict)
     bind_keys: dict[str, str] = field(default_factory=dict)
@@ -175,17 +176,39 @@ class Supervisor:
         else:
             newest = location.newest_manifest()
             if newest is not None and not newest.get("clean"):
-                raise HistoryExists(location.location, (
-                    f"holds the history of pool {newest.get('name')!r}, which did not shut down cleanly "
-                    f"(last snapshot {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(newest.get('created_at', 0)))}"
-                    f", plus its journal); "
-                    f"resume it with `threadbound resume {location.location}` or AgentPool.resume(...), "
-                    "or delete that directory (or choose another snapshot_dir) to start over"))
+                unfinished = self._unfinished_in(location)
+                if unfinished:
+                    raise HistoryExists(location.location, (
+                        f"holds the history of pool {newest.get('name')!r}, which stopped without shutting "
+                        f"down and left {len(unfinished)} unfinished task(s) ({', '.join(unfinished[:3])}"
+                        f"{', ...' if len(unfinished) > 3 else ''}); resume them with "
+                        f"`threadbound resume {location.location}` or AgentPool.resume(...), or delete "
+                        "that directory (or choose another snapshot_dir) to start over"))
+                log.info("%s: the previous run ended without a shutdown but left nothing unfinished; "
+                         "starting a new history", location.location)
             location.clear()
         numbers = location.snapshots() + location.segments()
         self.durable.write_now(max(numbers, default=-1) + 1, self._export)
         for ts in self.tasks.values():  # all of it is in the snapshot just written
             ts.visible = len(ts.events)
+
+    @staticmethod
+    def _unfinished_in(location: Any) -> list[str]:
+        """Ids of tasks a history left unfinished (an unreadable history counts as unfinished)."""
+        try:
+            loaded = location.load_newest()
+        except SnapshotError as exc:
+            return [f"unknown: {exc.reason}"]
+        status = dict(loaded.manifest.get("tasks") or {})
+        for rec in loaded.records:
+            if rec[0] == "submit":
+                status[rec[1]] = PENDING
+            elif rec[0] == "ev" and rec[3] in STATUSES:
+                status[rec[1]] = rec[3]
+            elif rec[0] == "forget":
+                for task_id in rec[1]:
+                    status.pop(task_id, None)
+        return [t for t, st in status.items() if st not in TERMINAL]
 
     def _start(self) -> None:
         if self._started or self.fatal is not None:
@@ -206,15 +229,17 @@ class Supervisor:
         """A consistent copy of the state for a snapshot (called between two awaits).
 
         Only shallow copies are made here; pickling runs on the snapshot thread via the
-        returned jobs. A finished task never changes again, so its pickle is cached.
+        returned jobs. A task's pickle is cached with the version it shows, so a task
+        that has not changed since the last snapshot (a queued or finished one) costs
+        nothing.
         """
         entries: list[Any] = []
         jobs: list[Callable[[], None]] = []
         used: set[str] = set(self.role_ids.values())
         for ts in self.tasks.values():
             used.update(ts.blob_ids.values())
-            if ts.frozen is not None:
-                entries.append(ts.frozen)
+            if ts.frozen is not None and ts.frozen[0] == ts.version:
+                entries.append(ts.frozen[1])
                 continue
             rec = {f: getattr(ts, f) for f in _DURABLE_FIELDS}
             for f in ("outputs", "states", "inflight", "blob_ids"):
@@ -222,18 +247,17 @@ class Supervisor:
             rec["feedback"], rec["requests"] = list(ts.feedback), list(ts.requests)
             rec["events"] = list(ts.events)
             entries.append(rec)
-            jobs.append(self._pickle_job(entries, len(entries) - 1, ts, ts.status in TERMINAL))
+            jobs.append(self._pickle_job(entries, len(entries) - 1, ts, ts.version))
         state = {"run_id": self.run_id, "seq": self.seq, "roles": dict(self.role_ids),
                  "blobs": {d: self.blobs[d] for d in used if d in self.blobs},
                  "tasks": entries, "started_at": self.started_at}
         return state, {ts.id: ts.status for ts in self.tasks.values()}, jobs
 
     @staticmethod
-    def _pickle_job(entries: list[Any], i: int, ts: _TaskState, final: bool) -> Callable[[], None]:
+    def _pickle_job(entries: list[Any], i: int, ts: _TaskState, version: int) -> Callable[[], None]:
         def job() -> None:
             entries[i] = cloudpickle.dumps(entries[i])
-            if final:
-                ts.frozen = entries[i]
+            ts.frozen = (version, entries[i])  # tagged: a later change makes it stale, not wrong
 
         return job
 
@@ -396,6 +420,8 @@ class Supervisor:
         else:
             ts.runner.cancel()
             await asyncio.wait({ts.runner}, timeout=5)
+        if self.durable is not None:
+            await self.durable.flush()  # a cancel that returned survives a crash
         return ts.status
 
     async def tasks_summary(self) -> list[TaskSummary]:
@@ -636,6 +662,7 @@ class Supervisor:
     def _emit(self, ts: _TaskState, kind: str, agent: str | None, **data: Any) -> None:
         row = (len(ts.events), kind, agent, data, time.time())
         ts.events.append(row)
+        ts.version += 1
         self._track(ts, row)
         if self.durable is not None:  # visible once written: see _on_durable
             self.durable.record(("ev", ts.id, *row), ts.id, len(ts.events))
@@ -659,6 +686,7 @@ class Supervisor:
     @staticmethod
     def _apply_commit(ts: _TaskState, role: str, output: Any, state: Any, requests: list[str]) -> None:
         ts.outputs[role], ts.states[role] = output, state
+        ts.version += 1
         ts.done += 1
         ts.requests = ts.requests + list(requests)
         ts.inflight.pop(role, None)

@@ -204,16 +204,22 @@ def test_a_second_supervisor_on_the_same_location_refuses_to_start(pool_name):
         pool.shutdown()
 
 
-def test_a_fresh_pool_refuses_an_unfinished_history_but_reuses_a_clean_one(pool_name, tmp_path):
+def test_a_fresh_pool_refuses_an_unfinished_history_but_reuses_a_finished_one(pool_name):
+    # Given: a pool that dies with a task unfinished
     pool = make_pool(pool_name)
-    pool.submit(Task(goal="g", agents=["a"], inputs={"a": {"sleep_s": 30}}))
+    task_id = pool.submit(Task(goal="g", agents=["a"], inputs={"a": {"sleep_s": 30}})).task_id
     ray.kill(pool._sup, no_restart=True)
     eventually(lambda: _gone(pool_name), 15)
-    with pytest.raises(HistoryExists, match=r"did not shut down cleanly .*threadbound resume"):
+    # Then: a fresh pool there refuses, naming the task and how to resume it
+    with pytest.raises(HistoryExists, match=rf"left 1 unfinished task\(s\) \({task_id}\).*threadbound resume"):
         make_pool(pool_name)
+    # When: the task is finished off by a resume, and that pool dies without a shutdown
     resumed = AgentPool.resume(SNAPSHOTS, name=pool_name)
-    resumed.shutdown(grace_s=0)
-    again = make_pool(pool_name)  # a clean history: a new one starts
+    resumed.task(task_id).cancel()
+    ray.kill(resumed._sup, no_restart=True)
+    eventually(lambda: _gone(pool_name), 15)
+    # Then: nothing is left to resume, so a fresh pool starts a new history
+    again = make_pool(pool_name)
     try:
         assert again.tasks() == []
     finally:
