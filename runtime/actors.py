@@ -19,8 +19,12 @@ class _Supervisor(Supervisor):
     """When Ray restarts the supervisor's process, it resumes from its snapshots."""
 
     def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False) -> None:
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(config, roles, resume=resume or (restarted and config.snapshots.enabled))
+        ctx = ray.get_runtime_context()
+        restarted = ctx.was_current_actor_reconstructed
+        # The actor id survives Ray's restarts: the restarted supervisor may take over
+        # the lease its previous process held.
+        super().__init__(config, roles, resume=resume or (restarted and config.snapshots.enabled),
+                         lease_owner=ctx.get_actor_id())
 
 
 # An async actor: many clients may wait on it at once, it never blocks a CPU.

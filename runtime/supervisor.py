@@ -118,6 +118,7 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         resume: bool = False,
+        lease_owner: str | None = None,
     ) -> None:
         self.cfg = config
         self.roles: dict[str, bytes] = {}
@@ -150,7 +151,7 @@ class Supervisor:
         self._started = False
         if config.snapshots.enabled:
             try:
-                self._open_durability(resume)
+                self._open_durability(resume, lease_owner)
             except (SnapshotError, OSError) as exc:
                 log.error("cannot start pool %r: %s", config.name, exc)
                 self.fatal = exc if isinstance(exc, SnapshotError) else SnapshotError(config.snapshot_location, str(exc))
@@ -166,10 +167,10 @@ class Supervisor:
 
     # -- durability -----------------------------------------------------------------
 
-    def _open_durability(self, resume: bool) -> None:
+    def _open_durability(self, resume: bool, lease_owner: str | None) -> None:
         location = open_location(self.cfg)
         self.durable = Durability(self.cfg, location, self._on_durable)
-        self.durable.lease = location.acquire_lease(self.cfg.snapshots.lease_ttl_s)
+        self.durable.lease = location.acquire_lease(self.cfg.snapshots.lease_ttl_s, lease_owner)
         if resume:
             loaded = location.load_newest()
             self._restore(loaded)

@@ -196,8 +196,8 @@ class SnapshotLocation:
                 continue
         return None
 
-    def acquire_lease(self, ttl_s: float) -> Lease:
+    def acquire_lease(self, ttl_s: float, owner: str | None = None) -> Lease:
         """Become the only writer; then remove temp files of writes a crash cut short."""
-        lease = self.store.acquire_lease(ttl_s)
+        lease = self.store.acquire_lease(ttl_s, owner)
         self.store.remove_partial()
         return lease

@@ -60,7 +60,7 @@ class Store:
     def write_atomic(self, name: str, data: bytes) -> None: ...
     def append(self, name: str, data: bytes) -> None: ...
     def delete(self, name: str) -> None: ...
-    def acquire_lease(self, ttl_s: float) -> Lease: ...
+    def acquire_lease(self, ttl_s: float, owner: str | None = None) -> Lease: ...
     def _renew_lease(self, lease: Lease) -> None: ...
     def _release_lease(self, lease: Lease) -> None: ...
 
@@ -157,7 +157,7 @@ class LocalStore(Store):
             os.close(fd)
         self._fds.clear()
 
-    def acquire_lease(self, ttl_s: float) -> Lease:
+    def acquire_lease(self, ttl_s: float, owner: str | None = None) -> Lease:
         import fcntl
 
         fd = os.open(self._p(LEASE), os.O_RDWR | os.O_CREAT, 0o600)
@@ -254,17 +254,25 @@ class FsspecStore(Store):
             except FileNotFoundError:
                 pass
 
-    def acquire_lease(self, ttl_s: float) -> Lease:
-        now = time.time()
-        try:
-            current = json.loads(self.fs.cat_file(self._p(LEASE)))
-        except (FileNotFoundError, ValueError):
-            current = None
-        if current and current.get("expires_at", 0) > now:
-            raise LeaseHeld(self.location, describe_holder(current)
-                            + f", lease expires in {current['expires_at'] - now:.0f}s")
-        info = holder_info()
-        lease = Lease(self, {**info, "ttl_s": ttl_s})
+    def acquire_lease(self, ttl_s: float, owner: str | None = None) -> Lease:
+        """Take the lease once it is free or expired -- waiting up to ``ttl_s`` for a
+        crashed holder's lease to run out -- or at once if ``owner`` held it (the same
+        supervisor, restarted by Ray)."""
+        deadline = time.time() + ttl_s + 1
+        while True:
+            now = time.time()
+            try:
+                current = json.loads(self.fs.cat_file(self._p(LEASE)))
+            except (FileNotFoundError, ValueError):
+                current = None
+            free = not current or current.get("expires_at", 0) <= now
+            if free or (owner is not None and current.get("owner") == owner):
+                break
+            if now >= deadline:
+                raise LeaseHeld(self.location, describe_holder(current)
+                                + f", lease renewed until {current['expires_at'] - now:.0f}s from now")
+            time.sleep(0.5)
+        lease = Lease(self, {**holder_info(), "ttl_s": ttl_s, "owner": owner})
         self._renew_lease(lease)
         return lease
 

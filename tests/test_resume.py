@@ -232,3 +232,23 @@ def _gone(name):
     except ValueError:
         return True
     return False
+
+
+def test_a_pool_on_a_file_url_resumes_after_its_supervisor_is_killed(pool_name, tmp_path):
+    # Given: snapshots on an fsspec URL (the path a cluster's shared storage takes)
+    mark = tmp_path / "mark"
+    mark.mkdir()
+    pool = make_pool(pool_name, snapshot_dir=f"file://{tmp_path}/snaps", snapshot_interval_s=0.3)
+    try:
+        handles = [pool.submit(t) for t in workload(mark, n=3)]
+        readers = [Reader(h) for h in handles]
+        for r in readers:
+            r.start()
+        assert eventually(lambda: sum(ev.kind == "step_finished" for r in readers for ev in r.events) >= 2, 30)
+        # When: its process is SIGKILLed
+        os.kill(ray.get(pool._sup.info.remote())["pid"], signal.SIGKILL)
+        # Then: the restarted supervisor takes its own lease back at once and resumes
+        check_nothing_lost_nothing_rerun(pool, handles, readers, str(mark))
+        assert any(n.startswith("journal-") for n in os.listdir(tmp_path / "snaps" / pool_name))
+    finally:
+        pool.shutdown()
