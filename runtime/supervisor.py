@@ -518,20 +518,16 @@ class Supervisor:
                     slot.busy = False
                     self.slots.replace(slot, kill=True)
                 if slot.owner == ts.id:
-                    self._spawn_release(slot, ts)
+                    self._release_slot(slot)
             ts.slots, ts.bound = [], OrderedDict()
             self._retain()
 
-    def _spawn_release(self, slot: Slot, ts: _TaskState) -> None:
-        async def release() -> None:
-            if slot.handle is not None and not slot.replacing:
-                try:
-                    await asyncio.wait_for(slot.handle.release.remote(), 5)
-                except (RayError, asyncio.TimeoutError):
-                    self.slots.replace(slot, kill=True)
-            self.slots.release(slot)
-
-        asyncio.get_running_loop().create_task(release())
+    def _release_slot(self, slot: Slot) -> None:
+        if slot.handle is not None and not slot.replacing:
+            # Not awaited: the actor runs its calls in order, so the agent is dropped
+            # before the slot's next step; a dead actor shows on that next step.
+            slot.handle.release.remote()
+        self.slots.release(slot)
 
     async def _pipeline(self, ts: _TaskState) -> None:
         """Rounds of steps; after a resume it continues at the first step not committed."""

@@ -1,0 +1,394 @@
+"""threadbound side by side with hand-written Ray, LangGraph and a thread pool.
+
+    python scripts/bench.py --quick            # about a minute or two, smaller N
+    python scripts/bench.py                    # the full run (under 15 minutes)
+    python scripts/bench.py --quick --write    # also BENCHMARKS.md, bench-results/bench.json (+ .png)
+
+The workload: N tasks, each code -> test -> review, each step one call of the same
+simulated model (``--tokens`` per step, no latency: the numbers measure the runtimes;
+``--cpu-ms`` adds GIL-holding work per step). Every system delivers every token to the
+client that submitted the task. Same machine, same process run; results are ratios
+against the baselines measured here, never absolute promises.
+
+LangGraph rows need ``pip install -e '.[bench]'``; without it they are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # scripted agents, for snapshot_cost
+
+import bench_baselines as base  # noqa: E402
+
+ROLES = base.ROLES
+
+
+def _isolate() -> str:
+    scratch = tempfile.mkdtemp(prefix="threadbound-bench-")
+    if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
+        token = os.path.join(scratch, "auth_token")  # keep ~/.ray untouched
+        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+            fh.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = token
+    os.environ.setdefault("THREADBOUND_SNAPSHOT_KEY", secrets.token_hex(32))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], sys.path[1],
+                                                             os.environ.get("PYTHONPATH")]))
+    return scratch
+
+
+class Bench:
+    def __init__(self, scratch: str) -> None:
+        self.snapshots = os.path.join(scratch, "snapshots")
+        self.n_pools = 0
+        self.rows: list[dict[str, Any]] = []
+
+    # -- threadbound ------------------------------------------------------------------
+
+    def pool(self, concurrency: int, tokens: int, cpu_ms: float, *, snapshots: bool = True,
+             interval_s: float = 5.0, batched: bool = True, latency_ms: float = 0.0,
+             roles: tuple[str, ...] = ROLES, name: str | None = None):
+        from threadbound.runtime import AgentPool, RuntimeConfig
+
+        self.n_pools += 1
+        settings: dict[str, Any] = {
+            "name": name or f"bench{self.n_pools}", "max_agents": 3 * concurrency,
+            "max_agents_per_task": 3, "prewarm": True, "default_agents": list(roles),
+            "model": {"backend": "simulated", "tokens": tokens, "cpu_ms": cpu_ms, "latency_ms": latency_ms},
+            "snapshot_dir": self.snapshots, "snapshot_interval_s": interval_s,
+            "snapshots": {"enabled": snapshots}, "step_timeout_s": 600, "task_timeout_s": 3600,
+            "keep_finished_tasks": 100_000, "recycle_after": 1_000_000}
+        if not batched:
+            settings.update(token_batch_size=1, token_interval_ms=0)
+        return AgentPool(RuntimeConfig.from_mapping(settings), agents={r: base.BenchAgent for r in ROLES})
+
+    def run_threadbound(self, n: int, concurrency: int, tokens: int, cpu_ms: float, **kw) -> dict[str, Any]:
+        from threadbound.runtime import Task
+
+        pool = self.pool(concurrency, tokens, cpu_ms, **kw)
+        try:
+            async def main() -> int:
+                async def one(i: int) -> int:
+                    h = await pool.asubmit(Task(goal=f"task {i}"))
+                    got = 0
+                    async for ev in h.astream():
+                        if ev.kind == "tokens":
+                            got += ev.data["n"]
+                        elif ev.kind == "message":
+                            got += 1
+                    return got
+
+                return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+            t0 = time.perf_counter()
+            got = asyncio.run(main())
+            return {"wall_s": time.perf_counter() - t0, "tokens": got}
+        finally:
+            pool.shutdown(grace_s=0)
+
+    # -- recording --------------------------------------------------------------------
+
+    def record(self, figure: str, system: str, res: dict[str, Any], n: int, concurrency: int, **extra) -> dict:
+        row = {"figure": figure, "system": system, "n": n, "concurrency": concurrency,
+               "tasks_per_s": n / res["wall_s"], "step_ms": res["wall_s"] * 1000 / (3 * n) * concurrency,
+               "wall_s": res["wall_s"], "tokens": res["tokens"], **extra}
+        self.rows.append(row)
+        print(f"  {figure:<14} {system:<34} n={n:<5} c={concurrency:<3} {row['tasks_per_s']:>9.1f} tasks/s "
+              f"{row['step_ms']:>8.2f} ms/step  {res['tokens']:>8} tokens", flush=True)
+        return row
+
+    def systems(self, lg: bool) -> dict[str, Callable[..., dict[str, Any]]]:
+        s: dict[str, Callable[..., dict[str, Any]]] = {
+            "threadbound": self.run_threadbound,
+            "threadbound, snapshot every step": lambda *a: self.run_threadbound(*a, interval_s=0.001),
+            "ray, warm actors (floor)": base.run_ray_warm,
+            "threads (no isolation)": base.run_threads,
+        }
+        if lg:
+            s["langgraph + sqlite (sync)"] = base.run_langgraph
+        return s
+
+
+def resume_time(bench: Bench, tasks: int) -> dict[str, float]:
+    """SIGKILL a driver with ``tasks`` unfinished tasks; time AgentPool.resume to the
+    first ``resumed`` event (joining the running Ray, so Ray's own start is excluded)."""
+    import ray
+
+    from threadbound.runtime import AgentPool
+
+    name = "bench-resume"
+    code = textwrap.dedent(f"""
+        import bench_baselines as base
+        from threadbound.runtime import AgentPool, RuntimeConfig, Task
+        cfg = RuntimeConfig.from_mapping({{"name": {name!r}, "max_agents": 12, "max_agents_per_task": 3,
+            "default_agents": list(base.ROLES), "snapshot_dir": {bench.snapshots!r},
+            "model": {{"backend": "simulated", "tokens": 20, "latency_ms": 200}}}})
+        pool = AgentPool(cfg, agents={{r: base.BenchAgent for r in base.ROLES}})
+        for i in range({tasks}):
+            pool.submit(Task(goal=f"task {{i}}"))
+        print("submitted", flush=True)
+        import time; time.sleep(3600)
+    """)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "submitted"
+        time.sleep(1.0)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    t0 = time.perf_counter()
+    pool = AgentPool.resume(bench.snapshots, name=name, agents={r: base.BenchAgent for r in ROLES})
+    attached = time.perf_counter() - t0
+    first = pool.unfinished()[0]
+    for ev in first.stream():
+        if ev.kind == "resumed":
+            break
+    seen = time.perf_counter() - t0
+    unfinished = len(pool.resumed["tasks"])
+    pool.shutdown(grace_s=0)
+    return {"resume_s": seen, "attach_s": attached, "unfinished": unfinished}
+
+
+def memory(bench: Bench, n: int) -> dict[str, float]:
+    import psutil
+    import ray
+
+    from threadbound.runtime import Task
+
+    pool = bench.pool(4, 50, 0.0, name="bench-memory")
+    try:
+        sup = psutil.Process(ray.get(pool._sup.info.remote())["pid"])
+        warm = [pool.submit(Task(goal=f"warm {i}")) for i in range(20)]
+        for h in warm:
+            h.result(timeout=600)
+        before = sup.memory_info().rss
+        handles = [pool.submit(Task(goal=f"task {i}")) for i in range(n)]
+        for h in handles:
+            h.result(timeout=600)
+        after = sup.memory_info().rss
+        slots = [psutil.Process(s["pid"]).memory_info().rss for s in pool.stats()["slots"] if s["pid"]]
+        return {"agent_rss_mb": statistics.median(slots) / 2**20, "supervisor_rss_mb": after / 2**20,
+                "supervisor_growth_mb": (after - before) / 2**20, "tasks": n,
+                "per_task_kb": (after - before) / 1024 / n}
+    finally:
+        pool.shutdown(grace_s=0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller N; about a minute or two")
+    ap.add_argument("--tokens", type=int, default=50, help="tokens per step")
+    ap.add_argument("--cpu-ms", type=float, default=20.0, help="GIL-holding work per step, CPU-bound figure")
+    ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md and bench-results/")
+    args = ap.parse_args()
+    scratch = _isolate()
+    import ray
+
+    t_ray = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray_start_s = time.perf_counter() - t_ray
+    bench = Bench(scratch)
+    lg = base.langgraph_available()
+    if not lg:
+        print("LangGraph not installed: its rows are skipped (pip install -e '.[bench]')")
+    q = args.quick
+    n = 40 if q else 200
+    conc = (1, 4) if q else (1, 4, 10)
+    results: dict[str, Any] = {"ray_start_s": ray_start_s}
+    try:
+        print(f"\n[throughput] {args.tokens} tokens per step, no CPU work")
+        for c in conc:
+            for system, run in bench.systems(lg).items():
+                if system.startswith("threadbound, snapshot") and c != 4:
+                    continue
+                bench.record("throughput", system, run(n // (2 if c == 1 else 1), c, args.tokens, 0.0),
+                             n // (2 if c == 1 else 1), c)
+            if c == 4:
+                bench.record("throughput", "ray, fresh actors per task", base.run_ray_fresh(8, c, args.tokens, 0.0), 8, c)
+
+        print(f"\n[cpu-bound] {args.tokens} tokens and {args.cpu_ms:g} ms of GIL-holding work per step, c=4")
+        nc = 20 if q else 60
+        for system, run in bench.systems(lg).items():
+            if "snapshot every step" in system:
+                continue
+            bench.record("cpu-bound", system, run(nc, 4, args.tokens, args.cpu_ms), nc, 4)
+
+        print("\n[overhead] 1 token per step, c=1: per-step cost of each runtime")
+        no = 30 if q else 100
+        bench.record("overhead", "threadbound", bench.run_threadbound(no, 1, 1, 0.0), no, 1)
+        bench.record("overhead", "threadbound, no snapshots/journal",
+                     bench.run_threadbound(no, 1, 1, 0.0, snapshots=False), no, 1)
+        bench.record("overhead", "ray, warm actors (floor)", base.run_ray_warm(no, 1, 1, 0.0), no, 1)
+        if lg:
+            bench.record("overhead", "langgraph + sqlite (sync)", base.run_langgraph(no, 1, 1, 0.0), no, 1)
+            bench.record("overhead", "langgraph, no checkpointer",
+                         base.run_langgraph(no, 1, 1, 0.0, durable=False), no, 1)
+
+        print("\n[queued] c=4, all tasks submitted at once")
+        for nq in ((10, 100) if q else (10, 100, 1000)):
+            bench.record("queued", "threadbound", bench.run_threadbound(nq, 4, args.tokens, 0.0), nq, 4)
+            bench.record("queued", "ray, warm actors (floor)", base.run_ray_warm(nq, 4, args.tokens, 0.0), nq, 4)
+
+        print("\n[tokens] one step streaming many tokens to one client")
+        nt = 20_000 if q else 100_000
+        for label, kw in (("batched", {}), ("unbatched", {"batched": False})):
+            nt_ = nt if label == "batched" else nt // 10
+            res = bench.run_threadbound(1, 1, nt_, 0.0, roles=("code",), **kw)
+            results[f"tokens_per_s_{label}"] = nt_ / res["wall_s"]
+            print(f"  threadbound {label:<10} {nt_ / res['wall_s']:>12,.0f} tokens/s")
+        res = base.run_ray_warm(1, 1, nt // 10, 0.0)
+        results["tokens_per_s_ray_object_per_token"] = (nt // 10) * 3 / res["wall_s"]
+        print(f"  ray, one object per token {results['tokens_per_s_ray_object_per_token']:>12,.0f} tokens/s")
+
+        print("\n[snapshots] cost with tasks in flight (scripts/snapshot_cost.py)")
+        import snapshot_cost
+
+        results["snapshots"] = []
+        for ns in ((10, 100) if q else (10, 100, 1000)):
+            r = snapshot_cost.measure(ns, bench.snapshots, rounds=3 if q else 5)
+            results["snapshots"].append(r)
+            print(f"  {ns:>5} tasks: {r['bytes']:>9.0f} bytes, {r['copy_ms']:.2f} ms on the loop, "
+                  f"{r['write_ms']:.1f} ms on the snapshot thread, worst delivery gap during snapshots "
+                  f"{r['stall_ms']:.1f} ms")
+
+        print("\n[resume] SIGKILL a driver with 100 tasks in the pool, then AgentPool.resume")
+        results["resume"] = resume_time(bench, 100)
+        r = results["resume"]
+        print(f"  first resumed event {r['resume_s']:.2f}s after AgentPool.resume() was called "
+              f"({r['unfinished']} unfinished tasks; Ray start-up on this machine: {ray_start_s:.1f}s)")
+
+        print("\n[memory]")
+        results["memory"] = memory(bench, 200 if q else 1000)
+        m = results["memory"]
+        print(f"  agent actor RSS {m['agent_rss_mb']:.0f} MB; supervisor {m['supervisor_rss_mb']:.0f} MB, "
+              f"+{m['supervisor_growth_mb']:.1f} MB over {m['tasks']} tasks ({m['per_task_kb']:.1f} KB/task, "
+              "event logs kept: keep_finished_tasks)")
+    finally:
+        ray.shutdown()
+
+    lines = ratios(bench.rows, results)
+    print("\n[ratios]")
+    for line in lines:
+        print("  " + line)
+    if args.write:
+        write(bench.rows, results, lines, " ".join(["python", "scripts/bench.py", *sys.argv[1:]]))
+    return 0
+
+
+def _get(rows: list[dict], figure: str, system: str, c: int | None = None, n: int | None = None) -> dict | None:
+    for r in rows:
+        if r["figure"] == figure and r["system"] == system and (c is None or r["concurrency"] == c) \
+                and (n is None or r["n"] == n):
+            return r
+    return None
+
+
+def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
+    out = []
+    tb, floor = _get(rows, "overhead", "threadbound"), _get(rows, "overhead", "ray, warm actors (floor)")
+    if tb and floor:
+        out.append(f"per-step cost at c=1: threadbound {tb['step_ms'] * 1000:.0f} us vs ray floor "
+                   f"{floor['step_ms'] * 1000:.0f} us = {tb['step_ms'] / floor['step_ms']:.2f}x (target <= 1.3x)")
+    off = _get(rows, "overhead", "threadbound, no snapshots/journal")
+    lgs, lgn = _get(rows, "overhead", "langgraph + sqlite (sync)"), _get(rows, "overhead", "langgraph, no checkpointer")
+    if tb and off:
+        line = f"durable cost per committed step: threadbound {tb['step_ms'] - off['step_ms']:+.2f} ms"
+        if lgs and lgn:
+            line += (f", langgraph+sqlite sync {lgs['step_ms'] - lgn['step_ms']:+.2f} ms "
+                     f"(target: threadbound <= langgraph)")
+        out.append(line)
+    a, b = _get(rows, "throughput", "threadbound", 4), _get(rows, "throughput", "langgraph + sqlite (sync)", 4)
+    f = _get(rows, "throughput", "ray, warm actors (floor)", 4)
+    if a and b:
+        out.append(f"token-streaming tasks/s at c=4: threadbound {a['tasks_per_s']:.1f} vs langgraph "
+                   f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x (target >= 1x)")
+    if a and f:
+        out.append(f"tasks/s at c=4 vs hand-written ray (one object per token): "
+                   f"{a['tasks_per_s'] / f['tasks_per_s']:.2f}x")
+    a, b = _get(rows, "cpu-bound", "threadbound"), _get(rows, "cpu-bound", "langgraph + sqlite (sync)")
+    if a and b:
+        out.append(f"cpu-bound tasks/s at c=4: threadbound {a['tasks_per_s']:.1f} vs langgraph "
+                   f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x (target >= 1.8x on 2 cores)")
+    if "tokens_per_s_batched" in results:
+        out.append(f"tokens/s to one client, batched: {results['tokens_per_s_batched']:,.0f} (target >= 50,000); "
+                   f"unbatched {results['tokens_per_s_unbatched']:,.0f}")
+    for s in results.get("snapshots", []):
+        if s["tasks"] == 100:
+            out.append(f"snapshot of 100 tasks: {s['copy_ms'] + s['write_ms']:.1f} ms in all, {s['copy_ms']:.2f} ms "
+                       f"on the event loop (target <= 50 ms); worst event-delivery gap during snapshots "
+                       f"{s['stall_ms']:.0f} ms (token interval 50 ms)")
+    if "resume" in results:
+        r = results["resume"]
+        out.append(f"resume after SIGKILL: {r['resume_s']:.2f}s to the first resumed event, Ray start-up "
+                   f"{results['ray_start_s']:.1f}s (target: <= Ray start-up + 2 s)")
+    return out
+
+
+def write(rows: list[dict], results: dict[str, Any], lines: list[str], command: str) -> None:
+    root = os.path.join(HERE, "..")
+    out_dir = os.path.join(root, "bench-results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as fh:
+        json.dump({"rows": rows, "results": results, "ratios": lines}, fh, indent=1, default=str)
+    import psutil
+
+    machine = (f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+               f"{platform.system()} {platform.machine()}, Python {platform.python_version()}")
+    try:
+        import ray
+
+        machine += f", Ray {ray.__version__}"
+        from importlib.metadata import version
+
+        machine += f", LangGraph {version('langgraph')}"
+    except Exception:
+        pass
+    md = [f"# Benchmarks\n", f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} ({machine}).",
+          "Regenerate with the same command; do not edit by hand.\n",
+          "| figure | system | tasks | concurrency | tasks/s | ms per step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['figure']} | {r['system']} | {r['n']} | {r['concurrency']} | {r['tasks_per_s']:.1f} "
+                  f"| {r['step_ms']:.2f} |")
+    md += ["", "Ratios and targets:", ""] + [f"- {line}" for line in lines]
+    with open(os.path.join(root, "BENCHMARKS.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for system in sorted({r["system"] for r in rows if r["figure"] == "throughput"}):
+            pts = sorted((r["concurrency"], r["tasks_per_s"]) for r in rows
+                         if r["figure"] == "throughput" and r["system"] == system)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), marker="o", label=system)
+        ax.set_xlabel("tasks at a time")
+        ax.set_ylabel("tasks/s")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "scaling.png"), dpi=110)
+    except ImportError:
+        pass
+    print(f"\nwrote BENCHMARKS.md and {out_dir}/bench.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

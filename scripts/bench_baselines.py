@@ -1,0 +1,216 @@
+"""The same workload without threadbound: hand-written Ray, LangGraph, a thread pool.
+
+Every system runs N tasks of three steps (code -> test -> review); each step makes one
+call of the same simulated model (``tokens`` tokens, optional GIL-holding ``cpu_ms``)
+and every token reaches the client that submitted the task. Each runner returns the
+wall time for all N tasks and the tokens the client received.
+
+Kept minimal on purpose: these are the floors and the alternatives, not products.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from threadbound.agents import Agent
+from threadbound.agents.models.simulated import SimulatedModel, SimulatedModelConfig
+
+ROLES = ("code", "test", "review")
+
+
+def model(tokens: int, cpu_ms: float) -> SimulatedModel:
+    return SimulatedModel(SimulatedModelConfig(tokens=tokens, cpu_ms=cpu_ms))
+
+
+def _prompt(goal: str, role: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{role}: {goal}"}]
+
+
+class BenchAgent(Agent):
+    """threadbound's side of the workload: one model call, tokens streamed."""
+
+    def step(self, ctx):
+        text = yield from ctx.ask(_prompt(ctx.goal, ctx.role))
+        return len(text)
+
+
+# -- hand-written Ray ------------------------------------------------------------------
+
+def _ray_actor_class():
+    import ray
+
+    @ray.remote(max_concurrency=1)
+    class StepActor:
+        def __init__(self, tokens: int, cpu_ms: float) -> None:
+            self.model = model(tokens, cpu_ms)
+
+        def ping(self) -> int:
+            return os.getpid()
+
+        def run(self, goal: str, role: str):
+            for tok in self.model.stream(_prompt(goal, role), agent=role):
+                yield tok  # one Ray object per token, as a streaming generator
+
+    return StepActor
+
+
+async def _ray_task(actors: list[Any], goal: str) -> int:
+    got = 0
+    for actor, role in zip(actors, ROLES):
+        gen = actor.run.options(num_returns="streaming").remote(goal, role)
+        async for ref in gen:
+            await ref
+            got += 1
+    return got
+
+
+def run_ray_warm(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
+    """The floor: 3 warm actors per running task, reused across tasks."""
+    import ray
+
+    cls = _ray_actor_class()
+    groups = [[cls.remote(tokens, cpu_ms) for _ in ROLES] for _ in range(concurrency)]
+    ray.get([a.ping.remote() for g in groups for a in g])
+
+    async def main() -> int:
+        free: asyncio.Queue = asyncio.Queue()
+        for g in groups:
+            free.put_nowait(g)
+
+        async def one(i: int) -> int:
+            g = await free.get()
+            try:
+                return await _ray_task(g, f"task {i}")
+            finally:
+                free.put_nowait(g)
+
+        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+    t0 = time.perf_counter()
+    got = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    for g in groups:
+        for a in g:
+            ray.kill(a)
+    return {"wall_s": wall, "tokens": got}
+
+
+def run_ray_fresh(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
+    """For context: three new actors per task (a process start each)."""
+    import ray
+
+    cls = _ray_actor_class()
+
+    async def main() -> int:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> int:
+            async with sem:
+                actors = [cls.remote(tokens, cpu_ms) for _ in ROLES]
+                try:
+                    return await _ray_task(actors, f"task {i}")
+                finally:
+                    for a in actors:
+                        ray.kill(a)
+
+        return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+    t0 = time.perf_counter()
+    got = asyncio.run(main())
+    return {"wall_s": time.perf_counter() - t0, "tokens": got}
+
+
+# -- LangGraph -------------------------------------------------------------------------
+
+def langgraph_available() -> bool:
+    try:
+        import langgraph  # noqa: F401
+        import langgraph.checkpoint.sqlite  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_langgraph(n: int, concurrency: int, tokens: int, cpu_ms: float, *, durable: bool = True) -> dict[str, Any]:
+    """A 3-node StateGraph, SQLite checkpointer with ``durability="sync"``, tokens through
+    ``stream_mode="custom"``; ``concurrency`` threads each run one task at a time."""
+    from typing import TypedDict
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.config import get_stream_writer
+    from langgraph.graph import END, START, StateGraph
+
+    m = model(tokens, cpu_ms)
+
+    class State(TypedDict):
+        goal: str
+        outputs: dict
+
+    def node(role: str):
+        def run(state: State) -> dict:
+            write = get_stream_writer()
+            parts = []
+            for tok in m.stream(_prompt(state["goal"], role), agent=role):
+                write(tok)
+                parts.append(tok)
+            return {"outputs": {**state["outputs"], role: len("".join(parts))}}
+        return run
+
+    g = StateGraph(State)
+    prev = START
+    for role in ROLES:
+        g.add_node(role, node(role))
+        g.add_edge(prev, role)
+        prev = role
+    g.add_edge(prev, END)
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-langgraph-"), "checkpoints.sqlite")
+    conn = sqlite3.connect(path, check_same_thread=False)
+    saver = SqliteSaver(conn) if durable else None
+    graph = g.compile(checkpointer=saver)
+
+    def one(i: int) -> int:
+        got = 0
+        cfg = {"configurable": {"thread_id": f"t{i}"}}
+        kwargs = {"durability": "sync"} if durable else {}
+        for _ in graph.stream({"goal": f"task {i}", "outputs": {}}, cfg, stream_mode="custom", **kwargs):
+            got += 1
+        return got
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        got = sum(ex.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    conn.close()
+    return {"wall_s": wall, "tokens": got}
+
+
+# -- a thread pool ---------------------------------------------------------------------
+
+def run_threads(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
+    """In-process, no isolation, no durability: tokens go to the client through a queue."""
+    m = model(tokens, cpu_ms)
+    out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def one(i: int) -> None:
+        for role in ROLES:
+            for tok in m.stream(_prompt(f"task {i}", role), agent=role):
+                out.put(tok)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        futures = [ex.submit(one, i) for i in range(n)]
+        got = 0
+        while not all(f.done() for f in futures) or not out.empty():
+            try:
+                out.get(timeout=0.01)
+                got += 1
+            except queue.Empty:
+                pass
+    return {"wall_s": time.perf_counter() - t0, "tokens": got}
