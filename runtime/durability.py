@@ -3,8 +3,10 @@ and full snapshots every ``snapshot_interval_s`` taken off the event loop.
 
 The supervisor calls :meth:`Durability.record` for every state change (it only
 appends to an in-memory batch) and awaits :meth:`Durability.flush` where a step is
-acknowledged. One writer thread appends batches to the journal (group commit: all
-records gathered while the previous write ran go in one signed frame, one fsync).
+acknowledged. One flusher appends batches to the journal (group commit: all records
+gathered while the previous write ran go in one signed frame, one fdatasync); small
+frames to a local disk are written on the loop itself (~0.1 ms, cheaper than two
+thread hops), large ones and remote stores on a writer thread.
 Events become visible to clients only once written, so a client never sees an
 event that a resume would not have: reconnecting with its last offset continues
 with no duplicate and no gap.
@@ -25,13 +27,17 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from threadbound.snapshots import NoSnapshot, SnapshotCorrupt, SnapshotLocation, load_key, open_store
+from threadbound.snapshots import (
+    LocalStore, NoSnapshot, SnapshotCorrupt, SnapshotLocation, load_key, open_store,
+)
 from threadbound.snapshots import codec
 from threadbound.snapshots.location import snap_name
 
 from .config import RuntimeConfig
 
 log = logging.getLogger("threadbound.durability")
+
+_INLINE_BYTES = 64 << 10  # journal frames up to this size are written on the event loop
 
 
 def _has_snapshots(location: str) -> bool:
@@ -127,6 +133,7 @@ class Durability:
         self.lease = None
         self.changes = 0  # records queued since start; a snapshot is due only if it moved
         self._changes_at_snapshot = -1
+        self._inline = isinstance(location.store, LocalStore)
         self.stats: dict[str, Any] = {"snapshots": 0, "last_snapshot": None, "journal_frames": 0,
                                       "journal_bytes": 0, "records": 0}
 
@@ -163,7 +170,7 @@ class Durability:
                 try:
                     for seg, records, _ in groups:
                         if records:
-                            n = await loop.run_in_executor(self._journal, self.location.append, seg, records)
+                            n = await self._append(loop, seg, records)
                             self.stats["journal_frames"] += 1
                             self.stats["journal_bytes"] += n
                             self.stats["records"] += len(records)
@@ -181,6 +188,15 @@ class Durability:
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
+
+    async def _append(self, loop: asyncio.AbstractEventLoop, seg: int, records: list[Any]) -> int:
+        """One frame: a small one to a local disk is written right here (an append and
+        an fdatasync take ~0.1 ms; two thread hops cost more on a busy machine); large
+        frames and remote stores go through the writer thread."""
+        frame = self.location.frame(seg, records)
+        if self._inline and len(frame) <= _INLINE_BYTES:
+            return self.location.append_frame(seg, frame)
+        return await loop.run_in_executor(self._journal, self.location.append_frame, seg, frame)
 
     # -- snapshots ------------------------------------------------------------------
 

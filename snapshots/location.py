@@ -103,7 +103,13 @@ class SnapshotLocation:
 
     def append(self, seq: int, records: list[Any]) -> int:
         """Append one signed frame to segment ``seq``; durable when this returns."""
-        frame = journal.encode_frame(records, self.key, seq)
+        return self.append_frame(seq, self.frame(seq, records))
+
+    def frame(self, seq: int, records: list[Any]) -> bytes:
+        """``records`` encoded and signed as one frame of segment ``seq``."""
+        return journal.encode_frame(records, self.key, seq)
+
+    def append_frame(self, seq: int, frame: bytes) -> int:
         if seq not in self._segments_started:
             frame = journal.SEGMENT_MAGIC + frame
             self._segments_started.add(seq)
