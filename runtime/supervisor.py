@@ -38,6 +38,7 @@ from .task import (
 log = logging.getLogger("threadbound.supervisor")
 
 READ_BATCH = 5000  # events returned by one read() call at most
+READ_LINGER_S = 0.002  # after a wake-up, how long a read waits for the rest of a burst
 
 
 # What a snapshot holds of a task (everything else is rebuilt on resume).
@@ -395,6 +396,11 @@ class Supervisor:
                 await asyncio.wait_for(ts.changed.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
+            else:
+                if not self._settled(ts):
+                    # Events come in bursts (a step's end, the next one's start): let the
+                    # burst land so one round trip carries it, not one per event.
+                    await asyncio.sleep(READ_LINGER_S)
         return ts.events[offset:min(ts.visible, offset + READ_BATCH)], ts.status
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any] | None:
