@@ -198,6 +198,7 @@ class Durability:
             return self.location.append_frame(seg, frame)
         return await loop.run_in_executor(self._journal, self.location.append_frame, seg, frame)
 
+
     # -- snapshots ------------------------------------------------------------------
 
     async def snapshot(self, export: Callable[[], tuple[dict[str, Any], dict[str, str], list]],
