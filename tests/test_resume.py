@@ -137,6 +137,14 @@ def test_driver_killed_then_resumed_by_another_process(pool_name, tmp_path):
             r.start()
         # Then: same ids, offsets continue, committed steps are not run again
         check_nothing_lost_nothing_rerun(pool, handles, readers, str(mark))
+        # ... and the tasks were admitted again in their submission order
+        readmitted = []
+        for h, r in zip(handles, readers):
+            after = [ev for ev in r.events if ev.kind == "resumed"]
+            if after:
+                readmitted.append((next(ev.ts for ev in r.events
+                                        if ev.kind == "admitted" and ev.offset > after[0].offset), h.task_id))
+        assert [t for _, t in sorted(readmitted)] == sorted(t for _, t in readmitted)
     finally:
         pool.shutdown()
 
