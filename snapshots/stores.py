@@ -11,7 +11,9 @@ each): ``list``, ``read``, ``write_atomic`` (all or nothing, durable on return),
 * :class:`FsspecStore` -- ``file://``, ``s3://``, ``gs://``... via fsspec. Atomic
   writes go to a temp object, then move into place; appends are numbered part
   objects (object stores cannot append). The lease is a record with an expiry that
-  its holder renews; a successor waits until it expires.
+  its holder renews; a successor waits until it expires. Without conditional writes
+  on the store, two supervisors starting at the same instant could both take it:
+  the lease guards against a second pool started later, not against a race.
 """
 
 from __future__ import annotations
