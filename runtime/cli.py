@@ -76,6 +76,20 @@ class _Live:
         self.out.flush()
 
 
+def _follow(handles: list[Any], as_json: bool) -> bool:
+    """Print every handle's events from the start; True if all succeeded."""
+    ok = True
+    for handle in handles:
+        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if as_json \
+            else _Live(sys.stdout)
+        last = None
+        for ev in handle.stream():
+            render(ev)
+            last = ev
+        ok = ok and last is not None and last.kind == "succeeded"
+    return ok
+
+
 def _default_model(cfg: RuntimeConfig, args: argparse.Namespace) -> RuntimeConfig:
     """With no config and no THREADBOUND_MODEL_BACKEND, ``run`` uses the offline local model."""
     if args.config or os.environ.get("THREADBOUND_MODEL_BACKEND"):
@@ -129,15 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     handle = None
     try:
         handle = pool.submit(task)
-        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if args.json \
-            else _Live(sys.stdout)
-        last = None
-        for ev in handle.stream():
-            render(ev)
-            last = ev
+        ok = _follow([handle], args.json)
         if not args.json:
             _summary(handle)
-        return 0 if last is not None and last.kind == "succeeded" else 1
+        return 0 if ok else 1
     except KeyboardInterrupt:
         if handle is not None:
             handle.cancel()
@@ -167,20 +176,6 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(handles: list[Any], as_json: bool) -> bool:
-    """Print every handle's events from the start; True if all succeeded."""
-    ok = True
-    for handle in handles:
-        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if as_json \
-            else _Live(sys.stdout)
-        last = None
-        for ev in handle.stream():
-            render(ev)
-            last = ev
-        ok = ok and last is not None and last.kind == "succeeded"
-    return ok
-
-
 def cmd_resume(args: argparse.Namespace) -> int:
     from .pool import AgentPool
 
@@ -202,33 +197,32 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from threadbound.snapshots import SnapshotError, SnapshotLocation, codec, load_key, open_store
-    from threadbound.snapshots.location import snap_name
+    from threadbound.snapshots import SnapshotError, SnapshotLocation, load_key, open_store
+    from threadbound.snapshots.location import find_location
 
-    from .durability import find_pool
-
-    where = find_pool(args.location or _config(args).snapshot_dir, args.pool)
+    cfg = _config(args)
+    where = find_location(args.location or cfg.snapshot_dir, args.pool)
     try:
-        key = load_key(_config(args).snapshots.key_file)
+        key, unverified = load_key(cfg.snapshots.key_file), ""
     except SnapshotError as exc:
-        key, why_unverified = None, str(exc)
-    loc = SnapshotLocation(open_store(where), key or b"")
+        key, unverified = b"", f"unverified ({exc})"
+    loc = SnapshotLocation(open_store(where, create=False), key)
 
-    def check(seq: int) -> str:
-        if key is None:
-            return f"unverified ({why_unverified})"
-        try:
-            codec.verify(loc.store.read(snap_name(seq)), key, loc._file(snap_name(seq)))
-        except SnapshotError as exc:
-            return f"REFUSED: {exc.reason}"
-        return "verified"
+    def manifest(seq: int) -> tuple[dict[str, Any], str]:
+        """The manifest and what verification says; one read when it verifies."""
+        if not unverified:
+            try:
+                return loc.verify(seq), "verified"
+            except SnapshotError as exc:
+                return loc.manifest(seq), f"REFUSED: {exc.reason}"
+        return loc.manifest(seq), unverified
 
     seqs = loc.snapshots()
     if args.action == "ls":
         print(f"{where}: {len(seqs)} snapshot(s), journal segments {loc.segments()}")
         for seq in seqs:
             try:
-                m = loc.manifest(seq)
+                m, verdict = manifest(seq)
             except SnapshotError as exc:
                 print(f"  {seq:>6}  unreadable: {exc.reason}")
                 continue
@@ -238,15 +232,14 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
             print(f"  {seq:>6}  {when}  {m['payload_size']:>10} B  "
                   f"{' '.join(f'{k}={v}' for k, v in sorted(by.items())) or 'no tasks':<40} "
-                  f"{'clean ' if m.get('clean') else ''}{check(seq)}")
+                  f"{'clean ' if m.get('clean') else ''}{verdict}")
         return 0
     seq = args.seq if args.seq is not None else (seqs[-1] if seqs else None)
     if seq is None or seq not in seqs:
         print(f"threadbound: {where}: no snapshot {seq}; have {seqs}", file=sys.stderr)
         return 2
-    m = dict(loc.manifest(seq))
-    m["verification"] = check(seq)
-    print(json.dumps(m, indent=2, default=str))
+    m, verdict = manifest(seq)
+    print(json.dumps({**m, "verification": verdict}, indent=2, default=str))
     return 0
 
 

@@ -20,89 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import cloudpickle
 
-from threadbound.snapshots import (
-    LocalStore, NoSnapshot, SnapshotCorrupt, SnapshotLocation, load_key, open_store,
-)
-from threadbound.snapshots import codec
-from threadbound.snapshots.location import snap_name
+from threadbound.snapshots import SnapshotLocation, load_key, open_store
 
 from .config import RuntimeConfig
 
 log = logging.getLogger("threadbound.durability")
 
 _INLINE_BYTES = 64 << 10  # journal frames up to this size are written on the event loop
-
-
-def _has_snapshots(location: str) -> bool:
-    try:
-        store = open_store(location)
-    except Exception:
-        return False
-    return any(n.startswith("snap-") for n in store.list())
-
-
-def _children(location: str) -> list[str]:
-    if "://" in location:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(location)
-        scheme = location.split("://", 1)[0]
-        return sorted(f"{scheme}://{p}" for p in fs.ls(root, detail=False) if fs.isdir(p))
-    if not os.path.isdir(location):
-        return []
-    return sorted(os.path.join(location, n) for n in os.listdir(location)
-                  if os.path.isdir(os.path.join(location, n)))
-
-
-def find_pool(path: str, name: str | None = None) -> str:
-    """The snapshot location of one pool: ``path`` itself, or ``path/<name>``, or the
-    only pool under ``path``."""
-    path = path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
-    if name is not None:
-        path = f"{path}/{name}"
-    if _has_snapshots(path):
-        return path
-    pools = [c for c in _children(path) if _has_snapshots(c)] if name is None else []
-    if len(pools) == 1:
-        return pools[0]
-    if pools:
-        raise NoSnapshot(path, "holds the snapshots of several pools: "
-                               + ", ".join(p.rsplit("/", 1)[-1] for p in pools)
-                               + "; pass one of their directories (or name=...)")
-    raise NoSnapshot(path, "no snapshot here; pass the snapshot_dir (or <snapshot_dir>/<pool name>) "
-                           "the crashed pool wrote to")
-
-
-def manifest_config(location: str, key_file: str | None = None) -> RuntimeConfig:
-    """The config a crashed pool ran with, from its newest snapshot that verifies,
-    with ``snapshot_dir`` and ``name`` pointing at ``location``."""
-    loc = SnapshotLocation(open_store(location), load_key(key_file or _key_file_from_env()))
-    problems = []
-    for seq in reversed(loc.snapshots()):
-        name = loc._file(snap_name(seq))
-        try:
-            manifest, _ = codec.verify(loc.store.read(snap_name(seq)), loc.key, name)
-        except SnapshotCorrupt as exc:
-            problems.append(str(exc))
-            continue
-        cfg = RuntimeConfig.from_mapping(manifest.get("config") or {}, source=f"{name} (manifest)")
-        parent, _, base = location.rstrip("/").rpartition("/")
-        if base != cfg.name:
-            raise NoSnapshot(location, f"holds the snapshots of pool {cfg.name!r}, but the directory is "
-                                       f"named {base!r}; rename it back to {cfg.name!r}")
-        return cfg.replace(snapshot_dir=parent or "/")
-    raise NoSnapshot(location, "no snapshot here verifies: " + "; ".join(problems))
-
-
-def _key_file_from_env() -> str | None:
-    return os.environ.get("THREADBOUND_SNAPSHOT_KEY_FILE") or None
 
 
 def open_location(cfg: RuntimeConfig) -> SnapshotLocation:
@@ -133,7 +63,10 @@ class Durability:
         self.lease = None
         self.changes = 0  # records queued since start; a snapshot is due only if it moved
         self._changes_at_snapshot = -1
-        self._inline = isinstance(location.store, LocalStore)
+        self._inline = location.store.local_disk
+        self._config = cfg.model_dump(mode="json")  # written into every manifest
+        if self._config.get("model", {}).get("api_key"):  # manifests are readable without the key
+            self._config["model"]["api_key"] = None
         self.stats: dict[str, Any] = {"snapshots": 0, "last_snapshot": None, "journal_frames": 0,
                                       "journal_bytes": 0, "records": 0}
 
@@ -223,10 +156,7 @@ class Durability:
             return cost
 
     def _extra(self, state: dict[str, Any], clean: bool) -> dict[str, Any]:
-        config = self.cfg.model_dump(mode="json")
-        if config.get("model", {}).get("api_key"):  # manifests are readable without the key
-            config["model"]["api_key"] = None
-        return {"name": self.cfg.name, "run_id": state.get("run_id"), "clean": clean, "config": config}
+        return {"name": self.cfg.name, "run_id": state.get("run_id"), "clean": clean, "config": self._config}
 
     def write_now(self, seq: int, export: Callable[[], Any]) -> None:
         """Write snapshot ``seq`` synchronously (at start, before any record); the

@@ -159,6 +159,20 @@ def _result(d: dict[str, Any]) -> TaskResult:
     raise err
 
 
+def _crashed_config(location: str, key_file: str | None) -> RuntimeConfig:
+    """The config a crashed pool ran with (from its newest verified manifest), with
+    ``snapshot_dir`` and ``name`` pointing at ``location``."""
+    from threadbound.snapshots import NoSnapshot, SnapshotLocation, load_key, open_store
+
+    manifest = SnapshotLocation(open_store(location, create=False), load_key(key_file)).newest_verified()
+    cfg = RuntimeConfig.from_mapping(manifest.get("config") or {}, source=f"{location} (newest manifest)")
+    parent, _, base = location.rstrip("/").rpartition("/")
+    if base != cfg.name:
+        raise NoSnapshot(location, f"holds the snapshots of pool {cfg.name!r}, but the directory is "
+                                   f"named {base!r}; rename it back to {cfg.name!r}")
+    return cfg.replace(snapshot_dir=parent or "/")
+
+
 class TaskHandle:
     """A submitted task: stream its events, wait for its result, cancel it.
 
@@ -315,10 +329,10 @@ class AgentPool:
             >>> pool = AgentPool.resume(".threadbound/snapshots")          # doctest: +SKIP
             >>> [h.task_id for h in pool.unfinished()]                      # doctest: +SKIP
         """
-        from .durability import find_pool, manifest_config
+        from threadbound.snapshots.location import find_location
 
-        where = find_pool(os.fspath(location), name)
-        found = manifest_config(where, config.snapshots.key_file if config is not None else None)
+        where = find_location(os.fspath(location), name)
+        found = _crashed_config(where, (config or RuntimeConfig.from_env()).snapshots.key_file)
         if config is not None:
             found = config.replace(snapshot_dir=found.snapshot_dir, name=found.name)
         return cls(found, agents=agents, _resume=True)

@@ -11,13 +11,14 @@ retention window covers them, so falling back to an older snapshot loses nothing
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec, journal, retention
 from .errors import NoSnapshot, SnapshotCorrupt, SnapshotError, UnsupportedFormat
-from .stores import Lease, Store
+from .stores import Lease, Store, open_store
 
 log = logging.getLogger("threadbound.snapshots")
 
@@ -83,11 +84,12 @@ class SnapshotLocation:
         """A snapshot's manifest, unverified (``ls``/``show`` and retention); never unpickles."""
         m = self._manifests.get(seq)
         if m is None:
-            m, _ = codec.read_manifest(self.store.read(snap_name(seq)), self._file(snap_name(seq)))
+            m, _ = codec.read_manifest(self.store.read(snap_name(seq)), self.path_of(snap_name(seq)))
             self._manifests[seq] = m
         return m
 
-    def _file(self, name: str) -> str:
+    def path_of(self, name: str) -> str:
+        """Where file ``name`` of this location is, for messages."""
         return f"{self.location.rstrip('/')}/{name}"
 
     # -- writing ----------------------------------------------------------------------
@@ -147,13 +149,22 @@ class SnapshotLocation:
 
     # -- reading ----------------------------------------------------------------------
 
-    def load(self, seq: int) -> tuple[dict[str, Any], Any]:
+    def _read_snapshot(self, seq: int) -> tuple[bytes, str]:
         name = snap_name(seq)
         try:
-            data = self.store.read(name)
+            return self.store.read(name), self.path_of(name)
         except OSError as exc:
-            raise SnapshotCorrupt(self._file(name), f"cannot read: {exc}") from None
-        return codec.decode(data, self.key, self._file(name))
+            raise SnapshotCorrupt(self.path_of(name), f"cannot read: {exc}") from None
+
+    def load(self, seq: int) -> tuple[dict[str, Any], Any]:
+        """Verify snapshot ``seq``, then unpickle it: its manifest and state."""
+        data, path = self._read_snapshot(seq)
+        return codec.decode(data, self.key, path)
+
+    def verify(self, seq: int) -> dict[str, Any]:
+        """Check snapshot ``seq`` completely without unpickling it; its manifest."""
+        data, path = self._read_snapshot(seq)
+        return codec.verify(data, self.key, path)[0]
 
     def load_newest(self) -> Loaded:
         """The newest snapshot that verifies, plus the journal after it.
@@ -187,11 +198,22 @@ class SnapshotLocation:
             if seq <= after:
                 continue
             name = journal_name(seq)
-            recs, was_torn = journal.decode_segment(self.store.read(name), self.key, seq, self._file(name))
+            recs, was_torn = journal.decode_segment(self.store.read(name), self.key, seq, self.path_of(name))
             records.extend(recs)
             if was_torn:
-                torn.append(self._file(name))
+                torn.append(self.path_of(name))
         return records, torn
+
+    def newest_verified(self) -> dict[str, Any]:
+        """The manifest of the newest snapshot that verifies (nothing is unpickled)."""
+        problems = []
+        for seq in reversed(self.snapshots()):
+            try:
+                return self.verify(seq)
+            except SnapshotCorrupt as exc:
+                problems.append(str(exc))
+        raise NoSnapshot(self.location, "no snapshot here verifies"
+                         + (": " + "; ".join(problems) if problems else ""))
 
     def newest_manifest(self) -> dict[str, Any] | None:
         seqs = self.snapshots()
@@ -207,3 +229,27 @@ class SnapshotLocation:
         lease = self.store.acquire_lease(ttl_s, owner)
         self.store.remove_partial()
         return lease
+
+
+def find_location(path: str, name: str | None = None) -> str:
+    """The snapshot location of one pool: ``path`` itself, ``path/<name>``, or the only
+    pool under ``path``. Reads only; creates nothing."""
+    path = path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+    if name is not None:
+        path = f"{path}/{name}"
+    store = open_store(path, create=False)
+    if _holds_snapshots(store):
+        return path
+    pools = [c for c in store.children() if _holds_snapshots(open_store(c, create=False))] if name is None else []
+    if len(pools) == 1:
+        return pools[0]
+    if pools:
+        raise NoSnapshot(path, "holds the snapshots of several pools: "
+                               + ", ".join(p.rsplit("/", 1)[-1] for p in pools)
+                               + "; pass one of their directories (or name=...)")
+    raise NoSnapshot(path, "no snapshot here; pass the snapshot_dir (or <snapshot_dir>/<pool name>) "
+                           "the crashed pool wrote to")
+
+
+def _holds_snapshots(store: Store) -> bool:
+    return any(_SNAP.match(n) for n in store.list())

@@ -56,8 +56,10 @@ class Store:
     """The contract; see the module docstring."""
 
     location: str
+    local_disk = False  # appends cost ~0.1 ms (a local file), not a network round trip
 
     def list(self) -> list[str]: ...
+    def children(self) -> list[str]: ...  # locations of the directories inside this one
     def read(self, name: str) -> bytes: ...
     def write_atomic(self, name: str, data: bytes) -> None: ...
     def append(self, name: str, data: bytes) -> None: ...
@@ -79,10 +81,15 @@ class Store:
 
 
 class LocalStore(Store):
-    def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
+    local_disk = True
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, create: bool = True) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.location = self.path
         self.fsync = fsync
+        self._fds: dict[str, int] = {}
+        if not create:  # read-only use (ls, show, finding a pool): never make directories
+            return
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -91,7 +98,6 @@ class LocalStore(Store):
         if not os.access(self.path, os.W_OK):
             raise SnapshotError(self.path, "the snapshot directory is not writable; set snapshot_dir "
                                            "to a writable directory")
-        self._fds: dict[str, int] = {}
 
     def _p(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -105,7 +111,12 @@ class LocalStore(Store):
                 os.close(fd)
 
     def list(self) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
         return sorted(n for n in os.listdir(self.path) if not n.startswith("."))
+
+    def children(self) -> list[str]:
+        return [os.path.join(self.path, n) for n in self.list() if os.path.isdir(self._p(n))]
 
     def remove_partial(self) -> None:
         for n in os.listdir(self.path):
@@ -190,7 +201,7 @@ class LocalStore(Store):
 
 
 class FsspecStore(Store):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         try:
             import fsspec
         except ImportError:
@@ -199,17 +210,24 @@ class FsspecStore(Store):
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as exc:
-            raise SnapshotError(url, f"cannot open this snapshot URL: {exc}") from None
-        self.location = url
+            raise SnapshotError(url, f"cannot open this snapshot URL: {exc}; check snapshot_dir") from None
+        self.location = url.rstrip("/")
         self.root = self.root.rstrip("/")
-        self.fs.makedirs(self.root, exist_ok=True)
         self._parts: dict[str, int] = {}
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def _p(self, name: str) -> str:
         return f"{self.root}/{name}"
 
     def _names(self) -> list[str]:
+        if not self.fs.isdir(self.root):
+            return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    def children(self) -> list[str]:
+        return [f"{self.location}/{n}" for n in self._names()
+                if not n.startswith(".") and self.fs.isdir(self._p(n))]
 
     def list(self) -> list[str]:
         out = set()
@@ -289,8 +307,10 @@ class FsspecStore(Store):
             pass
 
 
-def open_store(location: str, *, fsync: bool = True) -> Store:
-    """A plain path opens a :class:`LocalStore`; a URL (``scheme://``) an :class:`FsspecStore`."""
+def open_store(location: str, *, fsync: bool = True, create: bool = True) -> Store:
+    """A plain path opens a :class:`LocalStore`; a URL (``scheme://``) an :class:`FsspecStore`.
+
+    ``create=False`` is for reading: a missing location then lists as empty."""
     if "://" in location:
-        return FsspecStore(location)
-    return LocalStore(location, fsync=fsync)
+        return FsspecStore(location, create=create)
+    return LocalStore(location, fsync=fsync, create=create)
