@@ -11,7 +11,6 @@ outcome (``__result__`` or ``__error__``), so partial output is never lost.
 
 from __future__ import annotations
 
-import gc
 import inspect
 import os
 import threading

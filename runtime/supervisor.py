@@ -8,7 +8,6 @@ on its one event loop, so any point between two awaits is a consistent state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import heapq
 import logging
 import os
@@ -16,7 +15,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
@@ -30,55 +29,13 @@ from .errors import InvalidTask, PoolClosed, TaskNotFound, UnknownRole
 from .retry import backoff_s
 from .slot import ERROR, RESULT, StepRequest
 from .slots import Slot, SlotTable
-from .task import (
-    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TIMED_OUT,
-    Task, TaskSummary,
-)
+from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, TIMED_OUT, Task, TaskSummary
+from .task_state import DURABLE_FIELDS, TaskState, apply_commit, digest, replay, tasks_from_snapshot, track
 
 log = logging.getLogger("threadbound.supervisor")
 
 READ_BATCH = 5000  # events returned by one read() call at most
 READ_LINGER_S = 0.002  # after a wake-up, how long a read waits for the rest of a burst
-
-
-# What a snapshot holds of a task (everything else is rebuilt on resume).
-_DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "done",
-                   "outputs", "states", "feedback", "requests", "inflight", "error", "finished_at")
-
-
-def _digest(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()[:24]
-
-
-@dataclass(eq=False)
-class _TaskState:
-    id: str
-    seq: int
-    spec: Task
-    blob_ids: dict[str, str]  # role -> digest of the agent class blob it was submitted with
-    submitted_at: float
-    status: str = PENDING
-    events: list[tuple] = field(default_factory=list)
-    visible: int = 0  # events clients may read: the ones already in the journal
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    round: int = 0
-    done: int = 0  # steps of the current round committed, in agents order
-    requests: list[str] = field(default_factory=list)  # round requests of this round so far
-    inflight: dict[str, int] = field(default_factory=dict)  # role -> attempt started, not committed
-    outputs: dict[str, Any] = field(default_factory=dict)
-    states: dict[str, Any] = field(default_factory=dict)  # role -> committed agent state
-    feedback: list[str] = field(default_factory=list)
-    error: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    version: int = 0  # bumps on every change of what a snapshot holds of the task
-    frozen: tuple[int, bytes] | None = None  # (version, pickled snapshot record) cache
-    slots: list[Slot] = field(default_factory=list)
-    bound: "OrderedDict[str, Slot]" = field(default_factory=OrderedDict)
-    bind_keys: dict[str, str] = field(default_factory=dict)
-    binds: int = 0
-    runner: asyncio.Task | None = None
-    cancel_reason: str | None = None
 
 
 @dataclass
@@ -128,7 +85,7 @@ class Supervisor:
         self._set_roles(roles)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.tasks: dict[str, _TaskState] = {}
+        self.tasks: dict[str, TaskState] = {}
         self.queue: list[tuple[int, int, str]] = []
         self.seq = 0
         self.closing = False
@@ -155,7 +112,9 @@ class Supervisor:
                 self._open_durability(resume, lease_owner)
             except (SnapshotError, OSError) as exc:
                 log.error("cannot start pool %r: %s", config.name, exc)
-                self.fatal = exc if isinstance(exc, SnapshotError) else SnapshotError(config.snapshot_location, str(exc))
+                if not isinstance(exc, SnapshotError):
+                    exc = SnapshotError(config.snapshot_location, str(exc))
+                self.fatal = exc
                 if self.durable is not None and self.durable.lease is not None:
                     self.durable.lease.release()
                 self.durable = None
@@ -201,16 +160,10 @@ class Supervisor:
             loaded = location.load_newest()
         except SnapshotError as exc:
             return [f"unknown: {exc.reason}"]
-        status = dict(loaded.manifest.get("tasks") or {})
+        tasks = tasks_from_snapshot(loaded.state)
         for rec in loaded.records:
-            if rec[0] == "submit":
-                status[rec[1]] = PENDING
-            elif rec[0] == "ev" and rec[3] in STATUSES:
-                status[rec[1]] = rec[3]
-            elif rec[0] == "forget":
-                for task_id in rec[1]:
-                    status.pop(task_id, None)
-        return [t for t, st in status.items() if st not in TERMINAL]
+            replay(tasks, rec, on_roles=lambda blobs: None, where=location.location)
+        return [t for t, ts in tasks.items() if ts.status not in TERMINAL]
 
     def _start(self) -> None:
         if self._started or self.fatal is not None:
@@ -243,7 +196,7 @@ class Supervisor:
             if ts.frozen is not None and ts.frozen[0] == ts.version:
                 entries.append(ts.frozen[1])
                 continue
-            rec = {f: getattr(ts, f) for f in _DURABLE_FIELDS}
+            rec = {f: getattr(ts, f) for f in DURABLE_FIELDS}
             for f in ("outputs", "states", "inflight", "blob_ids"):
                 rec[f] = dict(rec[f])
             rec["feedback"], rec["requests"] = list(ts.feedback), list(ts.requests)
@@ -256,7 +209,7 @@ class Supervisor:
         return state, {ts.id: ts.status for ts in self.tasks.values()}, jobs
 
     @staticmethod
-    def _pickle_job(entries: list[Any], i: int, ts: _TaskState, version: int) -> Callable[[], None]:
+    def _pickle_job(entries: list[Any], i: int, ts: TaskState, version: int) -> Callable[[], None]:
         def job() -> None:
             entries[i] = cloudpickle.dumps(entries[i])
             ts.frozen = (version, entries[i])  # tagged: a later change makes it stale, not wrong
@@ -272,12 +225,7 @@ class Supervisor:
         self.roles, self.role_ids = {}, {}
         self._set_roles({r: self.blobs[d] for r, d in state["roles"].items() if d in self.blobs})
         self._set_roles(given)  # roles the resuming client brings win
-        for entry in state["tasks"]:
-            rec = cloudpickle.loads(entry)  # bytes from a verified payload
-            ts = _TaskState(**{f: rec[f] for f in _DURABLE_FIELDS})
-            ts.events = list(rec["events"])
-            ts.visible = len(ts.events)
-            self.tasks[ts.id] = ts
+        self.tasks.update(tasks_from_snapshot(state))
         for rec in loaded.records:
             self._replay(rec)
         interrupted = [ts for ts in self.tasks.values() if ts.status not in TERMINAL]
@@ -289,47 +237,18 @@ class Supervisor:
             log.error("resumed from an OLDER snapshot (%s) because newer ones were refused: %s",
                       loaded.seq, "; ".join(self.resumed["skipped"]))
         for ts in interrupted:
-            inflight = {r: a for r, a in ts.inflight.items()}
             self._emit(ts, "resumed", None, snapshot=loaded.seq, replayed=len(loaded.records),
-                       skipped=self.resumed["skipped"], restarting=inflight)
+                       skipped=self.resumed["skipped"], restarting=dict(ts.inflight))
             heapq.heappush(self.queue, (-ts.spec.priority, ts.seq, ts.id))
 
     def _replay(self, rec: list[Any]) -> None:
-        kind = rec[0]
-        if kind == "roles":
-            self._set_roles(rec[1])
-        elif kind == "submit":
-            _, task_id, seq, spec, blob_ids, submitted_at = rec
-            self.tasks[task_id] = _TaskState(id=task_id, seq=seq, spec=spec, blob_ids=dict(blob_ids),
-                                             submitted_at=submitted_at)
-            self.seq = max(self.seq, seq)
-        elif kind == "ev":
-            _, task_id, offset, ev_kind, agent, data, at = rec
-            ts = self.tasks.get(task_id)
-            if ts is None or offset < len(ts.events):
-                return  # forgotten task, or already in the snapshot
-            if offset > len(ts.events):
-                raise SnapshotError(self.durable.location.location if self.durable else "journal",
-                                    f"journal gap in task {task_id}: event {offset} follows "
-                                    f"{len(ts.events) - 1}; the journal is incomplete")
-            row = (offset, ev_kind, agent, data, at)
-            ts.events.append(row)
-            self._track(ts, row)
-        elif kind == "commit":
-            _, task_id, role, output, agent_state, requests = rec
-            ts = self.tasks.get(task_id)
-            if ts is not None:
-                self._apply_commit(ts, role, output, agent_state, requests)
-        elif kind == "forget":
-            for task_id in rec[1]:
-                self.tasks.pop(task_id, None)
-        else:
-            raise SnapshotError("journal", f"unknown journal record {kind!r}; written by a newer threadbound?")
+        where = self.durable.location.location if self.durable else "journal"
+        self.seq = max(self.seq, replay(self.tasks, rec, on_roles=self._set_roles, where=where))
 
     def _set_roles(self, blobs: dict[str, bytes]) -> dict[str, bytes]:
         changed = {}
         for role, blob in blobs.items():
-            d = _digest(blob)
+            d = digest(blob)
             if self.role_ids.get(role) != d:
                 changed[role] = blob
             self.roles[role], self.role_ids[role] = blob, d
@@ -374,7 +293,7 @@ class Supervisor:
             raise UnknownRole(unknown[0], list(self.roles))
         self.seq += 1
         task_id = f"t{self.seq:05d}-{self.run_id}"
-        ts = _TaskState(id=task_id, seq=self.seq, spec=spec, submitted_at=time.time(),
+        ts = TaskState(id=task_id, seq=self.seq, spec=spec, submitted_at=time.time(),
                         blob_ids={r: self.role_ids[r] for r in spec.agents})
         self.tasks[task_id] = ts
         if self.durable is not None:
@@ -502,7 +421,7 @@ class Supervisor:
 
     # -- running a task -------------------------------------------------------------
 
-    async def _run(self, ts: _TaskState) -> None:
+    async def _run(self, ts: TaskState) -> None:
         timeout = ts.spec.task_timeout_s or self.cfg.task_timeout_s
         ts.started_at = self.clock()
         try:
@@ -533,7 +452,7 @@ class Supervisor:
         # extra call per slot per task cost the supervisor ~7% of its time.
         self.slots.release(slot)
 
-    async def _pipeline(self, ts: _TaskState) -> None:
+    async def _pipeline(self, ts: TaskState) -> None:
         """Rounds of steps; after a resume it continues at the first step not committed."""
         self._set_status(ts, RUNNING)
         max_rounds = ts.spec.max_rounds or self.cfg.max_rounds
@@ -552,7 +471,7 @@ class Supervisor:
         raise _StepFailed(FAILED, f"no success after {max_rounds} round(s); last feedback: "
                           + "; ".join(ts.feedback)[:500])
 
-    async def _step(self, ts: _TaskState, role: str, rnd: int) -> None:
+    async def _step(self, ts: TaskState, role: str, rnd: int) -> None:
         policy = self.cfg.retry
         # A step interrupted by a crash restarts under its own attempt number, so its
         # idempotency key is the same and an idempotent side effect is not repeated.
@@ -564,7 +483,7 @@ class Supervisor:
                 output, requests = out.data["output"], list(out.data["round_requests"])
                 if self.durable is not None:
                     self.durable.record(("commit", ts.id, role, output, out.data["state"], requests))
-                self._apply_commit(ts, role, output, out.data["state"], requests)
+                apply_commit(ts, role, output, out.data["state"], requests)
                 self._emit(ts, "step_finished", role, round=rnd, attempt=attempt,
                            elapsed_s=out.data.get("elapsed_s"),
                            output=output if _plain(output) else repr(output)[:2000],
@@ -582,7 +501,7 @@ class Supervisor:
                        delay_s=round(delay, 3))
             await asyncio.sleep(delay)
 
-    async def _bind(self, ts: _TaskState, role: str) -> Slot:
+    async def _bind(self, ts: TaskState, role: str) -> Slot:
         slot = ts.bound.get(role)
         if slot is not None:
             ts.bound.move_to_end(role)
@@ -599,7 +518,7 @@ class Supervisor:
         await self.slots.wait_ready(slot)
         return slot
 
-    async def _attempt(self, ts: _TaskState, role: str, rnd: int, attempt: int) -> _Outcome:
+    async def _attempt(self, ts: TaskState, role: str, rnd: int, attempt: int) -> _Outcome:
         slot = await self._bind(ts, role)
         timeout = ts.spec.step_timeout_s or self.cfg.step_timeout_s
         level = min(ts.spec.level or self.cfg.reasoning.level, self.cfg.reasoning.max_level)
@@ -660,11 +579,11 @@ class Supervisor:
 
     # -- events and state -----------------------------------------------------------
 
-    def _emit(self, ts: _TaskState, kind: str, agent: str | None, **data: Any) -> None:
+    def _emit(self, ts: TaskState, kind: str, agent: str | None, **data: Any) -> None:
         row = (len(ts.events), kind, agent, data, time.time())
         ts.events.append(row)
         ts.version += 1
-        self._track(ts, row)
+        track(ts, row)
         if self.durable is not None:  # visible once written: see _on_durable
             self.durable.record(("ev", ts.id, *row), ts.id, len(ts.events))
         else:
@@ -672,40 +591,19 @@ class Supervisor:
             self._notify(ts)
 
     @staticmethod
-    def _track(ts: _TaskState, row: tuple) -> None:
-        """What an event changes in a task; shared by live runs and journal replay."""
-        _, kind, agent, data, at = row
-        if kind in STATUSES:
-            ts.status = kind
-            if kind in TERMINAL:
-                ts.finished_at, ts.error = at, data.get("error")
-        elif kind == "round_started":
-            ts.round, ts.feedback, ts.done, ts.requests = data["round"], list(data["feedback"]), 0, []
-        elif kind in ("step_started", "retrying"):
-            ts.inflight[agent] = data["attempt"]
-
-    @staticmethod
-    def _apply_commit(ts: _TaskState, role: str, output: Any, state: Any, requests: list[str]) -> None:
-        ts.outputs[role], ts.states[role] = output, state
-        ts.version += 1
-        ts.done += 1
-        ts.requests = ts.requests + list(requests)
-        ts.inflight.pop(role, None)
-
-    @staticmethod
-    def _notify(ts: _TaskState) -> None:
+    def _notify(ts: TaskState) -> None:
         ts.changed.set()
         ts.changed = asyncio.Event()
 
     @staticmethod
-    def _settled(ts: _TaskState) -> bool:
+    def _settled(ts: TaskState) -> bool:
         """Terminal, and every event (the final one included) readable."""
         return ts.status in TERMINAL and ts.visible >= len(ts.events)
 
-    def _set_status(self, ts: _TaskState, status: str, **data: Any) -> None:
+    def _set_status(self, ts: TaskState, status: str, **data: Any) -> None:
         self._emit(ts, status, None, **data)
 
-    def _finish(self, ts: _TaskState, status: str, **data: Any) -> None:
+    def _finish(self, ts: TaskState, status: str, **data: Any) -> None:
         if ts.status in TERMINAL:
             return
         self._set_status(ts, status, **data)
@@ -718,7 +616,7 @@ class Supervisor:
         if forget and self.durable is not None:
             self.durable.record(("forget", forget))
 
-    def _get(self, task_id: str) -> _TaskState:
+    def _get(self, task_id: str) -> TaskState:
         ts = self.tasks.get(task_id)
         if ts is None:
             raise TaskNotFound(f"no task {task_id!r} in pool {self.cfg.name!r} "
@@ -726,12 +624,12 @@ class Supervisor:
                                task_id=task_id)
         return ts
 
-    def _summary(self, ts: _TaskState) -> TaskSummary:
+    def _summary(self, ts: TaskState) -> TaskSummary:
         return TaskSummary(task_id=ts.id, status=ts.status, goal=ts.spec.goal,
                            agents=tuple(ts.spec.agents), round=ts.round, events=len(ts.events),
                            submitted_at=ts.submitted_at, finished_at=ts.finished_at, error=ts.error)
 
-    def _result(self, ts: _TaskState) -> dict[str, Any]:
+    def _result(self, ts: TaskState) -> dict[str, Any]:
         end = ts.finished_at or time.time()
         return {"task_id": ts.id, "status": ts.status, "outputs": dict(ts.outputs), "rounds": ts.round,
                 "error": ts.error, "elapsed_s": end - ts.submitted_at}
