@@ -544,6 +544,10 @@ class Supervisor:
                 if remaining <= 0:
                     raise asyncio.TimeoutError
                 ref = await asyncio.wait_for(gen.__anext__(), remaining)
+                if ts.cancel_reason is not None:
+                    # Python < 3.12: wait_for drops a cancel that lands as its inner await
+                    # completes; the reason set by cancel() makes the cancel stick anyway.
+                    raise asyncio.CancelledError
                 for kind, data in await ref:
                     if kind == RESULT:
                         slot.busy = False
