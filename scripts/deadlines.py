@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
-import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from local_ray import isolate  # also puts tests/ (scripted agents) on the path
 
 
 def main() -> None:
@@ -28,12 +25,7 @@ def main() -> None:
     ap.add_argument("--step-timeout-s", type=float, default=1.0)
     args = ap.parse_args()
 
-    if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
-        token = os.path.join(tempfile.mkdtemp(), "auth_token")  # keep ~/.ray untouched
-        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
-            fh.write(secrets.token_hex(32))
-        os.environ["RAY_AUTH_TOKEN_PATH"] = token
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
+    scratch = isolate("deadlines")
 
     from scripted_agents import Scripted
 
@@ -41,7 +33,8 @@ def main() -> None:
 
     cfg = RuntimeConfig.from_mapping({"name": "deadlines", "max_agents": 4, "max_agents_per_task": 1,
                                       "step_timeout_s": args.step_timeout_s, "prewarm": True,
-                                      "retry": {"max_attempts": 1}, "ray": {"num_cpus": 2}})
+                                      "retry": {"max_attempts": 1}, "ray": {"num_cpus": 2},
+                                      "snapshot_dir": os.path.join(scratch, "snapshots")})
     with AgentPool(cfg, agents={"a": Scripted}) as pool:
         overshoot = []
         for _ in range(args.n):

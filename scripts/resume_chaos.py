@@ -12,52 +12,22 @@ it and it resumes from its own snapshots while clients keep streaming.
 
 Per run it prints: tasks that succeeded, committed steps, committed steps executed
 more than once (must be 0), steps that were in flight and restarted, stream
-defects (duplicate or missing offsets, must be 0), effects done twice (must be 0),
-and the resume time: from the kill to the first ``resumed`` event a client saw.
+defects (duplicate or missing offsets, must be 0), committed steps whose external
+effect is missing (must be 0), and the resume time: from the kill to the first ``resumed`` event a client saw.
 Exit code 1 if any run broke a promise.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
-import secrets
 import signal
 import sys
-import tempfile
-import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from local_ray import isolate  # also puts tests/ (scripted agents, chaos tools) on the path
 
 POINTS = ("mid-stream", "between-steps", "mid-snapshot-write", "agent-actors")
-
-
-def _isolate() -> str:
-    scratch = tempfile.mkdtemp(prefix="threadbound-chaos-")
-    if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
-        token = os.path.join(scratch, "auth_token")  # keep ~/.ray untouched
-        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
-            fh.write(secrets.token_hex(32))
-        os.environ["RAY_AUTH_TOKEN_PATH"] = token
-    os.environ.setdefault("THREADBOUND_SNAPSHOT_KEY", secrets.token_hex(32))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
-    return scratch
-
-
-class Reader(threading.Thread):
-    def __init__(self, handle) -> None:
-        super().__init__(daemon=True)
-        self.handle, self.events, self.arrivals, self.error = handle, [], [], None
-
-    def run(self) -> None:
-        try:
-            for ev in self.handle.stream():
-                self.events.append(ev)
-                self.arrivals.append(time.time())
-        except BaseException as exc:  # noqa: BLE001 - reported
-            self.error = exc
 
 
 def _wait(cond, timeout_s: float, interval_s: float = 0.01) -> bool:
@@ -71,6 +41,7 @@ def _wait(cond, timeout_s: float, interval_s: float = 0.01) -> bool:
 
 def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) -> dict:
     import ray
+    from chaos_tools import follow, kill_busy_agents, runs
     from scripted_agents import Scripted
 
     from threadbound.runtime import AgentPool, RuntimeConfig, Task
@@ -90,22 +61,12 @@ def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) ->
     try:
         handles = [pool.submit(Task(goal=f"task {i}", agents=["a", "b", "c"], inputs={"*": spec}))
                    for i in range(n_tasks)]
-        readers = [Reader(h) for h in handles]
-        for r in readers:
-            r.start()
+        readers = follow(handles)
         events = lambda: [ev for r in readers for ev in list(r.events)]  # noqa: E731
         pid = ray.get(pool._sup.info.remote())["pid"]
         killed_at = None
         if point == "agent-actors":
-            kills = 0
-            deadline = time.monotonic() + 60
-            while kills < 3 and time.monotonic() < deadline:
-                busy = [s for s in pool.stats()["slots"] if s["busy"] and s["pid"]]
-                if busy:
-                    os.kill(busy[0]["pid"], signal.SIGKILL)
-                    kills += 1
-                    time.sleep(0.6)
-                time.sleep(0.05)
+            kill_busy_agents(pool, 3)
         else:
             if point == "mid-stream":
                 ok = _wait(lambda: sum(ev.kind == "tokens" for ev in events()) > 10, 60)
@@ -119,10 +80,9 @@ def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) ->
         results = [h.result(timeout=180) for h in handles]
         for r in readers:
             r.join(60)
-        with open(os.path.join(mark, "runs.log")) as fh:
-            executions = collections.Counter(line.strip() for line in fh)
-        effects = os.listdir(os.path.join(mark, "effects"))
-        committed = rerun = restarted = defects = 0
+        executions = runs(mark)
+        effects = set(os.listdir(os.path.join(mark, "effects")))
+        committed = rerun = restarted = defects = missing = 0
         resume_s = None
         for h, r, res in zip(handles, readers, results):
             offsets = [ev.offset for ev in r.events]
@@ -137,6 +97,7 @@ def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) ->
                     continue
                 committed += 1
                 key = f"{h.task_id}:{ev.data['round']}:{ev.agent}:{ev.data['attempt']}"
+                missing += key.replace(":", "_") not in effects
                 if resumed is None or ev.offset < resumed.offset:
                     rerun += executions[key] > 1
             for role in "abc":
@@ -144,7 +105,7 @@ def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) ->
                 defects += res.outputs[role]["calls"] != finished
         return {"point": point, "run": run, "succeeded": sum(r.status == "succeeded" for r in results),
                 "tasks": n_tasks, "committed": committed, "rerun": rerun, "restarted": restarted,
-                "defects": defects, "effects_twice": len(effects) - len(set(effects)),
+                "defects": defects, "effects_missing": missing,
                 "resume_s": resume_s}
     finally:
         pool.shutdown(grace_s=0)
@@ -156,7 +117,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--points", default=",".join(POINTS))
     args = ap.parse_args()
-    scratch = _isolate()
+    scratch = isolate("chaos")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -171,10 +132,11 @@ def main() -> int:
                 print(f"{point:<19} run {run}: {row['succeeded']}/{row['tasks']} succeeded, "
                       f"{row['committed']} committed steps, {row['rerun']} re-run, "
                       f"{row['restarted']} in-flight restarted, {row['defects']} stream/state defects, "
+                      f"{row['effects_missing']} effects missing, "
                       f"resume {rs}", flush=True)
     finally:
         ray.shutdown()
-    bad = [r for r in rows if r["succeeded"] != r["tasks"] or r["rerun"] or r["defects"] or r["effects_twice"]]
+    bad = [r for r in rows if r["succeeded"] != r["tasks"] or r["rerun"] or r["defects"] or r["effects_missing"]]
     times = sorted(r["resume_s"] for r in rows if r["resume_s"] is not None)
     if times:
         print(f"resume time (kill -> first resumed event at a client): median {times[len(times) // 2]:.2f}s, "

@@ -22,26 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-
-def _isolate() -> str:
-    scratch = tempfile.mkdtemp(prefix="threadbound-snapcost-")
-    if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
-        token = os.path.join(scratch, "auth_token")  # keep ~/.ray untouched
-        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
-            fh.write(secrets.token_hex(32))
-        os.environ["RAY_AUTH_TOKEN_PATH"] = token
-    os.environ.setdefault("THREADBOUND_SNAPSHOT_KEY", secrets.token_hex(32))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
-    return scratch
+from local_ray import isolate  # also puts tests/ (scripted agents) on the path
 
 
 def _du(path: str) -> int:
@@ -129,7 +115,7 @@ def main() -> int:
     ap.add_argument("--tasks", default="10,100,1000")
     ap.add_argument("--soak-min", type=float, default=0)
     args = ap.parse_args()
-    scratch = _isolate()
+    scratch = isolate("snapcost")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

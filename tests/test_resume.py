@@ -1,16 +1,14 @@
 """Crash, resume, and nothing is lost or run twice: on a real local Ray."""
 
-import collections
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 
 import pytest
 import ray
+from chaos_tools import follow, kill_busy_agents, runs
 from conftest import SNAPSHOTS, eventually, make_pool, pool_settings
 
 from threadbound.runtime import AgentPool, Task
@@ -22,26 +20,6 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]
 def workload(mark, n=5, tokens=8, token_sleep_s=0.03, rounds=2, **extra):
     spec = {"tokens": tokens, "token_sleep_s": token_sleep_s, "mark": str(mark), "rounds": rounds, **extra}
     return [Task(goal=f"task {i}", agents=["a", "b", "c"], inputs={"*": spec}) for i in range(n)]
-
-
-class Reader(threading.Thread):
-    """A client following one task's stream across the crash, as a user's loop would."""
-
-    def __init__(self, handle):
-        super().__init__(daemon=True)
-        self.handle, self.events, self.error = handle, [], None
-
-    def run(self):
-        try:
-            for ev in self.handle.stream():
-                self.events.append(ev)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-
-def runs(mark):
-    with open(os.path.join(mark, "runs.log")) as fh:
-        return collections.Counter(line.strip() for line in fh)
 
 
 def check_nothing_lost_nothing_rerun(pool, handles, readers, mark):
@@ -79,9 +57,7 @@ def test_supervisor_killed_at_any_point_resumes_without_loss_or_rerun(pool_name,
     pool = make_pool(pool_name, snapshot_interval_s=0.2 if extra else 0.5, max_agents=3)
     try:
         handles = [pool.submit(t) for t in workload(mark, n=4, **extra)]
-        readers = [Reader(h) for h in handles]
-        for r in readers:
-            r.start()
+        readers = follow(handles)
         pid = ray.get(pool._sup.info.remote())["pid"]
         # When: the supervisor's process is SIGKILLed at the chosen point
         location = os.path.join(SNAPSHOTS, pool_name)
@@ -132,9 +108,7 @@ def test_driver_killed_then_resumed_by_another_process(pool_name, tmp_path):
     try:
         assert pool.resumed["tasks"]
         handles = [pool.task(i) for i in ids]
-        readers = [Reader(h) for h in handles]
-        for r in readers:
-            r.start()
+        readers = follow(handles)
         # Then: same ids, offsets continue, committed steps are not run again
         check_nothing_lost_nothing_rerun(pool, handles, readers, str(mark))
         # ... and the tasks were admitted again in their submission order
@@ -155,18 +129,8 @@ def test_killing_agent_actors_at_random_loses_nothing(pool_name, tmp_path):
     pool = make_pool(pool_name, retry={"max_attempts": 6, "backoff_s": 0.05, "max_backoff_s": 0.2})
     try:
         handles = [pool.submit(t) for t in workload(mark, n=4, tokens=6)]
-        readers = [Reader(h) for h in handles]
-        for r in readers:
-            r.start()
-        killed = 0
-        deadline = time.monotonic() + 60
-        while killed < 4 and time.monotonic() < deadline:
-            busy = [s for s in pool.stats()["slots"] if s["busy"] and s["pid"]]
-            if busy:
-                os.kill(busy[0]["pid"], signal.SIGKILL)
-                killed += 1
-                time.sleep(0.6)
-            time.sleep(0.05)
+        readers = follow(handles)
+        killed = kill_busy_agents(pool, 4)
         assert killed == 4
         check_nothing_lost_nothing_rerun(pool, handles, readers, str(mark))
         crashes = sum(ev.kind == "agent_crashed" for r in readers for ev in r.events)
@@ -249,9 +213,7 @@ def test_a_pool_on_a_file_url_resumes_after_its_supervisor_is_killed(pool_name, 
     pool = make_pool(pool_name, snapshot_dir=f"file://{tmp_path}/snaps", snapshot_interval_s=0.3)
     try:
         handles = [pool.submit(t) for t in workload(mark, n=3)]
-        readers = [Reader(h) for h in handles]
-        for r in readers:
-            r.start()
+        readers = follow(handles)
         assert eventually(lambda: sum(ev.kind == "step_finished" for r in readers for ev in r.events) >= 2, 30)
         # When: its process is SIGKILLed
         os.kill(ray.get(pool._sup.info.remote())["pid"], signal.SIGKILL)
