@@ -7,11 +7,13 @@ Public names::
     # Models
     Model, SimulatedModel, SimulatedModelConfig, build_model
     # Errors an agent may raise
-    ThreadboundError, AgentError, TransientError, ModelError, TransientModelError
+    ThreadboundError, AgentError, TransientError, ModelError, TransientModelError, RateLimitError
 """
 
 from .base import Agent, StepContext
-from .errors import AgentError, ModelError, ThreadboundError, TransientError, TransientModelError
+from .errors import (
+    AgentError, ModelError, RateLimitError, ThreadboundError, TransientError, TransientModelError,
+)
 from .models import Model, SimulatedModel, SimulatedModelConfig, build_model
 
 __all__ = [
@@ -21,4 +23,5 @@ __all__ = [
     "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
     # Errors
     "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError",
+    "RateLimitError",
 ]

@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator
 
-from .models.base import Model
+from .models.base import Model, count_tokens
 
 
 RESERVED_KINDS = frozenset(
     {
         "pending", "admitted", "running", "succeeded", "failed", "cancelled", "timed_out",
         "round_started", "step_started", "step_finished", "step_failed", "step_timed_out",
-        "agent_crashed", "retrying", "tokens", "message", "level",
+        "agent_crashed", "stream_failed", "retrying", "tokens", "message", "level", "health",
     }
 )
 
@@ -41,10 +41,14 @@ class StepContext:
         outputs: committed outputs of earlier steps of this task, by role (this
             round's earlier agents, else the previous round's).
         feedback: what agents asked for when they requested this round, or [].
-        level: reasoning level 1-4.
-        streaming: False when the pool runs non-streaming (tokens are then
-            collected into one final ``message`` event).
+        level: reasoning level 1-4 (1 whenever the pool is degraded).
+        streaming: False when the pool runs non-streaming, by config or because it
+            is degraded: tokens are then collected into one final ``message`` event,
+            and ``ask`` calls the model without streaming.
         model: the configured model backend.
+        model_options: what the level sets for model calls (``model``,
+            ``max_tokens``, ``temperature``); ``ask`` passes them on.
+        tokens_used: tokens the model has answered this step (the task's cost).
     """
 
     task_id: str
@@ -60,6 +64,8 @@ class StepContext:
     level: int = 2
     streaming: bool = True
     model: Model | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    tokens_used: int = 0
     _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False)
     _round_requests: list[str] = field(default_factory=list, repr=False)
 
@@ -94,15 +100,17 @@ class StepContext:
         opts = {
             "agent": self.role, "task_id": self.task_id, "level": self.level,
             "round": self.round, "attempt": self.attempt, "goal": self.goal,
-            "stream": self.streaming, **options,
+            "stream": self.streaming, **self.model_options, **options,
         }
         if not self.streaming:
             text = self.model.complete(messages, **opts)
+            self.tokens_used += count_tokens(text)
             yield text
             return text
         parts: list[str] = []
         for tok in self.model.stream(messages, **opts):
             parts.append(tok)
+            self.tokens_used += 1
             yield tok
         return "".join(parts)
 

@@ -76,3 +76,10 @@ class ModelError(AgentError):
 
 class TransientModelError(TransientError):
     """A model backend failed in a way that may pass (429, 5xx, connect/read timeout)."""
+
+
+class RateLimitError(TransientModelError):
+    """The model service said "too many requests" (HTTP 429); ``retry_after_s`` is its hint.
+
+    Retried under the ``rate_limit`` class of the retry policy, never sooner than the hint.
+    """

@@ -12,7 +12,7 @@ Environment overrides (applied by ``from_yaml`` and ``from_env``, never at impor
     THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
     THREADBOUND_SNAPSHOT_KEY_FILE,
     THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
-    THREADBOUND_MODEL_BACKEND
+    THREADBOUND_MODEL_BACKEND, THREADBOUND_LEVEL
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, get_args
+from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator,
+)
 
 from threadbound.agents.models import ModelConfig, SimulatedModelConfig
 
@@ -58,14 +60,40 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ErrorClass = Literal["rate_limit", "transient", "timeout", "crash"]
+
+
+class RetryClassConfig(_Section):
+    """Overrides of the retry policy for one error class; unset fields use ``retry``'s."""
+
+    max_attempts: int | None = Field(default=None, ge=1)
+    backoff_s: Seconds | None = None
+    max_backoff_s: Seconds | None = None
+
+
 class RetryConfig(_Section):
-    """How failed steps are retried: exponential backoff with full jitter."""
+    """How failed steps are retried: exponential backoff with full jitter, per error class.
+
+    Error classes: ``rate_limit`` (a model's 429), ``transient`` (5xx, dropped connection,
+    any :class:`TransientError`), ``timeout`` (the step overran), ``crash`` (the agent's
+    actor died). Other errors (bad request, bad config, a bug) fail the step at once.
+    """
 
     max_attempts: int = Field(default=3, ge=1, description="attempts per step, first included")
     backoff_s: Seconds = 0.5
     max_backoff_s: Seconds = 10.0
     jitter: bool = True
-    retry_on: tuple[Literal["timeout", "crash", "transient"], ...] = ("timeout", "crash", "transient")
+    retry_on: tuple[ErrorClass, ...] = ("rate_limit", "transient", "timeout", "crash")
+    max_retry_after_s: Seconds = 60.0
+    classes: dict[ErrorClass, RetryClassConfig] = Field(default_factory=dict)
+
+    def for_class(self, error_class: str) -> "RetryConfig":
+        """The policy for one error class: this one with that class's overrides applied."""
+        over = self.classes.get(error_class)  # type: ignore[call-overload]
+        if over is None:
+            return self
+        changes = {k: v for k, v in over.model_dump().items() if v is not None}
+        return self.model_copy(update=changes)
 
 
 class SnapshotConfig(_Section):
@@ -90,17 +118,113 @@ class RayConfig(_Section):
     supervisor_max_restarts: int = Field(default=3, ge=0)
 
 
-class ReasoningConfig(_Section):
-    """Reasoning level handed to agents (1 = quick ... 4 = thorough)."""
+def _level(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4:
+        return value
+    raise ValueError(f"must be 1, 2, 3, 4 or auto, got {value!r}")
 
-    level: int = Field(default=2, ge=1, le=4)
+
+Level = Annotated[Union[int, str], PlainValidator(_level)]
+
+
+class LevelConfig(_Section):
+    """What one reasoning level means: which model, how many tokens, how many rounds, what it costs."""
+
+    model: str | None = Field(default=None, description="model name for this level; null = the backend's own")
+    max_tokens: int = Field(default=1024, ge=1, description="cap on one model answer (with the backend's own "
+                            "max_tokens, the lower wins); also a step's cost estimate")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="null = the backend's own")
+    max_rounds: int | None = Field(default=None, ge=1, description="rounds budget; null = max_rounds")
+    price_per_1k_tokens: float = Field(default=0.0, ge=0, description="cost units per 1000 tokens")
+
+
+def _default_levels() -> dict[int, LevelConfig]:
+    return {
+        1: LevelConfig(max_tokens=256, price_per_1k_tokens=0.1),
+        2: LevelConfig(max_tokens=1024, price_per_1k_tokens=0.5),
+        3: LevelConfig(max_tokens=2048, price_per_1k_tokens=2.0),
+        4: LevelConfig(max_tokens=4096, price_per_1k_tokens=8.0),
+    }
+
+
+_HARD_WORDS = ("refactor", "concurrency", "concurrent", "thread", "race", "async", "distributed",
+               "performance", "optimize", "security", "migrate", "architecture", "design", "parser",
+               "compiler", "protocol", "deadlock", "memory leak")
+
+
+class AutoLevelConfig(_Section):
+    """How ``level: auto`` scores a task (see ``runtime/levels.py`` for the formula)."""
+
+    thresholds: tuple[float, float, float] = Field(
+        default=(2.0, 5.0, 9.0), description="scores at which level 2, 3 and 4 begin")
+    words_per_point: float = Field(default=25.0, gt=0, description="goal words worth one point")
+    keywords: tuple[str, ...] = _HARD_WORDS
+    keyword_points: float = Field(default=1.5, ge=0, description="points per distinct keyword in the goal")
+    files_per_point: float = Field(default=10.0, gt=0, description="workspace files worth one point")
+    kb_per_point: float = Field(default=50.0, gt=0, description="workspace kilobytes worth one point")
+
+    @model_validator(mode="after")
+    def _ascending(self) -> "AutoLevelConfig":
+        a, b, c = self.thresholds
+        if not a <= b <= c:
+            raise ValueError(f"thresholds must be ascending (level 2, 3, 4 start), got {list(self.thresholds)}")
+        return self
+
+
+class ReasoningConfig(_Section):
+    """Reasoning levels 1 (quick) .. 4 (thorough): which level a task runs at, and what each means."""
+
+    level: Level = Field(default=2, description="1-4, or auto: scored from the task")
     max_level: int = Field(default=4, ge=1, le=4)
+    cost_budget: float | None = Field(default=None, gt=0, description="per task, in price units; null = none")
+    levels: dict[Literal[1, 2, 3, 4], LevelConfig] = Field(default_factory=_default_levels)
+    auto: AutoLevelConfig = AutoLevelConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_levels(cls, data: Any) -> Any:
+        # A file that sets only levels.1.model keeps the other fields and levels' defaults.
+        if isinstance(data, Mapping) and isinstance(data.get("levels"), Mapping):
+            merged: dict[Any, Any] = {k: v.model_dump() for k, v in _default_levels().items()}
+            for key, value in data["levels"].items():
+                try:
+                    n = int(key)
+                except (TypeError, ValueError):
+                    merged[key] = value  # validation names it
+                    continue
+                base = merged.get(n, {})
+                merged[n] = {**base, **(value.model_dump() if isinstance(value, BaseModel) else value or {})}
+            data = {**data, "levels": merged}
+        return data
+
+    def spec(self, level: int) -> LevelConfig:
+        return self.levels.get(level) or _default_levels()[level]  # type: ignore[index]
 
 
 class HealthConfig(_Section):
-    """Health monitoring and degradation (thresholds arrive with the degradation work)."""
+    """When the pool degrades to non-streaming level 1, pauses admission, and recovers.
+
+    Counts are over the last ``window_s``; any signal at or past its threshold makes the
+    pool unhealthy. It recovers one mode at a time, each after ``healthy_period_s`` with
+    no signal over its threshold (hysteresis: it does not flap).
+    """
 
     enabled: bool = True
+    window_s: Seconds = 60.0
+    healthy_period_s: Seconds = 30.0
+    min_steps: int = Field(default=5, ge=1, description="steps in the window before error_rate counts")
+    error_rate: float = Field(default=0.5, gt=0, le=1, description="failed / finished step attempts")
+    timeouts: int = Field(default=3, ge=1, description="step timeouts in the window")
+    actor_deaths: int = Field(default=3, ge=1, description="agent actors that died in the window")
+    stream_failures: int = Field(default=3, ge=1, description="event deliveries that failed in the window")
+    retry_exhausted: int = Field(default=2, ge=1, description="steps that used up their retries")
+    memory_percent: float = Field(default=90.0, gt=0, le=100, description="node memory in use, percent")
+    pause: bool = Field(default=True, description="pause admission when level 1 fails too")
+    check_interval_s: Seconds = 1.0
 
 
 class RuntimeConfig(_Section):
@@ -143,8 +267,9 @@ class RuntimeConfig(_Section):
                 f"max_agents_per_task ({self.max_agents_per_task}) cannot exceed "
                 f"max_agents ({self.max_agents}); lower it or raise max_agents"
             )
-        if self.reasoning.level > self.reasoning.max_level:
-            raise ValueError("reasoning.level cannot exceed reasoning.max_level")
+        if isinstance(self.reasoning.level, int) and self.reasoning.level > self.reasoning.max_level:
+            raise ValueError(f"reasoning.level ({self.reasoning.level}) cannot exceed reasoning.max_level "
+                             f"({self.reasoning.max_level}); lower it, raise max_level, or use level: auto")
         return self
 
     # -- constructors ---------------------------------------------------------------
@@ -242,6 +367,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_RAY_ADDRESS": ("ray", "address"),
     "THREADBOUND_RAY_NAMESPACE": ("ray", "namespace"),
     "THREADBOUND_MODEL_BACKEND": ("model", "backend"),
+    "THREADBOUND_LEVEL": ("reasoning", "level"),
 }
 
 
@@ -287,6 +413,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path, _ = _walk(loc)
+        path = path.replace(".[key]", "")
         typ = err["type"]
         if typ == "extra_forbidden":
             _, section = _walk(loc[:-1])

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import cloudpickle
 
 from threadbound.agents.base import Agent, StepContext
-from threadbound.agents.errors import TransientError
+from threadbound.agents.errors import RateLimitError, TransientError
 from threadbound.agents.models import build_model
 
 RESULT = "__result__"
@@ -53,6 +53,7 @@ class StepRequest:
     token_interval_s: float
     state: Any = None
     has_state: bool = False
+    model_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,6 +202,7 @@ class SlotWorker:
                 round=req.round, attempt=req.attempt, idempotency_key=req.idempotency_key,
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
+                model_options=dict(req.model_options),
             )
             ctx._pending = sink
         except BaseException as exc:
@@ -236,12 +238,13 @@ class SlotWorker:
                 if collected:
                     out.append(("message", {"text": "".join(collected)}))
                 if "error" in outcome:
-                    out.append((ERROR, _error_data(outcome["error"], outcome["traceback"], started)))
+                    out.append((ERROR, {**_error_data(outcome["error"], outcome["traceback"], started),
+                                        "tokens": ctx.tokens_used}))
                 else:
                     out.append((RESULT, {
                         "output": outcome.get("output"), "state": outcome.get("state"),
                         "round_requests": list(ctx._round_requests),
-                        "elapsed_s": time.monotonic() - started,
+                        "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used,
                     }))
             if out:
                 yield out
@@ -252,7 +255,17 @@ def _error_data(exc: BaseException, tb: str, started: float) -> dict[str, Any]:
         "type": type(exc).__name__,
         "message": str(exc) or type(exc).__name__,
         "transient": isinstance(exc, TransientError),
+        "error_class": error_class(exc),
         "retry_after_s": getattr(exc, "retry_after_s", None),
         "traceback": tb,
         "elapsed_s": time.monotonic() - started,
     }
+
+
+def error_class(exc: BaseException) -> str | None:
+    """The retry policy's class of an agent's error; None: not retryable."""
+    if isinstance(exc, RateLimitError):
+        return "rate_limit"
+    if isinstance(exc, TransientError):
+        return "transient"
+    return None

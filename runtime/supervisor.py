@@ -19,13 +19,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
 from threadbound.snapshots import HistoryExists, Loaded, SnapshotError
 
 from .config import RuntimeConfig
 from .durability import Durability, open_location
 from .errors import InvalidTask, PoolClosed, TaskNotFound, UnknownRole
+from .health import (
+    ACTOR_DEATH, NORMAL, PAUSED, RETRY_EXHAUSTED, STEP_FAILED, STEP_OK, STREAM_FAILURE, TIMEOUT,
+    HealthMonitor, Transition,
+)
+from .levels import choose, fit_step, rounds_at, step_cost, workspace_size
+from .metrics import Metrics
 from .retry import backoff_s
 from .slot import ERROR, RESULT, StepRequest
 from .slots import Slot, SlotTable
@@ -40,8 +46,9 @@ READ_LINGER_S = 0.002  # after a wake-up, how long a read waits for the rest of 
 
 @dataclass
 class _Outcome:
-    kind: str  # ok | error | transient | timeout | crash
+    kind: str  # ok | error | rate_limit | transient | timeout | crash (the retry policy's classes)
     data: dict[str, Any]
+    signal: str | None = None  # what else the health monitor hears of it (timeout, actor death, ...)
 
 
 class _StepFailed(Exception):
@@ -85,6 +92,8 @@ class Supervisor:
         self._set_roles(roles)
         self.clock = clock
         self.rng = rng or random.Random()
+        self.health = HealthMonitor(config.health, clock=clock)
+        self.metrics = Metrics(config.name)
         self.tasks: dict[str, TaskState] = {}
         self.queue: list[tuple[int, int, str]] = []
         self.seq = 0
@@ -107,6 +116,7 @@ class Supervisor:
         self.resumed: dict[str, Any] | None = None
         self.fatal: BaseException | None = None  # why this supervisor cannot serve
         self._started = False
+        self._watcher: asyncio.Task | None = None
         if config.snapshots.enabled:
             try:
                 self._open_durability(resume, lease_owner)
@@ -171,6 +181,9 @@ class Supervisor:
         self._started = True
         if self.durable is not None:
             self.durable.start(self._export)
+        if self.cfg.health.enabled:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="health")
+        self.metrics.health_mode(self.health.mode, entered=False)
         self._pump()
 
     def _on_durable(self, marks: dict[str, int]) -> None:
@@ -205,7 +218,7 @@ class Supervisor:
             jobs.append(self._pickle_job(entries, len(entries) - 1, ts, ts.version))
         state = {"run_id": self.run_id, "seq": self.seq, "roles": dict(self.role_ids),
                  "blobs": {d: self.blobs[d] for d in used if d in self.blobs},
-                 "tasks": entries, "started_at": self.started_at}
+                 "tasks": entries, "started_at": self.started_at, "health": {"mode": self.health.mode}}
         return state, {ts.id: ts.status for ts in self.tasks.values()}, jobs
 
     @staticmethod
@@ -226,6 +239,7 @@ class Supervisor:
         self._set_roles({r: self.blobs[d] for r, d in state["roles"].items() if d in self.blobs})
         self._set_roles(given)  # roles the resuming client brings win
         self.tasks.update(tasks_from_snapshot(state))
+        self.health.restore(state.get("health", {}).get("mode", NORMAL))
         for rec in loaded.records:
             self._replay(rec)
         interrupted = [ts for ts in self.tasks.values() if ts.status not in TERMINAL]
@@ -233,6 +247,9 @@ class Supervisor:
         self.resumed = {"snapshot": loaded.seq, "records": len(loaded.records),
                         "skipped": [f"{p}: {why}" for p, why in loaded.skipped],
                         "torn": loaded.torn, "tasks": [ts.id for ts in interrupted]}
+        if self.health.mode != NORMAL:
+            log.warning("resumed in %s mode; it recovers after health.healthy_period_s (%gs) without trouble",
+                        self.health.mode, self.cfg.health.healthy_period_s)
         if loaded.skipped:
             log.error("resumed from an OLDER snapshot (%s) because newer ones were refused: %s",
                       loaded.seq, "; ".join(self.resumed["skipped"]))
@@ -243,7 +260,8 @@ class Supervisor:
 
     def _replay(self, rec: list[Any]) -> None:
         where = self.durable.location.location if self.durable else "journal"
-        self.seq = max(self.seq, replay(self.tasks, rec, on_roles=self._set_roles, where=where))
+        self.seq = max(self.seq, replay(self.tasks, rec, on_roles=self._set_roles, where=where,
+                                        on_health=self.health.restore))
 
     def _set_roles(self, blobs: dict[str, bytes]) -> dict[str, bytes]:
         changed = {}
@@ -299,7 +317,10 @@ class Supervisor:
         if self.durable is not None:
             self.durable.record(("submit", task_id, ts.seq, spec, ts.blob_ids, ts.submitted_at))
         self._emit(ts, PENDING, None, goal=spec.goal, agents=list(spec.agents), priority=spec.priority)
-        heapq.heappush(self.queue, (-spec.priority, ts.seq, task_id))
+        if self.health.mode != NORMAL and not spec.degrade:
+            self._finish(ts, FAILED, error=self._opted_out(ts), reason="degraded")
+        else:
+            heapq.heappush(self.queue, (-spec.priority, ts.seq, task_id))
         if self.durable is not None:
             await self.durable.flush()  # accepted = on disk: a crash now loses nothing
         self._pump()
@@ -368,8 +389,15 @@ class Supervisor:
             "durability": None if self.durable is None else {
                 "location": self.durable.location.location, "segment": self.durable.segment,
                 **self.durable.stats},
-            "resumed": self.resumed,
+            "resumed": self.resumed, "health": self.health.mode,
         }
+
+    async def health_report(self) -> dict[str, Any]:
+        """The pool's health mode, every signal with its threshold, recent transitions."""
+        report = self.health.report()
+        report["pool"] = self.cfg.name
+        report["queued"] = sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING)
+        return report
 
     async def snapshot_now(self) -> dict[str, Any]:
         """Write a snapshot now; returns its cost (seq, bytes, copy_ms, write_ms)."""
@@ -382,6 +410,8 @@ class Supervisor:
         """Stop admitting, let running tasks finish for ``grace_s``, cancel the rest, kill slots."""
         grace = self.cfg.shutdown_grace_s if grace_s is None else grace_s
         self.closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         for ts in list(self.tasks.values()):
             if ts.status == PENDING:
                 ts.cancel_reason = "shutdown"
@@ -403,8 +433,10 @@ class Supervisor:
     # -- admission ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Admit queued tasks, highest priority first then FIFO, while their slots fit."""
-        while self.queue and not self.closing:
+        """Admit queued tasks, highest priority first then FIFO, while their slots fit.
+
+        Nothing is admitted while the pool is paused; queued tasks wait for it to recover."""
+        while self.queue and not self.closing and self.health.mode != PAUSED:
             _, _, task_id = self.queue[0]
             ts = self.tasks.get(task_id)
             if ts is None or ts.status in TERMINAL or ts.runner is not None:
@@ -431,7 +463,10 @@ class Supervisor:
                          error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
         except asyncio.CancelledError:
             reason = ts.cancel_reason or "shutdown"
-            self._finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
+            if reason == "degraded":
+                self._finish(ts, FAILED, error=self._opted_out(ts), reason=reason)
+            else:
+                self._finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
         except _StepFailed as f:
             self._finish(ts, f.status, error=str(f))
         except Exception as exc:  # a bug of ours: fail the task loudly, keep the pool up
@@ -455,7 +490,9 @@ class Supervisor:
     async def _pipeline(self, ts: TaskState) -> None:
         """Rounds of steps; after a resume it continues at the first step not committed."""
         self._set_status(ts, RUNNING)
-        max_rounds = ts.spec.max_rounds or self.cfg.max_rounds
+        if ts.level is None:
+            await self._choose_level(ts)
+        max_rounds = ts.spec.max_rounds or ts.max_rounds or self.cfg.max_rounds
         rnd = max(ts.round, 1)
         while rnd <= max_rounds:
             if ts.round != rnd:
@@ -471,15 +508,59 @@ class Supervisor:
         raise _StepFailed(FAILED, f"no success after {max_rounds} round(s); last feedback: "
                           + "; ".join(ts.feedback)[:500])
 
+    async def _choose_level(self, ts: TaskState) -> None:
+        """Pick the task's level (fixed or scored, capped, fitted to its budget): a ``level`` event."""
+        spec, rcfg = ts.spec, self.cfg.reasoning
+        requested = spec.level if spec.level is not None else rcfg.level
+        size = None
+        if requested == "auto":  # a big workspace takes a while to walk: not on the loop
+            size = await asyncio.to_thread(workspace_size, spec.workspace)
+        choice = choose(rcfg, spec.level, spec.goal, size, n_agents=len(spec.agents),
+                        max_rounds=spec.max_rounds, default_rounds=self.cfg.max_rounds,
+                        budget=self._budget(ts))
+        self._emit(ts, "level", None, **choice.event(),
+                   max_rounds=rounds_at(rcfg, choice.level, self.cfg.max_rounds))
+
+    def _budget(self, ts: TaskState) -> float | None:
+        return ts.spec.cost_budget if ts.spec.cost_budget is not None else self.cfg.reasoning.cost_budget
+
+    def _plan(self, ts: TaskState, role: str) -> tuple[int, bool]:
+        """The level and streaming of the next attempt of a step (health and budget permitting)."""
+        if self.health.mode != NORMAL:
+            if not ts.spec.degrade:
+                raise _StepFailed(FAILED, self._opted_out(ts))
+            return 1, False
+        budget = self._budget(ts)
+        level = ts.level or 1
+        if budget is not None:
+            fits = fit_step(self.cfg.reasoning, level, ts.spent, budget)
+            if fits is None:
+                raise _StepFailed(FAILED, (
+                    f"task {ts.id} would exceed its cost budget of {budget:g}: it has spent {ts.spent:.4g} and "
+                    f"a level-1 step of {role!r} is estimated at {step_cost(self.cfg.reasoning, 1):.4g}; "
+                    "raise cost_budget or lower reasoning.levels.1.max_tokens"))
+            if fits < level:
+                self._emit(ts, "level", None, level=fits, requested=level, reasons=[
+                    f"cost budget {budget:g}: spent {ts.spent:.4g}; a level-{level} step is estimated at "
+                    f"{step_cost(self.cfg.reasoning, level):.4g}, a level-{fits} step at "
+                    f"{step_cost(self.cfg.reasoning, fits):.4g}"])
+                level = fits
+        return level, self.cfg.streaming
+
     async def _step(self, ts: TaskState, role: str, rnd: int) -> None:
-        policy = self.cfg.retry
         # A step interrupted by a crash restarts under its own attempt number, so its
         # idempotency key is the same and an idempotent side effect is not repeated.
         attempt = ts.inflight.get(role, 1) - 1
         while True:
             attempt += 1
-            out = await self._attempt(ts, role, rnd, attempt)
+            degraded = self.health.mode != NORMAL
+            level, streaming = self._plan(ts, role)
+            out = await self._attempt(ts, role, rnd, attempt, level, streaming)
+            self.health.record(STEP_OK if out.kind == "ok" else STEP_FAILED, degraded)
+            if out.signal is not None:
+                self.health.record(out.signal, degraded)
             if out.kind == "ok":
+                self._evaluate()
                 output, requests = out.data["output"], list(out.data["round_requests"])
                 if self.durable is not None:
                     self.durable.record(("commit", ts.id, role, output, out.data["state"], requests))
@@ -487,19 +568,28 @@ class Supervisor:
                 self._emit(ts, "step_finished", role, round=rnd, attempt=attempt,
                            elapsed_s=out.data.get("elapsed_s"),
                            output=output if _plain(output) else repr(output)[:2000],
-                           round_requests=requests)
+                           round_requests=requests, **self._cost(out, level))
                 if self.durable is not None:
                     await self.durable.flush()  # committed = in the journal
                 return
-            retryable = out.kind in policy.retry_on and attempt < policy.max_attempts
-            if not retryable:
+            policy = self.cfg.retry.for_class(out.kind)
+            retryable = out.kind in self.cfg.retry.retry_on
+            if retryable and attempt >= policy.max_attempts:
+                self.health.record(RETRY_EXHAUSTED, degraded)
+            self._evaluate()
+            if not retryable or attempt >= policy.max_attempts:
                 status = TIMED_OUT if out.kind == "timeout" else FAILED
                 tried = f" after {attempt} attempt(s)" if attempt > 1 else ""
                 raise _StepFailed(status, f"agent {role!r} of task {ts.id} {out.data['why']}{tried}")
             delay = backoff_s(policy, attempt, self.rng, out.data.get("retry_after_s"))
             self._emit(ts, "retrying", role, round=rnd, attempt=attempt + 1, reason=out.kind,
-                       delay_s=round(delay, 3))
+                       delay_s=round(delay, 3), retry_after_s=out.data.get("retry_after_s"))
             await asyncio.sleep(delay)
+
+    def _cost(self, out: _Outcome, level: int) -> dict[str, Any]:
+        tokens = int(out.data.get("tokens") or 0)
+        price = self.cfg.reasoning.spec(level).price_per_1k_tokens
+        return {"level": level, "tokens": tokens, "cost": round(tokens * price / 1000.0, 9)}
 
     async def _bind(self, ts: TaskState, role: str) -> Slot:
         slot = ts.bound.get(role)
@@ -518,24 +608,40 @@ class Supervisor:
         await self.slots.wait_ready(slot)
         return slot
 
-    async def _attempt(self, ts: TaskState, role: str, rnd: int, attempt: int) -> _Outcome:
+    async def _attempt(self, ts: TaskState, role: str, rnd: int, attempt: int, level: int,
+                       streaming: bool) -> _Outcome:
         slot = await self._bind(ts, role)
         timeout = ts.spec.step_timeout_s or self.cfg.step_timeout_s
-        level = min(ts.spec.level or self.cfg.reasoning.level, self.cfg.reasoning.max_level)
+        lv = self.cfg.reasoning.spec(level)
+        options = {k: v for k, v in (("model", lv.model), ("max_tokens", lv.max_tokens),
+                                     ("temperature", lv.temperature)) if v is not None}
         req = StepRequest(
             binding=ts.bind_keys[role], agent_blob=self.blobs[ts.blob_ids[role]], task_id=ts.id, role=role,
             goal=ts.spec.goal, workspace=ts.spec.workspace, round=rnd, attempt=attempt,
             idempotency_key=f"{ts.id}:{rnd}:{role}:{attempt}", inputs=ts.spec.inputs,
             outputs=dict(ts.outputs), feedback=list(ts.feedback), level=level,
-            streaming=self.cfg.streaming, model_config=self.cfg.model,
+            streaming=streaming, model_config=self.cfg.model, model_options=options,
             token_batch_size=self.cfg.token_batch_size,
             token_interval_s=self.cfg.token_interval_ms / 1000.0,
             state=ts.states.get(role), has_state=role in ts.states,
         )
-        self._emit(ts, "step_started", role, round=rnd, attempt=attempt, slot=slot.name, pid=slot.pid)
+        self._emit(ts, "step_started", role, round=rnd, attempt=attempt, slot=slot.name, pid=slot.pid,
+                   level=level, streaming=streaming)
         started = self.clock()
         deadline = started + timeout
         partial: list[str] = []
+        streamed = 0  # tokens received, for the cost of a step that ends without a result
+        held: list[str] = []  # tokens of a streaming step that the pool stopped streaming
+
+        def release_held() -> None:
+            if held:
+                self._emit(ts, "message", role, text="".join(held), degraded=True)
+                held.clear()
+
+        def spent() -> dict[str, Any]:
+            return {"level": level, "tokens": streamed,
+                    "cost": round(streamed * lv.price_per_1k_tokens / 1000.0, 9)}
+
         slot.busy = True
         try:
             gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
@@ -551,35 +657,98 @@ class Supervisor:
                 for kind, data in await ref:
                     if kind == RESULT:
                         slot.busy = False
+                        release_held()
                         return _Outcome("ok", data)
                     if kind == ERROR:
                         slot.busy = False
+                        release_held()
+                        klass = data.get("error_class") or ("transient" if data["transient"] else "error")
+                        out = _Outcome(klass, {"why": f"failed: {data['type']}: {data['message']}",
+                                               "retry_after_s": data.get("retry_after_s"),
+                                               "tokens": data.get("tokens", 0)})
                         self._emit(ts, "step_failed", role, round=rnd, attempt=attempt,
                                    error=f"{data['type']}: {data['message']}", transient=data["transient"],
-                                   traceback=data["traceback"][-4000:])
-                        kind_ = "transient" if data["transient"] else "error"
-                        return _Outcome(kind_, {"why": f"failed: {data['type']}: {data['message']}",
-                                                "retry_after_s": data.get("retry_after_s")})
+                                   error_class=klass, retry_after_s=data.get("retry_after_s"),
+                                   traceback=data["traceback"][-4000:], **self._cost(out, level))
+                        return out
                     if kind == "tokens":
                         partial.append(data["text"])
+                        streamed += data.get("n", 1)
+                        if self.health.mode != NORMAL and ts.spec.degrade:
+                            held.append(data["text"])  # degraded mid-step: the rest comes as one message
+                            continue
+                    else:
+                        release_held()
                     self._emit(ts, kind, role, **(data if isinstance(data, dict) else {"value": data}))
         except asyncio.TimeoutError:
             slot.busy = False
+            release_held()
             elapsed = self.clock() - started
             self.slots.replace(slot, kill=True)  # a running sync method cannot be interrupted
             self._emit(ts, "step_timed_out", role, round=rnd, attempt=attempt, limit_s=timeout,
-                       elapsed_s=round(elapsed, 3), partial="".join(partial)[-4000:], slot=slot.name)
+                       elapsed_s=round(elapsed, 3), partial="".join(partial)[-4000:], slot=slot.name,
+                       **spent())
             return _Outcome("timeout", {"why": f"exceeded its step timeout of {timeout:.3f}s "
-                                               f"(elapsed: {elapsed:.1f}s)"})
+                                               f"(elapsed: {elapsed:.1f}s)"}, signal=TIMEOUT)
         except StopAsyncIteration:
             slot.busy = False
+            release_held()
             return _Outcome("crash", {"why": "ended its step without a result"})
         except RayError as exc:
             slot.busy = False
+            release_held()
             self.slots.replace(slot, kill=True)
-            self._emit(ts, "agent_crashed", role, round=rnd, attempt=attempt, slot=slot.name,
-                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
-            return _Outcome("crash", {"why": f"crashed (its actor {slot.name} died)"})
+            died = isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
+            self._emit(ts, "agent_crashed" if died else "stream_failed", role, round=rnd, attempt=attempt,
+                       slot=slot.name, error=f"{type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}"[:500], **spent())
+            if died:
+                return _Outcome("crash", {"why": f"crashed (its actor {slot.name} died)"}, signal=ACTOR_DEATH)
+            return _Outcome("crash", {"why": f"lost its event stream ({type(exc).__name__}); its actor "
+                                             f"{slot.name} was replaced"}, signal=STREAM_FAILURE)
+
+    # -- health ---------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Re-evaluate health on a timer: recovery and memory pressure need no step to happen."""
+        while True:
+            await asyncio.sleep(self.cfg.health.check_interval_s)
+            try:
+                self._evaluate()
+            except Exception:  # a monitor bug must not stop the pool
+                log.exception("health evaluation failed")
+
+    def _evaluate(self) -> None:
+        change = self.health.evaluate()
+        if change is not None:
+            self._on_transition(change)
+
+    def _on_transition(self, t: Transition) -> None:
+        """Tell every unfinished task, the log, the journal and the metrics; act on the new mode."""
+        log.warning("pool %r health: %s -> %s (%s)", self.cfg.name, t.old, t.new, "; ".join(t.reasons))
+        self.metrics.health_mode(t.new)
+        if self.durable is not None:
+            self.durable.record(("health", t.new))
+        degraded = t.new != NORMAL
+        for ts in list(self.tasks.values()):
+            if ts.status in TERMINAL:
+                continue
+            self._emit(ts, "health", None, mode=t.new, previous=t.old, reasons=list(t.reasons),
+                       level=1 if degraded and ts.spec.degrade else ts.level,
+                       streaming=self.cfg.streaming and not degraded, admitting=t.new != PAUSED)
+            if degraded and not ts.spec.degrade:
+                ts.cancel_reason = "degraded"
+                if ts.runner is None:
+                    self._finish(ts, FAILED, error=self._opted_out(ts), reason="degraded")
+                else:
+                    ts.runner.cancel()
+        if t.old == PAUSED:
+            self._pump()
+
+    def _opted_out(self, ts: TaskState) -> str:
+        why = "; ".join(self.health.transitions[-1].reasons) if self.health.transitions else self.health.mode
+        return (f"task {ts.id} opted out of degradation (degrade: false) and the pool is {self.health.mode} "
+                f"({why}); resubmit it when pool.health() reports normal, or allow degrade")
 
     # -- events and state -----------------------------------------------------------
 

@@ -28,7 +28,14 @@ class Task:
             ``default_agents`` (coder, tester, reviewer).
         inputs: extra plain data handed to every step as ``ctx.inputs``.
         priority: higher is admitted first; equal priorities keep FIFO order.
-        max_rounds, step_timeout_s, task_timeout_s, level: per-task overrides of the config.
+        max_rounds, step_timeout_s, task_timeout_s: per-task overrides of the config.
+        level: reasoning level 1-4, or ``"auto"`` to score it from the goal and the
+            workspace; None = the config's ``reasoning.level``. ``max_level`` caps it.
+        cost_budget: the most the task may spend on model tokens, in the price units
+            of ``reasoning.levels``; the level is pushed down to stay under it. None =
+            the config's ``reasoning.cost_budget``.
+        degrade: False to fail the task rather than run it degraded (level 1, no
+            streaming) while the pool is unhealthy.
 
     Examples:
         >>> Task(goal="make tests pass", workspace=None, agents=["coder"]).agents
@@ -43,7 +50,9 @@ class Task:
     max_rounds: int | None = None
     step_timeout_s: float | None = None
     task_timeout_s: float | None = None
-    level: int | None = None
+    level: int | str | None = None
+    cost_budget: float | None = None
+    degrade: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.agents, str):
@@ -73,8 +82,16 @@ class Task:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise InvalidTask(name, f"must be a positive number or None, got {v!r}")
-        if self.level is not None and self.level not in (1, 2, 3, 4):
-            raise InvalidTask("level", f"must be 1, 2, 3, 4 or None, got {self.level!r}")
+        level = self.level
+        if isinstance(level, str) and level.strip().lower() == "auto":
+            level = "auto"
+        elif level is not None and (isinstance(level, bool) or level not in (1, 2, 3, 4)):
+            raise InvalidTask("level", f"must be 1, 2, 3, 4, 'auto' or None, got {self.level!r}")
+        b = self.cost_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0):
+            raise InvalidTask("cost_budget", f"must be a positive number (price units) or None, got {b!r}")
+        if not isinstance(self.degrade, bool):
+            raise InvalidTask("degrade", f"must be true or false, got {self.degrade!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise InvalidTask("priority", f"must be an integer, got {self.priority!r}")
         if not isinstance(self.inputs, dict):
@@ -82,7 +99,7 @@ class Task:
         return Task(goal=self.goal, workspace=ws, agents=agents, inputs=dict(self.inputs),
                     priority=self.priority, max_rounds=self.max_rounds,
                     step_timeout_s=self.step_timeout_s, task_timeout_s=self.task_timeout_s,
-                    level=self.level)
+                    level=level, cost_budget=self.cost_budget, degrade=self.degrade)
 
 
 @dataclass(frozen=True)

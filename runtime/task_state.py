@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 # What a snapshot holds of a task (everything else is rebuilt on resume).
 DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "done",
-                  "outputs", "states", "feedback", "requests", "inflight", "error", "finished_at")
+                  "outputs", "states", "feedback", "requests", "inflight", "error", "finished_at",
+                  "level", "max_rounds", "spent", "tokens")
+# Step-end events; their ``cost`` and ``tokens`` add up to what a task has spent.
+STEP_ENDS = frozenset({"step_finished", "step_failed", "step_timed_out", "agent_crashed", "stream_failed"})
 
 
 def digest(blob: bytes) -> str:
@@ -48,6 +51,10 @@ class TaskState:
     states: dict[str, Any] = field(default_factory=dict)  # role -> committed agent state
     feedback: list[str] = field(default_factory=list)
     error: str | None = None
+    level: int | None = None  # reasoning level chosen for the task (None: not yet chosen)
+    max_rounds: int | None = None  # rounds budget of that level
+    spent: float = 0.0  # cost of the model tokens its steps used, in price units
+    tokens: int = 0
     started_at: float | None = None
     finished_at: float | None = None
     version: int = 0  # bumps on every change of what a snapshot holds of the task
@@ -71,6 +78,12 @@ def track(ts: TaskState, row: tuple) -> None:
         ts.round, ts.feedback, ts.done, ts.requests = data["round"], list(data["feedback"]), 0, []
     elif kind in ("step_started", "retrying"):
         ts.inflight[agent] = data["attempt"]
+    elif kind == "level":
+        ts.level = data["level"]
+        ts.max_rounds = data.get("max_rounds", ts.max_rounds)
+    if kind in STEP_ENDS and "cost" in data:
+        ts.spent += data["cost"]
+        ts.tokens += data.get("tokens", 0)
 
 
 def apply_commit(ts: TaskState, role: str, output: Any, state: Any, requests: list[str]) -> None:
@@ -87,7 +100,7 @@ def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskState]:
     tasks = {}
     for entry in state["tasks"]:
         rec = cloudpickle.loads(entry)  # bytes from a verified payload
-        ts = TaskState(**{f: rec[f] for f in DURABLE_FIELDS})
+        ts = TaskState(**{f: rec[f] for f in DURABLE_FIELDS if f in rec})
         ts.events = list(rec["events"])
         ts.visible = len(ts.events)
         tasks[ts.id] = ts
@@ -95,11 +108,15 @@ def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskState]:
 
 
 def replay(tasks: dict[str, TaskState], rec: list[Any], *,
-           on_roles: Callable[[dict[str, bytes]], Any], where: str) -> int:
+           on_roles: Callable[[dict[str, bytes]], Any], where: str,
+           on_health: Callable[[str], Any] | None = None) -> int:
     """Apply one journal record to ``tasks``; returns the task number a submit used (else 0)."""
     kind = rec[0]
     if kind == "roles":
         on_roles(rec[1])
+    elif kind == "health":
+        if on_health is not None:
+            on_health(rec[1])
     elif kind == "submit":
         _, task_id, seq, spec, blob_ids, submitted_at = rec
         tasks[task_id] = TaskState(id=task_id, seq=seq, spec=spec, blob_ids=dict(blob_ids),

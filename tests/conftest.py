@@ -59,11 +59,15 @@ def pool_name():
 
 
 def pool_settings(name: str, **overrides) -> dict:
-    """Config of a test pool: small caps, short timeouts, snapshots in the session's scratch."""
+    """Config of a test pool: small caps, short timeouts, snapshots in the session's scratch.
+
+    Health monitoring is off: these pools fail on purpose, test after test, and a
+    degraded pool would stop streaming for the next test. tests/test_health.py turns
+    it on with the thresholds it needs."""
     settings = dict(name=name, max_agents=3, max_agents_per_task=3, step_timeout_s=10,
                     task_timeout_s=60, token_batch_size=4, token_interval_ms=20,
                     retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2},
-                    snapshot_dir=SNAPSHOTS)
+                    snapshot_dir=SNAPSHOTS, health={"enabled": False})
     settings.update(overrides)
     return settings
 

@@ -17,7 +17,7 @@ def test_runtime_exports():
 def test_agents_exports():
     assert sorted(threadbound.agents.__all__) == sorted([
         "Agent", "StepContext", "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
-        "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError",
+        "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError", "RateLimitError",
     ])
 
 

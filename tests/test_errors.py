@@ -21,7 +21,8 @@ def instances():
     c = errors.TaskCancelled("cancelled", task_id="t1")
     c.reason = "shutdown"
     yield c
-    yield agent_errors.TransientModelError("429", retry_after_s=2.0, agent="coder")
+    yield agent_errors.TransientModelError("503", retry_after_s=2.0, agent="coder")
+    yield agent_errors.RateLimitError("429", retry_after_s=2.0, agent="coder")
     yield agent_errors.ModelError("bad request", agent="coder")
 
 

@@ -5,7 +5,7 @@ import socket
 import pytest
 from openai_server import OpenAITestServer
 
-from threadbound.agents import ModelError, TransientModelError, build_model
+from threadbound.agents import ModelError, RateLimitError, TransientModelError, build_model
 from threadbound.agents.models import (
     CallableModelConfig, LocalModelConfig, OpenAIModelConfig, SimulatedModelConfig,
 )
@@ -45,11 +45,21 @@ def test_streams_text_tokens_and_completes_without_streaming(model):
 
 
 def test_openai_sends_model_key_and_messages(server):
-    m = build_model(OpenAIModelConfig(base_url=server.url, api_key="sk-test", model="m", level_models={1: "small"}))
-    assert "say hello" in m.complete(MESSAGES, **{**OPTIONS, "level": 1})
+    m = build_model(OpenAIModelConfig(base_url=server.url, api_key="sk-test", model="m", max_tokens=500))
+    assert "say hello" in m.complete(MESSAGES, **OPTIONS)
     last = server.requests[-1]
-    assert last["auth"] == "Bearer sk-test" and last["body"]["model"] == "small"
+    assert last["auth"] == "Bearer sk-test" and last["body"]["model"] == "m"
     assert last["body"]["messages"] == MESSAGES
+    assert (last["body"]["max_tokens"], last["body"]["temperature"]) == (500, 0.2)
+
+
+def test_openai_takes_the_reasoning_levels_model_tokens_and_temperature(server):
+    m = build_model(OpenAIModelConfig(base_url=server.url, model="big", max_tokens=500))
+    m.complete(MESSAGES, **{**OPTIONS, "level": 1, "model": "small", "max_tokens": 64, "temperature": 0.0})
+    body = server.requests[-1]["body"]
+    assert (body["model"], body["max_tokens"], body["temperature"]) == ("small", 64, 0.0)
+    m.complete(MESSAGES, **{**OPTIONS, "max_tokens": 4096})  # the backend's own cap is lower: it wins
+    assert server.requests[-1]["body"]["max_tokens"] == 500
 
 
 def test_openai_reads_base_url_and_key_from_the_environment(server, monkeypatch):
@@ -60,7 +70,7 @@ def test_openai_reads_base_url_and_key_from_the_environment(server, monkeypatch)
 
 
 @pytest.mark.parametrize("name, error, retry_after", [
-    ("rate-limit", TransientModelError, 2.0),
+    ("rate-limit", RateLimitError, 2.0),
     ("overloaded", TransientModelError, None),
     ("bad-request", ModelError, None),
     ("garbage", ModelError, None),

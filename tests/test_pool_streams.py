@@ -25,7 +25,8 @@ def test_stream_shows_every_event_in_order_and_result_has_outputs(pool):
     handle = pool.submit(Task(goal="hello", agents=["a", "b"], inputs={"*": {"tokens": 9, "emit": 2}}))
     events = list(handle.stream())
     assert [e.offset for e in events] == list(range(len(events)))
-    assert kinds(events)[:4] == ["pending", "admitted", "running", "round_started"]
+    assert kinds(events)[:5] == ["pending", "admitted", "running", "level", "round_started"]
+    assert events[3].data["level"] == 2 and events[3].data["reasons"] == ["fixed: level 2 from config"]
     assert events[-1].kind == "succeeded" and events[-1].terminal
     for role in ("a", "b"):
         text = "".join(e.data["text"] for e in events if e.kind == "tokens" and e.agent == role)

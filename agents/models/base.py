@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 Message = dict[str, str]  # OpenAI-style {"role": ..., "content": ...}
+
+_TOKENISH = re.compile(r"\w+|[^\w\s]+")
+
+
+def count_tokens(text: str) -> int:
+    """A rough token count (words and runs of punctuation) for answers that came whole."""
+    return len(_TOKENISH.findall(text))
 
 
 class Model:
@@ -12,7 +20,9 @@ class Model:
 
     Backends implement :meth:`stream`; :meth:`complete` joins it unless a backend
     has a cheaper non-streaming call. ``options`` carry at least ``agent`` (the
-    role), ``task_id``, ``level`` and ``stream``; backends ignore what they do not use.
+    role), ``task_id``, ``level`` and ``stream``, and the level's ``model``,
+``max_tokens`` and ``temperature`` when it sets them; backends ignore what they do
+not use.
 
     Examples:
         >>> class Parrot(Model):

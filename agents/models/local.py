@@ -57,8 +57,10 @@ class _LlamaServer:
         self.config = config
         self.llm = Llama(model_path=path, n_ctx=config.n_ctx, n_threads=config.n_threads, verbose=False)
 
-    def generate(self, messages: list[Message], stream: bool):
-        kw = {"messages": messages, "max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
+    def generate(self, messages: list[Message], stream: bool, max_tokens: int | None = None,
+                 temperature: float | None = None):
+        kw = {"messages": messages, "max_tokens": min(self.config.max_tokens, max_tokens or self.config.max_tokens),
+              "temperature": self.config.temperature if temperature is None else temperature}
         if not stream:
             yield self.llm.create_chat_completion(**kw)["choices"][0]["message"]["content"] or ""
             return
@@ -97,5 +99,6 @@ class LocalModel(Model):
         import ray
 
         stream = bool(options.get("stream", True))
-        for ref in self._server().generate.options(num_returns="streaming").remote(messages, stream):
+        call = self._server().generate.options(num_returns="streaming")
+        for ref in call.remote(messages, stream, options.get("max_tokens"), options.get("temperature")):
             yield ray.get(ref)

@@ -2,9 +2,11 @@
 
 vLLM, Ollama, llama.cpp's server, OpenAI itself. Streams with server-sent events.
 ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` as
-seen by the agent actor's process. 429, 5xx and connect/read timeouts raise
-:class:`TransientModelError` (with Retry-After honoured as a hint); other failures
-raise :class:`ModelError`.
+seen by the agent actor's process. 429 raises :class:`RateLimitError` with the
+server's Retry-After; 5xx and connect/read timeouts raise :class:`TransientModelError`;
+other failures raise :class:`ModelError`. The reasoning level's ``model``,
+``max_tokens`` and ``temperature`` arrive as call options and win over this config's
+(``max_tokens``: the lower of the two).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ModelError, TransientModelError
+from ..errors import ModelError, RateLimitError, TransientModelError
 from .base import Message, Model
 
 
@@ -32,7 +34,6 @@ class OpenAIModelConfig(BaseModel):
     temperature: float = Field(default=0.2, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
     timeout_s: float = Field(default=60.0, gt=0, description="connect and per-read timeout")
-    level_models: dict[int, str] = Field(default_factory=dict, description="model name per reasoning level")
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -53,12 +54,14 @@ class OpenAIModel(Model):
 
     def _request(self, messages: list[Message], stream: bool, options: dict[str, Any]):
         cfg = self.config
+        temperature = options.get("temperature")
         body: dict[str, Any] = {
-            "model": cfg.level_models.get(int(options.get("level") or 0), cfg.model),
-            "messages": messages, "temperature": cfg.temperature, "stream": stream,
+            "model": options.get("model") or cfg.model, "messages": messages,
+            "temperature": cfg.temperature if temperature is None else temperature, "stream": stream,
         }
-        if cfg.max_tokens:
-            body["max_tokens"] = cfg.max_tokens
+        limits = [n for n in (cfg.max_tokens, options.get("max_tokens")) if n]
+        if limits:
+            body["max_tokens"] = min(limits)
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -69,7 +72,10 @@ class OpenAIModel(Model):
             return urllib.request.urlopen(req, timeout=cfg.timeout_s)
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode("utf-8", "replace")
-            if exc.code == 429 or exc.code >= 500:
+            if exc.code == 429:
+                raise RateLimitError(f"model server {where} is rate limiting (429): {detail}",
+                                     retry_after_s=_retry_after(exc.headers)) from None
+            if exc.code >= 500:
                 raise TransientModelError(f"model server {where} answered {exc.code}: {detail}",
                                           retry_after_s=_retry_after(exc.headers)) from None
             raise ModelError(f"model server {where} refused the request ({exc.code}): {detail}") from None

@@ -1,7 +1,8 @@
 """A deterministic simulated model for tests and benchmarks: no network, no weights.
 
 Answers come from ``answers`` (per role; a list is indexed by round), else from a
-fixed template, optionally padded to ``tokens`` tokens. ``latency_ms`` delays the
+fixed template, optionally padded to ``tokens`` tokens and cut at the call's
+``max_tokens`` (the reasoning level's). ``latency_ms`` delays the
 first token, ``tokens_per_s`` paces the rest, ``cpu_ms`` burns GIL-holding CPU per
 call, and ``faults`` inject errors, hangs and crashes for chosen agents/attempts.
 """
@@ -15,7 +16,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ModelError, TransientModelError
+from ..errors import ModelError, RateLimitError, TransientModelError
 from .base import Message, Model
 
 _TOKEN = re.compile(r"\s*\S+\s*|\s+")
@@ -26,11 +27,13 @@ class FaultRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["error", "transient", "hang", "crash"] = Field(
+    kind: Literal["error", "transient", "rate_limit", "hang", "crash"] = Field(
         description="error: non-retryable ModelError; transient: TransientModelError; "
-        "hang: sleep hang_s; crash: the process exits"
+        "rate_limit: RateLimitError (429) with retry_after_s; hang: sleep hang_s; crash: the process exits"
     )
     agent: str | None = None
+    level: int | None = Field(default=None, ge=1, le=4, description="only calls at this reasoning level")
+    streaming: bool | None = Field(default=None, description="only streaming (true) or non-streaming calls")
     attempt: int | None = Field(default=None, ge=1)
     round: int | None = Field(default=None, ge=1)
     goal_contains: str | None = None
@@ -44,6 +47,8 @@ class FaultRule(BaseModel):
             and (self.attempt is None or self.attempt == options.get("attempt"))
             and (self.round is None or self.round == options.get("round"))
             and (self.goal_contains is None or self.goal_contains in str(options.get("goal", "")))
+            and (self.level is None or self.level == options.get("level"))
+            and (self.streaming is None or self.streaming == bool(options.get("stream", True)))
         )
 
 
@@ -103,7 +108,8 @@ class SimulatedModel(Model):
         n = self.config.tokens
         if n is not None:
             toks = (toks + [f" t{i}" for i in range(len(toks), n)])[:n]
-        return toks
+        cap = options.get("max_tokens")
+        return toks[:cap] if cap else toks
 
     def stream(self, messages: list[Message], **options: Any) -> Iterator[str]:
         cfg = self.config
@@ -131,6 +137,8 @@ class SimulatedModel(Model):
             return
         if fault.kind == "crash":
             os._exit(17)
+        if fault.kind == "rate_limit":
+            raise RateLimitError(f"simulated rate limit ({where})", retry_after_s=fault.retry_after_s)
         if fault.kind == "transient":
             raise TransientModelError(
                 f"simulated transient model failure ({where})", retry_after_s=fault.retry_after_s

@@ -1,0 +1,207 @@
+"""The health monitor: signals over a sliding window, and the pool's mode.
+
+Modes::
+
+    normal    steps run at their task's level, streaming as configured
+    degraded  steps run at level 1 without streaming (one final message per step)
+    paused    as degraded, and no new task is admitted (submissions still queue)
+
+``normal -> degraded`` as soon as any signal reaches its threshold. ``degraded ->
+paused`` (when ``health.pause``) if the steps run since the pool degraded -- level 1,
+no streaming -- fail badly enough to cross a threshold on their own. Recovery is one
+mode at a time, and only after ``healthy_period_s`` in which no signal was over its
+threshold: a pool that keeps failing now and then stays degraded instead of flapping.
+
+Signals, counted over the last ``window_s``: ``error_rate`` (failed step attempts /
+finished step attempts, once ``min_steps`` have finished), ``timeouts``,
+``actor_deaths``, ``stream_failures`` (event batches that could not be fetched or
+recorded), ``retry_exhausted`` (steps that used up their retries on a retryable
+error), and ``memory_percent`` (the node's memory in use, from psutil, sampled at most
+every ``check_interval_s``; it degrades the pool but does not pause it).
+
+The monitor is a plain object with an injected clock (and memory probe), so its
+hysteresis is unit-tested in milliseconds; the supervisor feeds it and acts on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psutil
+
+from .config import HealthConfig
+
+NORMAL, DEGRADED, PAUSED = "normal", "degraded", "paused"
+MODES = (NORMAL, DEGRADED, PAUSED)
+
+# What the supervisor records, and which count signal each feeds.
+STEP_OK, STEP_FAILED = "step_ok", "step_failed"
+TIMEOUT, ACTOR_DEATH, STREAM_FAILURE, RETRY_EXHAUSTED = "timeout", "actor_death", "stream_failure", "retry_exhausted"
+_COUNTS = {TIMEOUT: "timeouts", ACTOR_DEATH: "actor_deaths", STREAM_FAILURE: "stream_failures",
+           RETRY_EXHAUSTED: "retry_exhausted"}
+SIGNALS = ("error_rate", "timeouts", "actor_deaths", "stream_failures", "retry_exhausted", "memory_percent")
+
+
+def node_memory_percent() -> float:
+    return float(psutil.virtual_memory().percent)
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float  # wall time
+    old: str
+    new: str
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.old, "to": self.new, "reasons": list(self.reasons)}
+
+
+class HealthMonitor:
+    """Sliding-window signals and the mode they put the pool in.
+
+    Examples:
+        >>> from threadbound.runtime.config import HealthConfig
+        >>> now = [0.0]
+        >>> m = HealthMonitor(HealthConfig(timeouts=2, healthy_period_s=10), clock=lambda: now[0],
+        ...                   memory=lambda: 10.0)
+        >>> m.record(TIMEOUT); m.record(TIMEOUT)
+        >>> m.evaluate().new, m.mode
+        ('degraded', 'degraded')
+        >>> now[0] = 59.0; m.evaluate()  # still in the 60 s window: still unhealthy
+        >>> now[0] = 61.0; m.evaluate()  # aged out: healthy, but not for healthy_period_s yet
+        >>> now[0] = 69.0; m.evaluate().new
+        'normal'
+    """
+
+    def __init__(self, cfg: HealthConfig, *, clock: Callable[[], float] = time.monotonic,
+                 memory: Callable[[], float] = node_memory_percent,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.memory = memory
+        self.wall = wall
+        self.mode = NORMAL
+        self.since = clock()
+        self.last_bad: float | None = None
+        self.records: deque[tuple[float, str, bool]] = deque()  # (time, kind, ran degraded)
+        self.transitions: deque[Transition] = deque(maxlen=100)
+        self._memory_at = float("-inf")
+        self._memory_value = 0.0
+
+    # -- input ----------------------------------------------------------------------
+
+    def record(self, kind: str, degraded: bool = False) -> None:
+        """Note one thing that happened; ``degraded`` if it happened to a degraded step."""
+        if self.cfg.enabled:
+            self.records.append((self.clock(), kind, degraded))
+
+    # -- signals --------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.cfg.window_s
+        while self.records and self.records[0][0] < horizon:
+            self.records.popleft()
+
+    def _memory_percent(self, now: float) -> float:
+        if now - self._memory_at >= self.cfg.check_interval_s:
+            try:
+                self._memory_value = self.memory()
+            except Exception:  # a probe that fails must not take the pool down
+                self._memory_value = 0.0
+            self._memory_at = now
+        return self._memory_value
+
+    def _values(self, records: Any, memory: float | None) -> dict[str, float]:
+        ok = failed = 0
+        counts = dict.fromkeys(_COUNTS.values(), 0)
+        for _, kind, _ in records:
+            if kind == STEP_OK:
+                ok += 1
+            elif kind == STEP_FAILED:
+                failed += 1
+            else:
+                counts[_COUNTS[kind]] += 1
+        done = ok + failed
+        values: dict[str, float] = {"error_rate": failed / done if done >= self.cfg.min_steps else 0.0}
+        values.update(counts)
+        if memory is not None:
+            values["memory_percent"] = memory
+        return values
+
+    def thresholds(self) -> dict[str, float]:
+        return {s: getattr(self.cfg, s) for s in SIGNALS}
+
+    def _over(self, values: dict[str, float]) -> list[str]:
+        limits = self.thresholds()
+        out = []
+        for name, value in values.items():
+            if value >= limits[name]:
+                shown = f"{value:.0%}" if name == "error_rate" else (
+                    f"{value:.1f}%" if name == "memory_percent" else f"{value:g}")
+                limit = f"{limits[name]:.0%}" if name == "error_rate" else f"{limits[name]:g}"
+                out.append(f"{name} {shown} >= {limit}")
+        return out
+
+    # -- decisions ------------------------------------------------------------------
+
+    def evaluate(self) -> Transition | None:
+        """Update the mode from the signals now; the transition made, if any."""
+        if not self.cfg.enabled:
+            return None
+        now = self.clock()
+        self._prune(now)
+        over = self._over(self._values(self.records, self._memory_percent(now)))
+        if over:
+            self.last_bad = now
+        calm = self.last_bad is None or now - self.last_bad >= self.cfg.healthy_period_s
+        if self.mode == NORMAL and over:
+            return self._move(DEGRADED, over, now)
+        if self.mode == DEGRADED:
+            if self.cfg.pause:
+                since = self.since
+                level1 = [r for r in self.records if r[2] and r[0] >= since]
+                worse = self._over(self._values(level1, None))
+                if worse:
+                    return self._move(PAUSED, [f"level 1 fails too: {w}" for w in worse], now)
+            if calm:
+                return self._move(NORMAL, [f"healthy for {self.cfg.healthy_period_s:g}s"], now)
+        if self.mode == PAUSED and calm:
+            return self._move(DEGRADED, [f"healthy for {self.cfg.healthy_period_s:g}s; admitting at level 1"], now)
+        return None
+
+    def _move(self, new: str, reasons: list[str], now: float) -> Transition:
+        t = Transition(self.wall(), self.mode, new, tuple(reasons))
+        self.mode, self.since = new, now
+        if new != NORMAL:
+            self.last_bad = now  # the healthy period counts from here at the earliest
+        self.transitions.append(t)
+        return t
+
+    def restore(self, mode: str) -> None:
+        """Take up the mode a previous supervisor was in (resume); it must earn its way back."""
+        if mode in MODES:
+            self.mode, self.since = mode, self.clock()
+            self.last_bad = self.since if mode != NORMAL else None
+
+    def report(self) -> dict[str, Any]:
+        """The mode, each signal with its threshold, and recent transitions (``pool.health()``)."""
+        now = self.clock()
+        self._prune(now)
+        values = self._values(self.records, self._memory_percent(now))
+        limits = self.thresholds()
+        calm_in = None
+        if self.mode != NORMAL and self.last_bad is not None:
+            calm_in = max(0.0, self.cfg.healthy_period_s - (now - self.last_bad))
+        return {
+            "mode": self.mode, "enabled": self.cfg.enabled, "since_s": round(now - self.since, 3),
+            "signals": {s: {"value": round(values.get(s, 0.0), 4), "threshold": limits[s],
+                            "over": values.get(s, 0.0) >= limits[s]} for s in SIGNALS},
+            "steps_in_window": sum(1 for r in self.records if r[1] in (STEP_OK, STEP_FAILED)),
+            "window_s": self.cfg.window_s, "healthy_period_s": self.cfg.healthy_period_s,
+            "recovers_in_s": None if calm_in is None else round(calm_in, 3),
+            "transitions": [t.to_dict() for t in self.transitions],
+        }
