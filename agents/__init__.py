@@ -7,12 +7,14 @@ Public names::
     # Models
     Model, SimulatedModel, SimulatedModelConfig, build_model
     # Errors an agent may raise
-    ThreadboundError, AgentError, TransientError, ModelError, TransientModelError, RateLimitError
+    ThreadboundError, AgentError, TransientError, ModelError, TransientModelError, RateLimitError,
+    BudgetExhausted
 """
 
 from .base import Agent, StepContext
 from .errors import (
-    AgentError, ModelError, RateLimitError, ThreadboundError, TransientError, TransientModelError,
+    AgentError, BudgetExhausted, ModelError, RateLimitError, ThreadboundError, TransientError,
+    TransientModelError,
 )
 from .models import Model, SimulatedModel, SimulatedModelConfig, build_model
 
@@ -23,5 +25,5 @@ __all__ = [
     "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
     # Errors
     "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError",
-    "RateLimitError",
+    "RateLimitError", "BudgetExhausted",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator
 
+from .errors import BudgetExhausted
 from .models.base import Model, count_tokens
 
 
@@ -49,6 +50,9 @@ class StepContext:
         model_options: what the level sets for model calls (``model``,
             ``max_tokens``, ``temperature``); ``ask`` passes them on.
         tokens_used: tokens the model has answered this step (the task's cost).
+        tokens_left: what is left of the task's cost budget, in tokens at this step's
+            level (None: no budget). ``ask`` caps each answer to it and raises
+            :class:`BudgetExhausted` when nothing is left.
     """
 
     task_id: str
@@ -66,6 +70,7 @@ class StepContext:
     model: Model | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     tokens_used: int = 0
+    tokens_left: int | None = None
     _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False)
     _round_requests: list[str] = field(default_factory=list, repr=False)
 
@@ -102,6 +107,13 @@ class StepContext:
             "round": self.round, "attempt": self.attempt, "goal": self.goal,
             "stream": self.streaming, **self.model_options, **options,
         }
+        if self.tokens_left is not None:
+            left = self.tokens_left - self.tokens_used
+            if left <= 0:
+                raise BudgetExhausted(
+                    f"task {self.task_id} has spent its cost budget ({self.tokens_used} tokens this step); "
+                    "raise the task's cost_budget to let it go on", task_id=self.task_id, agent=self.role)
+            opts["max_tokens"] = min(opts.get("max_tokens") or left, left)
         if not self.streaming:
             text = self.model.complete(messages, **opts)
             self.tokens_used += count_tokens(text)

@@ -70,6 +70,10 @@ class TransientError(AgentError):
         self.retry_after_s = retry_after_s
 
 
+class BudgetExhausted(AgentError):
+    """The task's cost budget has no tokens left for another model call; not retried."""
+
+
 class ModelError(AgentError):
     """A model backend failed in a way retrying will not fix (bad request, bad config)."""
 

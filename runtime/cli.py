@@ -2,7 +2,9 @@
 
     threadbound run examples/fizzbuzz                 # stream the agents' work, then a summary
     threadbound run examples/fizzbuzz --json          # events as JSON lines, for scripts
+    threadbound run examples/fizzbuzz --level auto    # let the task's size pick its reasoning level
     threadbound tasks --address auto                  # tasks of a running (detached) pool
+    threadbound health --address auto                 # its health mode and signals
     threadbound resume                                # restart a crashed pool from its snapshots
     threadbound snapshots ls                          # what is in the snapshot directory
     threadbound snapshots show .threadbound/snapshots/threadbound 12
@@ -67,6 +69,11 @@ class _Live:
         elif ev.kind in ("step_timed_out", "agent_crashed", "step_failed", "retrying"):
             detail = d.get("error") or d.get("reason") or f"after {d.get('elapsed_s')}s"
             self._line(f"   ! {ev.kind} ({ev.agent}): {detail}")
+        elif ev.kind == "level":
+            self._line(f"   · level {d['level']}: " + "; ".join(d.get("reasons", [])))
+        elif ev.kind == "health":
+            self._line(f"   ! pool {d['mode']} ({'; '.join(d.get('reasons', []))})"
+                       + ("" if d["mode"] == "normal" else ": level 1, no streaming"))
         elif ev.kind in ("pending", "admitted", "running", "round_started"):
             pass
         elif ev.terminal:
@@ -136,8 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _default_model(_config(args), args)
     agents = [a.strip() for a in args.agents.split(",")] if args.agents else None
+    level = None if args.level is None else (args.level if args.level == "auto" else int(args.level))
     task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
-                max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)})
+                max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)}, level=level,
+                cost_budget=args.budget)
     task.validated(cfg.default_agents)  # bad input fails before Ray starts
     pool = AgentPool(cfg)
     handle = None
@@ -156,17 +165,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         pool.shutdown(grace_s=1)
 
 
-def cmd_tasks(args: argparse.Namespace) -> int:
+def _attach(args: argparse.Namespace) -> Any:
+    """The supervisor of a running pool, or None (after saying so)."""
     import ray
 
-    from .pool import _get, connect_ray
+    from .pool import connect_ray
 
     cfg = _config(args)
     connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": cfg.ray.address or "auto"}))
     try:
-        sup = ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
+        return ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
     except ValueError:
         print(f"no pool named {cfg.name!r} in namespace {cfg.ray.namespace!r}", file=sys.stderr)
+        return None
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from .pool import _get
+
+    sup = _attach(args)
+    if sup is None:
+        return 2
+    h = _get(sup.health_report.remote())
+    if args.json:
+        print(json.dumps(h, default=str))
+        return 0
+    recover = f"; recovers after {h['recovers_in_s']:.0f}s more without trouble" if h["recovers_in_s"] else ""
+    print(f"pool {h['pool']}: {h['mode']} for {h['since_s']:.0f}s{recover}; {h['queued']} queued")
+    print(f"signals over the last {h['window_s']:g}s ({h['steps_in_window']} step attempts):")
+    for name, s in h["signals"].items():
+        print(f"  {'!' if s['over'] else ' '} {name:<16} {s['value']:>8g}  threshold {s['threshold']:g}")
+    for t in h["transitions"][-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(t["at"]))
+        print(f"  {when} {t['from']} -> {t['to']}: {'; '.join(t['reasons'])}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .pool import _get
+
+    sup = _attach(args)
+    if sup is None:
         return 2
     rows = _get(sup.tasks_summary.remote())
     for t in rows:
@@ -268,6 +307,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray address to join, e.g. auto")
     run.add_argument("--json", action="store_true", help="print events as JSON lines")
     run.add_argument("--no-stream", action="store_true", help="one message per step instead of tokens")
+    run.add_argument("--level", choices=["1", "2", "3", "4", "auto"], default=None,
+                     help="reasoning level (default: the config's reasoning.level)")
+    run.add_argument("--budget", type=float, default=None,
+                     help="cost budget in the price units of reasoning.levels (default: none)")
     run.set_defaults(func=cmd_run)
 
     tasks = sub.add_parser("tasks", help="list the tasks of a running pool")
@@ -275,6 +318,13 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--address", default=None)
     tasks.add_argument("--name", default=None, help="pool name (default: the config's name)")
     tasks.set_defaults(func=cmd_tasks)
+
+    health = sub.add_parser("health", help="a running pool's health mode, signals and transitions")
+    health.add_argument("--config", "-c")
+    health.add_argument("--address", default=None)
+    health.add_argument("--name", default=None, help="pool name (default: the config's name)")
+    health.add_argument("--json", action="store_true", help="print the report as JSON")
+    health.set_defaults(func=cmd_health)
 
     resume = sub.add_parser("resume", help="restart a crashed pool from its snapshots and follow its tasks")
     resume.add_argument("location", nargs="?", default=None,

@@ -144,10 +144,10 @@ class LevelConfig(_Section):
 
 def _default_levels() -> dict[int, LevelConfig]:
     return {
-        1: LevelConfig(max_tokens=256, price_per_1k_tokens=0.1),
-        2: LevelConfig(max_tokens=1024, price_per_1k_tokens=0.5),
-        3: LevelConfig(max_tokens=2048, price_per_1k_tokens=2.0),
-        4: LevelConfig(max_tokens=4096, price_per_1k_tokens=8.0),
+        1: LevelConfig(max_tokens=512, price_per_1k_tokens=0.1),
+        2: LevelConfig(max_tokens=2048, price_per_1k_tokens=0.5),
+        3: LevelConfig(max_tokens=4096, price_per_1k_tokens=2.0),
+        4: LevelConfig(max_tokens=8192, price_per_1k_tokens=8.0),
     }
 
 

@@ -389,6 +389,20 @@ class AgentPool:
         """Queue depth, task counts by status, and every slot (owner, pid, alive, ...)."""
         return _get(self._sup.stats.remote())
 
+    def health(self) -> dict[str, Any]:
+        """The pool's health: its mode, every signal with its threshold, recent transitions.
+
+        ``mode`` is ``normal``, ``degraded`` (steps run at level 1 without streaming) or
+        ``paused`` (as degraded, and nothing new is admitted). ``signals`` maps each
+        signal to ``{"value", "threshold", "over"}``; ``recovers_in_s`` says how long
+        the pool must stay healthy before it leaves its mode.
+
+        Examples:
+            >>> pool.health()["mode"]  # doctest: +SKIP
+            'normal'
+        """
+        return _get(self._sup.health_report.remote())
+
     # -- lifecycle ------------------------------------------------------------------
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ class StepRequest:
     state: Any = None
     has_state: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
+    tokens_left: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,7 +203,7 @@ class SlotWorker:
                 round=req.round, attempt=req.attempt, idempotency_key=req.idempotency_key,
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
-                model_options=dict(req.model_options),
+                model_options=dict(req.model_options), tokens_left=req.tokens_left,
             )
             ctx._pending = sink
         except BaseException as exc:

@@ -586,6 +586,13 @@ class Supervisor:
                        delay_s=round(delay, 3), retry_after_s=out.data.get("retry_after_s"))
             await asyncio.sleep(delay)
 
+    def _tokens_left(self, ts: TaskState, level: int) -> int | None:
+        """What is left of the task's budget, in tokens at ``level``: a hard cap for the step."""
+        budget, price = self._budget(ts), self.cfg.reasoning.spec(level).price_per_1k_tokens
+        if budget is None or price <= 0:
+            return None
+        return max(0, int((budget - ts.spent) * 1000.0 / price + 1e-9))
+
     def _cost(self, out: _Outcome, level: int) -> dict[str, Any]:
         tokens = int(out.data.get("tokens") or 0)
         price = self.cfg.reasoning.spec(level).price_per_1k_tokens
@@ -624,6 +631,7 @@ class Supervisor:
             token_batch_size=self.cfg.token_batch_size,
             token_interval_s=self.cfg.token_interval_ms / 1000.0,
             state=ts.states.get(role), has_state=role in ts.states,
+            tokens_left=self._tokens_left(ts, level),
         )
         self._emit(ts, "step_started", role, round=rnd, attempt=attempt, slot=slot.name, pid=slot.pid,
                    level=level, streaming=streaming)

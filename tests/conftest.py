@@ -73,12 +73,13 @@ def pool_settings(name: str, **overrides) -> dict:
 
 
 def make_pool(name: str, **overrides):
-    """A pool of test agents (roles a..e) with small caps and short timeouts."""
-    from scripted_agents import Scripted
+    """A pool of test agents (roles a..e, and ``ask`` which calls the model) with small caps
+    and short timeouts."""
+    from scripted_agents import Asker, Scripted
 
     from threadbound.runtime import AgentPool, RuntimeConfig
 
-    roles = {r: Scripted for r in "abcde"}
+    roles = {**{r: Scripted for r in "abcde"}, "ask": Asker}
     return AgentPool(RuntimeConfig.from_mapping(pool_settings(name, **overrides)), agents=roles)
 
 

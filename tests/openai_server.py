@@ -3,6 +3,7 @@
 The requested ``model`` name picks the behaviour:
     anything else  stream (or return) "Hello from the test server: <last user message>"
     rate-limit     429 with Retry-After: 2
+    rate-limit-once  429 with Retry-After: 1 to the first request, then answers
     overloaded     503
     bad-request    400
     slow           sleeps 5 s before answering (read timeouts)
@@ -37,6 +38,10 @@ class _Handler(BaseHTTPRequestHandler):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append({"body": req, "auth": self.headers.get("Authorization")})
         model = req.get("model")
+        first = model not in self.server.models_seen
+        self.server.models_seen.add(model)
+        if model == "rate-limit-once" and first:
+            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
         if model == "rate-limit":
             return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
         if model == "overloaded":
@@ -70,6 +75,7 @@ class OpenAITestServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.requests = []
+        self.httpd.models_seen = set()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

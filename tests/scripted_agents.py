@@ -72,6 +72,17 @@ class Scripted(Agent):
                 "attempt": ctx.attempt, "feedback": ctx.feedback}
 
 
+class Asker(Agent):
+    """Calls the pool's model ``inputs["asks"]`` times (default 1) and reports what it saw."""
+
+    def step(self, ctx):
+        texts = []
+        for _ in range(int(ctx.inputs.get("asks", 1))):
+            texts.append((yield from ctx.ask([{"role": "user", "content": ctx.goal}])))
+        return {"text": "".join(texts), "level": ctx.level, "streaming": ctx.streaming,
+                "tokens_used": ctx.tokens_used}
+
+
 class NotAnAgent:
     def step(self, ctx):
         return None

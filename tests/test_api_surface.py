@@ -18,6 +18,7 @@ def test_agents_exports():
     assert sorted(threadbound.agents.__all__) == sorted([
         "Agent", "StepContext", "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
         "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError", "RateLimitError",
+        "BudgetExhausted",
     ])
 
 

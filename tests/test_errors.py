@@ -24,6 +24,7 @@ def instances():
     yield agent_errors.TransientModelError("503", retry_after_s=2.0, agent="coder")
     yield agent_errors.RateLimitError("429", retry_after_s=2.0, agent="coder")
     yield agent_errors.ModelError("bad request", agent="coder")
+    yield agent_errors.BudgetExhausted("spent", task_id="t1", agent="coder")
 
 
 @pytest.mark.parametrize("err", list(instances()), ids=lambda e: type(e).__name__)
