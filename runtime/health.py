@@ -26,7 +26,7 @@ hysteresis is unit-tested in milliseconds; the supervisor feeds it and acts on i
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,6 +47,27 @@ SIGNALS = ("error_rate", "timeouts", "actor_deaths", "stream_failures", "retry_e
 
 def node_memory_percent() -> float:
     return float(psutil.virtual_memory().percent)
+
+
+class _Window:
+    """Records of the last ``window_s`` with running counts: a check costs O(1), not O(records)."""
+
+    def __init__(self) -> None:
+        self.records: deque[tuple[float, str]] = deque()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, at: float, kind: str) -> None:
+        self.records.append((at, kind))
+        self.counts[kind] += 1
+
+    def prune(self, horizon: float) -> None:
+        while self.records and self.records[0][0] < horizon:
+            _, kind = self.records.popleft()
+            self.counts[kind] -= 1
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.counts.clear()
 
 
 @dataclass(frozen=True)
@@ -87,7 +108,8 @@ class HealthMonitor:
         self.mode = NORMAL
         self.since = clock()
         self.last_bad: float | None = None
-        self.records: deque[tuple[float, str, bool]] = deque()  # (time, kind, ran degraded)
+        self.window = _Window()
+        self.level1 = _Window()  # what degraded steps did since the pool last changed mode
         self.transitions: deque[Transition] = deque(maxlen=100)
         self._memory_at = float("-inf")
         self._memory_value = 0.0
@@ -97,14 +119,16 @@ class HealthMonitor:
     def record(self, kind: str, degraded: bool = False) -> None:
         """Note one thing that happened; ``degraded`` if it happened to a degraded step."""
         if self.cfg.enabled:
-            self.records.append((self.clock(), kind, degraded))
+            now = self.clock()
+            self.window.add(now, kind)
+            if degraded:
+                self.level1.add(now, kind)
 
     # -- signals --------------------------------------------------------------------
 
     def _prune(self, now: float) -> None:
-        horizon = now - self.cfg.window_s
-        while self.records and self.records[0][0] < horizon:
-            self.records.popleft()
+        self.window.prune(now - self.cfg.window_s)
+        self.level1.prune(max(now - self.cfg.window_s, self.since))
 
     def _memory_percent(self, now: float) -> float:
         if now - self._memory_at >= self.cfg.check_interval_s:
@@ -115,19 +139,12 @@ class HealthMonitor:
             self._memory_at = now
         return self._memory_value
 
-    def _values(self, records: Any, memory: float | None) -> dict[str, float]:
-        ok = failed = 0
-        counts = dict.fromkeys(_COUNTS.values(), 0)
-        for _, kind, _ in records:
-            if kind == STEP_OK:
-                ok += 1
-            elif kind == STEP_FAILED:
-                failed += 1
-            else:
-                counts[_COUNTS[kind]] += 1
-        done = ok + failed
+    def _values(self, window: _Window, memory: float | None) -> dict[str, float]:
+        c = window.counts
+        failed = c[STEP_FAILED]
+        done = c[STEP_OK] + failed
         values: dict[str, float] = {"error_rate": failed / done if done >= self.cfg.min_steps else 0.0}
-        values.update(counts)
+        values.update({name: c[kind] for kind, name in _COUNTS.items()})
         if memory is not None:
             values["memory_percent"] = memory
         return values
@@ -154,7 +171,7 @@ class HealthMonitor:
             return None
         now = self.clock()
         self._prune(now)
-        over = self._over(self._values(self.records, self._memory_percent(now)))
+        over = self._over(self._values(self.window, self._memory_percent(now)))
         if over:
             self.last_bad = now
         calm = self.last_bad is None or now - self.last_bad >= self.cfg.healthy_period_s
@@ -162,9 +179,7 @@ class HealthMonitor:
             return self._move(DEGRADED, over, now)
         if self.mode == DEGRADED:
             if self.cfg.pause:
-                since = self.since
-                level1 = [r for r in self.records if r[2] and r[0] >= since]
-                worse = self._over(self._values(level1, None))
+                worse = self._over(self._values(self.level1, None))
                 if worse:
                     return self._move(PAUSED, [f"level 1 fails too: {w}" for w in worse], now)
             if calm:
@@ -176,6 +191,7 @@ class HealthMonitor:
     def _move(self, new: str, reasons: list[str], now: float) -> Transition:
         t = Transition(self.wall(), self.mode, new, tuple(reasons))
         self.mode, self.since = new, now
+        self.level1.clear()
         if new != NORMAL:
             self.last_bad = now  # the healthy period counts from here at the earliest
         self.transitions.append(t)
@@ -191,7 +207,7 @@ class HealthMonitor:
         """The mode, each signal with its threshold, and recent transitions (``pool.health()``)."""
         now = self.clock()
         self._prune(now)
-        values = self._values(self.records, self._memory_percent(now))
+        values = self._values(self.window, self._memory_percent(now))
         limits = self.thresholds()
         calm_in = None
         if self.mode != NORMAL and self.last_bad is not None:
@@ -200,7 +216,7 @@ class HealthMonitor:
             "mode": self.mode, "enabled": self.cfg.enabled, "since_s": round(now - self.since, 3),
             "signals": {s: {"value": round(values.get(s, 0.0), 4), "threshold": limits[s],
                             "over": values.get(s, 0.0) >= limits[s]} for s in SIGNALS},
-            "steps_in_window": sum(1 for r in self.records if r[1] in (STEP_OK, STEP_FAILED)),
+            "steps_in_window": self.window.counts[STEP_OK] + self.window.counts[STEP_FAILED],
             "window_s": self.cfg.window_s, "healthy_period_s": self.cfg.healthy_period_s,
             "recovers_in_s": None if calm_in is None else round(calm_in, 3),
             "transitions": [t.to_dict() for t in self.transitions],
