@@ -24,6 +24,9 @@ def pool(ray_session):
     (Task(goal="x", agents=["a"], task_timeout_s=-1), "task_timeout_s"),
     (Task(goal="x", agents=["a"], max_rounds=0), "max_rounds"),
     (Task(goal="x", agents=["a"], level=7), "level"),
+    (Task(goal="x", agents=["a"], level="often"), "level"),
+    (Task(goal="x", agents=["a"], cost_budget=0), "cost_budget"),
+    (Task(goal="x", agents=["a"], degrade="no"), "degrade"),
     (Task(goal="x", agents=["a"], priority="high"), "priority"),
 ])
 def test_invalid_task_names_the_field(pool, task, field):

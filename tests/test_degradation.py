@@ -182,7 +182,8 @@ def test_a_level_four_task_under_a_small_budget_is_pushed_down_and_never_overspe
 def test_level_auto_is_chosen_from_the_goal_and_workspace_and_shown_with_why(tmp_path):
     for i in range(40):
         (tmp_path / f"m{i}.py").write_text("x = 1\n" * 2000)
-    pool = make_pool("auto", model=model(tokens=3, faults=[]), reasoning={"level": "auto", "max_level": 3})
+    pool = make_pool("auto", model=model(tokens=3, faults=[]),
+                     reasoning={"level": "auto", "max_level": 3, "levels": {1: {"max_rounds": 1}}})
     try:
         small = list(pool.submit(Task(goal="fix the typo", agents=["ask"])).stream())
         big = list(pool.submit(Task(goal="refactor the async parser to remove the race", workspace=tmp_path,
@@ -192,6 +193,10 @@ def test_level_auto_is_chosen_from_the_goal_and_workspace_and_shown_with_why(tmp
         assert lv_big.data["level"] == 3 and lv_big.data["reasons"][-1] == "max_level 3 caps level 4"
         assert "40 files" in lv_big.data["reasons"][0]
         assert by_kind(big, "step_finished")[0].data["level"] == 3
+        # a level's rounds budget holds: level 1 here allows one round
+        wants_more = pool.submit(Task(goal="fix the typo", agents=["a"], inputs={"a": {"rounds": 2}}))
+        with pytest.raises(TaskFailed, match="no success after 1 round"):
+            wants_more.result(timeout=30)
     finally:
         pool.shutdown()
 
