@@ -202,7 +202,7 @@ class ReasoningConfig(_Section):
         return data
 
     def spec(self, level: int) -> LevelConfig:
-        return self.levels.get(level) or _default_levels()[level]  # type: ignore[index]
+        return self.levels[level]  # type: ignore[index]  # all four: _merge_levels fills in defaults
 
 
 class HealthConfig(_Section):

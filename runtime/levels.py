@@ -64,12 +64,14 @@ class Choice:
 
     level: int
     requested: int | str
+    max_rounds: int  # the rounds budget of ``level``
     reasons: tuple[str, ...] = ()
     score: float | None = None
     estimate: float | None = None  # the task's estimated cost at ``level``, when budgeted
 
     def event(self) -> dict:
-        out: dict = {"level": self.level, "requested": self.requested, "reasons": list(self.reasons)}
+        out: dict = {"level": self.level, "requested": self.requested, "reasons": list(self.reasons),
+                     "max_rounds": self.max_rounds}
         if self.score is not None:
             out["score"] = round(self.score, 3)
         if self.estimate is not None:
@@ -149,7 +151,8 @@ def choose(cfg: ReasoningConfig, requested: int | str | None, goal: str, size: W
         elif estimate > budget:
             reasons.append(f"cost budget {budget:g}: even level 1 is estimated at {estimate:.4g}; "
                            "the level is checked again before every step")
-    return Choice(level=level, requested=req, reasons=tuple(reasons), score=value, estimate=estimate)
+    return Choice(level=level, requested=req, max_rounds=rounds_at(cfg, level, default_rounds),
+                  reasons=tuple(reasons), score=value, estimate=estimate)
 
 
 def fit_step(cfg: ReasoningConfig, level: int, spent: float, budget: float) -> int | None:

@@ -30,7 +30,7 @@ from .health import (
     ACTOR_DEATH, NORMAL, PAUSED, RETRY_EXHAUSTED, STEP_FAILED, STEP_OK, STREAM_FAILURE, TIMEOUT,
     HealthMonitor, Transition,
 )
-from .levels import choose, fit_step, rounds_at, step_cost, workspace_size
+from .levels import choose, fit_step, step_cost, workspace_size
 from .metrics import Metrics
 from .retry import backoff_s
 from .slot import ERROR, RESULT, StepRequest
@@ -518,8 +518,7 @@ class Supervisor:
         choice = choose(rcfg, spec.level, spec.goal, size, n_agents=len(spec.agents),
                         max_rounds=spec.max_rounds, default_rounds=self.cfg.max_rounds,
                         budget=self._budget(ts))
-        self._emit(ts, "level", None, **choice.event(),
-                   max_rounds=rounds_at(rcfg, choice.level, self.cfg.max_rounds))
+        self._emit(ts, "level", None, **choice.event())
 
     def _budget(self, ts: TaskState) -> float | None:
         return ts.spec.cost_budget if ts.spec.cost_budget is not None else self.cfg.reasoning.cost_budget
