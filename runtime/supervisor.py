@@ -383,7 +383,7 @@ class Supervisor:
             by_status[ts.status] = by_status.get(ts.status, 0) + 1
         return {
             "name": self.cfg.name, "tasks": by_status,
-            "queue_depth": sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING),
+            "queue_depth": self._queued(),
             "slots": self.slots.describe(), "replacements": self.slots.replacements,
             "max_agents": self.cfg.max_agents, "max_agents_per_task": self.cfg.max_agents_per_task,
             "durability": None if self.durable is None else {
@@ -396,7 +396,7 @@ class Supervisor:
         """The pool's health mode, every signal with its threshold, recent transitions."""
         report = self.health.report()
         report["pool"] = self.cfg.name
-        report["queued"] = sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING)
+        report["queued"] = self._queued()
         return report
 
     async def snapshot_now(self) -> dict[str, Any]:
@@ -523,12 +523,12 @@ class Supervisor:
     def _budget(self, ts: TaskState) -> float | None:
         return ts.spec.cost_budget if ts.spec.cost_budget is not None else self.cfg.reasoning.cost_budget
 
-    def _plan(self, ts: TaskState, role: str) -> tuple[int, bool]:
-        """The level and streaming of the next attempt of a step (health and budget permitting)."""
+    def _plan(self, ts: TaskState, role: str) -> tuple[int, bool, bool]:
+        """The level and streaming of the next attempt of a step, and whether it runs degraded."""
         if self.health.mode != NORMAL:
             if not ts.spec.degrade:
                 raise _StepFailed(FAILED, self._opted_out(ts))
-            return 1, False
+            return 1, False, True
         budget = self._budget(ts)
         level = ts.level or 1
         if budget is not None:
@@ -544,7 +544,7 @@ class Supervisor:
                     f"{step_cost(self.cfg.reasoning, level):.4g}, a level-{fits} step at "
                     f"{step_cost(self.cfg.reasoning, fits):.4g}"])
                 level = fits
-        return level, self.cfg.streaming
+        return level, self.cfg.streaming, False
 
     async def _step(self, ts: TaskState, role: str, rnd: int) -> None:
         # A step interrupted by a crash restarts under its own attempt number, so its
@@ -552,14 +552,12 @@ class Supervisor:
         attempt = ts.inflight.get(role, 1) - 1
         while True:
             attempt += 1
-            degraded = self.health.mode != NORMAL
-            level, streaming = self._plan(ts, role)
+            level, streaming, degraded = self._plan(ts, role)
             out = await self._attempt(ts, role, rnd, attempt, level, streaming)
-            self.health.record(STEP_OK if out.kind == "ok" else STEP_FAILED, degraded)
-            if out.signal is not None:
-                self.health.record(out.signal, degraded)
+            policy = self.cfg.retry.for_class(out.kind)
+            retryable = out.kind in self.cfg.retry.retry_on
+            self._observe(out, degraded, exhausted=retryable and attempt >= policy.max_attempts)
             if out.kind == "ok":
-                self._evaluate()
                 output, requests = out.data["output"], list(out.data["round_requests"])
                 if self.durable is not None:
                     self.durable.record(("commit", ts.id, role, output, out.data["state"], requests))
@@ -567,15 +565,10 @@ class Supervisor:
                 self._emit(ts, "step_finished", role, round=rnd, attempt=attempt,
                            elapsed_s=out.data.get("elapsed_s"),
                            output=output if _plain(output) else repr(output)[:2000],
-                           round_requests=requests, **self._cost(out, level))
+                           round_requests=requests, **self._cost(out.data.get("tokens"), level))
                 if self.durable is not None:
                     await self.durable.flush()  # committed = in the journal
                 return
-            policy = self.cfg.retry.for_class(out.kind)
-            retryable = out.kind in self.cfg.retry.retry_on
-            if retryable and attempt >= policy.max_attempts:
-                self.health.record(RETRY_EXHAUSTED, degraded)
-            self._evaluate()
             if not retryable or attempt >= policy.max_attempts:
                 status = TIMED_OUT if out.kind == "timeout" else FAILED
                 tried = f" after {attempt} attempt(s)" if attempt > 1 else ""
@@ -592,8 +585,9 @@ class Supervisor:
             return None
         return max(0, int((budget - ts.spent) * 1000.0 / price + 1e-9))
 
-    def _cost(self, out: _Outcome, level: int) -> dict[str, Any]:
-        tokens = int(out.data.get("tokens") or 0)
+    def _cost(self, tokens: int | None, level: int) -> dict[str, Any]:
+        """What a step's model tokens cost at its level (the fields of its end event)."""
+        tokens = int(tokens or 0)
         price = self.cfg.reasoning.spec(level).price_per_1k_tokens
         return {"level": level, "tokens": tokens, "cost": round(tokens * price / 1000.0, 9)}
 
@@ -645,10 +639,6 @@ class Supervisor:
                 self._emit(ts, "message", role, text="".join(held), degraded=True)
                 held.clear()
 
-        def spent() -> dict[str, Any]:
-            return {"level": level, "tokens": streamed,
-                    "cost": round(streamed * lv.price_per_1k_tokens / 1000.0, 9)}
-
         slot.busy = True
         try:
             gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
@@ -669,15 +659,13 @@ class Supervisor:
                     if kind == ERROR:
                         slot.busy = False
                         release_held()
-                        klass = data.get("error_class") or ("transient" if data["transient"] else "error")
-                        out = _Outcome(klass, {"why": f"failed: {data['type']}: {data['message']}",
-                                               "retry_after_s": data.get("retry_after_s"),
-                                               "tokens": data.get("tokens", 0)})
+                        klass = data["error_class"] or "error"
                         self._emit(ts, "step_failed", role, round=rnd, attempt=attempt,
                                    error=f"{data['type']}: {data['message']}", transient=data["transient"],
                                    error_class=klass, retry_after_s=data.get("retry_after_s"),
-                                   traceback=data["traceback"][-4000:], **self._cost(out, level))
-                        return out
+                                   traceback=data["traceback"][-4000:], **self._cost(data.get("tokens"), level))
+                        return _Outcome(klass, {"why": f"failed: {data['type']}: {data['message']}",
+                                                "retry_after_s": data.get("retry_after_s")})
                     if kind == "tokens":
                         partial.append(data["text"])
                         streamed += data.get("n", 1)
@@ -694,7 +682,7 @@ class Supervisor:
             self.slots.replace(slot, kill=True)  # a running sync method cannot be interrupted
             self._emit(ts, "step_timed_out", role, round=rnd, attempt=attempt, limit_s=timeout,
                        elapsed_s=round(elapsed, 3), partial="".join(partial)[-4000:], slot=slot.name,
-                       **spent())
+                       **self._cost(streamed, level))
             return _Outcome("timeout", {"why": f"exceeded its step timeout of {timeout:.3f}s "
                                                f"(elapsed: {elapsed:.1f}s)"}, signal=TIMEOUT)
         except StopAsyncIteration:
@@ -708,7 +696,7 @@ class Supervisor:
             died = isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
             self._emit(ts, "agent_crashed" if died else "stream_failed", role, round=rnd, attempt=attempt,
                        slot=slot.name, error=f"{type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}"[:500], **spent())
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}"[:500], **self._cost(streamed, level))
             if died:
                 return _Outcome("crash", {"why": f"crashed (its actor {slot.name} died)"}, signal=ACTOR_DEATH)
             return _Outcome("crash", {"why": f"lost its event stream ({type(exc).__name__}); its actor "
@@ -724,6 +712,15 @@ class Supervisor:
                 self._evaluate()
             except Exception:  # a monitor bug must not stop the pool
                 log.exception("health evaluation failed")
+
+    def _observe(self, out: _Outcome, degraded: bool, exhausted: bool) -> None:
+        """Tell the monitor how a step attempt ended, then let it decide."""
+        self.health.record(STEP_OK if out.kind == "ok" else STEP_FAILED, degraded)
+        if out.signal is not None:
+            self.health.record(out.signal, degraded)
+        if exhausted and out.kind != "ok":
+            self.health.record(RETRY_EXHAUSTED, degraded)
+        self._evaluate()
 
     def _evaluate(self) -> None:
         change = self.health.evaluate()
@@ -787,6 +784,9 @@ class Supervisor:
         if ts.status in TERMINAL:
             return
         self._set_status(ts, status, **data)
+
+    def _queued(self) -> int:
+        return sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING)
 
     def _retain(self) -> None:
         finished = [ts for ts in self.tasks.values() if ts.status in TERMINAL]
