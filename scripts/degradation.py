@@ -32,31 +32,26 @@ def parse_schedule(text: str) -> list[tuple[float, str]]:
     for part in text.split(","):
         seconds, _, faults = part.partition(":")
         faults = faults.strip() or "0"
-        if faults != "flap":
-            share = float(faults)
-            if not 0 <= share <= 1:
-                raise SystemExit(f"--schedule: fault share must be 0..1 or flap, got {faults!r}")
+        try:
+            ok = float(seconds) > 0 and (faults == "flap" or 0 <= float(faults) <= 1)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"--schedule: {part!r} is not seconds:faults (seconds > 0; faults 0..1 or flap), "
+                             "e.g. 5:0,5:1,8:flap")
         phases.append((float(seconds), faults))
     return phases
 
 
-def phase_label(phases: list[tuple[float, str]], t: float) -> str:
-    start = 0.0
-    for seconds, faults in phases:
-        if t < start + seconds:
-            return "flap" if faults == "flap" else f"{float(faults):.0%}"
-        start += seconds
-    return "-"
-
-
-def fault_share(phases: list[tuple[float, str]], t: float) -> float | None:
-    """The share of failing tasks at ``t`` seconds into the schedule; None once it is over."""
+def phase_at(phases: list[tuple[float, str]], t: float) -> tuple[str, float] | None:
+    """The phase ``t`` seconds into the schedule: its label and the share of failing tasks
+    (flap: 1 in even seconds of the phase, 0 in odd ones); None once the schedule is over."""
     start = 0.0
     for seconds, faults in phases:
         if t < start + seconds:
             if faults == "flap":
-                return 1.0 if int(t - start) % 2 == 0 else 0.0
-            return float(faults)
+                return "flap", 1.0 if int(t - start) % 2 == 0 else 0.0
+            return f"{float(faults):.0%}", float(faults)
         start += seconds
     return None
 
@@ -98,10 +93,10 @@ def main() -> None:
 
         def worker() -> None:
             while not stop.is_set():
-                share = fault_share(phases, time.time() - t0)
-                if share is None:
+                phase = phase_at(phases, time.time() - t0)
+                if phase is None:
                     return
-                failing = rng.random() < share
+                failing = rng.random() < phase[1]
                 if failing:
                     now = time.time() - t0
                     first_failure_submit[0] = first_failure_submit[0] if first_failure_submit[0] is not None else now
@@ -134,13 +129,12 @@ def main() -> None:
             shown = len(h["transitions"])
             with lock:
                 rows = [r for r in finished if second - 1 <= r["t"] < second]
-            share = fault_share(phases, second - 0.5)
-            shown_share = phase_label(phases, second - 0.5)
+            phase = phase_at(phases, second - 0.5)
             timeline.append((second, h["mode"]))
-            print(f"{second:4d}  {shown_share:>6}  {h['mode']:<9} {h['signals']['error_rate']['value']:>9.0%}"
+            print(f"{second:4d}  {phase[0] if phase else '-':>6}  {h['mode']:<9} {h['signals']['error_rate']['value']:>9.0%}"
                   f"  {len(rows):>8}  {sum(r['ok'] for r in rows):>2}  {sum(r['tokens'] for r in rows):>8}"
                   f"  {sum(r['message'] and not r['tokens'] for r in rows):>12}")
-            if share is None and h["mode"] == "normal" and h["transitions"] and second > total + 1:
+            if phase is None and h["mode"] == "normal" and h["transitions"] and second > total + 1:
                 break
         stop.set()
         for th in threads:
