@@ -159,7 +159,7 @@ _HARD_WORDS = ("refactor", "concurrency", "concurrent", "thread", "race", "async
 class AutoLevelConfig(_Section):
     """How ``level: auto`` scores a task (see ``runtime/levels.py`` for the formula)."""
 
-    thresholds: tuple[float, float, float] = Field(
+    thresholds: tuple[float, ...] = Field(
         default=(2.0, 5.0, 9.0), description="scores at which level 2, 3 and 4 begin")
     words_per_point: float = Field(default=25.0, gt=0, description="goal words worth one point")
     keywords: tuple[str, ...] = _HARD_WORDS
@@ -169,9 +169,10 @@ class AutoLevelConfig(_Section):
 
     @model_validator(mode="after")
     def _ascending(self) -> "AutoLevelConfig":
-        a, b, c = self.thresholds
-        if not a <= b <= c:
-            raise ValueError(f"thresholds must be ascending (level 2, 3, 4 start), got {list(self.thresholds)}")
+        t = list(self.thresholds)
+        if len(t) != 3 or not t[0] <= t[1] <= t[2]:
+            raise ValueError(f"thresholds must be three ascending scores, where levels 2, 3 and 4 begin "
+                             f"(e.g. [2, 5, 9]), got {t}")
         return self
 
 

@@ -42,6 +42,11 @@ def test_nested_typo_names_the_field_path(tmp_path):
     ("task_timeout_s: 0s\n", "task_timeout_s"),
     ("retry:\n  max_attempts: 0\n", "retry.max_attempts"),
     ("token_interval_ms: soon\n", "token_interval_ms"),
+    ("reasoning:\n  level: 7\n", "reasoning.level"),
+    ("reasoning:\n  levels:\n    2: {max_tokens: 0}\n", "reasoning.levels.2.max_tokens"),
+    ("reasoning:\n  auto: {thresholds: [1, 2]}\n", "reasoning.auto"),
+    ("health:\n  error_rate: 2\n", "health.error_rate"),
+    ("retry:\n  classes: {ratelimit: {max_attempts: 2}}\n", "retry.classes.ratelimit"),
 ])
 def test_zero_or_negative_limits_are_refused(tmp_path, text, field):
     with pytest.raises(ConfigError) as err:
