@@ -53,6 +53,9 @@ class StepContext:
         tokens_left: what is left of the task's cost budget, in tokens at this step's
             level (None: no budget). ``ask`` caps each answer to it and raises
             :class:`BudgetExhausted` when nothing is left.
+        sandbox: how the pool isolates commands an agent runs on the workspace
+            (a ``threadbound.agents.sandbox.SandboxSettings``; None: the defaults,
+            ``isolation: required``). Pass it to ``sandbox.run``.
     """
 
     task_id: str
@@ -71,6 +74,7 @@ class StepContext:
     model_options: dict[str, Any] = field(default_factory=dict)
     tokens_used: int = 0
     tokens_left: int | None = None
+    sandbox: Any = None
     _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False)
     _round_requests: list[str] = field(default_factory=list, repr=False)
 

@@ -23,7 +23,7 @@ from . import sandbox
 from .base import Agent, StepContext
 from .edits import parse
 from .errors import AgentError
-from .workspace import Workspace, WorkspaceError
+from .workspace import Workspace, WorkspaceError, workspaces_root
 
 MAX_CONTEXT_CHARS = 24_000
 _SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
@@ -125,7 +125,15 @@ class Tester(Agent):
     def step(self, ctx: StepContext) -> dict[str, Any]:
         ws = workspace_of(ctx)
         command, limits = _test_command(ctx), _sandbox_limits(ctx)
-        res = sandbox.run(command, cwd=str(ws.path), limits=limits)
+        # The user's own workspace and every other task's copy stay out of sight.
+        settings = (ctx.sandbox or sandbox.SandboxSettings()).hiding(str(ws.original), str(workspaces_root()))
+        try:
+            res = sandbox.run(command, cwd=str(ws.path), limits=limits, settings=settings)
+        except sandbox.SandboxUnavailable as exc:
+            exc.task_id, exc.agent = ctx.task_id, ctx.role
+            raise
+        ctx.emit("sandbox", {"isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
+                             "notes": res.notes})
         if res.exit_code == 127 and res.elapsed_s < 5:
             raise AgentError(f"test command {command[0]!r} was not found in the sandbox; set the task's "
                              f"test_command input. Output: {res.output.strip()[:300]}",
@@ -139,6 +147,7 @@ class Tester(Agent):
         result = {
             "ok": ok, **counts, "exit_code": res.exit_code, "killed": res.killed, "signal": res.signal,
             "elapsed_s": round(res.elapsed_s, 3), "network_isolated": res.network_isolated,
+            "isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
             "notes": res.notes, "output": res.output[-6000:],
             "summary": (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors"
                         + (f" (killed: {res.killed})" if res.killed else "")),

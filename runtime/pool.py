@@ -19,6 +19,7 @@ from threadbound.agents.errors import ThreadboundError
 
 from .config import RuntimeConfig
 from .errors import ConfigError, PoolClosed, ResultTimeout, TaskCancelled, TaskFailed, TaskTimedOut
+from .policy import check as check_policy
 from .registry import role_blobs
 from .task import CANCELLED, SUCCEEDED, TERMINAL, TIMED_OUT, Event, Task, TaskResult, TaskSummary
 
@@ -361,11 +362,11 @@ class AgentPool:
 
     def submit(self, task: Task) -> TaskHandle:
         """Queue a task; returns at once with its handle. Bad input raises here."""
-        task.validated(self.config.default_agents)  # clear errors before a round trip
+        check_policy(task.validated(self.config.default_agents), self.config.policy)  # before a round trip
         return TaskHandle(self._sup, _get(self._sup.submit.remote(task)), self._sup_name)
 
     async def asubmit(self, task: Task) -> TaskHandle:
-        task.validated(self.config.default_agents)
+        check_policy(task.validated(self.config.default_agents), self.config.policy)
         return TaskHandle(self._sup, await _aget(self._sup.submit.remote(task)), self._sup_name)
 
     def task(self, task_id: str) -> TaskHandle:

@@ -56,6 +56,7 @@ class StepRequest:
     model_options: dict[str, Any] = field(default_factory=dict)
     tokens_left: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sandbox: Any = None  # SandboxSettings: how the pool isolates commands the agent runs
 
 
 class _TokenBatcher:
@@ -204,6 +205,7 @@ class SlotWorker:
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
                 model_options=dict(req.model_options), tokens_left=req.tokens_left,
+                sandbox=req.sandbox,
             )
             ctx._pending = sink
         except BaseException as exc:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import cloudpickle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
+from threadbound.agents.workspace import Workspace, workspaces_root
 from threadbound.snapshots import HistoryExists, Loaded, SnapshotError
 
 from .config import RuntimeConfig
@@ -32,7 +33,9 @@ from .health import (
 )
 from .levels import choose, fit_step, step_cost, workspace_size
 from .metrics import Metrics
+from .policy import check as check_policy
 from .retry import backoff_s
+from .sandboxing import sandbox_settings
 from .slot import ERROR, RESULT, StepRequest
 from .slots import Slot, SlotTable
 from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, TIMED_OUT, Task, TaskSummary
@@ -94,6 +97,7 @@ class Supervisor:
         self.rng = rng or random.Random()
         self.health = HealthMonitor(config.health, clock=clock)
         self.metrics = Metrics(config.name)
+        self.sandbox = sandbox_settings(config)
         self.tasks: dict[str, TaskState] = {}
         self.queue: list[tuple[int, int, str]] = []
         self.seq = 0
@@ -306,6 +310,7 @@ class Supervisor:
             raise PoolClosed("the pool is shutting down; no new tasks are accepted")
         self._start()
         spec = spec.validated(self.cfg.default_agents)
+        check_policy(spec, self.cfg.policy)
         unknown = [r for r in spec.agents if r not in self.roles]
         if unknown:
             raise UnknownRole(unknown[0], list(self.roles))
@@ -624,7 +629,7 @@ class Supervisor:
             token_batch_size=self.cfg.token_batch_size,
             token_interval_s=self.cfg.token_interval_ms / 1000.0,
             state=ts.states.get(role), has_state=role in ts.states,
-            tokens_left=self._tokens_left(ts, level),
+            tokens_left=self._tokens_left(ts, level), sandbox=self.sandbox,
         )
         self._emit(ts, "step_started", role, round=rnd, attempt=attempt, slot=slot.name, pid=slot.pid,
                    level=level, streaming=streaming)
@@ -783,7 +788,14 @@ class Supervisor:
     def _finish(self, ts: TaskState, status: str, **data: Any) -> None:
         if ts.status in TERMINAL:
             return
+        if ts.spec.workspace:  # the final event says where the copy was and whether it is kept
+            data.update(workspace_copy=str(workspaces_root() / ts.id.replace("/", "_")), workspace_copy_kept=self.cfg.workspace.keep_copies)
         self._set_status(ts, status, **data)
+        if ts.spec.workspace and not self.cfg.workspace.keep_copies:
+            try:
+                asyncio.get_running_loop().run_in_executor(None, Workspace.discard, ts.id)
+            except RuntimeError:  # no loop (unit tests of the plain class)
+                Workspace.discard(ts.id)
 
     def _queued(self) -> int:
         return sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING)

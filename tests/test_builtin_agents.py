@@ -95,7 +95,7 @@ LIMITS = {"sandbox": {"wall_s": 20, "cpu_s": 3, "memory_mb": 768, "max_procs": 3
         import socket
         def test_connect():
             socket.create_connection(("127.0.0.1", 8265), timeout=2)
-     """, "unreachable"),
+     """, "unreachable|Permission denied"),
 ], ids=["infinite_loop", "fork_bomb", "big_alloc", "socket"])
 def test_tester_contains_hostile_tests_and_its_actor_survives(tester_pool, tmp_path, name, code, expect):
     handle = tester_pool.submit(Task(goal=name, workspace=workspace(tmp_path, code), agents=["tester"], inputs=LIMITS))
@@ -103,7 +103,7 @@ def test_tester_contains_hostile_tests_and_its_actor_survives(tester_pool, tmp_p
         handle.result(timeout=90)
     events = list(handle.stream())
     out = handle_output(events)
-    assert expect in (out["killed"] or "") or expect in out["output"]
+    assert any(e in (out["killed"] or "") or e in out["output"] for e in expect.split("|"))
     assert not [e for e in events if e.kind in ("agent_crashed", "step_timed_out")]
     # the same agent process serves the next task: the actor survived
     pid = next(e.data["pid"] for e in events if e.kind == "step_started")

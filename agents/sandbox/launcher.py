@@ -1,0 +1,206 @@
+"""The first program inside the sandbox: applies the in-process layers, then runs the command.
+
+Run as ``python -I -S -c <this file's source> <config json> <command...>`` (standard
+library only; the ``landlock`` package is imported from the directory the config
+names). In order:
+
+1. Landlock (where the kernel has it): read-only everywhere it is told, writable only
+   the task's copy and the private /tmp; with ABI >= 4 no TCP bind or connect unless
+   the network is allowed; with ABI >= 6 no signals to, and no abstract unix sockets
+   of, processes outside the sandbox.
+2. The seccomp filter, when bwrap did not load it (landlock-only mode).
+3. Root only: drop to the unprivileged uid/gid the runner chose, with no groups and no
+   capabilities (bwrap left it CAP_SETUID and CAP_SETGID for exactly this, nothing else).
+4. Report what held on the status fd, then exec the command -- or, without a PID
+   namespace, fork it as a child subreaper and kill whatever it leaves behind.
+
+If the uid drop fails the command never runs: exit 126 with the reason.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+
+_PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER, _PR_CAPBSET_DROP, _PR_SET_SECCOMP = 38, 36, 24, 22
+_SECCOMP_MODE_FILTER = 2
+_LANDLOCK_CREATE_RULESET = 444
+_ACCESS_NET_BIND_TCP, _ACCESS_NET_CONNECT_TCP = 1, 2
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
+
+
+class _ExtRulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def _landlock(cfg):
+    sys.path.insert(0, cfg["path"])
+    import landlock
+    from landlock.plumbing import PathBeneathAttr, get_add_rule, get_libc, get_restrict_self
+
+    abi = landlock.landlock_abi_version()
+    fs = landlock.FSAccess
+    handled = fs.all()
+    read = fs.READ_FILE | fs.READ_DIR | fs.EXECUTE
+    dev = fs.READ_FILE | fs.WRITE_FILE | (fs.TRUNCATE if abi >= 3 else 0) | (fs.IOCTL_DEV if abi >= 5 else 0)
+    attr = _ExtRulesetAttr(int(handled), 0, 0)
+    what = [f"ABI {abi}: writes only to the copy and /tmp"]
+    if abi >= 4 and cfg.get("deny_tcp"):
+        attr.handled_access_net = _ACCESS_NET_BIND_TCP | _ACCESS_NET_CONNECT_TCP
+        what.append("no TCP bind/connect")
+    if abi >= 6:
+        attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
+        what.append("no signals or abstract sockets outside")
+    size = ctypes.sizeof(attr) if abi >= 6 else (16 if abi >= 4 else 8)
+    libc = get_libc()
+    libc.syscall.restype = ctypes.c_long
+    ruleset = libc.syscall(ctypes.c_long(_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
+                           ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+    add = get_add_rule()
+    files = fs.all_file()
+
+    def allow(path, rights):
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if not os.path.isdir(path):
+                rights &= files  # a file takes only file rights
+            add(ruleset, 1, ctypes.byref(PathBeneathAttr(int(rights), fd)), 0)
+        finally:
+            os.close(fd)
+
+    for p in cfg.get("ro", ()):
+        allow(p, read)
+    for p in cfg.get("dev", ()):
+        allow(p, dev)
+    for p in cfg.get("rw", ()):
+        allow(p, handled)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    get_restrict_self()(ruleset, 0)
+    os.close(ruleset)
+    return "; ".join(what)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _seccomp(fd):
+    program = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        program += chunk
+    os.close(fd)
+    buf = ctypes.create_string_buffer(program)
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
+
+
+def _drop(uid, gid):
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):  # empty the bounding set while we still may (CAP_SETPCAP); harmless if not
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getuid() == 0:
+        raise OSError("the uid did not change")
+
+
+def _reap(argv):
+    """No PID namespace: run the command as our child and, as a subreaper, kill what it leaves."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            sys.stderr.write(f"sandbox: cannot run {argv[0]!r}: {exc.strerror}\n")
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    for _ in range(200):  # orphans (a double-forked daemon) are reparented to us: kill and reap them
+        try:
+            children = [int(c) for c in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+        except OSError:
+            children = []
+        if not children:
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            continue
+        for c in children:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            break
+        time.sleep(0.005)
+    os._exit(128 - code if code < 0 else code)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    argv = sys.argv[2:]
+    status = {}
+    if cfg.get("landlock"):
+        try:
+            status["landlock"] = [True, _landlock(cfg["landlock"])]
+        except Exception as exc:
+            status["landlock"] = [False, f"{type(exc).__name__}: {exc}"]
+    if cfg.get("seccomp_fd") is not None:
+        try:
+            _seccomp(cfg["seccomp_fd"])
+            status["seccomp"] = [True, "loaded by the launcher"]
+        except Exception as exc:
+            status["seccomp"] = [False, f"{type(exc).__name__}: {exc}"]
+    if cfg.get("uid") is not None:
+        try:
+            _drop(cfg["uid"], cfg["gid"])
+        except Exception as exc:
+            sys.stderr.write(f"sandbox: refusing to run as root: cannot drop to uid {cfg['uid']}: {exc}\n")
+            os._exit(126)
+    status["uid"] = [os.getuid() != 0, f"uid {os.getuid()}, gid {os.getgid()}"]
+    try:
+        os.chdir(cfg["cwd"])
+    except OSError as exc:
+        sys.stderr.write(f"sandbox: cannot enter the copy {cfg['cwd']!r} as uid {os.getuid()}: {exc.strerror} "
+                         "(without bubblewrap, a root pool's runs need the copy and Python reachable by that uid)\n")
+        os._exit(126)
+    fd = cfg.get("status_fd")
+    if fd is not None:
+        try:
+            os.write(fd, json.dumps(status).encode())
+        finally:
+            os.close(fd)
+    if cfg.get("reaper"):
+        _reap(argv)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        sys.stderr.write(f"sandbox: cannot run {argv[0]!r}: {exc.strerror}\n")
+        os._exit(127)
+
+
+if __name__ == "__main__":
+    main()

