@@ -9,6 +9,7 @@
     threadbound snapshots ls                          # what is in the snapshot directory
     threadbound snapshots show .threadbound/snapshots/threadbound 12
     threadbound config check configs/runtime.yaml     # validate a config file
+    threadbound doctor                                # which sandbox layers work here, proved by probes
 
 Exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration.
 """
@@ -294,6 +295,27 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from threadbound.agents.sandbox.doctor import check
+
+    from .sandboxing import sandbox_settings
+
+    cfg = _config(args)
+    settings = sandbox_settings(cfg)
+    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    print(f"sandbox layers on this machine (pool running as {who}); each proved by a probe run inside:")
+    rows, can_run = check(settings)
+    for row in rows:
+        print(f"  {row.layer:<12} {'ok ' if row.ok else 'NO '} {row.detail}")
+    if can_run:
+        print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will run"
+              + ("" if settings.isolation == "required" else " WITHOUT the full sandbox (see the rows marked NO)"))
+        return 0
+    print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: install bubblewrap, "
+          "enable unprivileged user namespaces, or set sandbox.isolation: best_effort")
+    return 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="threadbound", description="Run coding agents on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,6 +364,10 @@ def parser() -> argparse.ArgumentParser:
     snaps.add_argument("--pool", default=None, help="which pool, when several wrote to the location")
     snaps.add_argument("--config", "-c", help="runtime YAML, only to find snapshot_dir and the key file")
     snaps.set_defaults(func=cmd_snapshots)
+
+    doctor = sub.add_parser("doctor", help="which sandbox layers work on this machine, each proved by a probe")
+    doctor.add_argument("--config", help="runtime YAML (its sandbox section is checked)")
+    doctor.set_defaults(func=cmd_doctor)
 
     conf = sub.add_parser("config", help="check or show a runtime config file")
     conf.add_argument("action", choices=["check", "show"])

@@ -12,6 +12,7 @@ bound, and where one lies under a bound path an empty tmpfs is mounted over it.
 
 from __future__ import annotations
 
+import functools
 import os
 import site
 import sys
@@ -29,6 +30,7 @@ def _under(p: str, root: str) -> bool:
     return p == root or p.startswith(root.rstrip("/") + "/")
 
 
+@functools.lru_cache(maxsize=1)
 def python_paths() -> list[str]:
     """Python's prefixes and package directories (what a test command needs to import)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
@@ -37,7 +39,7 @@ def python_paths() -> list[str]:
     except AttributeError:  # some virtualenvs
         pass
     paths.update(p for p in sys.path if p and os.path.isabs(p) and ("site-packages" in p or "dist-packages" in p))
-    return sorted(_norm(p) for p in paths if os.path.exists(p))
+    return sorted({_norm(p) for p in paths if os.path.exists(p)})
 
 
 def default_hidden() -> list[str]:
@@ -123,12 +125,3 @@ def landlock_paths(copy: str, read_only: list[str], hidden: list[str], tmp: str)
     ro = chosen + [link.split(":", 1)[1] for link in links]
     dev = [d for d in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom") if os.path.exists(d)]
     return {"ro": ro, "rw": [_norm(copy), _norm(tmp)], "dev": dev}
-
-
-def landlock_package_dir() -> str | None:
-    """The directory to import ``landlock`` from inside the sandbox, or None if absent."""
-    try:
-        import landlock
-    except ImportError:
-        return None
-    return str(Path(landlock.__file__).resolve().parent.parent)

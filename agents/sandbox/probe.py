@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from . import seccomp
-from .mounts import landlock_package_dir
+from .launcher import landlock_abi as _landlock_abi
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,6 @@ class Capabilities:
     bwrap_version: str
     bwrap_reason: str  # why not, when it cannot
     landlock_abi: int  # 0: none
-    landlock_dir: str | None  # where the launcher imports the landlock package from
     seccomp: tuple[bytes | None, str]
 
 
@@ -56,10 +55,8 @@ def _try_bwrap(exe: str) -> tuple[bool, str, str]:
 
 def landlock_abi() -> int:
     try:
-        import landlock
-
-        return int(landlock.landlock_abi_version())
-    except Exception:
+        return _landlock_abi()
+    except Exception:  # no libc syscall() (not Linux)
         return 0
 
 
@@ -74,4 +71,4 @@ def capabilities(configured_bwrap: str | None = None) -> Capabilities:
         ok, version, why = _try_bwrap(exe)
     abi = landlock_abi()
     return Capabilities(bwrap=exe if ok else None, bwrap_version=version, bwrap_reason=why, landlock_abi=abi,
-                        landlock_dir=landlock_package_dir() if abi else None, seccomp=seccomp.compiled())
+                        seccomp=seccomp.compiled())
