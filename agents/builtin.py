@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any, Generator
 
 from . import sandbox
@@ -186,22 +187,30 @@ def parse_verdict(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
-def static_checks(ws: Workspace, paths: list[str]) -> list[str]:
-    """Problems found in changed Python files: they must compile; ruff's error rules if installed."""
+def static_checks(texts: dict[str, str], paths: list[str]) -> list[str]:
+    """Problems found in changed Python files: they must compile; ruff's error rules if installed.
+
+    ``texts`` are the copy's files as the workspace read them (regular files only, never
+    through a link, bounded). Nothing here opens a file of the copy: ruff gets each
+    file on stdin and ``--isolated`` (a config file in the copy could otherwise make it
+    read, and echo, a file outside).
+    """
     problems = []
-    py = [p for p in paths if p.endswith(".py") and (ws.path / p).exists()]
+    py = [p for p in paths if p.endswith(".py") and p in texts]
     for rel in py:
         try:
-            compile(ws.read(rel), rel, "exec", dont_inherit=True)
+            compile(texts[rel], rel, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:
             problems.append(f"{rel} does not compile: {type(exc).__name__}: {exc}")
     ruff = shutil.which("ruff")
-    if ruff and py:
-        r = subprocess.run([ruff, "check", "--select", "E9,F63,F7,F82", "--output-format", "concise",
-                            "--no-cache", *py], cwd=ws.path, capture_output=True, text=True, timeout=60)
+    for rel in py[:20] if ruff else ():
+        with tempfile.TemporaryDirectory() as empty:  # no config, no files of the copy around it
+            r = subprocess.run([ruff, "check", "--isolated", "--select", "E9,F63,F7,F82", "--output-format",
+                                "concise", "--no-cache", "--stdin-filename", rel, "-"], input=texts[rel],
+                               cwd=empty, capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             problems += [l for l in r.stdout.splitlines() if ":" in l and not l.startswith("Found")][:20]
-    return problems
+    return problems[:40]
 
 
 class Reviewer(Agent):
@@ -221,7 +230,7 @@ class Reviewer(Agent):
         change = ws.change()
         changed, diff = change.paths, change.diff()
         tests = ctx.outputs.get("tester") or {}
-        problems = static_checks(ws, changed)
+        problems = static_checks(change.after, changed)
         prompt = (
             f"Goal: {ctx.goal}\n\nThe change (unified diff):\n```diff\n{diff[:MAX_CONTEXT_CHARS] or '(no change)'}\n```\n\n"
             f"Test result: {tests.get('summary', 'not run')}\n"
