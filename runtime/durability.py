@@ -12,8 +12,13 @@ event that a resume would not have: reconnecting with its last offset continues
 with no duplicate and no gap.
 
 Snapshots: :meth:`snapshot` takes the supervisor's consistent copy between two
-awaits (a shallow copy; cheap), closes the journal segment, and pickles, writes and
-prunes on a second thread.
+awaits (a shallow copy; cheap), closes the journal segment, waits until every
+frame of that segment is written (the snapshot's signed manifest records where the
+journal stands, so a reader can tell a segment cut short; records of the next
+segment keep flowing meanwhile), and pickles, writes and prunes on a second thread.
+
+The location belongs to pool ``cfg.name`` (``<snapshot_dir>/<name>``): snapshots
+and segments of another pool or another history there are refused on resume.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ _INLINE_BYTES = 64 << 10  # journal frames up to this size are written on the ev
 
 
 def open_location(cfg: RuntimeConfig) -> SnapshotLocation:
-    """The snapshot location ``cfg`` names, with its signing key."""
+    """The snapshot location ``cfg`` names, with its signing key, bound to pool ``cfg.name``."""
     key = load_key(cfg.snapshots.key_file)
     store = open_store(cfg.snapshot_location, fsync=cfg.snapshots.fsync)
-    return SnapshotLocation(store, key, keep=cfg.snapshots.keep, keep_pinned=cfg.snapshots.keep_pinned)
+    return SnapshotLocation(store, key, keep=cfg.snapshots.keep, keep_pinned=cfg.snapshots.keep_pinned,
+                            pool=cfg.name)
 
 
 class Durability:
@@ -54,6 +60,7 @@ class Durability:
         # Records not yet written, grouped by segment: [(segment, records, marks)].
         self._groups: list[tuple[int, list[Any], dict[str, int]]] = [(self.segment, [], {})]
         self._waiters: list[asyncio.Future] = []
+        self._writing: list[asyncio.Future] | None = None  # waiters of the batch being written
         self._wake = asyncio.Event()
         self._journal = ThreadPoolExecutor(1, thread_name_prefix="threadbound-journal")
         self._snapper = ThreadPoolExecutor(1, thread_name_prefix="threadbound-snapshot")
@@ -85,10 +92,14 @@ class Durability:
         """Return once every record queued so far is durable."""
         if self.failed is not None:
             raise self.failed
-        if not any(g[1] for g in self._groups):
+        if any(g[1] for g in self._groups):
+            waiters = self._waiters
+        elif self._writing is not None:  # records queued earlier are in the batch being written
+            waiters = self._writing
+        else:
             return
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        waiters.append(fut)
         self._wake.set()
         await fut
 
@@ -98,7 +109,7 @@ class Durability:
             await self._wake.wait()
             self._wake.clear()
             while any(g[1] for g in self._groups):
-                groups, waiters = self._groups, self._waiters
+                groups, self._writing = self._groups, self._waiters
                 self._groups, self._waiters = [(self.segment, [], {})], []
                 try:
                     for seg, records, _ in groups:
@@ -110,10 +121,12 @@ class Durability:
                 except BaseException as exc:  # the disk failed us: nothing more counts as committed
                     log.error("journal write to %s failed: %r", self.location.location, exc)
                     self.failed = exc
-                    for w in waiters:
+                    for w in self._writing + self._waiters:
                         if not w.done():
                             w.set_exception(exc)
+                    self._writing, self._waiters = None, []
                     return
+                waiters, self._writing = self._writing, None
                 marks: dict[str, int] = {}
                 for _, _, m in groups:
                     marks.update(m)
@@ -145,6 +158,8 @@ class Durability:
             self.segment += 1
             self._groups.append((self.segment, [], {}))
             copy_ms = (time.perf_counter() - t0) * 1000
+            if self._tasks:  # the snapshot records where segment seq ends: let it end first
+                await self.flush()
             loop = asyncio.get_running_loop()
             extra = self._extra(state, clean)
             size, write_ms = await loop.run_in_executor(self._snapper, self._write, seq, state, tasks,

@@ -15,8 +15,10 @@ class SnapshotError(ThreadboundError):
 
 
 class SnapshotCorrupt(SnapshotError):
-    """A snapshot or journal frame failed verification (size, checksum, signature) and
-    was refused before anything in it was unpickled."""
+    """A snapshot, journal segment or history record failed verification and was
+    refused before anything in it was unpickled: its size, checksum or signature; its
+    binding (file number, pool, history); or its order (a journal frame or segment
+    missing, repeated or out of place). ``reason`` names the check that failed."""
 
 
 class UnsupportedFormat(SnapshotError):

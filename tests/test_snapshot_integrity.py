@@ -45,10 +45,11 @@ def test_a_crafted_malicious_pickle_is_refused_and_never_runs(tmp_path, how):
     victim = tmp_path / "pwned"
     evil = pickle.dumps(_Evil(str(victim)))
     loc = location(tmp_path)
+    loc.write_snapshot(0, {}, tasks={})  # the location's history, which a good manifest is bound to
     if how == "foreign key":
-        data = codec.encode(None, OTHER, seq=1, tasks={}, payload=evil)
+        data = codec.encode(None, OTHER, seq=1, tasks={}, payload=evil, history=loc.history)
     else:
-        good = codec.encode({"ok": 1}, KEY, seq=1, tasks={})
+        good = codec.encode({"ok": 1}, KEY, seq=1, tasks={}, history=loc.history)
         manifest, at = codec.read_manifest(good)
         if how == "manifest re-hashed without the key":
             import hashlib
@@ -60,6 +61,8 @@ def test_a_crafted_malicious_pickle_is_refused_and_never_runs(tmp_path, how):
     with pytest.raises(SnapshotCorrupt) as err:
         loc.load(1)
     assert "snap-0000000001.tbs" in str(err.value)
+    assert {"foreign key": "different key", "payload swapped under a good manifest": "the payload",
+            "manifest re-hashed without the key": "signature"}[how] in err.value.reason
     assert not victim.exists()
 
 
@@ -76,7 +79,7 @@ def _damage(kind, loc, tmp_path):
         path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
     elif kind == "re-signed with another key":
         _, payload = codec.verify(data, KEY)
-        path.write_bytes(codec.encode(None, OTHER, seq=2, tasks={}, payload=payload))
+        path.write_bytes(codec.encode(None, OTHER, seq=2, tasks={}, payload=payload, history=loc.history))
     elif kind == "payloads swapped between two snapshots":
         other = (tmp_path / "snaps" / "snap-0000000001.tbs").read_bytes()
         _, at_other = codec.read_manifest(other)
@@ -112,7 +115,7 @@ def test_an_older_format_is_a_clear_error_not_a_pickle_traceback(tmp_path):
     manifest = {"format": 0, "threadbound": "0.0.1", "seq": 1, "tasks": {}}
     head = msgpack.packb(manifest)
     loc.store.write_atomic("snap-0000000001.tbs", codec.MAGIC + len(head).to_bytes(4, "big") + head + b"junk")
-    with pytest.raises(UnsupportedFormat, match=r"unsupported snapshot format v0 .*reads v1"):
+    with pytest.raises(UnsupportedFormat, match=rf"unsupported snapshot format v0 .*reads v{codec.FORMAT}"):
         loc.load_newest()
 
 
@@ -125,7 +128,8 @@ def test_journal_drops_a_torn_tail_but_refuses_a_tampered_frame(tmp_path):
     path.write_bytes(whole[:-3])  # a crash mid-append
     records, torn = loc.replay(after=0)
     assert records == [["a", 1]] and torn == [str(path)]
-    i = len(journal.SEGMENT_MAGIC) + 4 + 32 + 1
+    header = int.from_bytes(whole[len(journal.SEGMENT_MAGIC):len(journal.SEGMENT_MAGIC) + 4], "big")
+    i = len(journal.SEGMENT_MAGIC) + 4 + 32 + header + 8 + 32 + 1  # a byte of frame 0's body
     path.write_bytes(whole[:i] + bytes([whole[i] ^ 1]) + whole[i + 1:])
     with pytest.raises(SnapshotCorrupt, match="journal frame 0 .*fails its signature"):
         loc.replay(after=0)
@@ -161,7 +165,8 @@ def test_disk_use_stays_flat_over_a_long_run(tmp_path):
         loc.prune()
         sizes.append(sum(f.stat().st_size for f in (tmp_path / "snaps").iterdir()))
     assert max(sizes[50:]) == max(sizes[150:])
-    assert len(list((tmp_path / "snaps").iterdir())) <= 3 + 2 + 1 + 1  # snapshots, pins, segment, lease
+    # snapshots, pins, the segments after the window's oldest snapshot, the history record
+    assert len(list((tmp_path / "snaps").iterdir())) <= 3 + 2 + 2 + 1
 
 
 def test_key_file_is_created_private_and_refused_when_others_can_read_it(tmp_path):
