@@ -227,7 +227,10 @@ class Reviewer(Agent):
 
     def step(self, ctx: StepContext) -> Generator[str, None, Any]:
         ws = workspace_of(ctx)
-        change = ws.change()
+        try:
+            change = ws.change()
+        except WorkspaceError as exc:  # a tree too large to see whole: never review (or apply) half of it
+            raise AgentError(f"cannot review the change: {exc}", task_id=ctx.task_id, agent=ctx.role) from None
         changed, diff = change.paths, change.diff()
         tests = ctx.outputs.get("tester") or {}
         problems = static_checks(change.after, changed)
@@ -235,6 +238,8 @@ class Reviewer(Agent):
             f"Goal: {ctx.goal}\n\nThe change (unified diff):\n```diff\n{diff[:MAX_CONTEXT_CHARS] or '(no change)'}\n```\n\n"
             f"Test result: {tests.get('summary', 'not run')}\n"
             + (("Static check problems:\n" + "\n".join(problems) + "\n") if problems else "")
+            + (("Not reviewed (not regular text files; they will not be applied):\n"
+                + "\n".join(f"{rel}: {why}" for rel, why in change.skipped.items()) + "\n") if change.skipped else "")
             + "\nReview the change. End with one line: VERDICT: APPROVE or VERDICT: REQUEST_CHANGES, "
               "with your reasons above it."
         )
@@ -254,8 +259,11 @@ class Reviewer(Agent):
         elif verdict == "request_changes":
             feedback.append("the reviewer requested changes: " + reasons[:1500])
         applied: list[str] = []
+        refused: list[str] = []
         if approved and ctx.inputs.get("apply"):
-            applied = ws.apply_back(change)
+            applied, refused = ws.write_back(change)
+            if refused:
+                ctx.emit("apply_refused", {"refused": refused})
         summary = {"round": ctx.round, "changed": changed, "tests": tests.get("summary"),
                    "verdict": verdict or "unparseable", "approved": approved}
         self.rounds = [r for r in self.rounds if r["round"] != ctx.round] + [summary]
@@ -265,6 +273,7 @@ class Reviewer(Agent):
             "approved": approved, "verdict": verdict or "unparseable", "reasons": reasons[:4000],
             "static_problems": problems, "diff": diff, "changed": changed,
             "files": {rel: change.after[rel] for rel in changed if rel in change.after},
-            "rounds": list(self.rounds), "applied": applied, "workspace_copy": str(ws.path),
+            "rounds": list(self.rounds), "applied": applied, "apply_refused": refused,
+            "not_reviewed": dict(change.skipped), "workspace_copy": str(ws.path),
             "summary": ("approved" if approved else "changes requested") + f" ({tests.get('summary', 'no tests')})",
         }

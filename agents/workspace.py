@@ -2,24 +2,54 @@
 
 Every agent of a task (each in its own process) opens the same copy by task id.
 The user's directory is never written to unless the change is applied on purpose.
+
+The copy is hostile. The model's code and tests run in it (sandboxed, but free to
+create anything inside it: symbolic links, FIFOs, hard links, huge files, deep
+trees), while the agents that read it through this module run outside the sandbox.
+So here:
+
+* No symbolic link is ever followed. Trees are walked, and paths opened, one
+  component at a time through directory descriptors with ``O_NOFOLLOW``; a path
+  through a link is refused (``WorkspaceError: ... is a symbolic link; refused``).
+* Only regular files are read: links, FIFOs, sockets and devices are left out and
+  never opened; a file is opened non-blocking and checked again with ``fstat``.
+  In the copy, a file with other hard links is left out too (it may be a file
+  from outside the copy).
+* Every read is bounded: a file over ``MAX_TEXT_BYTES`` is left out, one tree's
+  text stops at ``MAX_TOTAL_TEXT_BYTES``, a walk stops after ``MAX_WALK_ENTRIES``
+  entries or ``MAX_WALK_DEPTH`` nested directories. What is left out is said
+  (:meth:`Workspace.scan`, :attr:`Change.skipped`); a :class:`Change` is refused
+  outright when a walk stopped early, because a half-seen tree would look like
+  deleted files.
+* Writes go to a new file in the same directory, renamed into place: never through
+  a link, a hard link or a FIFO.
+* Copies live in a private (0700) directory and are deleted by
+  :meth:`Workspace.discard`.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
+import logging
 import os
 import shutil
+import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .edits import Edits, PatchError, apply_hunks
 
-IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_modules", ".mypy_cache",
-           ".ruff_cache", ".sandbox-home", ".threadbound"}
-MAX_TEXT_BYTES = 200_000
+log = logging.getLogger("threadbound.workspace")
+
+from .hostile_fs import (  # noqa: F401  (IGNORED and the bounds are part of this module's API)
+    IGNORED, MAX_TEXT_BYTES, MAX_TOTAL_TEXT_BYTES, MAX_WALK_DEPTH, MAX_WALK_ENTRIES, Scan, WorkspaceError,
+    _decode, _is_ignored, _kind, _LeftOut, _lstat_at, _open_dirs, _open_root, _parts, _private_root, _put,
+    _read_regular, _remove, _remove_tree, _Walk,
+)
 
 
 def workspaces_root() -> Path:
@@ -27,16 +57,34 @@ def workspaces_root() -> Path:
     return Path(os.environ.get("THREADBOUND_WORKSPACES") or Path(tempfile.gettempdir()) / "threadbound-workspaces")
 
 
-def _ignore(_dir: str, names: list[str]) -> set[str]:
-    return {n for n in names if n in IGNORED or n.endswith((".pyc", ".egg-info"))}
+def _copy_ignore(dirpath: str, names: list[str]) -> set[str]:
+    """For copytree: ignored names, and anything but directories, regular files and links."""
+    out = set()
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+        except OSError:
+            out.add(name)
+            continue
+        if _is_ignored(name) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            out.add(name)
+    return out
 
 
-class WorkspaceError(ValueError):
-    pass
+def copy_path(task_id: str, root: str | os.PathLike | None = None) -> Path:
+    """Where task ``task_id``'s copy is (or will be) on this node."""
+    return (Path(root) if root is not None else workspaces_root()) / _copy_name(task_id)
+
+
+def _copy_name(task_id: str) -> str:
+    name = task_id.replace("/", "_").replace("\0", "_")
+    if name in ("", ".", ".."):
+        raise WorkspaceError(f"task id {task_id!r} cannot name a workspace copy")
+    return name
 
 
 class Workspace:
-    """The per-task copy of ``original``.
+    """The per-task copy of ``original``; see the module's docstring for how it is read.
 
     Examples:
         >>> import tempfile, pathlib
@@ -45,6 +93,8 @@ class Workspace:
         >>> ws = Workspace.for_task("t-doc", str(src), root=tempfile.mkdtemp())
         >>> ws.write("a.py", "x = 2\\n"); ws.changed()
         ['a.py']
+        >>> Workspace.discard("t-doc", root=ws.path.parent)
+        True
     """
 
     def __init__(self, original: Path, path: Path) -> None:
@@ -53,60 +103,197 @@ class Workspace:
 
     @classmethod
     def for_task(cls, task_id: str, original: str, root: str | os.PathLike | None = None) -> "Workspace":
-        """Open the task's copy, making it on first use (atomically: copy, then rename)."""
+        """Open the task's copy, making it on first use (atomically: copy, then rename).
+
+        The workspaces directory (``root``, default :func:`workspaces_root`) and each
+        copy are private (0700); a root that is a symbolic link or another user's is
+        refused. Symbolic links in the original are copied as links (the sandboxed
+        tests see the project as it is; nothing outside the sandbox follows them);
+        FIFOs, sockets and devices are not copied.
+        """
         src = Path(original).resolve()
         if not src.is_dir():
             raise WorkspaceError(f"workspace {original!r} does not exist or is not a directory")
         base = Path(root) if root is not None else workspaces_root()
-        dest = base / task_id.replace("/", "_")
-        if not dest.exists():
-            base.mkdir(parents=True, exist_ok=True)
+        dest = base / _copy_name(task_id)
+        _private_root(base)
+        if not os.path.lexists(dest):
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=base))
-            shutil.copytree(src, tmp / "w", ignore=_ignore)
             try:
-                os.rename(tmp / "w", dest)
-            except OSError:  # someone else made it first
-                pass
-            shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp / "w", symlinks=True, ignore=_copy_ignore)
+                os.chmod(tmp / "w", 0o700)
+                try:
+                    os.rename(tmp / "w", dest)
+                except OSError:  # someone else made it first
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        st = os.lstat(dest)
+        if not stat.S_ISDIR(st.st_mode):
+            raise WorkspaceError(f"the task's copy {dest} is a {_kind(st.st_mode)}, not a directory; refused")
+        fd = _open_root(dest)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # made by an older version
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
         return cls(src, dest)
 
-    def resolve(self, rel: str) -> Path:
-        """The absolute path of ``rel`` inside the copy; refuses paths that leave it."""
+    @classmethod
+    def discard(cls, task_id: str, root: str | os.PathLike | None = None) -> bool:
+        """Delete the task's copy; True if there was one.
+
+        Follows no link: the tree is removed through directory descriptors (a link in
+        the copy is deleted, never what it points to), and a directory made unreadable
+        by the tests is made readable first. Raises :class:`WorkspaceError` when the
+        copy cannot be deleted.
+
+        Examples:
+            >>> import tempfile
+            >>> root = tempfile.mkdtemp()
+            >>> ws = Workspace.for_task("t-gone", tempfile.mkdtemp(), root=root)
+            >>> Workspace.discard("t-gone", root=root), Workspace.discard("t-gone", root=root)
+            (True, False)
+        """
+        if not shutil.rmtree.avoids_symlink_attacks:  # same needs: dir_fd for open/unlink/rmdir, scandir(fd)
+            raise WorkspaceError("this platform cannot delete a directory without following symbolic links; "
+                                 "delete the task's copy yourself")
+        base = Path(root) if root is not None else workspaces_root()
+        name = _copy_name(task_id)
+        if not os.path.lexists(base):
+            return False
+        base_fd = _open_root(base)
+        try:
+            st = _lstat_at(base_fd, name)
+            if st is None:
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree(base_fd, name)
+            else:
+                os.unlink(name, dir_fd=base_fd)
+            return True
+        except OSError as exc:
+            raise WorkspaceError(f"could not delete the copy {base / name}: {exc}") from None
+        finally:
+            os.close(base_fd)
+
+    def _rel_parts(self, rel: str) -> list[str]:
+        """``rel`` as the model may write it (quoted, with git's a/ or b/ prefix), as components."""
         rel = rel.strip().strip("`'\"")
-        if rel.startswith(("a/", "b/")) and not (self.path / rel).exists() and (self.path / rel[2:]).parent.exists():
-            rel = rel[2:]
-        p = (self.path / rel).resolve()
-        if os.path.isabs(rel) or not p.is_relative_to(self.path.resolve()):
-            raise WorkspaceError(f"path {rel!r} leaves the workspace")
-        return p
+        if rel.startswith(("a/", "b/")) and self._lookup(rel) is None:
+            try:
+                parent = _parts(rel[2:])[:-1]
+            except WorkspaceError:
+                parent = None
+            if parent == [] or (parent and (st := self._lookup("/".join(parent))) and stat.S_ISDIR(st.st_mode)):
+                rel = rel[2:]
+        return _parts(rel)
+
+    def _lookup(self, rel: str) -> os.stat_result | None:
+        """What ``rel`` is in the copy, without following links; None if it does not exist (or cannot)."""
+        try:
+            parts = _parts(rel)
+            root = _open_root(self.path)
+        except WorkspaceError:
+            return None
+        try:
+            dir_fd = _open_dirs(root, parts[:-1], rel)
+        except (WorkspaceError, OSError):  # a link on the way, or no such directory
+            return None
+        finally:
+            os.close(root)
+        if dir_fd is None:
+            return None
+        try:
+            return _lstat_at(dir_fd, parts[-1])
+        finally:
+            os.close(dir_fd)
+
+    def resolve(self, rel: str) -> Path:
+        """The absolute path of ``rel`` inside the copy.
+
+        Refuses a path that leaves the copy (absolute, or ``..`` past its top) and one
+        that goes through or ends at a symbolic link (``WorkspaceError``). The path is
+        for showing: open files with :meth:`read` / :meth:`write`, which check again.
+        """
+        parts = self._rel_parts(rel)
+        root = _open_root(self.path)
+        try:
+            dir_fd = _open_dirs(root, parts[:-1], rel)
+        finally:
+            os.close(root)
+        if dir_fd is not None:
+            try:
+                st = _lstat_at(dir_fd, parts[-1])
+            finally:
+                os.close(dir_fd)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise WorkspaceError(f"{rel!r} is a symbolic link; refused")
+        return self.path.joinpath(*parts)
+
+    def scan(self, base: Path | None = None) -> Scan:
+        """One bounded walk of the copy (or of ``base``): texts, what was left out and why,
+        and whether the walk stopped early. Never raises for what it finds."""
+        root = Path(base) if base is not None else self.path
+        return _Walk(hostile=root == self.path).scan(root)
 
     def texts(self, base: Path | None = None) -> dict[str, str]:
-        """The text files of the copy (or of ``base``): relative path -> content, by path."""
-        root = base or self.path
-        out: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in IGNORED and not d.endswith(".egg-info"))
-            for name in filenames:
-                p = Path(dirpath) / name
-                if name.endswith(".pyc") or p.stat().st_size > MAX_TEXT_BYTES:
-                    continue
-                try:
-                    out[str(p.relative_to(root))] = p.read_bytes().decode("utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
-        return dict(sorted(out.items()))
+        """The text files of the copy (or of ``base``): relative path -> content, by path.
+
+        Only UTF-8 regular files up to ``MAX_TEXT_BYTES``, within the walk's bounds: past
+        them the result is partial (:meth:`scan` says what was left out).
+        """
+        return self.scan(base).texts
 
     def files(self, base: Path | None = None) -> list[str]:
         """Relative paths of the text files in the copy (or in ``base``), sorted."""
         return list(self.texts(base))
 
     def read(self, rel: str) -> str:
-        return self.resolve(rel).read_text()
+        """The text of ``rel`` in the copy: a UTF-8 regular file of at most ``MAX_TEXT_BYTES``.
+
+        Raises ``FileNotFoundError`` if it does not exist, ``WorkspaceError`` for anything
+        else (a link on the way, a FIFO, too large, not UTF-8).
+        """
+        parts = self._rel_parts(rel)
+        root = _open_root(self.path)
+        try:
+            dir_fd = _open_dirs(root, parts[:-1], rel)
+        finally:
+            os.close(root)
+        if dir_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file in the workspace", rel)
+        try:
+            data = _read_regular(dir_fd, parts[-1], single_link=True)
+        except _LeftOut as out:
+            raise WorkspaceError(f"{rel!r} is {out.reason}; refused") from None
+        finally:
+            os.close(dir_fd)
+        return _decode(data, rel)
 
     def write(self, rel: str, text: str) -> None:
-        p = self.resolve(rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+        """Write ``text`` (UTF-8) to ``rel`` in the copy, making its directories; never through
+        a link (``WorkspaceError``). A new file is 0644; a replaced one keeps its mode."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise WorkspaceError(f"{rel!r}: the text cannot be written as UTF-8: {exc}") from None
+        parts = self._rel_parts(rel)
+        root = _open_root(self.path)
+        try:
+            _put(root, "/".join(parts), data)
+        finally:
+            os.close(root)
+
+    def delete(self, rel: str) -> None:
+        """Delete the regular file ``rel`` from the copy (``FileNotFoundError`` if absent)."""
+        parts = self._rel_parts(rel)
+        root = _open_root(self.path)
+        try:
+            if not _remove(root, "/".join(parts)):
+                raise FileNotFoundError(errno.ENOENT, "no such file in the workspace", rel)
+        finally:
+            os.close(root)
 
     def apply(self, edits: Edits) -> tuple[list[str], list[str]]:
         """Write parsed edits into the copy: returns (paths changed, problems with the rest).
@@ -116,7 +303,7 @@ class Workspace:
         ops: list[tuple[str, Callable[[], object]]] = []
         ops += [(rel, functools.partial(self.write, rel, text)) for rel, text in edits.files.items()]
         ops += [(rel, functools.partial(self._patch, rel, hunks)) for rel, hunks in edits.patches]
-        ops += [(rel, lambda rel=rel: self.resolve(rel).unlink()) for rel in edits.deletes]
+        ops += [(rel, functools.partial(self.delete, rel)) for rel in edits.deletes]
         changed, problems = [], []
         for rel, op in ops:
             try:
@@ -130,8 +317,27 @@ class Workspace:
         self.write(rel, apply_hunks(self.read(rel), hunks))
 
     def change(self) -> "Change":
-        """What differs between the original and the copy (each tree read once)."""
-        return Change(before=self.texts(self.original), after=self.texts())
+        """What differs between the original and the copy (each tree read once, bounded).
+
+        Entries that could not be compared as text and differ (a link, a FIFO, a file
+        too large or not UTF-8, on either side) are in :attr:`Change.skipped`, never in
+        its paths. Raises ``WorkspaceError`` when either walk stopped at its bounds: a
+        tree seen only in part would show the unseen files as deleted.
+        """
+        before, after = self.scan(self.original), self.scan()
+        for seen, what in ((before, f"your workspace {self.original}"), (after, f"the task's copy {self.path}")):
+            if seen.truncated:
+                raise WorkspaceError(f"{what} is too large to review: {seen.truncated} (the bounds are "
+                                     f"{MAX_WALK_ENTRIES} entries and {MAX_WALK_DEPTH} nested directories); "
+                                     "no change is shown or applied")
+        skipped = {}
+        for rel in sorted(before.skipped.keys() | after.skipped.keys()):
+            old, new = before.fingerprints.get(rel), after.fingerprints.get(rel)
+            if old is not None and old == new:
+                continue  # the same on both sides (an untouched binary file, an unchanged link)
+            skipped[rel] = (f"{after.skipped[rel]} in the task's copy" if rel in after.skipped
+                            else f"{before.skipped[rel]} in your workspace")
+        return Change(before=before.texts, after=after.texts, skipped=skipped)
 
     def changed(self) -> list[str]:
         """Files added, modified or deleted relative to the original."""
@@ -141,31 +347,68 @@ class Workspace:
         """A unified diff from the original to the copy (a/ and b/ prefixes, like git)."""
         return self.change().diff()
 
+    def write_back(self, change: "Change | None" = None) -> tuple[list[str], list[str]]:
+        """Write the change into the user's original directory: ``(touched, refused)``.
+
+        ``touched``: the paths written or deleted, sorted. ``refused``: ``"path: why"``
+        for each one that was not: every entry of ``change.skipped`` (a link, a FIFO,
+        a file too large to review, ... in the copy), and every path whose target in
+        the original is a symbolic link, goes through one, or is not a regular file.
+
+        What is written is the text in ``change.after``, the content that was reviewed,
+        never a re-read of the copy; each file is written to a new file in the same
+        directory and renamed into place (so never through a link), keeping the mode
+        of the file it replaces (0644 if new). Only regular files are deleted.
+        """
+        change = change if change is not None else self.change()
+        touched: list[str] = []
+        refused = [f"{rel}: {why}; not applied" for rel, why in change.skipped.items()]
+        root = _open_root(self.original)
+        try:
+            paths = change.paths
+            for rel in [p for p in paths if p not in change.after] + [p for p in paths if p in change.after]:
+                try:
+                    if rel in change.after:
+                        _put(root, rel, change.after[rel].encode("utf-8"))
+                    elif not _remove(root, rel):
+                        continue
+                    touched.append(rel)
+                except (WorkspaceError, OSError, UnicodeError) as exc:
+                    refused.append(f"{rel}: {exc} (in your workspace {self.original}); not applied")
+        finally:
+            os.close(root)
+        return sorted(touched), refused
+
     def apply_back(self, change: "Change | None" = None) -> list[str]:
-        """Write the change into the user's original directory; returns the paths touched."""
-        touched = (change or self.change()).paths
-        for rel in touched:
-            src, dst = self.path / rel, self.original / rel
-            if src.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
-            elif dst.exists():
-                dst.unlink()
+        """Write the change into the user's original directory; returns the paths touched.
+
+        Like :meth:`write_back`, whose refusals this logs as a warning; call
+        ``write_back`` to get them.
+        """
+        touched, refused = self.write_back(change)
+        if refused:
+            log.warning("not applied to %s: %s", self.original, "; ".join(refused))
         return touched
 
 
 @dataclass(frozen=True)
 class Change:
-    """The text files of the original (``before``) and of the copy (``after``)."""
+    """The text files of the original (``before``) and of the copy (``after``).
+
+    ``skipped``: relative path -> why an entry that differs between the two could not
+    be shown as text (a symbolic link, a FIFO, a file too large or not UTF-8, ...).
+    Such a path is not in :attr:`paths`, not in the diff, and never applied back.
+    """
 
     before: dict[str, str]
     after: dict[str, str]
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
-        """Files added, modified or deleted."""
+        """Files added, modified or deleted (as text)."""
         return sorted(rel for rel in self.before.keys() | self.after.keys()
-                      if self.before.get(rel) != self.after.get(rel))
+                      if self.before.get(rel) != self.after.get(rel) and rel not in self.skipped)
 
     def diff(self) -> str:
         chunks: list[str] = []

@@ -136,6 +136,8 @@ def _summary(handle: Any) -> None:
         print(f"  changed:  {', '.join(review['changed'])} (copy at {review.get('workspace_copy')})")
         print("  applied to your workspace" if review.get("applied") else
               "  your workspace is untouched; rerun with --apply to write the change back")
+    for line in review.get("apply_refused") or []:
+        print(f"  NOT applied: {line}")
     if res.error:
         print(f"  error:    {res.error}")
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import cloudpickle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
-from threadbound.agents.workspace import Workspace, workspaces_root
+from threadbound.agents.workspace import Workspace, copy_path
 from threadbound.snapshots import HistoryExists, Loaded, SnapshotError
 
 from .config import RuntimeConfig
@@ -71,6 +71,15 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _discard_copy(task_id: str) -> None:
+    """Delete a finished task's workspace copy (on a thread: a big copy takes a while)."""
+    try:
+        Workspace.discard(task_id)
+    except Exception:  # a copy left behind is a leak, not a reason to disturb the pool
+        log.exception("could not delete the workspace copy of task %s; delete %s by hand", task_id,
+                      copy_path(task_id))
 
 
 class Supervisor:
@@ -789,13 +798,13 @@ class Supervisor:
         if ts.status in TERMINAL:
             return
         if ts.spec.workspace:  # the final event says where the copy was and whether it is kept
-            data.update(workspace_copy=str(workspaces_root() / ts.id.replace("/", "_")), workspace_copy_kept=self.cfg.workspace.keep_copies)
+            data.update(workspace_copy=str(copy_path(ts.id)), workspace_copy_kept=self.cfg.workspace.keep_copies)
         self._set_status(ts, status, **data)
         if ts.spec.workspace and not self.cfg.workspace.keep_copies:
             try:
-                asyncio.get_running_loop().run_in_executor(None, Workspace.discard, ts.id)
+                asyncio.get_running_loop().run_in_executor(None, _discard_copy, ts.id)
             except RuntimeError:  # no loop (unit tests of the plain class)
-                Workspace.discard(ts.id)
+                _discard_copy(ts.id)
 
     def _queued(self) -> int:
         return sum(1 for *_, t in self.queue if self.tasks.get(t) and self.tasks[t].status == PENDING)

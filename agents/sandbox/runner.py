@@ -173,15 +173,27 @@ def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: Sand
         return code, killed, out.read()
 
 
-def _chown_tree(root: str, uid: int, gid: int) -> None:
-    """Give the sandbox's uid the copy (a root pool's runs do not run as root)."""
+def _chown_tree(root: str, uid: int, gid: int, limit: int = 100_000) -> None:
+    """Give the sandbox's uid the copy (a root pool's runs do not run as root).
+
+    Iterative (no recursion limit on a deep tree an earlier run left), bounded, and
+    never through a link (``lchown``; directories entered only if not links).
+    """
     os.lchown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            try:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
-            except OSError:
-                pass
+    stack, seen = [root], 0
+    while stack and seen < limit:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    seen += 1
+                    try:
+                        os.lchown(e.path, uid, gid)
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                    except OSError:
+                        pass
+        except OSError:
+            continue
 
 
 def sandbox_uid(settings: SandboxSettings) -> int:
