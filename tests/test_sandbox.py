@@ -166,3 +166,43 @@ def test_every_layer_is_reported_applied_with_what_it_did(tmp_path):
 def test_an_unknown_isolation_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="sandbox.isolation"):
         sandbox.SandboxSettings(isolation="strict")
+
+
+def test_the_sandbox_dies_with_the_process_that_started_it(tmp_path):
+    # Given: an agent process running a command in the sandbox that would run for a minute
+    import signal
+    import subprocess
+    import time
+    marker = f"threadbound-orphan-{os.getpid()}"
+    (tmp_path / "snippet.py").write_text(textwrap.dedent(f"""
+        import os, time
+        open("started", "w").write("1")
+        if os.fork() == 0:
+            os.setsid()  # a daemon of its own, too
+        time.sleep(60)  # {marker}
+    """))
+    runner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from threadbound.agents import sandbox
+        sandbox.run([sys.executable, "snippet.py", "{marker}"], cwd={str(tmp_path)!r},
+                    limits=sandbox.SandboxLimits(wall_s=120))
+    """)])
+    try:
+        for _ in range(300):
+            if (tmp_path / "started").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists()
+        assert any(marker in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        # When: that process is killed outright (as Ray kills an actor past its deadline)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(10)
+        # Then: nothing of the sandbox outlives it, the daemon included
+        for _ in range(100):
+            alive = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+            if not alive:
+                break
+            time.sleep(0.1)
+        assert not alive
+    finally:
+        runner.kill()

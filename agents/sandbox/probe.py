@@ -18,6 +18,7 @@ class Capabilities:
     bwrap_version: str
     bwrap_reason: str  # why not, when it cannot
     landlock_abi: int  # 0: none
+    cgroup: str  # what cgroup v2 offers here, in words
     seccomp: tuple[bytes | None, str]
 
 
@@ -53,6 +54,21 @@ def _try_bwrap(exe: str) -> tuple[bool, str, str]:
     return True, version[-1] if version else "?", ""
 
 
+def cgroup_v2() -> str:
+    """What this machine's cgroup v2 hierarchy offers, in words."""
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        try:
+            with open(os.path.join(root, "cgroup.controllers")) as fh:
+                controllers = fh.read().split()
+        except OSError:
+            continue
+        have = [c for c in ("memory", "pids") if c in controllers]
+        if not have:
+            return f"cgroup v2 at {root} has no memory or pids controller (they are on cgroup v1 here)"
+        return f"cgroup v2 at {root} has {', '.join(have)}, but the pool does not create cgroups yet"
+    return "no cgroup v2 hierarchy is mounted"
+
+
 def landlock_abi() -> int:
     try:
         return _landlock_abi()
@@ -71,4 +87,4 @@ def capabilities(configured_bwrap: str | None = None) -> Capabilities:
         ok, version, why = _try_bwrap(exe)
     abi = landlock_abi()
     return Capabilities(bwrap=exe if ok else None, bwrap_version=version, bwrap_reason=why, landlock_abi=abi,
-                        seccomp=seccomp.compiled())
+                        cgroup=cgroup_v2(), seccomp=seccomp.compiled())

@@ -14,7 +14,7 @@ The layers, outermost first; each one applied or not (and why) is in the result:
 ``seccomp``     ptrace, process_vm_*, setns, unshare, mount, bpf, keyctl, ... refused.
 ``limits``      rlimits (CPU, address space, file size, processes, no core) and a
                 watchdog for wall clock, process count and the copy's total size.
-``cgroup``      not used: limits come from rlimits and the watchdog (see below).
+``cgroup``      not used yet: limits come from rlimits and the watchdog (see below).
 ``network``     isolated unless the task was allowed the network.
 ``environment`` cleared; only what the settings pass.
 
@@ -26,9 +26,10 @@ surface and profile language; a hand-written ``unshare`` cannot build a mount
 namespace with an allow-list without re-implementing bwrap in Python, unprivileged
 ``unshare -n -p`` is refused for non-root users, and it leaves the host /proc visible.
 
-cgroup v2 limits need a delegated cgroup; where the pool has none (most containers
-and every machine this runs on in CI) the rlimits and the watchdog are what holds,
-and the result says so.
+cgroup v2 limits (memory.max and pids.max for the whole tree) need a delegated
+cgroup v2 with those controllers. The machines this is built and tested on have
+none (memory and pids are on cgroup v1), so they are not built yet; the rlimits and
+the watchdog are what holds, and the ``cgroup`` layer says what the machine offers.
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def _finish(command, cwd, limits, env, argv, fds, layers, notes, settings, *, is
                 status = {}
             os.close(status_fd)
     if argv is not None and status_fd is not None:
-        layers.extend(_layers_after(status, seccomp, bwrap, limits))
+        layers.extend(_layers_after(status, seccomp, bwrap, limits, capabilities(settings.bwrap).cgroup))
     text = data.decode("utf-8", "replace")
     if len(text) > max_output:
         half = max_output // 2
@@ -341,7 +342,7 @@ def _finish(command, cwd, limits, env, argv, fds, layers, notes, settings, *, is
                          layers=layers, notes=notes)
 
 
-def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimits) -> list[Layer]:
+def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimits, cgroup: str) -> list[Layer]:
     out = []
     uid = status.get("uid")
     out.append(Layer("user", bool(uid and uid[0]), uid[1] if uid else "the launcher did not report (it did not start)"))
@@ -358,8 +359,7 @@ def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimi
     out.append(Layer("limits", True, f"rlimits cpu {limits.cpu_s}s, memory {limits.memory_mb} MB, file "
                      f"{limits.file_mb} MB, {limits.max_procs} processes, no core; watchdog wall "
                      f"{limits.wall_s:g}s, processes, copy size {limits.disk_mb} MB / {limits.max_files} files"))
-    out.append(Layer("cgroup", False, "no delegated cgroup v2: memory and processes are held by rlimits "
-                     "and the watchdog"))
+    out.append(Layer("cgroup", False, f"{cgroup}: memory and processes are held by rlimits and the watchdog"))
     if limits.network:
         out.append(Layer("network", False, "the task was allowed the network (inputs.sandbox.network)"))
     else:
