@@ -209,6 +209,15 @@ class Workspace:
         finally:
             os.close(dir_fd)
 
+    def _open_parent(self, rel: str) -> tuple[list[str], int | None]:
+        """``rel``'s components and a descriptor of its directory (None if that does not exist)."""
+        parts = self._rel_parts(rel)
+        root = _open_root(self.path)
+        try:
+            return parts, _open_dirs(root, parts[:-1], rel)
+        finally:
+            os.close(root)
+
     def resolve(self, rel: str) -> Path:
         """The absolute path of ``rel`` inside the copy.
 
@@ -216,12 +225,7 @@ class Workspace:
         that goes through or ends at a symbolic link (``WorkspaceError``). The path is
         for showing: open files with :meth:`read` / :meth:`write`, which check again.
         """
-        parts = self._rel_parts(rel)
-        root = _open_root(self.path)
-        try:
-            dir_fd = _open_dirs(root, parts[:-1], rel)
-        finally:
-            os.close(root)
+        parts, dir_fd = self._open_parent(rel)
         if dir_fd is not None:
             try:
                 st = _lstat_at(dir_fd, parts[-1])
@@ -255,12 +259,7 @@ class Workspace:
         Raises ``FileNotFoundError`` if it does not exist, ``WorkspaceError`` for anything
         else (a link on the way, a FIFO, too large, not UTF-8).
         """
-        parts = self._rel_parts(rel)
-        root = _open_root(self.path)
-        try:
-            dir_fd = _open_dirs(root, parts[:-1], rel)
-        finally:
-            os.close(root)
+        parts, dir_fd = self._open_parent(rel)
         if dir_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such file in the workspace", rel)
         try:

@@ -135,12 +135,17 @@ def check_binding(manifest: dict[str, Any], name: str, *, seq: int | None = None
                else "a snapshot renamed or copied from another number")
         raise SnapshotCorrupt(name, f"the file is named {name.rsplit('/', 1)[-1]} but its signed manifest "
                                     f"says it is snapshot {theirs} ({how})")
-    if pool is not None and manifest.get("pool") != pool:
-        raise SnapshotCorrupt(name, f"written by pool {manifest.get('pool')!r} but this location belongs "
+    check_owner(name, "snapshot", manifest, pool, history)
+
+
+def check_owner(name: str, what: str, signed: dict[str, Any], pool: str | None, history: str | None) -> None:
+    """Refuse a signed record (a snapshot's manifest, a segment's header) of another pool or history."""
+    if pool is not None and signed.get("pool") != pool:
+        raise SnapshotCorrupt(name, f"written by pool {signed.get('pool')!r} but this location belongs "
                                     f"to pool {pool!r}")
-    if history is not None and manifest.get("history") != history:
-        raise SnapshotCorrupt(name, f"belongs to history {manifest.get('history')} but this location's "
-                                    f"history is {history} (a snapshot copied in from another history)")
+    if history is not None and signed.get("history") != history:
+        raise SnapshotCorrupt(name, f"belongs to history {signed.get('history')} but this location's "
+                                    f"history is {history} (a {what} copied in from another history)")
 
 
 def verify_manifest(data: bytes, key: bytes, name: str = "<snapshot>", *, seq: int | None = None,

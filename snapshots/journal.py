@@ -46,6 +46,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
+from .codec import check_owner
 from .errors import SnapshotCorrupt, UnsupportedFormat
 from .keys import key_id
 
@@ -163,12 +164,7 @@ def read_segment(data: bytes, key: bytes, segment: int, name: str, *, pool: str 
     if header.get("segment") != segment:
         raise SnapshotCorrupt(name, f"the file is named {name.rsplit('/', 1)[-1]} but its signed header says "
                                     f"it is segment {header.get('segment')} (a segment renamed)")
-    if pool is not None and header.get("pool") != pool:
-        raise SnapshotCorrupt(name, f"written by pool {header.get('pool')!r} but this location belongs to "
-                                    f"pool {pool!r}")
-    if history is not None and header.get("history") != history:
-        raise SnapshotCorrupt(name, f"belongs to history {header.get('history')} but this location's history "
-                                    f"is {history} (a segment copied in from another history)")
+    check_owner(name, "segment", header, pool, history)
     bodies: list[bytes] = []
     macs: list[bytes] = []
     before, at = mac, end
