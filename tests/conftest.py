@@ -21,6 +21,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Snapshot signing key for every pool of the session (actors inherit it from Ray),
 # so nothing reads or writes ~/.threadbound/snapshot.key.
 os.environ["THREADBOUND_SNAPSHOT_KEY"] = secrets.token_hex(32)
+# A pool's default snapshot_dir is the per-user state directory: keep it in the scratch too.
+os.environ["XDG_STATE_HOME"] = os.path.join(_ISOLATED, "state")
 SNAPSHOTS = os.path.join(_ISOLATED, "snapshots")
 # Agent actors import the test agents by module name.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -44,7 +46,8 @@ def _outside_the_repo():
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, namespace="threadbound-tests", include_dashboard=True,
+    # address="local": always a Ray of our own, even when `ray start` left one running here.
+    ray.init(address="local", num_cpus=2, namespace="threadbound-tests", include_dashboard=True,
              logging_level="ERROR", log_to_driver=False)
     # State-API calls and child processes name this Ray explicitly, so that another
     # local Ray on the machine never confuses them.

@@ -154,8 +154,13 @@ def _drop(uid, gid):
         raise OSError("the uid did not change")
 
 
-def _reap(argv):
-    """No PID namespace: run the command as our child and, as a subreaper, kill what it leaves."""
+def _reap(argv, children_fd):
+    """No PID namespace: run the command as our child and, as a subreaper, kill what it leaves.
+
+    ``children_fd`` is ``/proc/<us>/task/<us>/children``, opened before Landlock (which
+    allows no /proc) and re-read with ``pread``: orphans of the command (a double-forked
+    daemon) are reparented to us, and are killed until none is left.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = os.fork()
@@ -168,17 +173,8 @@ def _reap(argv):
             os._exit(127)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    for _ in range(200):  # orphans (a double-forked daemon) are reparented to us: kill and reap them
-        try:
-            children = [int(c) for c in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
-        except OSError:
-            children = []
-        if not children:
-            try:
-                os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            continue
+    for _ in range(5000):
+        children = [int(c) for c in os.pread(children_fd, 1 << 16, 0).split()]
         for c in children:
             try:
                 os.kill(c, signal.SIGKILL)
@@ -187,9 +183,9 @@ def _reap(argv):
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass
-        except ChildProcessError:
+        except ChildProcessError:  # no child left, not even one exiting
             break
-        time.sleep(0.005)
+        time.sleep(0.002)
     os._exit(128 - code if code < 0 else code)
 
 
@@ -197,6 +193,10 @@ def main():
     cfg = json.loads(sys.argv[1])
     argv = sys.argv[2:]
     status = {}
+    children_fd = None
+    if cfg.get("reaper"):  # before Landlock, which allows no /proc
+        tid = os.getpid()
+        children_fd = os.open(f"/proc/{tid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
     if cfg.get("rlimits"):
         _rlimits(cfg["rlimits"])
     if cfg.get("landlock"):
@@ -229,8 +229,8 @@ def main():
             os.write(fd, json.dumps(status).encode())
         finally:
             os.close(fd)
-    if cfg.get("reaper"):
-        _reap(argv)
+    if children_fd is not None:
+        _reap(argv, children_fd)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

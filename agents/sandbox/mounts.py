@@ -120,8 +120,34 @@ def bwrap_args(*, copy: str, read_only: list[str], hidden: list[str], env: dict[
 
 
 def landlock_paths(copy: str, read_only: list[str], hidden: list[str], tmp: str) -> dict[str, list[str]]:
-    """Landlock rules where bwrap could not start: read only the allow-list, write the copy and tmp."""
+    """Landlock rules where bwrap could not start: read only the allow-list, write the copy and tmp.
+
+    Landlock rules only allow, so a hidden path under an allowed one is carved out:
+    that directory is replaced by its entries, except the hidden one (and except
+    symbolic links, which a rule would follow), down the hidden path's ancestry.
+    """
     chosen, links, _ = plan(copy, read_only, hidden)
-    ro = chosen + [link.split(":", 1)[1] for link in links]
+    hidden = sorted({_norm(h) for h in hidden})
+    ro: list[str] = []
+    for p in chosen:
+        ro += _allow_except(p, hidden)
+    ro += [link.split(":", 1)[1] for link in links]
     dev = [d for d in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom") if os.path.exists(d)]
     return {"ro": ro, "rw": [_norm(copy), _norm(tmp)], "dev": dev}
+
+
+def _allow_except(path: str, hidden: list[str]) -> list[str]:
+    if path in hidden:
+        return []
+    if not any(_under(h, path) and h != path for h in hidden):
+        return [path]
+    out: list[str] = []
+    try:
+        with os.scandir(path) as it:
+            entries = [(e.path, e.is_symlink()) for e in it]
+    except OSError:
+        return []
+    for child, is_link in entries:
+        if not is_link:
+            out += _allow_except(child, hidden)
+    return out

@@ -135,6 +135,7 @@ def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: Sand
         for fd in pass_fds:  # the child has them now
             os.close(fd)
         killed: list[str] = []
+        seen: set[psutil.Process] = set()  # every process of the tree the watchdog saw
         ended = threading.Event()
         disk_bytes = limits.disk_mb * 1024 * 1024
 
@@ -146,9 +147,11 @@ def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: Sand
                     killed.append("wall_clock")
                 else:
                     try:
-                        n = len(psutil.Process(proc.pid).children(recursive=True))
+                        tree = psutil.Process(proc.pid).children(recursive=True)
                     except psutil.Error:
-                        n = 0
+                        tree = []
+                    seen.update(tree)
+                    n = len(tree)
                     if n >= limits.max_procs:  # at the cap (RLIMIT_NPROC refuses more): a fork bomb
                         killed.append("max_procs")
                     elif now >= next_disk:
@@ -170,6 +173,13 @@ def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: Sand
         ended.set()
         watcher.join(timeout=5)
         _kill_tree(proc, wait_s=5.0)  # leave nothing behind
+        left = [p for p in seen if p.is_running()]  # bwrap's PID 1 is in a session of its own
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5.0)
         out.seek(0)
         return code, killed, out.read()
 
@@ -276,6 +286,9 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
             cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, tmp))
         cfg["seccomp_fd"] = seccomp_fd
         cfg["reaper"] = True
+        if uid is None:  # no user namespace: RLIMIT_NPROC counts every process of this uid on the host
+            mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == os.getuid())
+            cfg["rlimits"]["RLIMIT_NPROC"] = (mine + limits.max_procs, mine + limits.max_procs)
         argv = [*launcher, json.dumps(cfg), *command]
         run_env = env
         notes.append("WARNING: sandbox.isolation is best_effort and bubblewrap cannot start here "
