@@ -104,6 +104,29 @@ def _kill_tree(proc: subprocess.Popen, wait_s: float = 0.0) -> None:
         psutil.wait_procs(victims, timeout=wait_s)
 
 
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie (a dead process whose new parent has not reaped it yet is gone)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_alive(procs: set[psutil.Process], wait_s: float = 5.0) -> None:
+    """Kill those of ``procs`` still alive and return once none is (or ``wait_s`` passed)."""
+    left = [p for p in procs if _alive(p)]
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + wait_s
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if _alive(p)]
+        if left:
+            time.sleep(0.005)
+
+
 def tree_usage(root: str, stop_after: int) -> tuple[int, int]:
     """(bytes, entries) of a directory tree, by lstat (links are not followed)."""
     total, count, stack = 0, 0, [root]
@@ -173,13 +196,7 @@ def _watched(argv: list[str], cwd: str, env: dict[str, str] | None, limits: Sand
         ended.set()
         watcher.join(timeout=5)
         _kill_tree(proc, wait_s=5.0)  # leave nothing behind
-        left = [p for p in seen if p.is_running()]  # bwrap's PID 1 is in a session of its own
-        for p in left:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=5.0)
+        _kill_alive(seen)  # bwrap's PID 1 is in a session of its own
         out.seek(0)
         return code, killed, out.read()
 
