@@ -27,25 +27,24 @@ def test_sleeping_forever_is_stopped_by_the_wall_clock(tmp_path):
     assert r.killed == "wall_clock" and r.elapsed_s < 5
 
 
-def live_processes():
-    n = 0
-    for p in psutil.process_iter(["status"]):
-        n += p.info["status"] != psutil.STATUS_ZOMBIE
-    return n
+def processes_with(marker):
+    return [p for p in psutil.process_iter(["cmdline", "status"])
+            if marker in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
 def test_fork_bomb_is_contained_and_leaves_nothing_behind(tmp_path):
-    before = live_processes()
-    r = run_code(tmp_path, """
+    marker = f"threadbound-fork-bomb-{os.getpid()}"
+    (tmp_path / "bomb.py").write_text(textwrap.dedent("""
         import os
         while True:
             try:
                 os.fork()
             except OSError:
                 pass
-    """)
+    """))
+    r = sandbox.run([sys.executable, "bomb.py", marker], cwd=str(tmp_path), limits=LIMITS)
     assert r.killed == "max_procs"
-    assert live_processes() < before + 10
+    assert not processes_with(marker)  # every copy of the bomb is gone when run() returns
 
 
 def test_ten_gigabyte_allocation_fails_inside_the_sandbox(tmp_path):
