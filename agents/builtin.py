@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -89,6 +90,45 @@ def parse_pytest(output: str) -> dict[str, int]:
     return counts
 
 
+def _counted(output: str) -> bool:
+    """True when the output has pytest's closing line with counts."""
+    return any(_SUMMARY.search(line) and " in " in line for line in output.splitlines())
+
+
+def _is_pytest(command: list[str]) -> bool:
+    return any(os.path.basename(part).startswith(("pytest", "py.test")) for part in command)
+
+
+_EXEC_FAILED = re.compile(r"^sandbox: cannot run '(.*)': (.+)$", re.M)
+_NO_MODULE = re.compile(r"^\S*: No module named (\S+)\s*$", re.M)  # python -m X, before X ran
+
+
+def cannot_start(command: list[str], exit_code: int | None, output: str) -> str | None:
+    """Why the test command never ran (not found, not executable, ``python -m`` of a module
+    that is not installed), or None if it ran. A missing runner is a cause, never a result.
+
+    Examples:
+        >>> cannot_start(["python", "-m", "pytest"], 1, "/usr/bin/python: No module named pytest")
+        "'python -m pytest': No module named pytest (install pytest where the pool runs: pip install pytest)"
+        >>> cannot_start(["./t.sh"], 127, "sandbox: cannot run './t.sh': Permission denied")
+        "'./t.sh' is not executable (Permission denied); chmod +x it or run it through its interpreter"
+    """
+    if exit_code in (126, 127):
+        m = _EXEC_FAILED.search(output)
+        why = m.group(2) if m else ("command not found" if exit_code == 127 else "not executable")
+        if "ermission" in why or exit_code == 126:
+            return f"{command[0]!r} is not executable ({why}); chmod +x it or run it through its interpreter"
+        return (f"test command {command[0]!r} was not found in the sandbox ({why}); install it or set the "
+                "task's test_command input")
+    if exit_code == 1 and "-m" in command[:-1]:
+        module = command[command.index("-m") + 1]
+        m = _NO_MODULE.search(output)
+        if m and m.group(1).rstrip(";") == module:
+            return (f"'{' '.join([os.path.basename(command[0]), '-m', module])}': No module named {module} "
+                    f"(install {module} where the pool runs: pip install {module})")
+    return None
+
+
 def _test_command(ctx: StepContext) -> list[str]:
     command = ctx.inputs.get("test_command") or [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if isinstance(command, str):
@@ -135,12 +175,13 @@ class Tester(Agent):
             raise
         ctx.emit("sandbox", {"isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
                              "notes": res.notes})
-        if res.exit_code == 127 and res.elapsed_s < 5:
-            raise AgentError(f"test command {command[0]!r} was not found in the sandbox; set the task's "
-                             f"test_command input. Output: {res.output.strip()[:300]}",
+        cannot = cannot_start(command, res.exit_code, res.output)
+        if cannot:
+            raise AgentError(f"the test command cannot start: {cannot}",
                              task_id=ctx.task_id, agent=ctx.role)
         counts = parse_pytest(res.output)
-        if res.exit_code == 5 or (sum(counts.values()) == 0 and res.exit_code == 0):
+        counted = _counted(res.output)
+        if res.exit_code == 5 or (not counted and res.exit_code == 0 and _is_pytest(command)):
             raise AgentError(f"the workspace {ctx.workspace} has no tests (the test command collected "
                              "nothing); add tests or set the task's test_command input",
                              task_id=ctx.task_id, agent=ctx.role)
@@ -150,7 +191,8 @@ class Tester(Agent):
             "elapsed_s": round(res.elapsed_s, 3), "network_isolated": res.network_isolated,
             "isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
             "notes": res.notes, "output": res.output[-6000:],
-            "summary": (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors"
+            "summary": ((f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors"
+                         if counted else f"exit code {res.exit_code}, no test counts in the output")
                         + (f" (killed: {res.killed})" if res.killed else "")),
         }
         ctx.emit("test_result", {k: result[k] for k in ("ok", "passed", "failed", "errors", "killed", "summary")})
