@@ -6,6 +6,11 @@ accept numbers or strings such as ``30s``, ``5m``, ``250ms``; they are converted
 once, here. Unknown keys are errors with a "did you mean" hint; a bad file raises
 one :class:`ConfigError` that names the file and every bad field.
 
+State that is not the user's project (snapshots, the snapshot signing key) goes to a
+per-user state directory unless the config says otherwise: ``$XDG_STATE_HOME/threadbound``,
+by default ``~/.local/state/threadbound`` (see :func:`state_dir`). It is resolved when a
+config is built, never at import.
+
 Environment overrides (applied by ``from_yaml`` and ``from_env``, never at import):
 
     THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_STEP_TIMEOUT_S,
@@ -44,6 +49,42 @@ def to_seconds(value: Any) -> Any:
             raise ValueError(f"expected a duration such as 30, '30s', '5m' or '250ms', got {value!r}")
         return float(m.group(1)) * _UNITS[m.group(2) or "s"]
     return value
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> str:
+    """The per-user directory for threadbound's own state (XDG style).
+
+    ``$XDG_STATE_HOME/threadbound`` when that variable holds an absolute path, else
+    ``~/.local/state/threadbound``. Nothing is created here.
+
+    Examples:
+        >>> state_dir({"XDG_STATE_HOME": "/var/lib/me"})
+        '/var/lib/me/threadbound'
+    """
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec: a relative value is invalid and is ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "threadbound")
+
+
+LEGACY_KEY_FILE = "~/.threadbound/snapshot.key"
+
+
+def default_key_file() -> str:
+    """``<state_dir>/snapshot.key``; a key an older version made at ``~/.threadbound/snapshot.key``
+    is kept in use while no key exists in the state directory, so its snapshots still verify."""
+    new = os.path.join(state_dir(), "snapshot.key")
+    legacy = os.path.expanduser(LEGACY_KEY_FILE)
+    return legacy if not os.path.exists(new) and os.path.exists(legacy) else new
+
+
+def _snapshot_dir(value: Any) -> Any:
+    return os.path.join(state_dir(), "snapshots") if value is None else value
+
+
+def _key_file(value: Any) -> Any:
+    return default_key_file() if value is None else value
 
 
 def _to_ms(value: Any) -> Any:
@@ -102,7 +143,8 @@ class SnapshotConfig(_Section):
     enabled: bool = True
     keep: int = Field(default=3, ge=1, description="newest snapshots kept; resume may fall back within them")
     keep_pinned: int = Field(default=10, ge=0, description="older snapshots kept for final states of forgotten tasks")
-    key_file: str | None = None  # None: ~/.threadbound/snapshot.key (THREADBOUND_SNAPSHOT_KEY wins)
+    # null: <state_dir>/snapshot.key, resolved when the config is built (THREADBOUND_SNAPSHOT_KEY wins)
+    key_file: Annotated[str, BeforeValidator(_key_file)] = Field(default=None, validate_default=True)
     fsync: bool = True
     lease_ttl_s: Seconds = 15.0
 
@@ -283,8 +325,10 @@ class RuntimeConfig(_Section):
     default_agents: tuple[str, ...] = ("coder", "tester", "reviewer")
     retry: RetryConfig = RetryConfig()
     snapshot_interval_s: Seconds = 5.0
-    snapshot_dir: str = Field(default=".threadbound/snapshots", min_length=1)
-    snapshots: SnapshotConfig = SnapshotConfig()
+    # null: <state_dir>/snapshots (per user, XDG style), resolved when the config is built
+    snapshot_dir: Annotated[str, BeforeValidator(_snapshot_dir)] = Field(default=None, min_length=1,
+                                                                         validate_default=True)
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)  # its key_file is resolved per config
     streaming: bool = True
     token_batch_size: int = Field(default=32, ge=1)
     token_interval_ms: Millis = 50.0
