@@ -49,7 +49,10 @@ def default_hidden() -> list[str]:
     lie in one, as with pyenv); these are hidden even under a path that is bound.
     """
     home = os.path.expanduser("~")
-    out = [os.path.join(home, ".threadbound"), os.path.join(home, ".ray"), os.path.join(home, ".ssh"),
+    xdg_state = os.environ.get("XDG_STATE_HOME", "")
+    state = os.path.join(xdg_state if os.path.isabs(xdg_state) else os.path.join(home, ".local", "state"),
+                         "threadbound")  # the pool's default snapshot store and key
+    out = [os.path.join(home, ".threadbound"), state, os.path.join(home, ".ray"), os.path.join(home, ".ssh"),
            os.environ.get("RAY_TMPDIR") or "/tmp/ray"]
     token = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if token:
