@@ -6,7 +6,8 @@ commands run), the paths the config adds (``sandbox.read_only``), a fresh /proc,
 minimal /dev, an empty size-limited /tmp, and the task's copy, the only writable
 place. Home directories are not on the list (only Python's prefix may lie in one, as
 with pyenv). Paths to hide (snapshot store, key file, workspaces root, the user's
-workspace, ``~/.threadbound``, ``~/.ray``, Ray's session directory) are never
+workspace, the per-user state directory, ``~/.threadbound``, ``~/.ray``, Ray's session
+directory) are never
 bound, and where one lies under a bound path an empty tmpfs is mounted over it.
 """
 
