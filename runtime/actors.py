@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import ray
@@ -20,7 +21,9 @@ class _Supervisor(Supervisor):
 
     def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False) -> None:
         ctx = ray.get_runtime_context()
-        restarted = ctx.was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's own property reads its deprecated actor_id: not the user's concern
+            warnings.simplefilter("ignore")
+            restarted = ctx.was_current_actor_reconstructed
         # The actor id survives Ray's restarts: the restarted supervisor may take over
         # the lease its previous process held.
         super().__init__(config, roles, resume=resume or (restarted and config.snapshots.enabled),
