@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from threadbound.agents.sandbox import SandboxSettings
-from threadbound.snapshots.keys import DEFAULT_KEY_FILE
 
 from .config import RuntimeConfig
 
@@ -25,7 +24,7 @@ def sandbox_settings(cfg: RuntimeConfig) -> SandboxSettings:
         ('/srv/snaps',)
     """
     box = cfg.sandbox
-    key_file = os.path.abspath(os.path.expanduser(cfg.snapshots.key_file or DEFAULT_KEY_FILE))
+    key_file = os.path.abspath(os.path.expanduser(cfg.snapshots.key_file))  # resolved by the config
     hide = [p for p in (_local(cfg.snapshot_dir), key_file) if p] + list(box.hide)
     return SandboxSettings(isolation=box.isolation, hide=tuple(hide), read_only=tuple(box.read_only),
                            pass_env=tuple(box.pass_env), bwrap=box.bwrap, uid=box.uid)
