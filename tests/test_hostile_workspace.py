@@ -36,6 +36,7 @@ import psutil
 import pytest
 
 from conftest import pool_settings
+from unprivileged import read_report
 from threadbound.agents.workspace import Workspace, workspaces_root
 from threadbound.runtime import AgentPool, InvalidTask, RuntimeConfig, Task, TaskFailed
 
@@ -248,18 +249,6 @@ def workspace(where: Path, args: dict, extra: dict[str, str] | None = None) -> P
     for rel, text in (extra or {}).items():
         (where / rel).write_text(text)
     return where
-
-
-def read_report(copy: Path) -> dict:
-    try:
-        fd = os.open(copy / "report.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return {}
-    with os.fdopen(fd) as fh:
-        try:
-            return json.load(fh)
-        except ValueError:
-            return {}
 
 
 def attack(pool: Pool, original: Path, *, agents=("tester",), inputs=None, timeout_s=120) -> Attack:

@@ -182,7 +182,8 @@ def _with_pid(value, pid: int):
     return value
 
 
-def _read_report(copy: str) -> dict:
+def read_report(copy: str | os.PathLike) -> dict:
+    """The attack's report.json in ``copy``, read without following a link; {} if none."""
     try:
         fd = os.open(os.path.join(copy, "report.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -219,7 +220,7 @@ def drive(config: dict) -> None:
             out.update(exit_code=res.exit_code, killed=res.killed, signal=res.signal, output=res.output[-4000:],
                        elapsed_s=res.elapsed_s, layers=[layer.to_dict() for layer in res.layers], notes=res.notes,
                        network_isolated=res.network_isolated)
-        out["report"] = _read_report(copy)
+        out["report"] = read_report(copy)
         print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 
