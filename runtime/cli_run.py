@@ -204,6 +204,14 @@ def ray_was_up() -> bool:
     return ray.is_initialized()
 
 
+def _stop(pool: Any, was_up: bool) -> None:
+    """Stop the pool (if one was made) and the Ray this command started, whatever happened."""
+    with no_interrupts("stopping the pool and Ray"):
+        if pool is not None:
+            pool.shutdown(grace_s=1)
+        stop_ray(was_up)
+
+
 def stop_ray(was_up: bool) -> None:
     """Stop the Ray this command started or joined (also one whose start was interrupted)."""
     import ray
@@ -348,10 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 say(_cancelled_by_ctrl_c(handle, seen))
         return INTERRUPTED
     finally:
-        with no_interrupts("stopping the pool and Ray"):
-            if pool is not None:
-                pool.shutdown(grace_s=1)
-            stop_ray(was_up)
+        _stop(pool, was_up)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -396,7 +401,4 @@ def cmd_resume(args: argparse.Namespace) -> int:
                     say(f"threadbound: the {others} resumed task(s) not yet followed are cancelled by the shutdown")
         return INTERRUPTED
     finally:
-        with no_interrupts("stopping the pool and Ray"):
-            if pool is not None:
-                pool.shutdown(grace_s=1)
-            stop_ray(was_up)
+        _stop(pool, was_up)
