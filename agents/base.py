@@ -16,13 +16,7 @@ from .errors import BudgetExhausted
 from .models.base import Model, count_tokens
 
 
-RESERVED_KINDS = frozenset(
-    {
-        "pending", "admitted", "running", "succeeded", "failed", "cancelled", "timed_out",
-        "round_started", "step_started", "step_finished", "step_failed", "step_timed_out",
-        "agent_crashed", "stream_failed", "retrying", "tokens", "message", "level", "health",
-    }
-)
+from .events import RESERVED_KINDS  # noqa: E402,F401  (the runtime's kinds; refused in emit)
 
 
 @dataclass
@@ -39,8 +33,9 @@ class StepContext:
         idempotency_key: stable for this task, round, role and attempt; use it to
             make external side effects idempotent.
         inputs: the task's ``inputs`` mapping.
-        outputs: committed outputs of earlier steps of this task, by role (this
-            round's earlier agents, else the previous round's).
+        outputs: committed outputs of this task's agents, by role: this round's for
+            the roles this one comes after (``Task.after``), the previous round's for
+            the others (roles running alongside it are not waited for).
         feedback: what agents asked for when they requested this round, or [].
         level: reasoning level 1-4 (1 whenever the pool is degraded).
         streaming: False when the pool runs non-streaming, by config or because it
@@ -56,6 +51,8 @@ class StepContext:
         sandbox: how the pool isolates commands an agent runs on the workspace
             (a ``threadbound.agents.sandbox.SandboxSettings``; None: the defaults,
             ``isolation: required``). Pass it to ``sandbox.run``.
+        sink: where :meth:`emit` puts events (set by the runtime; a list by default,
+            handy in tests).
     """
 
     task_id: str
@@ -75,14 +72,16 @@ class StepContext:
     tokens_used: int = 0
     tokens_left: int | None = None
     sandbox: Any = None
-    _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False)
+    sink: Any = field(default_factory=list, repr=False)
     _round_requests: list[str] = field(default_factory=list, repr=False)
 
     def emit(self, kind: str, data: Any = None) -> None:
         """Write a custom event to the task's stream (e.g. tool output).
 
         Events reach clients in order with the tokens the step yields, as soon as
-        they are emitted (pending tokens are flushed first).
+        they are emitted (pending tokens are flushed first). A dict ``data`` arrives as
+        the event's data, with ``attempt`` set to this step's attempt; anything else
+        arrives as ``{"value": data}``.
 
         Examples:
             >>> ctx = StepContext(task_id="t1", role="coder", goal="g")
@@ -92,7 +91,7 @@ class StepContext:
             raise ValueError("event kind must be a non-empty string")
         if kind in RESERVED_KINDS:
             raise ValueError(f"event kind {kind!r} is reserved by the runtime; pick another name")
-        self._pending.append((kind, data))
+        self.sink.append((kind, data))
 
     def ask(self, messages: list[dict[str, str]], **options: Any) -> Generator[str, None, str]:
         """Call the task's model: yields tokens as they come and returns the whole text.

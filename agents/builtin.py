@@ -1,11 +1,14 @@
 """The built-in roles: a coder that edits the workspace, a tester that runs its tests in
 the sandbox, a reviewer that checks the change and approves it or sends it back.
 
-Every round: coder -> tester -> reviewer. The task succeeds when the tests pass and
-the reviewer approves; otherwise the reviewer (or tester) asks for another round with
-feedback. Task inputs they read: ``test_command`` (list of strings, default pytest),
-``apply`` (write the approved change back to the user's directory), ``sandbox``
-(limits: wall_s, cpu_s, memory_mb, max_procs).
+Every round: the coder, then the tester and the reviewer at the same time. The tester
+runs the tests on a throwaway copy of the coder's change (so nothing the tests write
+can reach what the reviewer reads or what is applied); the reviewer reviews the change
+itself. The task succeeds at the end of a round in which the tests pass and the
+reviewer approves (neither asked for another round); with ``inputs.apply`` the runtime
+then writes back the change the reviewer approved (its output's ``apply`` map). Task
+inputs they read: ``test_command`` (list of strings, default pytest), ``apply``,
+``sandbox`` (limits: wall_s, cpu_s, memory_mb, max_procs).
 """
 
 from __future__ import annotations
@@ -169,10 +172,13 @@ class Tester(Agent):
         # The user's own workspace and every other task's copy stay out of sight.
         settings = (ctx.sandbox or sandbox.SandboxSettings()).hiding(str(ws.original), str(workspaces_root()))
         try:
-            res = sandbox.run(command, cwd=str(ws.path), limits=limits, settings=settings)
+            with ws.trial() as trial:
+                res = sandbox.run(command, cwd=str(trial), limits=limits, settings=settings)
         except sandbox.SandboxUnavailable as exc:
             exc.task_id, exc.agent = ctx.task_id, ctx.role
             raise
+        except WorkspaceError as exc:
+            raise AgentError(f"cannot prepare the test run: {exc}", task_id=ctx.task_id, agent=ctx.role) from None
         ctx.emit("sandbox", {"isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
                              "notes": res.notes})
         cannot = cannot_start(command, res.exit_code, res.output)
@@ -256,7 +262,10 @@ def static_checks(texts: dict[str, str], paths: list[str]) -> list[str]:
 
 
 class Reviewer(Agent):
-    """Static checks plus a model review ending in a verdict; approves or sends back."""
+    """Static checks plus a model review ending in a verdict; approves or sends back.
+
+    It reviews the coder's change, not the test run (the tester runs alongside it);
+    an approved change is returned under ``apply`` for the runtime to write back."""
 
     def __init__(self) -> None:
         self.rounds: list[dict[str, Any]] = []
@@ -274,11 +283,9 @@ class Reviewer(Agent):
         except WorkspaceError as exc:  # a tree too large to see whole: never review (or apply) half of it
             raise AgentError(f"cannot review the change: {exc}", task_id=ctx.task_id, agent=ctx.role) from None
         changed, diff = change.paths, change.diff()
-        tests = ctx.outputs.get("tester") or {}
         problems = static_checks(change.after, changed)
         prompt = (
             f"Goal: {ctx.goal}\n\nThe change (unified diff):\n```diff\n{diff[:MAX_CONTEXT_CHARS] or '(no change)'}\n```\n\n"
-            f"Test result: {tests.get('summary', 'not run')}\n"
             + (("Static check problems:\n" + "\n".join(problems) + "\n") if problems else "")
             + (("Not reviewed (not regular text files; they will not be applied):\n"
                 + "\n".join(f"{rel}: {why}" for rel, why in change.skipped.items()) + "\n") if change.skipped else "")
@@ -290,24 +297,16 @@ class Reviewer(Agent):
             {"role": "user", "content": prompt},
         ])
         verdict, reasons = parse_verdict(review)
-        approved = verdict == "approve" and not problems and bool(tests.get("ok"))
+        approved = verdict == "approve" and not problems
         feedback = []
-        if not tests.get("ok"):
-            feedback.append("tests are not passing")
         if problems:
             feedback.append("static checks: " + "; ".join(problems))
         if verdict is None:
             feedback.append("the review had no verdict; the reviewer said: " + reasons[:1500])
         elif verdict == "request_changes":
             feedback.append("the reviewer requested changes: " + reasons[:1500])
-        applied: list[str] = []
-        refused: list[str] = []
-        if approved and ctx.inputs.get("apply"):
-            applied, refused = ws.write_back(change)
-            if refused:
-                ctx.emit("apply_refused", {"refused": refused})
-        summary = {"round": ctx.round, "changed": changed, "tests": tests.get("summary"),
-                   "verdict": verdict or "unparseable", "approved": approved}
+        summary = {"round": ctx.round, "changed": changed, "verdict": verdict or "unparseable",
+                   "approved": approved}
         self.rounds = [r for r in self.rounds if r["round"] != ctx.round] + [summary]
         if not approved:
             ctx.request_round("Review: " + " | ".join(feedback))
@@ -315,7 +314,9 @@ class Reviewer(Agent):
             "approved": approved, "verdict": verdict or "unparseable", "reasons": reasons[:4000],
             "static_problems": problems, "diff": diff, "changed": changed,
             "files": {rel: change.after[rel] for rel in changed if rel in change.after},
-            "rounds": list(self.rounds), "applied": applied, "apply_refused": refused,
-            "not_reviewed": dict(change.skipped), "workspace_copy": str(ws.path),
-            "summary": ("approved" if approved else "changes requested") + f" ({tests.get('summary', 'no tests')})",
+            "rounds": list(self.rounds), "not_reviewed": dict(change.skipped), "workspace_copy": str(ws.path),
+            # What the runtime writes back at the round's end if the round succeeds (inputs.apply):
+            # the reviewed texts, never a re-read of the copy.
+            "apply": {rel: change.after.get(rel) for rel in changed} if approved else None,
+            "summary": "approved" if approved else "changes requested",
         }

@@ -29,6 +29,7 @@ So here:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
@@ -39,7 +40,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .edits import Edits, PatchError, apply_hunks
 
@@ -74,6 +75,41 @@ def _copy_ignore(dirpath: str, names: list[str]) -> set[str]:
 def copy_path(task_id: str, root: str | os.PathLike | None = None) -> Path:
     """Where task ``task_id``'s copy is (or will be) on this node."""
     return (Path(root) if root is not None else workspaces_root()) / _copy_name(task_id)
+
+
+TRIAL_SUFFIX = ".tests"  # the copy the tests last ran in, beside the task's copy
+
+
+def trial_path(task_id: str, root: str | os.PathLike | None = None) -> Path:
+    """Where the tests of task ``task_id`` last ran (a copy of its copy; see Workspace.trial)."""
+    return copy_path(task_id, root).with_name(_copy_name(task_id) + TRIAL_SUFFIX)
+
+
+def _discard_tree(base: Path, name: str) -> bool:
+    """Delete ``base/name`` (a tree or a file) following no link; True if it was there.
+
+    The tree is removed through directory descriptors (a link in it is deleted, never
+    what it points to), and a directory made unreadable by the tests is made readable
+    first. Raises :class:`WorkspaceError` when it cannot be deleted."""
+    if not shutil.rmtree.avoids_symlink_attacks:  # same needs: dir_fd for open/unlink/rmdir, scandir(fd)
+        raise WorkspaceError("this platform cannot delete a directory without following symbolic links; "
+                             "delete the task's copy yourself")
+    if not os.path.lexists(base):
+        return False
+    base_fd = _open_root(base)
+    try:
+        st = _lstat_at(base_fd, name)
+        if st is None:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            _remove_tree(base_fd, name)
+        else:
+            os.unlink(name, dir_fd=base_fd)
+        return True
+    except OSError as exc:
+        raise WorkspaceError(f"could not delete {base / name}: {exc}") from None
+    finally:
+        os.close(base_fd)
 
 
 def _copy_name(task_id: str) -> str:
@@ -155,27 +191,31 @@ class Workspace:
             >>> Workspace.discard("t-gone", root=root), Workspace.discard("t-gone", root=root)
             (True, False)
         """
-        if not shutil.rmtree.avoids_symlink_attacks:  # same needs: dir_fd for open/unlink/rmdir, scandir(fd)
-            raise WorkspaceError("this platform cannot delete a directory without following symbolic links; "
-                                 "delete the task's copy yourself")
         base = Path(root) if root is not None else workspaces_root()
         name = _copy_name(task_id)
-        if not os.path.lexists(base):
-            return False
-        base_fd = _open_root(base)
+        _discard_tree(base, name + TRIAL_SUFFIX)
+        return _discard_tree(base, name)
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[Path]:
+        """A fresh copy of the task's copy for a run that may write to it (the tests), so
+        nothing it writes reaches the copy the reviewer reads and the change that is
+        applied. Made like the copy (links as links; FIFOs, sockets, devices left out,
+        private), at ``<copy>.tests`` beside it (see :func:`trial_path`): the previous
+        run's is deleted first, without following a link; the last one stays for a
+        look until the task's copy is discarded."""
+        dest = self.path.with_name(self.path.name + TRIAL_SUFFIX)
+        _discard_tree(dest.parent, dest.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
-            st = _lstat_at(base_fd, name)
-            if st is None:
-                return False
-            if stat.S_ISDIR(st.st_mode):
-                _remove_tree(base_fd, name)
-            else:
-                os.unlink(name, dir_fd=base_fd)
-            return True
+            shutil.copytree(self.path, tmp / "w", symlinks=True, ignore=_copy_ignore)
+            os.chmod(tmp / "w", 0o700)
+            os.rename(tmp / "w", dest)
         except OSError as exc:
-            raise WorkspaceError(f"could not delete the copy {base / name}: {exc}") from None
+            raise WorkspaceError(f"could not make a copy of {self.path} for the tests: {exc}") from None
         finally:
-            os.close(base_fd)
+            _discard_tree(tmp.parent, tmp.name)
+        yield dest
 
     def _rel_parts(self, rel: str) -> list[str]:
         """``rel`` as the model may write it (quoted, with git's a/ or b/ prefix), as components."""
@@ -360,15 +400,23 @@ class Workspace:
         of the file it replaces (0644 if new). Only regular files are deleted.
         """
         change = change if change is not None else self.change()
-        touched: list[str] = []
         refused = [f"{rel}: {why}; not applied" for rel, why in change.skipped.items()]
+        touched, more = self.write_files({rel: change.after.get(rel) for rel in change.paths})
+        return touched, refused + more
+
+    def write_files(self, files: dict[str, str | None]) -> tuple[list[str], list[str]]:
+        """Write ``files`` (path -> text, None: delete) into the user's original directory,
+        as :meth:`write_back` does: ``(touched, refused)``."""
+        touched: list[str] = []
+        refused: list[str] = []
         root = _open_root(self.original)
         try:
-            paths = change.paths
-            for rel in [p for p in paths if p not in change.after] + [p for p in paths if p in change.after]:
+            order = sorted(rel for rel, text in files.items() if text is None) + \
+                sorted(rel for rel, text in files.items() if text is not None)
+            for rel in order:
                 try:
-                    if rel in change.after:
-                        _put(root, rel, change.after[rel].encode("utf-8"))
+                    if files[rel] is not None:
+                        _put(root, rel, files[rel].encode("utf-8"))
                     elif not _remove(root, rel):
                         continue
                     touched.append(rel)

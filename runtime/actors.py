@@ -26,7 +26,8 @@ class _Supervisor(Supervisor):
             restarted = ctx.was_current_actor_reconstructed
         # The actor id survives Ray's restarts: the restarted supervisor may take over
         # the lease its previous process held.
-        super().__init__(config, roles, resume=resume or (restarted and config.snapshots.enabled),
+        super().__init__(config, roles, make_actor=slot_actor_factory(config),
+                         resume=resume or (restarted and config.snapshots.enabled),
                          lease_owner=ctx.get_actor_id())
 
 

@@ -52,8 +52,9 @@ def sentence(ev: Event) -> str | None:
     if kind == "edit_problems":
         problems = d.get("problems") or []
         return f"{len(problems)} problem(s) applying the reply: " + "; ".join(map(str, problems))[:300]
-    if kind == "apply_refused":
-        return "NOT applied: " + "; ".join(map(str, d.get("refused") or []))[:300]
+    if kind == "applied":
+        return (f"applied to your workspace: {', '.join(d.get('applied') or []) or 'nothing'}"
+                + ("; NOT applied: " + "; ".join(map(str, d["refused"]))[:300] if d.get("refused") else ""))
     if kind == "health":
         reasons = "; ".join(d.get("reasons", []))
         return f"the pool is {d.get('mode')}" + (f" ({reasons})" if reasons else "") + (
@@ -218,13 +219,14 @@ def summary_lines(res: Any, final: Event | None) -> list[str]:
     if tests.get("summary"):
         lines.append(f"  tests:    {tests['summary']}")
     for r in review.get("rounds", []):
-        lines.append(f"  round {r['round']}: changed {', '.join(r['changed']) or 'nothing'}; tests {r['tests']}; "
+        lines.append(f"  round {r['round']}: changed {', '.join(r['changed']) or 'nothing'}; "
                      f"verdict {r['verdict']}")
+    applied, refused = (res.applied, res.refused) if res is not None else ([], [])
     if review.get("changed"):
         lines.append(f"  changed:  {', '.join(review['changed'])}")
-        lines.append("  applied to your workspace" if review.get("applied") else
+        lines.append("  applied to your workspace" if applied else
                      "  your workspace is untouched; rerun with --apply to write the change back")
-    for line in review.get("apply_refused") or []:
+    for line in refused:
         lines.append(f"  NOT applied: {line}")
     copy = data.get("workspace_copy")
     if copy:

@@ -23,7 +23,7 @@ from .config import RuntimeConfig, state_dir
 from .errors import InvalidTask, TaskError
 from .policy import check as check_policy
 from .registry import BUILTIN_ROLES, role_blobs
-from .task import Event, Task
+from .task import Event, Task, sequential
 
 DEFAULT_GOAL = "Make the failing tests pass."
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
@@ -168,10 +168,11 @@ def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
             raise BadInput("--test-command", "is empty; give a command line such as 'python -m pytest -x'")
         inputs["test_command"] = command
     level = None if args.level is None else (args.level if args.level == "auto" else int(args.level))
-    task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents,
+    after = sequential(roles) if getattr(args, "sequential", False) else None
+    task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents, after=after,
                 max_rounds=args.max_rounds, inputs=inputs, level=level, cost_budget=args.budget)
     try:
-        task = task.validated(cfg.default_agents)  # the workspace made absolute: Ray's workers run elsewhere
+        task = cfg.validate_task(task)  # the workspace made absolute: Ray's workers run elsewhere
         check_policy(task, cfg.policy)
     except InvalidTask as exc:
         problem = str(exc).removeprefix(f"invalid task: {exc.field}: ")

@@ -305,6 +305,9 @@ class WorkspaceConfig(_Section):
                               "otherwise); the copy's path is in the task's events")
 
 
+BUILTIN_TRIO = ("coder", "tester", "reviewer")
+
+
 class RuntimeConfig(_Section):
     """Everything the pool needs; see ``configs/runtime.yaml`` for each field's meaning.
 
@@ -323,6 +326,9 @@ class RuntimeConfig(_Section):
     task_timeout_s: Seconds = 600.0
     max_rounds: int = Field(default=3, ge=1)
     default_agents: tuple[str, ...] = ("coder", "tester", "reviewer")
+    # A task with default_agents and no `after` of its own gets this graph; null: for the
+    # built-in trio, coder then tester and reviewer together, else list order.
+    default_after: dict[str, list[str]] | None = None
     retry: RetryConfig = RetryConfig()
     snapshot_interval_s: Seconds = 5.0
     # null: <state_dir>/snapshots (per user, XDG style), resolved when the config is built
@@ -342,6 +348,18 @@ class RuntimeConfig(_Section):
     policy: PolicyConfig = PolicyConfig()
     workspace: WorkspaceConfig = WorkspaceConfig()
     ray: RayConfig = RayConfig()
+
+    def task_graph_defaults(self) -> tuple[tuple[str, ...], dict[str, list[str]] | None]:
+        """``(default_agents, default_after)`` as a task without its own fills them in."""
+        if self.default_after is not None:
+            return self.default_agents, self.default_after
+        if tuple(self.default_agents) == BUILTIN_TRIO:
+            return self.default_agents, {"tester": ["coder"], "reviewer": ["coder"]}
+        return self.default_agents, None
+
+    def validate_task(self, task: Any) -> Any:
+        """``task`` checked field by field, with this config's defaults filled in."""
+        return task.validated(*self.task_graph_defaults())
 
     @model_validator(mode="after")
     def _caps_fit(self) -> "RuntimeConfig":

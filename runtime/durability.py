@@ -33,7 +33,10 @@ import cloudpickle
 
 from threadbound.snapshots import SnapshotLocation, load_key, open_store
 
+from threadbound.agents import events as ev
+
 from .config import RuntimeConfig
+from .hooks import Hook
 
 log = logging.getLogger("threadbound.durability")
 
@@ -56,6 +59,7 @@ class Durability:
         self.cfg = cfg
         self.location = location
         self.on_durable = on_durable
+        self.on_snapshot: Callable[[dict[str, Any]], None] = lambda cost: None  # the supervisor's hooks
         self.segment = 1
         # Records not yet written, grouped by segment: [(segment, records, marks)].
         self._groups: list[tuple[int, list[Any], dict[str, int]]] = [(self.segment, [], {})]
@@ -168,6 +172,7 @@ class Durability:
                     "write_ms": round(write_ms, 3), "tasks": len(tasks), "at": time.time()}
             self.stats["snapshots"] += 1
             self.stats["last_snapshot"] = cost
+            self.on_snapshot(cost)
             return cost
 
     def _extra(self, state: dict[str, Any], clean: bool) -> dict[str, Any]:
@@ -236,3 +241,25 @@ class Durability:
             if self.lease is not None:
                 self.lease.release()
                 self.lease = None
+
+
+class DurabilityHook(Hook):
+    """Journals what the supervisor's hooks report: submits, events, commits and health
+    transitions. Events become visible to clients once written (``on_durable``)."""
+
+    def __init__(self, durable: Durability) -> None:
+        self.durable = durable
+
+    def on_submit(self, task: Any) -> None:
+        self.durable.record(ev.record(ev.R_SUBMIT, task=task.id, seq=task.seq, spec=task.spec,
+                                      blob_ids=task.blob_ids, submitted_at=task.submitted_at))
+
+    def on_event(self, task: Any, row: tuple) -> None:
+        self.durable.record(ev.event_record(task.id, row), task.id, row[0] + 1)
+
+    def on_commit(self, task: Any, role: str, output: Any, state: Any, requests: list[str]) -> None:
+        self.durable.record(ev.record(ev.R_COMMIT, task=task.id, role=role, output=output, state=state,
+                                      requests=list(requests)))
+
+    def on_transition(self, transition: Any) -> None:
+        self.durable.record(ev.record(ev.R_HEALTH, mode=transition.new))

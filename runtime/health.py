@@ -33,6 +33,7 @@ from typing import Any, Callable
 import psutil
 
 from .config import HealthConfig
+from .hooks import Hook, Outcome, StepInfo
 
 NORMAL, DEGRADED, PAUSED = "normal", "degraded", "paused"
 MODES = (NORMAL, DEGRADED, PAUSED)
@@ -221,3 +222,29 @@ class HealthMonitor:
             "recovers_in_s": None if calm_in is None else round(calm_in, 3),
             "transitions": [t.to_dict() for t in self.transitions],
         }
+
+
+class HealthHook(Hook):
+    """Feeds the monitor from the step path and the timer; ``on_change`` gets each
+    transition (the supervisor tells its tasks and the other hooks)."""
+
+    def __init__(self, monitor: HealthMonitor, on_change: Callable[[Transition], None]) -> None:
+        self.monitor = monitor
+        self.on_change = on_change
+
+    def after_step(self, task: Any, step: StepInfo, outcome: Outcome) -> None:
+        m = self.monitor
+        m.record(STEP_OK if outcome.ok else STEP_FAILED, step.degraded)
+        if outcome.signal is not None:
+            m.record(outcome.signal, step.degraded)
+        if outcome.exhausted and outcome.retryable:
+            m.record(RETRY_EXHAUSTED, step.degraded)
+        self.evaluate()
+
+    def on_tick(self, supervisor: Any) -> None:
+        self.evaluate()
+
+    def evaluate(self) -> None:
+        change = self.monitor.evaluate()
+        if change is not None:
+            self.on_change(change)

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from .health import MODES
+from .hooks import Hook
 
 log = logging.getLogger("threadbound.metrics")
 
@@ -54,3 +55,18 @@ class Metrics:
                 made["transitions"].inc(1, tags={"pool": self.pool, "mode": mode})
         except Exception as exc:
             log.warning("metric update failed: %r", exc)
+
+
+class MetricsHook(Hook):
+    """Keeps the Ray metrics current: a transition sets the mode at once, and every
+    tick sets it again, so the gauge never drops out of a scrape while the pool is up."""
+
+    def __init__(self, metrics: Metrics, mode: Any) -> None:
+        self.metrics = metrics
+        self.mode = mode  # () -> the current health mode
+
+    def on_transition(self, transition: Any) -> None:
+        self.metrics.health_mode(transition.new)
+
+    def on_tick(self, supervisor: Any) -> None:
+        self.metrics.health_mode(self.mode(), entered=False)

@@ -205,9 +205,8 @@ class SlotWorker:
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
                 model_options=dict(req.model_options), tokens_left=req.tokens_left,
-                sandbox=req.sandbox,
+                sandbox=req.sandbox, sink=sink,
             )
-            ctx._pending = sink
         except BaseException as exc:
             yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
             return

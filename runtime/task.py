@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from threadbound.agents.events import (  # noqa: F401  (re-exported: the statuses users compare with)
+    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TIMED_OUT,
+)
 
 from .errors import InvalidTask
-
-PENDING, ADMITTED, RUNNING = "pending", "admitted", "running"
-SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = "succeeded", "failed", "cancelled", "timed_out"
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
-STATUSES = (PENDING, ADMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)
 
 
 @dataclass(frozen=True)
 class Task:
     """A unit of work: a goal, a workspace, and the agents (roles) that work on it.
 
-    Each round runs the agents in order, one step each; an agent that calls
-    ``ctx.request_round(feedback)`` asks for another round (up to ``max_rounds``).
+    Each round runs every agent once. A role starts when the roles it comes ``after``
+    have committed in this round; roles that do not wait for each other run at the
+    same time, each on its own agent actor (at most ``max_agents_per_task`` at once).
+    An agent that calls ``ctx.request_round(feedback)`` asks for another round (up to
+    ``max_rounds``); the task succeeds at the end of a round nobody asked that of.
 
     Attributes:
         goal: what to achieve, in words.
         workspace: a directory the agents work on, or None.
-        agents: role names, run in this order every round. None = the config's
-            ``default_agents`` (coder, tester, reviewer).
+        agents: role names. None = the config's ``default_agents`` (coder, tester,
+            reviewer).
+        after: ``{role: [roles it comes after]}``, the task's dependency graph; a role
+            not named runs at once. None = in list order, one after another (for the
+            config's ``default_agents``: the config's ``default_after``, by default
+            coder, then tester and reviewer together); ``{}`` = all at once.
         inputs: extra plain data handed to every step as ``ctx.inputs``.
         priority: higher is admitted first; equal priorities keep FIFO order.
         max_rounds, step_timeout_s, task_timeout_s: per-task overrides of the config.
@@ -45,6 +51,7 @@ class Task:
     goal: str
     workspace: str | os.PathLike | None = None
     agents: Sequence[str] | None = None
+    after: Mapping[str, Sequence[str]] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
     max_rounds: int | None = None
@@ -62,8 +69,11 @@ class Task:
         if self.workspace is not None:
             object.__setattr__(self, "workspace", os.fspath(self.workspace))
 
-    def validated(self, default_agents: Sequence[str]) -> "Task":
-        """Check every field; raise :class:`InvalidTask` naming the first bad one."""
+    def validated(self, default_agents: Sequence[str],
+                  default_after: Mapping[str, Sequence[str]] | None = None) -> "Task":
+        """Check every field; raise :class:`InvalidTask` naming the first bad one.
+
+        The result has ``agents`` and ``after`` filled in (``after`` maps every role)."""
         if not isinstance(self.goal, str) or not self.goal.strip():
             raise InvalidTask("goal", "must be a non-empty string saying what to achieve")
         agents = tuple(self.agents) if self.agents is not None else tuple(default_agents)
@@ -72,6 +82,11 @@ class Task:
         for role in agents:
             if not isinstance(role, str) or not role:
                 raise InvalidTask("agents", f"role names must be non-empty strings, got {role!r}")
+        if len(set(agents)) != len(agents):
+            dup = sorted({r for r in agents if agents.count(r) > 1})
+            raise InvalidTask("agents", f"names role(s) {', '.join(map(repr, dup))} more than once; "
+                              "each role runs once per round")
+        after = resolve_after(self.after, agents, default_agents, default_after)
         ws = self.workspace
         if ws is not None:
             ws = os.path.abspath(ws)
@@ -96,10 +111,89 @@ class Task:
             raise InvalidTask("priority", f"must be an integer, got {self.priority!r}")
         if not isinstance(self.inputs, dict):
             raise InvalidTask("inputs", f"must be a dict, got {type(self.inputs).__name__}")
-        return Task(goal=self.goal, workspace=ws, agents=agents, inputs=dict(self.inputs),
+        return Task(goal=self.goal, workspace=ws, agents=agents, after=after, inputs=dict(self.inputs),
                     priority=self.priority, max_rounds=self.max_rounds,
                     step_timeout_s=self.step_timeout_s, task_timeout_s=self.task_timeout_s,
                     level=level, cost_budget=self.cost_budget, degrade=self.degrade)
+
+
+def sequential(agents: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The graph that runs ``agents`` one after another, in list order."""
+    return {r: ((agents[i - 1],) if i else ()) for i, r in enumerate(agents)}
+
+
+def resolve_after(after: Mapping[str, Sequence[str]] | None, agents: tuple[str, ...],
+                  default_agents: Sequence[str] = (),
+                  default_after: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """The task's dependency graph with every role mapped; :class:`InvalidTask` for a bad one
+    (a role not in ``agents``, a role after itself, a cycle), naming the roles."""
+    if after is None:
+        if default_after is not None and agents == tuple(default_agents):
+            after = {r: [d for d in deps if d in agents] for r, deps in default_after.items() if r in agents}
+        else:
+            return sequential(agents)
+    if not isinstance(after, Mapping):
+        raise InvalidTask("after", f"must map a role to the roles it comes after, got {type(after).__name__}")
+    graph: dict[str, tuple[str, ...]] = {r: () for r in agents}
+    for role, deps in after.items():
+        if role not in graph:
+            raise InvalidTask("after", f"names role {role!r}, which is not among the task's agents "
+                              f"{list(agents)}; add it to agents or drop it from after")
+        if isinstance(deps, str):
+            deps = (deps,)
+        if not isinstance(deps, (list, tuple)):
+            raise InvalidTask("after", f"{role!r} must map to a list of roles, got {deps!r}")
+        for d in deps:
+            if d == role:
+                raise InvalidTask("after", f"role {role!r} comes after itself; remove it from its own list")
+            if d not in graph:
+                raise InvalidTask("after", f"role {role!r} comes after {d!r}, which is not among the task's "
+                                  f"agents {list(agents)}")
+        graph[role] = tuple(dict.fromkeys(deps))
+    cycle = find_cycle(graph)
+    if cycle:
+        raise InvalidTask("after", "the roles wait for each other in a cycle: " + " -> ".join(cycle)
+                          + "; break it so that some role starts first")
+    return graph
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A cycle of ``graph`` as ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def ancestors(graph: Mapping[str, Sequence[str]], role: str) -> set[str]:
+    """Every role ``role`` comes after, directly or through others."""
+    seen: set[str] = set()
+    todo = list(graph.get(role, ()))
+    while todo:
+        r = todo.pop()
+        if r not in seen:
+            seen.add(r)
+            todo.extend(graph.get(r, ()))
+    return seen
 
 
 @dataclass(frozen=True)
@@ -145,7 +239,13 @@ class TaskSummary:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """The final state of a task: its status and the last output of every agent."""
+    """The final state of a task: its status and the last output of every agent.
+
+    ``reason``: why it ended as it did when it did not succeed (``cancelled``,
+    ``shutdown``, ``degraded``, ``timeout``, ``step_failed``, ``rounds``, ``budget``, ...).
+    ``applied``: with ``inputs={"apply": True}``, the paths of the approved change
+    written back to the workspace, and ``refused``: the ones that were not, with why.
+    """
 
     task_id: str
     status: str
@@ -153,6 +253,9 @@ class TaskResult:
     rounds: int
     error: str | None
     elapsed_s: float
+    reason: str | None = None
+    applied: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -12,19 +12,20 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
 
+from threadbound.agents import events as ev
+from threadbound.agents.events import STEP_ENDS, UnknownRecord, read_record
 from threadbound.snapshots import SnapshotError
 
-from .task import PENDING, STATUSES, TERMINAL, Task
+from .task import PENDING, STATUSES, TERMINAL, Task, sequential
 
 if TYPE_CHECKING:
     from .slots import Slot
 
 # What a snapshot holds of a task (everything else is rebuilt on resume).
-DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "done",
-                  "outputs", "states", "feedback", "requests", "inflight", "error", "finished_at",
-                  "level", "max_rounds", "spent", "tokens")
-# Step-end events; their ``cost`` and ``tokens`` add up to what a task has spent.
-STEP_ENDS = frozenset({"step_finished", "step_failed", "step_timed_out", "agent_crashed", "stream_failed"})
+DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "committed",
+                  "outputs", "round_outputs", "states", "feedback", "requests", "inflight", "error",
+                  "finished_at", "level", "max_rounds", "spent", "tokens", "reason", "applied", "refused")
+_COPIED = ("outputs", "round_outputs", "states", "inflight", "blob_ids")  # dicts a snapshot copies
 
 
 def digest(blob: bytes) -> str:
@@ -44,13 +45,17 @@ class TaskState:
     visible: int = 0  # events clients may read: the ones already in the journal
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     round: int = 0
-    done: int = 0  # steps of the current round committed, in agents order
+    committed: list[str] = field(default_factory=list)  # roles committed in the current round
     requests: list[str] = field(default_factory=list)  # round requests of this round so far
     inflight: dict[str, int] = field(default_factory=dict)  # role -> attempt started, not committed
-    outputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)  # role -> its latest committed output
+    round_outputs: dict[str, Any] = field(default_factory=dict)  # outputs as the current round began
     states: dict[str, Any] = field(default_factory=dict)  # role -> committed agent state
     feedback: list[str] = field(default_factory=list)
     error: str | None = None
+    reason: str | None = None  # why it ended, when it did not succeed
+    applied: list[str] = field(default_factory=list)  # paths written back with inputs.apply
+    refused: list[str] = field(default_factory=list)
     level: int | None = None  # reasoning level chosen for the task (None: not yet chosen)
     max_rounds: int | None = None  # rounds budget of that level
     spent: float = 0.0  # cost of the model tokens its steps used, in price units
@@ -65,6 +70,22 @@ class TaskState:
     binds: int = 0
     runner: asyncio.Task | None = None
     cancel_reason: str | None = None
+    running: dict[str, asyncio.Task] = field(default_factory=dict)  # role -> its step, now
+
+    @property
+    def graph(self) -> dict[str, tuple[str, ...]]:
+        """The task's roles and what each comes after (list order for a task of format 1)."""
+        after = getattr(self.spec, "after", None)
+        return dict(after) if after is not None else sequential(self.spec.agents)
+
+
+class TaskEnds(Exception):
+    """Raised inside a task's run: the task ends with ``status`` (and ``reason``)."""
+
+    def __init__(self, status: str, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 def track(ts: TaskState, row: tuple) -> None:
@@ -73,12 +94,15 @@ def track(ts: TaskState, row: tuple) -> None:
     if kind in STATUSES:
         ts.status = kind
         if kind in TERMINAL:
-            ts.finished_at, ts.error = at, data.get("error")
-    elif kind == "round_started":
-        ts.round, ts.feedback, ts.done, ts.requests = data["round"], list(data["feedback"]), 0, []
-    elif kind in ("step_started", "retrying"):
+            ts.finished_at, ts.error, ts.reason = at, data.get("error"), data.get("reason")
+    elif kind == ev.ROUND_STARTED:
+        ts.round, ts.feedback, ts.committed, ts.requests = data["round"], list(data["feedback"]), [], []
+        ts.round_outputs = dict(ts.outputs)
+    elif kind in (ev.STEP_STARTED, ev.RETRYING):
         ts.inflight[agent] = data["attempt"]
-    elif kind == "level":
+    elif kind == ev.APPLIED:
+        ts.applied, ts.refused = list(data.get("applied", ())), list(data.get("refused", ()))
+    elif kind == ev.LEVEL:
         ts.level = data["level"]
         ts.max_rounds = data.get("max_rounds", ts.max_rounds)
     if kind in STEP_ENDS and "cost" in data:
@@ -90,7 +114,8 @@ def apply_commit(ts: TaskState, role: str, output: Any, state: Any, requests: li
     """A step's result becomes the task's: its output, its agent's state, its requests."""
     ts.outputs[role], ts.states[role] = output, state
     ts.version += 1
-    ts.done += 1
+    if role not in ts.committed:
+        ts.committed = ts.committed + [role]
     ts.requests = ts.requests + list(requests)
     ts.inflight.pop(role, None)
 
@@ -101,46 +126,86 @@ def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskState]:
     for entry in state["tasks"]:
         rec = cloudpickle.loads(entry)  # bytes from a verified payload
         ts = TaskState(**{f: rec[f] for f in DURABLE_FIELDS if f in rec})
+        if "committed" not in rec:  # format 1: the first `done` roles of a sequential round
+            ts.committed = list(ts.spec.agents[:rec.get("done", 0)])
+            ts.round_outputs = dict(ts.outputs)
         ts.events = list(rec["events"])
         ts.visible = len(ts.events)
         tasks[ts.id] = ts
     return tasks
 
 
-def replay(tasks: dict[str, TaskState], rec: list[Any], *,
+def replay(tasks: dict[str, TaskState], raw: Any, *,
            on_roles: Callable[[dict[str, bytes]], Any], where: str,
            on_health: Callable[[str], Any] | None = None) -> int:
-    """Apply one journal record to ``tasks``; returns the task number a submit used (else 0)."""
-    kind = rec[0]
-    if kind == "roles":
-        on_roles(rec[1])
-    elif kind == "health":
+    """Apply one journal record (format 1 or 2) to ``tasks``; returns the task number a
+    submit used (else 0)."""
+    try:
+        rec = read_record(raw)
+    except UnknownRecord as exc:
+        raise SnapshotError(where, f"{exc}; written by a newer threadbound?") from None
+    kind = rec["type"]
+    if kind == ev.R_ROLES:
+        on_roles(rec["roles"])
+    elif kind == ev.R_HEALTH:
         if on_health is not None:
-            on_health(rec[1])
-    elif kind == "submit":
-        _, task_id, seq, spec, blob_ids, submitted_at = rec
-        tasks[task_id] = TaskState(id=task_id, seq=seq, spec=spec, blob_ids=dict(blob_ids),
-                                   submitted_at=submitted_at)
-        return seq
-    elif kind == "ev":
-        _, task_id, offset, ev_kind, agent, data, at = rec
+            on_health(rec["mode"])
+    elif kind == ev.R_SUBMIT:
+        task_id = rec["task"]
+        tasks[task_id] = TaskState(id=task_id, seq=rec["seq"], spec=rec["spec"], blob_ids=dict(rec["blob_ids"]),
+                                   submitted_at=rec["submitted_at"])
+        return rec["seq"]
+    elif kind == ev.R_EVENT:
+        task_id, offset = rec["task"], rec["offset"]
         ts = tasks.get(task_id)
         if ts is None or offset < len(ts.events):
             return 0  # forgotten task, or already in the snapshot
         if offset > len(ts.events):
             raise SnapshotError(where, f"journal gap in task {task_id}: event {offset} follows "
                                        f"{len(ts.events) - 1}; the journal is incomplete")
-        row = (offset, ev_kind, agent, data, at)
+        row = (offset, rec["kind"], rec["agent"], rec["data"], rec["ts"])
         ts.events.append(row)
         track(ts, row)
-    elif kind == "commit":
-        _, task_id, role, output, agent_state, requests = rec
-        ts = tasks.get(task_id)
+    elif kind == ev.R_COMMIT:
+        ts = tasks.get(rec["task"])
         if ts is not None:
-            apply_commit(ts, role, output, agent_state, requests)
-    elif kind == "forget":
-        for task_id in rec[1]:
+            apply_commit(ts, rec["role"], rec["output"], rec["state"], rec["requests"])
+    elif kind == ev.R_FORGET:
+        for task_id in rec["tasks"]:
             tasks.pop(task_id, None)
-    else:
-        raise SnapshotError(where, f"unknown journal record {kind!r}; written by a newer threadbound?")
     return 0
+
+
+# -- snapshots: what a snapshot holds of the task table --------------------------------
+
+def export_tasks(tasks: dict[str, TaskState]) -> tuple[list[Any], list[Callable[[], None]], set[str]]:
+    """Snapshot entries of ``tasks`` (shallow copies, taken between two awaits), the jobs
+    that pickle them on the snapshot thread, and the agent blobs they use.
+
+    A task's pickle is cached with the version it shows, so a task that has not changed
+    since the last snapshot (a queued or finished one) costs nothing."""
+    entries: list[Any] = []
+    jobs: list[Callable[[], None]] = []
+    used: set[str] = set()
+    for ts in tasks.values():
+        used.update(ts.blob_ids.values())
+        if ts.frozen is not None and ts.frozen[0] == ts.version:
+            entries.append(ts.frozen[1])
+            continue
+        rec = {f: getattr(ts, f) for f in DURABLE_FIELDS}
+        for f in _COPIED:
+            rec[f] = dict(rec[f])
+        for f in ("feedback", "requests", "committed", "applied", "refused"):
+            rec[f] = list(rec[f])
+        rec["events"] = list(ts.events)
+        entries.append(rec)
+        jobs.append(_pickle_job(entries, len(entries) - 1, ts, ts.version))
+    return entries, jobs, used
+
+
+def _pickle_job(entries: list[Any], i: int, ts: TaskState, version: int) -> Callable[[], None]:
+    def job() -> None:
+        entries[i] = cloudpickle.dumps(entries[i])
+        ts.frozen = (version, entries[i])  # tagged: a later change makes it stale, not wrong
+
+    return job

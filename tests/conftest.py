@@ -82,7 +82,7 @@ def make_pool(name: str, **overrides):
 
     from threadbound.runtime import AgentPool, RuntimeConfig
 
-    roles = {**{r: Scripted for r in "abcde"}, "ask": Asker}
+    roles = {**{r: Scripted for r in "abcde"}, "ask": Asker, "ask2": Asker, "ask3": Asker}
     return AgentPool(RuntimeConfig.from_mapping(pool_settings(name, **overrides)), agents=roles)
 
 

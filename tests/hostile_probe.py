@@ -252,9 +252,12 @@ def signal0(pids) -> dict:
 
 
 _DAEMON = """
-import sys, time
+import os, sys, time
+watch = int(sys.argv[3])
+while os.path.exists(f"/proc/{watch}"):  # until the test run that started it is over (order, not time)
+    time.sleep(0.05)
 time.sleep(float(sys.argv[2]))
-for path in sys.argv[3:]:
+for path in sys.argv[4:]:
     try:
         open(path, "a").write("the daemon outlived its sandbox\\n")
     except OSError:
@@ -264,7 +267,9 @@ time.sleep(60)
 
 
 def daemon(marker: str, files, delay_s: float = 2.0) -> dict:
-    """Double fork, setsid, exec a long sleeper whose argv carries ``marker``; it writes ``files`` later."""
+    """Double fork, setsid, exec a long sleeper whose argv carries ``marker``; once the test run
+    that started it has ended, it waits ``delay_s`` and writes ``files`` (if it still lives)."""
+    run = os.getpid()  # the test run: the daemon waits for it to end before it acts
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -278,7 +283,7 @@ def daemon(marker: str, files, delay_s: float = 2.0) -> dict:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         try:
-            os.execv(sys.executable, [sys.executable, "-c", _DAEMON, marker, str(delay_s), *files])
+            os.execv(sys.executable, [sys.executable, "-c", _DAEMON, marker, str(delay_s), str(run), *files])
         finally:
             os._exit(127)
     os.close(w)

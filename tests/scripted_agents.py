@@ -92,3 +92,11 @@ def shouting_model(messages, **options):
     """A callable model backend: streams the last message back in capitals."""
     for word in messages[-1]["content"].upper().split():
         yield word + " "
+
+
+class Approver(Agent):
+    """Approves ``inputs["proposal"]`` (path -> text, None: delete) for write-back, as a
+    reviewer approves a change."""
+
+    def step(self, ctx):
+        return {"apply": dict(ctx.inputs["proposal"])}

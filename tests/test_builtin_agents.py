@@ -44,7 +44,7 @@ def test_apply_writes_the_approved_change_back(scripted, tmp_path):
     ws = tmp_path / "fizzbuzz"
     shutil.copytree(EXAMPLES / "fizzbuzz", ws)
     res = scripted.submit(Task(goal="fix", workspace=ws, inputs={"apply": True})).result(timeout=60)
-    assert res.outputs["reviewer"]["applied"] == ["fizzbuzz.py"]
+    assert res.applied == ["fizzbuzz.py"] and res.refused == []
     assert "n % 15 == 0" in (ws / "fizzbuzz.py").read_text()
 
 

@@ -107,6 +107,17 @@ def test_keep_workspace_maps_to_the_config(no_ray):
     assert base_config(cli.parser().parse_args(["run", FIZZBUZZ])).workspace.keep_copies is False
 
 
+def test_the_trio_runs_tester_and_reviewer_together_unless_sequential(no_ray):
+    from threadbound.runtime.cli_run import checked_task, run_config
+
+    args = cli.parser().parse_args(["run", FIZZBUZZ])
+    task = checked_task(args, run_config(args))
+    assert task.after == {"coder": (), "tester": ("coder",), "reviewer": ("coder",)}
+    args = cli.parser().parse_args(["run", FIZZBUZZ, "--sequential"])
+    task = checked_task(args, run_config(args))
+    assert task.after == {"coder": (), "tester": ("coder",), "reviewer": ("tester",)}
+
+
 def test_snapshots_and_keys_default_to_the_per_user_state_directory(monkeypatch, tmp_path):
     from threadbound.runtime import RuntimeConfig
 

@@ -37,7 +37,7 @@ import pytest
 
 from conftest import pool_settings
 from unprivileged import read_report
-from threadbound.agents.workspace import Workspace, workspaces_root
+from threadbound.agents.workspace import TRIAL_SUFFIX, Workspace, workspaces_root
 from threadbound.runtime import AgentPool, InvalidTask, RuntimeConfig, Task, TaskFailed
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -264,7 +264,8 @@ def attack(pool: Pool, original: Path, *, agents=("tester",), inputs=None, timeo
     tester = next((e.data["output"] for e in events if e.kind == "step_finished" and e.agent == "tester"), {})
     final = next(e for e in events if e.terminal)
     copy = Path(final.data.get("workspace_copy") or workspaces_root() / handle.task_id)
-    return Attack(ok, error, events, tester, read_report(copy), copy, original, handle.task_id)
+    tests_ran_in = copy.with_name(copy.name + TRIAL_SUFFIX)  # the tests run on a copy of the copy
+    return Attack(ok, error, events, tester, read_report(tests_ran_in), copy, original, handle.task_id)
 
 
 def next_original(pool: Pool, box: Box, args: dict, **kw) -> Path:
@@ -344,7 +345,8 @@ def fingerprint(path: Path) -> object:
 
 @pytest.fixture(scope="module")
 def other_copy(pool, box):
-    """Another task's copy, kept on the host, holding a secret that task made while it ran."""
+    """Where another task's tests ran (the copy of its copy, kept on the host), holding a
+    secret its tests made."""
     where = box.private / "other"
     where.mkdir(parents=True)
     (where / "test_other.py").write_text(textwrap.dedent("""
@@ -356,7 +358,7 @@ def other_copy(pool, box):
     handle = pool.pool.submit(Task(goal="other", workspace=str(where), agents=["tester"]))
     pool.task_ids.append(handle.task_id)
     assert handle.result(timeout=60).ok
-    copy = workspaces_root() / handle.task_id
+    copy = workspaces_root() / (handle.task_id + TRIAL_SUFFIX)
     assert (copy / "private.txt").read_text().startswith("OTHER-")
     return copy
 
@@ -450,7 +452,8 @@ def test_snapshot_store_workspaces_root_and_rays_places_cannot_be_listed(big_att
     assert os.listdir(ray_places.session_dir)
     listed = a.report["list"]
     assert listed[str(box.snapshots)].get("entries", []) == []
-    assert listed[str(workspaces_root())].get("entries", []) in ([], [a.copy.name])  # at most its own copy
+    # at most the copy its tests run in
+    assert listed[str(workspaces_root())].get("entries", []) in ([], [a.copy.name + TRIAL_SUFFIX])
     assert listed[ray_places.session_dir].get("entries", []) == []
     assert listed[ray_places.token_dir].get("entries", []) == []
     assert listed[str(a.original)].get("entries", []) == []
@@ -504,7 +507,7 @@ def test_a_double_forked_daemon_does_not_outlive_the_run(pool, box):
     args = {"daemon": {"marker": marker, "files": ["daemon-was-here.txt", str(outside)], "delay_s": 2.0}}
     workspace(original, args)
     a = attack(pool, original)
-    copy_marker = a.copy / "daemon-was-here.txt"
+    copy_marker = a.copy.with_name(a.copy.name + TRIAL_SUFFIX) / "daemon-was-here.txt"
     assert a.ok and a.report["daemon"]["started"], (a.error, a.report)
     # The pid namespace is torn down as bwrap exits: a process of it may still be seen in its
     # last milliseconds (killed, not yet reaped), never a second later.
@@ -587,8 +590,9 @@ def test_plant_links_for_the_agents_outside():
 
 
 @pytest.mark.timeout(120)
-def test_links_planted_in_the_copy_leak_nothing_through_the_reviewer_or_apply(pool, box):
-    # Given: a user's workspace with a link to a file and one to a directory outside it
+def test_what_the_tests_write_never_reaches_the_reviewer_or_apply(pool, box):
+    # Given: a user's workspace with a link to a file and one to a directory outside it,
+    # and tests that plant links, a FIFO and a "fix" where they run
     pool.n += 1
     original = box.private / f"linked-ws{pool.n}"
     target = box.plant(box.private / f"target{pool.n}" / "target.py", "ORIGINAL = True\n")
@@ -599,21 +603,24 @@ def test_links_planted_in_the_copy_leak_nothing_through_the_reviewer_or_apply(po
     os.symlink(target, original / "linked.py")
     os.symlink(target_dir, original / "ldir")
     before = {p: fingerprint(p) for p in [target, target_dir, secret]}
-    # When: its tests plant links in the copy, then the reviewer reviews and applies the change
+    # When: the tests run, then the reviewer reviews the copy and the task applies what it approved
     t0 = time.monotonic()
     a = attack(pool, original, agents=("tester", "reviewer"), inputs={"apply": True})
-    # Then: the honest change was applied (so apply did run) ...
     assert a.ok, (a.error, a.tester.get("output", "")[-800:])
+    # Then: the tests did plant it all, in the copy they ran in ...
+    trial = a.copy.with_name(a.copy.name + TRIAL_SUFFIX)
+    assert os.path.islink(trial / "notes.txt") and (trial / "fix.py").is_file()
+    # ... but none of it reached the copy the reviewer read, nor the user: nothing to approve or apply
     review = next(e.data["output"] for e in a.events if e.kind == "step_finished" and e.agent == "reviewer")
-    assert review["approved"] and "fix.py" in review["applied"], review
-    assert (original / "fix.py").read_text() == "VALUE = 42\n"
+    assert review["changed"] == [] and not review["not_reviewed"], review
+    assert a.events[-1].data["applied"] == [] and not (original / "fix.py").exists()
     # ... the secret a link pointed at is nowhere in what the task said ...
     assert box.secrets["private_file"] not in a.everything
     # ... nothing was written through the user's links, and no link or FIFO reached the user ...
     assert {p: fingerprint(p) for p in before} == before
     assert os.readlink(original / "linked.py") == str(target) and os.readlink(original / "ldir") == str(target_dir)
     assert not any(os.path.lexists(original / n) for n in ("notes.txt", "data", "pipe.txt"))
-    # ... and the /dev/zero link and the FIFO did not hang the reviewer
+    # ... and nothing hung
     no_crash_or_timeout(a)
     assert time.monotonic() - t0 < 60
 

@@ -83,7 +83,7 @@ def test_task_deadline_ends_a_long_task(pool):
     assert list(handle.stream())[-1].kind == "timed_out"
 
 
-def test_cancel_mid_stream_stops_within_500ms_and_frees_the_slots(pool):
+def test_cancel_mid_stream_ends_the_task_before_cancel_returns_and_frees_the_slots(pool):
     handle = pool.submit(Task(goal="stream", agents=["a"], inputs={"a": {"tokens": 1000, "token_sleep_s": 0.01}}))
     seen = []
     for event in handle.stream():
@@ -93,9 +93,11 @@ def test_cancel_mid_stream_stops_within_500ms_and_frees_the_slots(pool):
     pid = by_kind(seen, "step_started")[0].data["pid"]
     t0 = time.time()
     assert handle.cancel() == "cancelled"
+    returned = time.time()
     rest = list(handle.stream(from_offset=seen[-1].offset + 1))
     assert rest[-1].kind == "cancelled" and rest[-1].data["reason"] == "cancelled"
-    assert rest[-1].ts - t0 < 0.5
+    # the order, not a duration: the task had ended (its final event written) when cancel returned
+    assert t0 <= rest[-1].ts <= returned
     with pytest.raises(TaskCancelled):
         handle.result(timeout=5)
     assert eventually(lambda: not psutil.pid_exists(pid), 10)

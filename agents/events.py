@@ -1,0 +1,120 @@
+"""The events vocabulary: every kind of event a task's log holds, the event row, and the
+journal records that make the log durable -- named, versioned, and the only place that
+spells them.
+
+It lives in ``agents`` because agents emit events too (``ctx.emit``) and the agents part
+depends on nothing else of ours; the runtime imports it from here.
+
+Journal records: format 2 writes each record as a map with a ``type`` and named fields
+(:func:`record`); format 1 wrote positional lists. :func:`read_record` reads both, so a
+journal written by an older threadbound still replays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+# -- task statuses (each is also the kind of the event that enters it) -----------------
+PENDING = "pending"
+ADMITTED = "admitted"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TIMED_OUT = "timed_out"
+STATUSES = (PENDING, ADMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
+
+# -- rounds and steps -------------------------------------------------------------------
+ROUND_STARTED = "round_started"
+STEP_STARTED = "step_started"      # every attempt; a retry's carries the new attempt
+STEP_FINISHED = "step_finished"    # committed
+STEP_FAILED = "step_failed"        # the agent raised
+STEP_TIMED_OUT = "step_timed_out"  # past step_timeout_s; its actor was killed
+AGENT_CRASHED = "agent_crashed"    # its actor died
+STREAM_FAILED = "stream_failed"    # its event stream broke
+RETRYING = "retrying"
+TOKENS = "tokens"
+MESSAGE = "message"                # a non-streaming step's whole text, or held tokens
+APPLIED = "applied"                # the approved change written back to the user's directory
+
+# -- the pool ---------------------------------------------------------------------------
+LEVEL = "level"
+HEALTH = "health"
+RESUMED = "resumed"
+
+# Step-end events: their ``cost`` and ``tokens`` add up to what a task has spent.
+STEP_ENDS = frozenset({STEP_FINISHED, STEP_FAILED, STEP_TIMED_OUT, AGENT_CRASHED, STREAM_FAILED})
+
+# Kinds only the runtime writes; an agent's ``ctx.emit`` of one is refused.
+RESERVED_KINDS = frozenset(STATUSES) | STEP_ENDS | frozenset({
+    ROUND_STARTED, STEP_STARTED, RETRYING, TOKENS, MESSAGE, APPLIED, LEVEL, HEALTH, RESUMED,
+    "waiting", "input_requested", "input_received", "message_received",  # a person in the loop
+})
+
+# -- events -----------------------------------------------------------------------------
+
+EVENT_FORMAT = 1  # the row layout below; bump when it changes
+
+
+class Row(NamedTuple):
+    """One event of a task's log as the supervisor holds it (a client gets an ``Event``)."""
+
+    offset: int
+    kind: str
+    agent: str | None
+    data: dict[str, Any]
+    ts: float
+
+
+# -- journal records --------------------------------------------------------------------
+
+JOURNAL_FORMAT = 2
+
+R_ROLES = "roles"      # roles: {role: agent class blob}
+R_HEALTH = "health"    # mode
+R_SUBMIT = "submit"    # task, seq, spec, blob_ids, submitted_at
+R_EVENT = "ev"         # task, row
+R_COMMIT = "commit"    # task, role, output, state, requests
+R_FORGET = "forget"    # tasks
+RECORD_TYPES = (R_ROLES, R_HEALTH, R_SUBMIT, R_EVENT, R_COMMIT, R_FORGET)
+
+_V1_FIELDS = {
+    R_ROLES: ("roles",),
+    R_HEALTH: ("mode",),
+    R_SUBMIT: ("task", "seq", "spec", "blob_ids", "submitted_at"),
+    R_EVENT: ("task", "offset", "kind", "agent", "data", "ts"),
+    R_COMMIT: ("task", "role", "output", "state", "requests"),
+    R_FORGET: ("tasks",),
+}
+
+
+def record(kind: str, **fields: Any) -> dict[str, Any]:
+    """A journal record of format 2: ``{"type": kind, "v": 2, **fields}``."""
+    return {"type": kind, "v": JOURNAL_FORMAT, **fields}
+
+
+def event_record(task_id: str, row: tuple) -> dict[str, Any]:
+    offset, kind, agent, data, ts = row
+    return {"type": R_EVENT, "v": JOURNAL_FORMAT, "task": task_id, "offset": offset, "kind": kind,
+            "agent": agent, "data": data, "ts": ts}
+
+
+class UnknownRecord(ValueError):
+    """A journal record this version cannot read (written by a newer threadbound?)."""
+
+
+def read_record(rec: Any) -> dict[str, Any]:
+    """A journal record of format 1 (a positional list) or 2 (a map), as a format-2 map."""
+    if isinstance(rec, dict):
+        if rec.get("type") not in RECORD_TYPES or rec.get("v", JOURNAL_FORMAT) > JOURNAL_FORMAT:
+            raise UnknownRecord(f"journal record {rec.get('type')!r} of format {rec.get('v')!r}")
+        return rec
+    if isinstance(rec, (list, tuple)) and rec and rec[0] in _V1_FIELDS:
+        names = _V1_FIELDS[rec[0]]
+        if len(rec) - 1 != len(names):
+            raise UnknownRecord(f"journal record {rec[0]!r} of format 1 has {len(rec) - 1} fields, "
+                                f"expected {len(names)}")
+        return {"type": rec[0], "v": 1, **dict(zip(names, rec[1:]))}
+    kind = rec[0] if isinstance(rec, (list, tuple)) and rec else type(rec).__name__
+    raise UnknownRecord(f"journal record {kind!r}")

@@ -1,0 +1,156 @@
+"""A task's rounds over its agent graph.
+
+Every round runs each role once. A role starts when the roles it comes after
+(``Task.after``) have committed in this round; roles that do not wait for each other
+run at the same time, each on its own bound actor, at most as many at once as the task
+holds slots (``max_agents_per_task``); a ready role waits for a slot, it never fails
+for want of one. The round ends when every role has committed. If any role asked for
+another round (``ctx.request_round``), the next round starts with that feedback;
+otherwise the task succeeds, and with ``inputs={"apply": True}`` the change its agents
+approved is written back to the user's workspace.
+
+A step that fails for good ends the task, and with it every other running step of the
+task (their actors are killed by their attempts); so does a cancel or the task's
+timeout. After a resume, a round continues with the roles not committed in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from threadbound.agents import events as ev
+from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
+
+from .attempt import Core, run_step
+from .task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
+from .task_state import TaskEnds, TaskState
+
+log = logging.getLogger("threadbound.rounds")
+
+
+class RoundsCore(Core, Protocol):
+    def finish(self, ts: TaskState, status: str, **data: Any) -> None: ...
+    def opted_out(self, ts: TaskState) -> str: ...
+    def task_ended(self, ts: TaskState) -> None: ...
+
+
+async def run_task(core: RoundsCore, ts: TaskState) -> None:
+    """The whole run of an admitted task, from ``running`` to its final status."""
+    timeout = ts.spec.task_timeout_s or core.cfg.task_timeout_s
+    ts.started_at = core.clock()
+    try:
+        await asyncio.wait_for(_rounds(core, ts), timeout)
+    except asyncio.TimeoutError:
+        core.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=core.clock() - ts.started_at, reason="timeout",
+                    error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
+    except asyncio.CancelledError:
+        reason = ts.cancel_reason or "shutdown"
+        if reason == "degraded":
+            core.finish(ts, FAILED, error=core.opted_out(ts), reason=reason)
+        else:
+            core.finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
+    except TaskEnds as end:
+        core.finish(ts, end.status, error=str(end), reason=end.reason)
+    except Exception as exc:  # a bug of ours: fail the task loudly, keep the pool up
+        log.exception("task %s failed inside the supervisor", ts.id)
+        core.finish(ts, FAILED, error=f"internal error: {exc!r}", reason="internal")
+    finally:
+        core.task_ended(ts)
+
+
+async def _rounds(core: RoundsCore, ts: TaskState) -> None:
+    core.emit(ts, RUNNING, None)
+    if ts.level is None:
+        await core.budget.choose_level(ts, core.emit)
+    max_rounds = ts.spec.max_rounds or ts.max_rounds or core.cfg.max_rounds
+    rnd = max(ts.round, 1)
+    while rnd <= max_rounds:
+        if ts.round != rnd:
+            core.emit(ts, ev.ROUND_STARTED, None, round=rnd, feedback=list(ts.feedback))
+        await run_round(core, ts, rnd)
+        if not ts.requests:
+            data = await _apply(core, ts)
+            core.finish(ts, SUCCEEDED, **data)
+            return
+        ts.feedback = list(ts.requests)
+        rnd += 1
+    raise TaskEnds(FAILED, f"no success after {max_rounds} round(s); last feedback: "
+                   + "; ".join(ts.feedback)[:500], reason="rounds")
+
+
+async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
+    """Run every role of the round not yet committed, in graph order, in parallel where
+    the graph allows and the task's slots suffice."""
+    graph = ts.graph
+    width = max(1, len(ts.slots))
+    waiting = [r for r in ts.spec.agents if r not in ts.committed]
+    steps: dict[asyncio.Task, str] = {}
+    try:
+        while waiting or steps:
+            for role in list(waiting):
+                if len(steps) >= width:
+                    break
+                if all(d in ts.committed for d in graph.get(role, ())):
+                    waiting.remove(role)
+                    step = asyncio.get_running_loop().create_task(run_step(core, ts, role, rnd),
+                                                                  name=f"{role}/{ts.id}")
+                    steps[step] = role
+                    ts.running[role] = step
+            if not steps:  # cannot happen with a validated graph
+                raise TaskEnds(FAILED, f"roles {waiting} of task {ts.id} wait for roles that never run",
+                               reason="internal")
+            done, _ = await asyncio.wait(steps, return_when=asyncio.FIRST_COMPLETED)
+            failure: BaseException | None = None
+            for step in done:
+                ts.running.pop(steps.pop(step), None)
+                exc = step.exception() if not step.cancelled() else asyncio.CancelledError()
+                if exc is not None and failure is None:
+                    failure = exc
+            if failure is not None:
+                raise failure
+    finally:
+        for step in steps:
+            step.cancel()
+        if steps:
+            await asyncio.gather(*steps, return_exceptions=True)
+        ts.running.clear()
+
+
+def proposed_change(ts: TaskState) -> tuple[dict[str, str | None], list[str]]:
+    """The files the task's agents approved for write-back (an output's ``apply`` map:
+    path -> text, or None to delete), and the paths two agents disagree on (refused)."""
+    files: dict[str, str | None] = {}
+    conflicts: list[str] = []
+    for role in ts.spec.agents:
+        out = ts.outputs.get(role)
+        change = out.get("apply") if isinstance(out, dict) else None
+        if not isinstance(change, dict):
+            continue
+        for rel, text in change.items():
+            if not isinstance(rel, str) or not (text is None or isinstance(text, str)):
+                conflicts.append(f"{rel!r}: not a path and a text (from {role}); not applied")
+            elif rel in files and files[rel] != text:
+                conflicts.append(f"{rel}: two agents approved different contents; not applied")
+            else:
+                files[rel] = text
+    for bad in conflicts:
+        files.pop(bad.split(":", 1)[0], None)
+    return files, conflicts
+
+
+async def _apply(core: Core, ts: TaskState) -> dict[str, Any]:
+    """At a successful end, with ``inputs.apply``: write the approved change back."""
+    if not (ts.spec.inputs.get("apply") and ts.spec.workspace):
+        return {}
+    files, refused = proposed_change(ts)
+    ws = Workspace(Path(ts.spec.workspace), copy_path(ts.id))
+    try:
+        touched, more = await asyncio.to_thread(ws.write_files, files)
+    except (WorkspaceError, OSError) as exc:
+        touched, more = [], [f"{ts.spec.workspace}: {exc}; nothing applied"]
+    refused = refused + more
+    core.emit(ts, ev.APPLIED, None, applied=touched, refused=refused)
+    return {"applied": touched, "refused": refused}
