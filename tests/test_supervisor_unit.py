@@ -587,6 +587,27 @@ def test_a_crashed_actor_is_replaced_and_the_step_retried_on_the_new_one(fakes):
     run(fakes, body)
 
 
+def test_an_actor_that_cannot_start_is_a_crash_of_the_step_and_is_retried(fakes):
+    class DeadOnArrival(type(fakes)):
+        def __call__(self, name):
+            actor = super().__call__(name)
+            if len(self.actors) == 1:  # the first process dies before it answers
+                actor.state = DEAD
+            return actor
+
+    fakes.__class__ = DeadOnArrival
+
+    async def body(sup):
+        tid = await submit(sup, ["a"])
+        res = await result(sup, tid)
+        assert res.ok and res.reason is None
+        assert [(k, d["attempt"]) for k, _, d in log(sup, tid, "a") if k != "tokens"] == [
+            ("agent_crashed", 1), ("retrying", 2), ("step_started", 2), ("step_finished", 2)]
+        assert "could not start" in first(sup, tid, "agent_crashed", "a")["error"]
+
+    run(fakes, body, max_agents=1, max_agents_per_task=1)
+
+
 def test_when_one_parallel_step_fails_for_good_the_other_is_stopped(fakes):
     b_started = asyncio.Event()
 
