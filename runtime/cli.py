@@ -31,10 +31,11 @@ from .config import RuntimeConfig
 
 
 def _attach(args: argparse.Namespace) -> Any:
-    """The supervisor of a running pool, or None (after saying so)."""
+    """A client of the running pool (``AgentPool.attach``), or None (after saying so)."""
     import ray
 
-    from .pool import _bootstrap, connect_ray
+    from .errors import PoolClosed
+    from .pool import AgentPool, _bootstrap, connect_ray
 
     cfg = base_config(args)
     address = cfg.ray.address or "auto"
@@ -43,22 +44,22 @@ def _attach(args: argparse.Namespace) -> Any:
               "while it runs on a Ray that stays up: `ray start --head`, then `threadbound run ... --address "
               "auto` (README, \"Ray\"); or pass --address of a cluster", file=sys.stderr)
         return None
+    # Joined here, not by attach: Ray's own lines go to the log file unless -v.
     connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": address}),
                 log_file=None if args.verbose else log_file())
     try:
-        return ray.get_actor(cfg.name, namespace=cfg.ray.namespace)
-    except ValueError:
+        return AgentPool.attach(cfg.name, namespace=cfg.ray.namespace)
+    except PoolClosed:
         print(f"no pool named {cfg.name!r} in namespace {cfg.ray.namespace!r}", file=sys.stderr)
         return None
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .pool import _get
-
-    sup = _attach(args)
-    if sup is None:
+    pool = _attach(args)
+    if pool is None:
         return 2
-    h = _get(sup.health_report.remote())
+    h = pool.health()
+    pool.close()
     if args.json:
         print(json.dumps(h, default=str))
         return 0
@@ -74,12 +75,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .pool import _get
-
-    sup = _attach(args)
-    if sup is None:
+    pool = _attach(args)
+    if pool is None:
         return 2
-    rows = _get(sup.tasks_summary.remote())
+    rows = pool.tasks()
+    pool.close()
     for t in rows:
         print(f"{t.task_id}  {t.status:<10} round {t.round}  {', '.join(t.agents):<24} {t.goal[:60]}")
     if not rows:
@@ -258,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--test-command", help="how the tester runs the tests, e.g. 'python -m pytest -x' "
                                             "(default: python -m pytest -q); it runs in the sandbox")
     run.add_argument("--apply", action="store_true", help="write the approved change back to the workspace")
+    run.add_argument("--sequential", action="store_true",
+                     help="run the agents one after another in list order (default: the coder, then the "
+                          "tester and the reviewer at the same time)")
     run.add_argument("--keep-workspace", action="store_true",
                      help="keep the task's copy of the workspace when it ends (workspace.keep_copies)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines")

@@ -13,9 +13,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 CLIENT = textwrap.dedent("""
     import sys
-    from threadbound.runtime import AgentPool, RuntimeConfig, Task
-    pool = AgentPool(RuntimeConfig(name="attach", max_agents=2, max_agents_per_task=2,
-                                   ray={"address": "auto", "namespace": "threadbound"}))
+    from threadbound.runtime import AgentPool, Task
+    pool = AgentPool.attach("attach", namespace="threadbound", address="auto")
     seen = [e.kind for e in pool.task(sys.argv[1]).stream()]
     mine = pool.submit(Task(goal="from another process", agents=["a"])).result(timeout=60)
     print(seen[-1], mine.status, len(pool.tasks()))

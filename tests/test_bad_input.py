@@ -38,7 +38,7 @@ def test_invalid_task_names_the_field(pool, task, field):
 def test_unknown_role_lists_known_ones_and_pool_stays_healthy(pool):
     with pytest.raises(UnknownRole) as err:
         pool.submit(Task(goal="x", agents=["a", "planner"]))
-    assert "planner" in str(err.value) and "'a'" not in str(err.value) and "a, ask, b" in str(err.value)
+    assert "planner" in str(err.value) and "'a'" not in str(err.value) and "a, ask, ask2, ask3, b" in str(err.value)
     assert pool.submit(Task(goal="still fine", agents=["a"])).result(timeout=30).ok
 
 
