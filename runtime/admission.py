@@ -20,6 +20,11 @@ from .task import PENDING, TERMINAL
 from .task_state import TaskState
 
 
+def _swapping(slot: Slot) -> bool:
+    """Its process is being replaced (recycled, or after a kill), not started for the first time."""
+    return slot.replacing and slot.generation > 0
+
+
 class SlotLost(Exception):
     """The actor of the slot a step was to run on could not start (a crash of the step)."""
 
@@ -64,16 +69,16 @@ class Admission:
     async def bind(self, ts: TaskState, role: str) -> Slot:
         """The slot ``role`` runs its next step on (ready to take the call)."""
         slot = ts.bound.get(role)
+        other = None
+        if slot is not None and _swapping(slot):
+            other = self._other(ts, role)  # its process is being replaced: a ready one instead?
+            if other is not None:
+                del ts.bound[role]
+                slot = None
         if slot is not None:
             ts.bound.move_to_end(role)
         else:
-            used = set(ts.bound.values())
-            free = [s for s in ts.slots if s not in used]
-            if free:
-                slot = free[0]
-            else:  # more roles than slots: the least recently used idle role gives up its slot
-                idle = next(r for r in ts.bound if r not in ts.running)
-                slot = ts.bound.pop(idle)
+            slot = other or self._other(ts, role) or self._any(ts)
             ts.binds += 1
             ts.bound[role] = slot
             ts.bind_keys[role] = f"{ts.id}/{role}/{ts.binds}"
@@ -83,6 +88,32 @@ class Admission:
             self.slots.replace(slot, kill=True)
             raise SlotLost(slot, exc) from exc
         return slot
+
+    @staticmethod
+    def _other(ts: TaskState, role: str) -> Slot | None:
+        """A ready slot for ``role``: a free one, else (when no free one is merely starting
+        for the first time) one lent by a role not running, the least recently used; None
+        if there is none."""
+        used = set(ts.bound.values())
+        for s in ts.slots:
+            if s not in used and not s.replacing:
+                return s
+        if any(s not in used and not _swapping(s) for s in ts.slots):
+            return None  # a free one is starting for the first time: each role gets its own
+        for r in ts.bound:
+            if r != role and r not in ts.running and not ts.bound[r].replacing:
+                return ts.bound.pop(r)
+        return None
+
+    @staticmethod
+    def _any(ts: TaskState) -> Slot:
+        """A slot for a role when none is ready: a free one, else the least recently used
+        idle role's (there is one: a task runs at most as many roles as it has slots)."""
+        used = set(ts.bound.values())
+        for s in ts.slots:
+            if s not in used:
+                return s
+        return ts.bound.pop(next(r for r in ts.bound if r not in ts.running))
 
     def release(self, ts: TaskState) -> None:
         """The task ended: its slots go back to the pool (after its steps have stopped).

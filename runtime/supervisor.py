@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from threadbound.agents import events as ev
 from threadbound.agents.workspace import Workspace, copy_path
-from threadbound.snapshots import HistoryExists, Loaded, SnapshotError
+from threadbound.snapshots import HistoryExists, LeaseHeld, Loaded, SnapshotError
 
 from .admission import Admission
 from .budget import Budget
@@ -45,6 +45,7 @@ log = logging.getLogger("threadbound.supervisor")
 
 READ_BATCH = 5000  # events returned by one read() call at most
 READ_LINGER_S = 0.002  # after a wake-up, how long a read waits for the rest of a burst
+RESUME_LEASE_WAIT_S = 15.0  # how long a resuming supervisor waits for a dying one's lease
 
 
 def _discard_copy(task_id: str) -> None:
@@ -92,6 +93,8 @@ class Supervisor:
         self.seq = 0
         self.closing = False
         self.reads = 0  # read calls served (a client following many tasks makes few)
+        self._news = asyncio.Event()  # set (and replaced) whenever any task has news
+        self._finished = 0  # terminal tasks remembered (forgotten beyond keep_finished_tasks)
         self.started_at = time.time()
         # Task ids are unique across supervisors (a workspace copy or log keyed by one
         # never meets another run's task): a sequence number plus this run's suffix.
@@ -137,7 +140,7 @@ class Supervisor:
         location = open_location(self.cfg)
         self.durable = Durability(self.cfg, location, self._on_durable)
         self.durable.on_snapshot = self.hooks.on_snapshot
-        self.durable.lease = location.acquire_lease(self.cfg.snapshots.lease_ttl_s, lease_owner)
+        self.durable.lease = self._take_lease(location, lease_owner, patient=resume)
         if resume:
             loaded = location.load_newest()
             self._restore(loaded)
@@ -160,6 +163,18 @@ class Supervisor:
         for ts in self.tasks.values():  # all of it is in the snapshot just written
             ts.visible = len(ts.events)
         self.hooks.add(DurabilityHook(self.durable))  # everything before it is in that snapshot
+
+    def _take_lease(self, location: Any, owner: str | None, *, patient: bool) -> Any:
+        """The location's lease. Resuming, the crashed supervisor's process may still be on
+        its way out (its name freed, its lock not yet): wait a little for it to go."""
+        deadline = time.monotonic() + (RESUME_LEASE_WAIT_S if patient else 0)
+        while True:
+            try:
+                return location.acquire_lease(self.cfg.snapshots.lease_ttl_s, owner)
+            except LeaseHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     @staticmethod
     def _unfinished_in(location: Any) -> list[str]:
@@ -217,6 +232,7 @@ class Supervisor:
             self.seq = max(self.seq, replay(self.tasks, rec, on_roles=self._set_roles, where=where,
                                             on_health=self.health.restore))
         interrupted = [ts for ts in self.tasks.values() if ts.status not in TERMINAL]
+        self._finished = len(self.tasks) - len(interrupted)
         interrupted.sort(key=lambda ts: ts.seq)
         self.resumed = {"snapshot": loaded.seq, "records": len(loaded.records),
                         "skipped": [f"{p}: {why}" for p, why in loaded.skipped],
@@ -299,38 +315,44 @@ class Supervisor:
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
         """Events from ``offset`` on (waiting up to ``wait_s`` for new ones), and the status."""
         got = await self.read_many({task_id: offset}, wait_s)
-        return got[task_id]
+        return got.get(task_id) or ([], self.tasks[task_id].status)
 
     async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[tuple], str]]:
-        """For each ``task id -> offset``: its events from that offset on, and its status.
+        """For each ``task id -> offset`` that has news: its events from that offset on, and
+        its status. A task with nothing new (and not ended) is left out of the answer.
 
         Waits up to ``wait_s`` until at least one of the tasks has something new (or has
-        ended), then returns every task's news in one answer: a client following many
-        tasks makes one long-poll per burst, not one per task."""
+        ended), then answers for all of them at once: a client following many tasks makes
+        one long-poll per burst, not one per task."""
         self.reads += 1
-        states = {}
+        cursors = {t: off for t, off in cursors.items()}
+        states = []
         for task_id, offset in cursors.items():
             if not isinstance(offset, int) or offset < 0:
                 raise InvalidTask("from_offset", f"must be an integer >= 0, got {offset!r}")
-            states[task_id] = self._get(task_id)
+            states.append((task_id, offset, self._get(task_id)))
 
         def news() -> bool:
-            return any(off < ts.visible or self._settled(ts) for (_, off), ts in zip(cursors.items(),
-                                                                                   states.values()))
+            return any(off < ts.visible or self._settled(ts) for _, off, ts in states)
 
         if wait_s > 0 and not news():
-            waits = [asyncio.ensure_future(ts.changed.wait()) for ts in states.values()]
-            try:
-                done, _ = await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            if done and not all(self._settled(ts) for ts in states.values()):
-                # Events come in bursts (a step's end, the next one's start): let the
-                # burst land so one round trip carries it, not one per event.
-                await asyncio.sleep(READ_LINGER_S)
+            deadline = self.clock() + wait_s
+            while True:  # one pool-wide wake-up, not one waiter per followed task
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._news.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                if news():
+                    if not all(self._settled(ts) for _, _, ts in states):
+                        # Events come in bursts (a step's end, the next one's start): let
+                        # the burst land so one round trip carries it, not one per event.
+                        await asyncio.sleep(READ_LINGER_S)
+                    break
         return {task_id: (ts.events[off:min(ts.visible, off + READ_BATCH)], ts.status)
-                for (task_id, off), ts in zip(cursors.items(), states.values())}
+                for task_id, off, ts in states if off < ts.visible or self._settled(ts)}
 
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any] | None:
         """The task's result once terminal, or None if ``timeout_s`` passes first."""
@@ -466,6 +488,7 @@ class Supervisor:
         if ts.spec.workspace:  # the final event says where the copy was and whether it is kept
             data.update(workspace_copy=str(copy_path(ts.id)), workspace_copy_kept=self.cfg.workspace.keep_copies)
         self.emit(ts, status, None, **{k: v for k, v in data.items() if v is not None})
+        self._finished += 1
         if ts.spec.workspace and not self.cfg.workspace.keep_copies:
             try:
                 asyncio.get_running_loop().run_in_executor(None, _discard_copy, ts.id)
@@ -522,10 +545,11 @@ class Supervisor:
 
     # -- events and state -----------------------------------------------------------
 
-    @staticmethod
-    def _notify(ts: TaskState) -> None:
+    def _notify(self, ts: TaskState) -> None:
         ts.changed.set()
         ts.changed = asyncio.Event()
+        self._news.set()  # readers of many tasks wait on this one
+        self._news = asyncio.Event()
 
     @staticmethod
     def _settled(ts: TaskState) -> bool:
@@ -533,10 +557,13 @@ class Supervisor:
         return ts.status in TERMINAL and ts.visible >= len(ts.events)
 
     def _retain(self) -> None:
+        if self._finished <= self.cfg.keep_finished_tasks:
+            return  # (counted as tasks end: no scan of the table per task)
         finished = [ts for ts in self.tasks.values() if ts.status in TERMINAL]
         forget = [ts.id for ts in finished[: max(0, len(finished) - self.cfg.keep_finished_tasks)]]
         for task_id in forget:
             del self.tasks[task_id]
+        self._finished = len(finished) - len(forget)
         if forget and self.durable is not None:
             self.durable.record(ev.record(ev.R_FORGET, tasks=forget))
 

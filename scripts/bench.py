@@ -1,14 +1,20 @@
 """threadbound side by side with hand-written Ray, LangGraph and a thread pool.
 
-    python scripts/bench.py --quick            # about a minute or two, smaller N
+    python scripts/bench.py --quick            # a few minutes, smaller N
     python scripts/bench.py                    # the full run (under 15 minutes)
     python scripts/bench.py --quick --write    # also BENCHMARKS.md, bench-results/bench.json (+ .png)
 
-The workload: N tasks, each code -> test -> review, each step one call of the same
-simulated model (``--tokens`` per step, no latency: the numbers measure the runtimes;
+The workload: N tasks, each code -> test -> review in sequence (an explicit
+``after`` chain, the same in every system), each step one call of the same simulated
+model (``--tokens`` per step, no latency: the numbers measure the runtimes;
 ``--cpu-ms`` adds GIL-holding work per step). Every system delivers every token to the
 client that submitted the task. Same machine, same process run; results are ratios
 against the baselines measured here, never absolute promises.
+
+Figures of threadbound alone: tasks/s with agent processes recycled every few tasks
+against recycling off; a round of code, then test and review in parallel, with 200 ms
+steps, against two steps' time; and the capacity of one supervisor: the most agents
+streaming 50 tokens/s each it carries before the delay a client sees passes 100 ms.
 
 LangGraph rows need ``pip install -e '.[bench]'``; without it they are skipped.
 """
@@ -32,7 +38,12 @@ import bench_baselines as base
 from local_ray import SCRIPTS as HERE
 from local_ray import isolate
 
+from threadbound.runtime.task import sequential
+
 ROLES = base.ROLES
+# The bench's three steps run one after another in every system (the pool's default graph
+# for roles other than the built-in coder/tester/reviewer is list order too; this says so).
+CHAIN = sequential(ROLES)
 
 
 class Bench:
@@ -45,7 +56,10 @@ class Bench:
 
     def pool(self, concurrency: int, tokens: int, cpu_ms: float, *, snapshots: bool = True,
              interval_s: float = 5.0, batched: bool = True, latency_ms: float = 0.0,
-             roles: tuple[str, ...] = ROLES, name: str | None = None):
+             roles: tuple[str, ...] = ROLES, name: str | None = None, recycle_after: int | None = None,
+             agent: type | None = None, **settings_over: Any):
+        """A pool for ``concurrency`` tasks of ``roles`` at a time (3 agents each); any
+        other config field may be set through ``settings_over``."""
         from threadbound.runtime import AgentPool, RuntimeConfig
 
         self.n_pools += 1
@@ -55,19 +69,24 @@ class Bench:
             "model": {"backend": "simulated", "tokens": tokens, "cpu_ms": cpu_ms, "latency_ms": latency_ms},
             "snapshot_dir": self.snapshots, "snapshot_interval_s": interval_s,
             "snapshots": {"enabled": snapshots}, "step_timeout_s": 600, "task_timeout_s": 3600,
-            "keep_finished_tasks": 100_000, "recycle_after": 1_000_000}
+            "keep_finished_tasks": 100_000, "recycle_after": recycle_after or 1_000_000, **settings_over}
         if not batched:
             settings.update(token_batch_size=1, token_interval_ms=0)
-        return AgentPool(RuntimeConfig.from_mapping(settings), agents={r: base.BenchAgent for r in ROLES})
+        cls = agent or base.BenchAgent
+        return AgentPool(RuntimeConfig.from_mapping(settings), agents={r: cls for r in {*ROLES, *roles}})
 
     def run_threadbound(self, n: int, concurrency: int, tokens: int, cpu_ms: float, **kw) -> dict[str, Any]:
+        """N tasks of ``roles`` one after another (code -> test -> review by default), all
+        submitted at once; the pool runs ``concurrency`` of them at a time."""
         from threadbound.runtime import Task
 
+        roles = tuple(kw.get("roles", ROLES))
+        chain = sequential(roles)
         pool = self.pool(concurrency, tokens, cpu_ms, **kw)
         try:
             async def main() -> int:
                 async def one(i: int) -> int:
-                    h = await pool.asubmit(Task(goal=f"task {i}"))
+                    h = await pool.asubmit(Task(goal=f"task {i}", agents=roles, after=chain))
                     got = 0
                     async for ev in h.astream():
                         if ev.kind == "tokens":
@@ -80,7 +99,8 @@ class Bench:
 
             t0 = time.perf_counter()
             got = asyncio.run(main())
-            return {"wall_s": time.perf_counter() - t0, "tokens": got}
+            wall = time.perf_counter() - t0
+            return {"wall_s": wall, "tokens": got, "replacements": pool.stats()["replacements"]}
         finally:
             pool.shutdown(grace_s=0)
 
@@ -91,8 +111,9 @@ class Bench:
                "tasks_per_s": n / res["wall_s"], "step_ms": res["wall_s"] * 1000 / (3 * n) * concurrency,
                "wall_s": res["wall_s"], "tokens": res["tokens"], **extra}
         self.rows.append(row)
+        more = "".join(f"  {k} {v}" for k, v in extra.items())
         print(f"  {figure:<14} {system:<34} n={n:<5} c={concurrency:<3} {row['tasks_per_s']:>9.1f} tasks/s "
-              f"{row['step_ms']:>8.2f} ms/step  {res['tokens']:>8} tokens", flush=True)
+              f"{row['step_ms']:>8.2f} ms/step  {res['tokens']:>8} tokens{more}", flush=True)
         return row
 
     def systems(self, lg: bool) -> dict[str, Callable[..., dict[str, Any]]]:
@@ -118,12 +139,13 @@ def resume_time(bench: Bench, tasks: int) -> dict[str, float]:
     code = textwrap.dedent(f"""
         import bench_baselines as base
         from threadbound.runtime import AgentPool, RuntimeConfig, Task
+        from threadbound.runtime.task import sequential
         cfg = RuntimeConfig.from_mapping({{"name": {name!r}, "max_agents": 12, "max_agents_per_task": 3,
             "default_agents": list(base.ROLES), "snapshot_dir": {bench.snapshots!r},
             "model": {{"backend": "simulated", "tokens": 20, "latency_ms": 200}}}})
         pool = AgentPool(cfg, agents={{r: base.BenchAgent for r in base.ROLES}})
         for i in range({tasks}):
-            pool.submit(Task(goal=f"task {{i}}"))
+            pool.submit(Task(goal=f"task {{i}}", after=sequential(base.ROLES)))
         print("submitted", flush=True)
         import time; time.sleep(3600)
     """)
@@ -159,7 +181,7 @@ def first_token(bench: Bench, n: int) -> dict[str, float]:
     try:
         for i in range(n):
             t0 = time.perf_counter()
-            h = pool.submit(Task(goal=f"task {i}"))
+            h = pool.submit(Task(goal=f"task {i}", agents=["code"]))
             first = None
             for ev in h.stream():
                 if ev.kind == "tokens" and first is None:
@@ -190,11 +212,11 @@ def memory(bench: Bench, n: int) -> dict[str, float]:
     pool = bench.pool(4, 50, 0.0, name="bench-memory")
     try:
         sup = psutil.Process(ray.get(pool._sup.info.remote())["pid"])
-        warm = [pool.submit(Task(goal=f"warm {i}")) for i in range(20)]
+        warm = [pool.submit(Task(goal=f"warm {i}", after=CHAIN)) for i in range(20)]
         for h in warm:
             h.result(timeout=600)
         before = sup.memory_info().rss
-        handles = [pool.submit(Task(goal=f"task {i}")) for i in range(n)]
+        handles = [pool.submit(Task(goal=f"task {i}", after=CHAIN)) for i in range(n)]
         for h in handles:
             h.result(timeout=600)
         after = sup.memory_info().rss
@@ -206,9 +228,140 @@ def memory(bench: Bench, n: int) -> dict[str, float]:
         pool.shutdown(grace_s=0)
 
 
+def recycling(bench: Bench, n: int, concurrency: int, tokens: int, every: int) -> None:
+    """Rows: tasks/s with recycling off, then with a process replaced every ``every`` tasks."""
+    for label, after in (("recycling off", None), (f"recycle_after={every}", every)):
+        res = bench.run_threadbound(n, concurrency, tokens, 0.0, recycle_after=after)
+        bench.record("recycling", f"threadbound, {label}", res, n, concurrency, replaced=res["replacements"])
+
+
+GRAPH = {"test": ["code"], "review": ["code"]}  # code, then test and review together
+
+
+def parallel_round(bench: Bench, n: int, step_ms: float = 200.0) -> dict[str, float]:
+    """Medians, one task at a time, of: a one-step task; a round of code, then test and
+    review in parallel; the same three as a chain. Every step waits ``step_ms`` (the
+    simulated model's latency) and streams 5 tokens."""
+    from threadbound.runtime import Task
+
+    pool = bench.pool(1, 5, 0.0, latency_ms=step_ms, name="bench-graph")
+    walls: dict[str, list[float]] = {"step": [], "round": [], "chain": []}
+    specs = {"step": {"agents": ["code"]}, "round": {"agents": ROLES, "after": GRAPH},
+             "chain": {"agents": ROLES, "after": CHAIN}}
+    try:
+        for i in range(n):
+            for kind, spec in specs.items():
+                t0 = time.perf_counter()
+                pool.submit(Task(goal=f"{kind} {i}", **spec)).result(timeout=120)
+                walls[kind].append(time.perf_counter() - t0)
+    finally:
+        pool.shutdown(grace_s=0)
+    out = {f"{k}_ms": statistics.median(v) * 1000 for k, v in walls.items()}
+    out["ratio"] = out["round_ms"] / (2 * out["step_ms"])
+    out["chain_ratio"] = out["chain_ms"] / (2 * out["step_ms"])
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def capacity(bench: Bench, levels: tuple[int, ...], stream_s: float, rate: float = 50.0,
+             limit_ms: float = 100.0) -> dict[str, Any]:
+    """Step up the number of agents streaming ``rate`` tokens/s each (default token
+    batching) until the delay a client sees passes ``limit_ms`` at p50 or p95.
+
+    Each level runs that many one-agent tasks at once, each streaming for ``stream_s``;
+    delay = arrival at the client minus the event's ``ts`` (stamped by the supervisor
+    when it appended the event); measured while every agent of the level streams.
+    ``agent_p50_ms``: arrival minus the agent's own stamp on the newest token of the
+    event (adds the agent -> supervisor hop; the token batching wait is not counted).
+    """
+    import psutil
+    import ray
+
+    from threadbound.runtime import Task
+
+    top = max(levels)
+    pool = bench.pool(1, 1, 0.0, roles=("code",), name="bench-capacity", agent=base.PacedAgent,
+                      max_agents=top, max_agents_per_task=1, prewarm=False)
+    sup = psutil.Process(ray.get(pool._sup.info.remote())["pid"])
+    me = psutil.Process()
+    rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"rate": rate, "limit_ms": limit_ms, "stream_s": stream_s, "levels": rows}
+    try:
+        for n in levels:
+            headroom = psutil.virtual_memory().available / 2**20
+            if headroom < 2048 + 150 * n:
+                out["stopped"] = f"{headroom:.0f} MB of memory left: not enough for {n} agent processes"
+                break
+            # Start the level's agent processes first (warm slots are reused level to level):
+            # n tasks that hold their slots at once make the pool start n processes.
+            async def warm(n: int = n) -> None:
+                held = await asyncio.gather(*(pool.asubmit(Task(goal=f"warm {n}/{i}", agents=["code"],
+                                                                inputs={"hold_s": 2.0})) for i in range(n)))
+                await asyncio.gather(*(h.aresult(timeout=600) for h in held))
+
+            asyncio.run(warm())
+            tokens = int(rate * stream_s)
+
+            async def level(n: int = n, tokens: int = tokens) -> list[list[tuple[float, float, float, int]]]:
+                async def one(i: int) -> list[tuple[float, float, float, int]]:
+                    h = await pool.asubmit(Task(goal=f"stream {n}/{i}", agents=["code"],
+                                                inputs={"tokens": tokens, "rate": rate}))
+                    seen = []
+                    async for ev in h.astream():
+                        if ev.kind == "tokens":
+                            now = time.time()
+                            seen.append((ev.ts, now, float(ev.data["text"].split()[-1]), ev.data["n"]))
+                    return seen
+
+                return await asyncio.gather(*(one(i) for i in range(n)))
+
+            c_sup, c_me, t0 = sup.cpu_times(), me.cpu_times(), time.perf_counter()
+            per_agent = asyncio.run(level())
+            wall = time.perf_counter() - t0
+            c_sup2, c_me2 = sup.cpu_times(), me.cpu_times()
+            start = max(ev[0][0] for ev in per_agent if ev)  # every agent streams from here...
+            end = min(ev[-1][0] for ev in per_agent if ev)  # ...to here
+            together = end > start
+            if not together:  # the agents never all streamed at once: count every event
+                start = min(ev[0][0] for ev in per_agent if ev)
+                end = max(ev[-1][0] for ev in per_agent if ev)
+            inside = [e for evs in per_agent for e in evs if start <= e[0] <= end]
+            span = max(end - start, 1e-6)
+            delays = [(now - ts) * 1000 for ts, now, _, _ in inside]
+            row = {"agents": n, "p50_ms": _pct(delays, 0.5), "p95_ms": _pct(delays, 0.95),
+                   "agent_p50_ms": _pct([(now - stamp) * 1000 for _, now, stamp, _ in inside], 0.5),
+                   "events_per_s": len(inside) / span, "tokens_per_s": sum(e[3] for e in inside) / span,
+                   "together": together,
+                   "supervisor_cpu": ((c_sup2.user + c_sup2.system) - (c_sup.user + c_sup.system)) / wall,
+                   "client_cpu": ((c_me2.user + c_me2.system) - (c_me.user + c_me.system)) / wall}
+            rows.append(row)
+            print(f"  {n:>4} agents: delay p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms "
+                  f"(from the agent's stamp: p50 {row['agent_p50_ms']:6.1f} ms); {row['events_per_s']:7.0f} events/s, "
+                  f"{row['tokens_per_s']:7.0f} tokens/s; CPU: supervisor {row['supervisor_cpu']:.0%}, "
+                  f"client {row['client_cpu']:.0%} of a core"
+                  + ("" if together else " (the agents did not all stream at once: the machine is short)"),
+                  flush=True)
+            if row["p50_ms"] > limit_ms or row["p95_ms"] > limit_ms:
+                out["stopped"] = f"at {n} agents the delay passed {limit_ms:g} ms"
+                break
+        else:
+            out["stopped"] = f"no level up to {top} agents passed {limit_ms:g} ms"
+    finally:
+        pool.shutdown(grace_s=0)
+    ok = [r for r in rows if r["p50_ms"] <= limit_ms and r["p95_ms"] <= limit_ms]
+    out["agents"] = ok[-1]["agents"] if ok else 0
+    out["events_per_s"] = ok[-1]["events_per_s"] if ok else float("nan")
+    out["capped"] = not rows or rows[-1] is (ok[-1] if ok else None)  # never passed: the figure is a floor
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller N; about a minute or two")
+    ap.add_argument("--quick", action="store_true", help="smaller N; a few minutes")
     ap.add_argument("--tokens", type=int, default=50, help="tokens per step")
     ap.add_argument("--cpu-ms", type=float, default=20.0, help="GIL-holding work per step, CPU-bound figure")
     ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md and bench-results/")
@@ -260,6 +413,21 @@ def main() -> int:
         for nq in ((10, 100) if q else (10, 100, 1000)):
             bench.record("queued", "threadbound", bench.run_threadbound(nq, 4, args.tokens, 0.0), nq, 4)
             bench.record("queued", "ray, warm actors (floor)", base.run_ray_warm(nq, 4, args.tokens, 0.0), nq, 4)
+
+        every = 10 if q else 20
+        print(f"\n[recycling] c=4, {args.tokens} tokens per step: agent processes replaced every {every} tasks "
+              "vs never")
+        recycling(bench, 60 if q else 200, 4, args.tokens, every)
+
+        print("\n[graph] one task at a time, every step 200 ms: code, then test and review in parallel")
+        results["graph"] = g = parallel_round(bench, 3 if q else 10)
+        print(f"  one step {g['step_ms']:.0f} ms; round (code, then test + review) {g['round_ms']:.0f} ms "
+              f"= {g['ratio']:.2f}x two steps; the same three in a chain {g['chain_ms']:.0f} ms "
+              f"= {g['chain_ratio']:.2f}x")
+
+        print("\n[capacity] one supervisor: agents streaming 50 tokens/s each, until the delay passes 100 ms")
+        results["capacity"] = capacity(bench, (8, 16, 32) if q else (8, 16, 32, 64, 128), 3.0 if q else 5.0)
+        print(f"  {results['capacity']['stopped']}")
 
         print("\n[tokens] one step streaming many tokens to one client")
         nt = 20_000 if q else 100_000
@@ -342,6 +510,32 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
     if a and f:
         out.append(f"tasks/s at c=4 vs hand-written ray (one object per token): "
                    f"{a['tasks_per_s'] / f['tasks_per_s']:.2f}x")
+    a, b = _get(rows, "throughput", "threadbound", 1), _get(rows, "throughput", "langgraph + sqlite (sync)", 1)
+    if a and b:
+        out.append(f"token-streaming tasks/s at c=1: threadbound {a['tasks_per_s']:.1f} vs langgraph "
+                   f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x (target >= 0.5x)")
+    off = [r for r in rows if r["figure"] == "recycling" and r["system"].endswith("recycling off")]
+    on = [r for r in rows if r["figure"] == "recycling" and "recycle_after=" in r["system"]]
+    if off and on:
+        a, b = on[0], off[0]
+        out.append(f"tasks/s at c=4 with {a['system'].split(', ')[1]}: {a['tasks_per_s']:.1f} vs recycling off "
+                   f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x "
+                   f"({a['replaced']} processes replaced during the run)")
+    if "graph" in results:
+        g = results["graph"]
+        out.append(f"round of code, then test + review in parallel, 200 ms steps: {g['round_ms']:.0f} ms = "
+                   f"{g['ratio']:.2f}x two steps ({g['step_ms']:.0f} ms each; target <= 1.15x); as a chain "
+                   f"{g['chain_ratio']:.2f}x")
+    if "capacity" in results:
+        cap = results["capacity"]
+        top = cap["levels"][-1] if cap["levels"] else None
+        line = (f"capacity of one supervisor: {'at least ' if cap['capped'] else ''}{cap['agents']} agents "
+                f"streaming {cap['rate']:g} tokens/s each with client delay p50/p95 <= {cap['limit_ms']:g} ms "
+                f"({cap['events_per_s']:,.0f} events/s)")
+        if top and not cap["capped"]:
+            line += (f"; at {top['agents']} agents p50 {top['p50_ms']:.1f} ms, p95 {top['p95_ms']:.1f} ms "
+                     f"with the supervisor at {top['supervisor_cpu']:.0%} of a core")
+        out.append(line)
     a, b = _get(rows, "cpu-bound", "threadbound"), _get(rows, "cpu-bound", "langgraph + sqlite (sync)")
     if a and b:
         out.append(f"cpu-bound tasks/s at c=4: threadbound {a['tasks_per_s']:.1f} vs langgraph "
@@ -396,6 +590,14 @@ def write(rows: list[dict], results: dict[str, Any], lines: list[str], command: 
         md.append(f"| {r['figure']} | {r['system']} | {r['n']} | {r['concurrency']} | {r['tasks_per_s']:.1f} "
                   f"| {r['step_ms']:.2f} |")
     md += ["", "Ratios and targets:", ""] + [f"- {line}" for line in lines]
+    cap = results.get("capacity")
+    if cap and cap["levels"]:
+        md += ["", f"Capacity of one supervisor: agents streaming {cap['rate']:g} tokens/s each, default token "
+               f"batching; delay = arrival at the client minus the supervisor's stamp ({cap['stopped']}).", "",
+               "| agents | delay p50 ms | delay p95 ms | events/s | tokens/s | supervisor CPU | client CPU |",
+               "|---|---|---|---|---|---|---|"]
+        md += [f"| {r['agents']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['events_per_s']:.0f} | "
+               f"{r['tokens_per_s']:.0f} | {r['supervisor_cpu']:.0%} | {r['client_cpu']:.0%} |" for r in cap["levels"]]
     with open(os.path.join(root, "BENCHMARKS.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     try:

@@ -41,6 +41,25 @@ class BenchAgent(Agent):
         return len(text)
 
 
+class PacedAgent(Agent):
+    """For the capacity figure: streams ``inputs["tokens"]`` tokens at ``inputs["rate"]``
+    per second (on a fixed schedule, so a late token does not slow the rest), each token
+    the wall-clock time it was made at; ``inputs["hold_s"]`` keeps the slot a while after."""
+
+    def step(self, ctx):
+        n, rate = int(ctx.inputs.get("tokens", 1)), float(ctx.inputs.get("rate", 0))
+        start = time.monotonic()
+        for i in range(n):
+            if rate:
+                wait = start + i / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            yield f"{time.time():.4f} "
+        if ctx.inputs.get("hold_s"):
+            time.sleep(float(ctx.inputs["hold_s"]))
+        return n
+
+
 # -- hand-written Ray ------------------------------------------------------------------
 
 def _ray_actor_class():

@@ -36,3 +36,23 @@ def test_threadbound_runner_delivers_every_token(tmp_path):
     b = bench.Bench(str(tmp_path))
     res = b.run_threadbound(N, 1, TOKENS, 0.0)
     assert res["tokens"] == EXPECTED
+
+
+def test_every_system_runs_the_three_steps_as_one_chain():
+    # threadbound's tasks say so explicitly, so they never get a parallel default graph
+    assert bench.CHAIN == {"code": (), "test": ("code",), "review": ("test",)}
+
+
+def test_recycling_runner_delivers_every_token_while_processes_are_replaced(tmp_path):
+    b = bench.Bench(str(tmp_path))
+    res = b.run_threadbound(N, 1, TOKENS, 0.0, recycle_after=1)
+    assert res["tokens"] == EXPECTED and res["replacements"] >= 1
+
+
+def test_capacity_figure_reads_the_delay_of_every_agent(tmp_path):
+    b = bench.Bench(str(tmp_path))
+    cap = bench.capacity(b, (2,), stream_s=0.6, limit_ms=10_000)
+    (level,) = cap["levels"]
+    assert level["agents"] == 2 and cap["agents"] == 2 and cap["capped"]
+    assert level["events_per_s"] > 0 and level["tokens_per_s"] >= level["events_per_s"]
+    assert level["p50_ms"] <= level["p95_ms"]
