@@ -325,7 +325,6 @@ class Supervisor:
         ended), then answers for all of them at once: a client following many tasks makes
         one long-poll per burst, not one per task."""
         self.reads += 1
-        cursors = {t: off for t, off in cursors.items()}
         states = []
         for task_id, offset in cursors.items():
             if not isinstance(offset, int) or offset < 0:

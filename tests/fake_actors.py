@@ -397,6 +397,11 @@ class FakeActors:
         self.running[rec.task_id] -= 1
 
 
+async def hangs(call: StepCall) -> Any:
+    """A script whose step never ends (until its actor is killed)."""
+    await call.hang()
+
+
 async def returns_role(call: StepCall) -> Any:
     """The default script: one token, then an output naming the role and round."""
     call.tokens(f"{call.role}{call.round} ")

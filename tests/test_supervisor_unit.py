@@ -16,7 +16,7 @@ import random
 
 import pytest
 import ray._private.auto_init_hook as ray_auto_init
-from fake_actors import DEAD, ActorCrash, FakeActors
+from fake_actors import DEAD, ActorCrash, FakeActors, hangs
 
 from threadbound.agents import Agent
 from threadbound.agents.errors import AgentError, TransientError
@@ -467,11 +467,8 @@ def test_the_step_deadline_counts_the_whole_step_not_the_gaps_between_tokens(fak
 
 
 def test_the_task_timeout_ends_every_running_step_of_the_task(fakes):
-    async def hang(call):
-        await call.hang()
-
-    fakes.script("a", hang)
-    fakes.script("b", hang)
+    fakes.script("a", hangs)
+    fakes.script("b", hangs)
 
     async def body(sup):
         tid = await submit(sup, ["a", "b"], after={}, task_timeout_s=0.05)
@@ -640,10 +637,7 @@ def test_when_one_parallel_step_fails_for_good_the_other_is_stopped(fakes):
 
 
 def test_cancel_ends_every_running_step_of_the_task(fakes):
-    async def hang(call):
-        await call.hang()
-
-    fakes.default = hang
+    fakes.default = hangs
 
     async def body(sup):
         tid = await submit(sup, ["a", "b"], after={})
@@ -832,10 +826,7 @@ def test_cancel_during_a_retry_backoff_cancels_the_task(fakes):
 
 
 def test_shutdown_cancels_running_and_queued_tasks_and_kills_every_actor(fakes):
-    async def hang(call):
-        await call.hang()
-
-    fakes.default = hang
+    fakes.default = hangs
 
     async def body(sup):
         running = await submit(sup, ["a", "b"], after={})
