@@ -117,6 +117,9 @@ class TaskHandle:
     loop. A supervisor restart is ridden out: a stream continues at the offset after
     the last event it yielded.
 
+    ``created`` is False when ``submit`` returned a task its idempotency key had
+    already made (True otherwise, and for handles from ``pool.task``).
+
     Examples:
         >>> handle = pool.submit(Task(goal="fix it", agents=["coder"]))   # doctest: +SKIP
         >>> for event in handle.stream():                                # doctest: +SKIP
@@ -128,6 +131,7 @@ class TaskHandle:
         # name = (pool name, namespace): lets calls ride out a supervisor restart
         self._client = _Client(supervisor, name)
         self.task_id = task_id
+        self.created = True
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.task_id!r})"
@@ -377,14 +381,19 @@ class AgentPool:
     async def asubmit(self, task: Task) -> TaskHandle:
         """``submit`` for asyncio: ``handle = await pool.asubmit(task)``.
 
-        Not sent again if the supervisor crashes meanwhile (it may have accepted the
-        task): that raises :class:`PoolClosed`; look for the task in ``tasks()``.
+        Without an ``idempotency_key``, not sent again if the supervisor crashes
+        meanwhile (it may have accepted the task): that raises :class:`PoolClosed`; look
+        for the task in ``tasks()``. With one, it is sent again, which is safe: the
+        handle then says ``created is False`` if the first send had been accepted.
         """
         # Validated here, before a round trip: the workspace becomes absolute against this
         # process's directory, not the supervisor's (a joined Ray's workers run elsewhere).
         task = self.config.validate_task(task)
         check_policy(task, self.config.policy)
-        return self._handle(await self._client.call("submit", task, retry=False))
+        task_id, created = await self._client.call("submit", task, retry=task.idempotency_key is not None)
+        handle = self._handle(task_id)
+        handle.created = created
+        return handle
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle to a task already submitted (by any client of this pool)."""

@@ -90,6 +90,7 @@ class Supervisor:
         self.sandbox = sandbox_settings(config)
         self.budget = Budget(config)
         self.tasks: dict[str, TaskState] = {}
+        self._keys: dict[str, str] = {}  # idempotency key -> task id (rebuilt from the tasks on resume)
         self.seq = 0
         self.closing = False
         self.reads = 0  # read calls served (a client following many tasks makes few)
@@ -231,6 +232,8 @@ class Supervisor:
         for rec in loaded.records:
             self.seq = max(self.seq, replay(self.tasks, rec, on_roles=self._set_roles, where=where,
                                             on_health=self.health.restore))
+        self._keys = {ts.spec.idempotency_key: ts.id for ts in self.tasks.values()
+                      if ts.spec.idempotency_key is not None}
         interrupted = [ts for ts in self.tasks.values() if ts.status not in TERMINAL]
         self._finished = len(self.tasks) - len(interrupted)
         interrupted.sort(key=lambda ts: ts.seq)
@@ -285,7 +288,9 @@ class Supervisor:
         self._pump()
         return len(held or [])
 
-    async def submit(self, spec: Task) -> str:
+    async def submit(self, spec: Task) -> tuple[str, bool]:
+        """Accept a task; returns its id and whether it is new (False: its idempotency
+        key named a task this pool already has, which is returned instead)."""
         if self.fatal is not None:
             raise self.fatal
         if self.closing:
@@ -296,11 +301,17 @@ class Supervisor:
         unknown = [r for r in spec.agents if r not in self.roles]
         if unknown:
             raise UnknownRole(unknown[0], list(self.roles))
+        known = self._keyed(spec)
+        if known is not None:
+            await self.barrier()  # the first submit's acceptance may still be on its way to disk
+            return known.id, False
         self.seq += 1
         task_id = f"t{self.seq:05d}-{self.run_id}"
         ts = TaskState(id=task_id, seq=self.seq, spec=spec, submitted_at=time.time(),
                        blob_ids={r: self.role_ids[r] for r in spec.agents})
         self.tasks[task_id] = ts
+        if spec.idempotency_key is not None:
+            self._keys[spec.idempotency_key] = task_id
         self.hooks.on_submit(ts)
         self.emit(ts, PENDING, None, goal=spec.goal, agents=list(spec.agents),
                   after={r: list(d) for r, d in spec.after.items()}, priority=spec.priority)
@@ -310,7 +321,20 @@ class Supervisor:
             self.admission.enqueue(ts)
         await self.barrier()  # accepted = on disk: a crash now loses nothing
         self._pump()
-        return task_id
+        return task_id, True
+
+    def _keyed(self, spec: Task) -> TaskState | None:
+        """The task ``spec``'s idempotency key already made, if the pool still has it."""
+        key = spec.idempotency_key
+        if key is None:
+            return None
+        ts = self.tasks.get(self._keys.get(key, ""))
+        if ts is None:
+            return None
+        if ts.spec != spec:
+            raise InvalidTask("idempotency_key", f"{key!r} was already used for task {ts.id}, which is a "
+                              "different task; use a new key for a new task")
+        return ts
 
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
         """Events from ``offset`` on (waiting up to ``wait_s`` for new ones), and the status."""
@@ -561,7 +585,9 @@ class Supervisor:
         finished = [ts for ts in self.tasks.values() if ts.status in TERMINAL]
         forget = [ts.id for ts in finished[: max(0, len(finished) - self.cfg.keep_finished_tasks)]]
         for task_id in forget:
-            del self.tasks[task_id]
+            key = self.tasks.pop(task_id).spec.idempotency_key
+            if key is not None:
+                self._keys.pop(key, None)
         self._finished = len(finished) - len(forget)
         if forget and self.durable is not None:
             self.durable.record(ev.record(ev.R_FORGET, tasks=forget))
@@ -577,7 +603,8 @@ class Supervisor:
     def _summary(self, ts: TaskState) -> TaskSummary:
         return TaskSummary(task_id=ts.id, status=ts.status, goal=ts.spec.goal,
                            agents=tuple(ts.spec.agents), round=ts.round, events=len(ts.events),
-                           submitted_at=ts.submitted_at, finished_at=ts.finished_at, error=ts.error)
+                           submitted_at=ts.submitted_at, finished_at=ts.finished_at, error=ts.error,
+                           idempotency_key=ts.spec.idempotency_key)
 
     def _result(self, ts: TaskState) -> dict[str, Any]:
         end = ts.finished_at or time.time()

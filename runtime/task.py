@@ -12,6 +12,8 @@ from threadbound.agents.events import (  # noqa: F401  (re-exported: the statuse
 
 from .errors import InvalidTask
 
+MAX_KEY_LEN = 255  # an idempotency key: a UUID or a request id fits with room to spare
+
 
 @dataclass(frozen=True)
 class Task:
@@ -42,6 +44,10 @@ class Task:
             the config's ``reasoning.cost_budget``.
         degrade: False to fail the task rather than run it degraded (level 1, no
             streaming) while the pool is unhealthy.
+        idempotency_key: submitting a task with a key the pool already knows returns
+            the task that key made instead of starting another (across a supervisor
+            restart and a resume too, for as long as the pool remembers that task:
+            ``keep_finished_tasks``). The same key with a different task is refused.
 
     Examples:
         >>> Task(goal="make tests pass", workspace=None, agents=["coder"]).agents
@@ -60,6 +66,7 @@ class Task:
     level: int | str | None = None
     cost_budget: float | None = None
     degrade: bool = True
+    idempotency_key: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.agents, str):
@@ -111,10 +118,15 @@ class Task:
             raise InvalidTask("priority", f"must be an integer, got {self.priority!r}")
         if not isinstance(self.inputs, dict):
             raise InvalidTask("inputs", f"must be a dict, got {type(self.inputs).__name__}")
+        key = self.idempotency_key
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN
+                                or not key.isprintable()):
+            raise InvalidTask("idempotency_key", f"must be a printable string of 1 to {MAX_KEY_LEN} "
+                              f"characters, or None; got {key!r:.80}")
         return Task(goal=self.goal, workspace=ws, agents=agents, after=after, inputs=dict(self.inputs),
                     priority=self.priority, max_rounds=self.max_rounds,
                     step_timeout_s=self.step_timeout_s, task_timeout_s=self.task_timeout_s,
-                    level=level, cost_budget=self.cost_budget, degrade=self.degrade)
+                    level=level, cost_budget=self.cost_budget, degrade=self.degrade, idempotency_key=key)
 
 
 def sequential(agents: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -235,6 +247,7 @@ class TaskSummary:
     submitted_at: float
     finished_at: float | None
     error: str | None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)

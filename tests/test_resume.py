@@ -222,3 +222,26 @@ def test_a_pool_on_a_file_url_resumes_after_its_supervisor_is_killed(pool_name, 
         assert any(n.startswith("journal-") for n in os.listdir(tmp_path / "snaps" / pool_name))
     finally:
         pool.shutdown()
+
+
+def test_a_keyed_submit_names_the_same_task_after_the_supervisor_restarts(pool_name, tmp_path):
+    # Given: a task submitted with an idempotency key
+    mark = tmp_path / "mark"
+    mark.mkdir()
+    pool = make_pool(pool_name, snapshot_interval_s=0.5, max_agents=3)
+    try:
+        task = Task(goal="keyed", agents=["a", "b", "c"], idempotency_key="order-42",
+                    inputs={"*": {"tokens": 4, "token_sleep_s": 0.05, "mark": str(mark)}})
+        first = pool.submit(task)
+        assert first.created
+        # When: the supervisor is SIGKILLed and Ray restarts it from its snapshots
+        pid = ray.get(pool._sup.info.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        # Then: the client's retry of that submit returns the task it made, not a second one
+        again = pool.submit(task)
+        assert (again.task_id, again.created) == (first.task_id, False)
+        assert again.result(timeout=120).ok
+        assert ray.get(pool._sup.info.remote())["pid"] != pid
+        assert [t.task_id for t in pool.tasks() if t.idempotency_key == "order-42"] == [first.task_id]
+    finally:
+        pool.shutdown()

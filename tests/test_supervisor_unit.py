@@ -81,7 +81,7 @@ def run(fakes: FakeActors, body, *, hooks=(), **overrides):
 
 
 async def submit(sup: Supervisor, agents, **kw) -> str:
-    return await sup.submit(Task(goal="make the tests pass", agents=list(agents), **kw))
+    return (await sup.submit(Task(goal="make the tests pass", agents=list(agents), **kw)))[0]
 
 
 async def result(sup: Supervisor, task_id: str) -> TaskResult:
@@ -669,6 +669,65 @@ def test_cancel_of_a_queued_task_ends_it_without_running_it(fakes):
         assert kinds(sup, queued) == ["pending", "cancelled"]
 
     run(fakes, body, max_agents=1, max_agents_per_task=1)
+
+
+# -- idempotent submit ----------------------------------------------------------------------
+
+
+def test_a_submit_retried_with_the_same_key_returns_the_first_task_and_runs_it_once(fakes):
+    async def body(sup):
+        # Given a task submitted with an idempotency key
+        task = Task(goal="make the tests pass", agents=["a"], idempotency_key="req-1")
+        first_id, created = await sup.submit(task)
+        # When the same submit arrives again, while it runs and after it ended
+        again = await asyncio.gather(sup.submit(task), sup.submit(task))
+        await result(sup, first_id)
+        late = await sup.submit(task)
+        # Then every retry names the first task, and only one task ever ran
+        assert created is True
+        assert again == [(first_id, False)] * 2 and late == (first_id, False)
+        assert list(sup.tasks) == [first_id]
+        assert len(fakes.of(first_id)) == 1
+        # And another key makes another task
+        other, created = await sup.submit(Task(goal="make the tests pass", agents=["a"], idempotency_key="req-2"))
+        assert created and other != first_id
+
+    run(fakes, body)
+
+
+def test_a_key_reused_for_a_different_task_is_refused_naming_the_key_and_the_task(fakes):
+    async def body(sup):
+        first_id, _ = await sup.submit(Task(goal="one thing", agents=["a"], idempotency_key="k"))
+        with pytest.raises(InvalidTask) as err:
+            await sup.submit(Task(goal="another thing", agents=["a"], idempotency_key="k"))
+        assert err.value.field == "idempotency_key" and first_id in str(err.value)
+        assert list(sup.tasks) == [first_id]
+
+    run(fakes, body)
+
+
+def test_a_key_is_forgotten_with_its_task(fakes):
+    async def body(sup):
+        task = Task(goal="make the tests pass", agents=["a"], idempotency_key="k")
+        first_id, _ = await sup.submit(task)
+        await result(sup, first_id)
+        for _ in range(2):  # keep_finished_tasks=1: these push the first task out
+            await result(sup, await submit(sup, ["a"]))
+        assert first_id not in sup.tasks
+        second_id, created = await sup.submit(task)
+        assert created and second_id != first_id
+
+    run(fakes, body, keep_finished_tasks=1)
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "line\nbreak", 7])
+def test_a_bad_idempotency_key_is_refused_naming_the_field(fakes, key):
+    async def body(sup):
+        with pytest.raises(InvalidTask) as err:
+            await sup.submit(Task(goal="g", agents=["a"], idempotency_key=key))
+        assert err.value.field == "idempotency_key"
+
+    run(fakes, body)
 
 
 # -- hooks --------------------------------------------------------------------------------
