@@ -24,6 +24,7 @@ import sys
 import tempfile
 from typing import Any, Generator
 
+from . import events as ev
 from . import sandbox
 from .base import Agent, StepContext
 from .edits import parse
@@ -179,8 +180,9 @@ class Tester(Agent):
             raise
         except WorkspaceError as exc:
             raise AgentError(f"cannot prepare the test run: {exc}", task_id=ctx.task_id, agent=ctx.role) from None
-        ctx.emit("sandbox", {"isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
-                             "notes": res.notes})
+        ctx.emit(ev.SANDBOX, {"isolation": res.isolation, "layers": [l.to_dict() for l in res.layers],
+                             "notes": res.notes, "killed": res.killed, "exit_code": res.exit_code,
+                             "elapsed_s": round(res.elapsed_s, 3)})
         cannot = cannot_start(command, res.exit_code, res.output)
         if cannot:
             raise AgentError(f"the test command cannot start: {cannot}",

@@ -43,6 +43,9 @@ LEVEL = "level"
 HEALTH = "health"
 RESUMED = "resumed"
 
+# -- kinds the built-in agents emit (not reserved: an agent's own events) ---------------
+SANDBOX = "sandbox"                # one sandboxed command run: isolation, layers, ``killed`` (the limit), exit
+
 # Step-end events: their ``cost`` and ``tokens`` add up to what a task has spent.
 STEP_ENDS = frozenset({STEP_FINISHED, STEP_FAILED, STEP_TIMED_OUT, AGENT_CRASHED, STREAM_FAILED})
 

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable, TextIO
 
+from threadbound.agents import events
+
 from .task import Event
 
 _CLEAR = "\r\x1b[K"
@@ -31,7 +33,7 @@ def sentence(ev: Event) -> str | None:
     d, kind = ev.data, ev.kind
     if kind == "test_result":
         return f"tests {'passed' if d.get('ok') else 'failed'}: {d.get('summary')}"
-    if kind == "sandbox":
+    if kind == events.SANDBOX:
         layers = d.get("layers") or []
         held = [lay["name"] for lay in layers if lay.get("applied")]
         missing = [lay["name"] for lay in layers if not lay.get("applied")]

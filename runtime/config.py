@@ -305,6 +305,45 @@ class WorkspaceConfig(_Section):
                               "otherwise); the copy's path is in the task's events")
 
 
+class AlertsConfig(_Section):
+    """Thresholds of the alert rules ``threadbound alerts`` writes for Prometheus."""
+
+    step_latency_p99_s: Seconds = Field(default=60.0, description="p99 step latency over 5 minutes above this")
+    error_rate: float = Field(default=0.2, gt=0, le=1, description="failed / all step attempts over 5 minutes "
+                              "above this")
+    utilisation: float = Field(default=0.9, gt=0, le=1, description="busy agents / max_agents above this")
+    degraded_for: Seconds = Field(default=600.0, description="degraded (or paused) for longer than this")
+    paused_for: Seconds = Field(default=120.0, description="paused for longer than this")
+    snapshot_intervals: int = Field(default=3, ge=1, description="no snapshot written for this many "
+                                    "snapshot_interval_s")
+    queue_growing_for: Seconds = Field(default=900.0, description="the queue grew over this whole period")
+    for_s: Seconds = Field(default=300.0, description="how long a condition holds before its alert fires")
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint the supervisor serves, and its alert thresholds."""
+
+    enabled: bool = Field(default=True, description="record metrics at all; false = no endpoint, no Ray mirror")
+    port: int = Field(default=9464, ge=0, le=65535, description="GET /metrics on the supervisor's node; 0 = off")
+    host: str = Field(default="127.0.0.1", min_length=1, description="interface to listen on; 0.0.0.0 for a "
+                      "Prometheus on another machine")
+    ray: bool = Field(default=True, description="mirror the metrics through ray.util.metrics (Ray dashboard)")
+    refresh_s: Seconds = Field(default=5.0, description="how often gauges and the Ray mirror are refreshed")
+    tokens_window_s: Seconds = Field(default=10.0, description="window of threadbound_tokens_per_second")
+    alerts: AlertsConfig = AlertsConfig()
+
+
+class LogConfig(_Section):
+    """The pool's structured log: one JSON object per event, per line."""
+
+    enabled: bool = True
+    dir: str | None = Field(default=None, description="where pool-<name>.jsonl goes; null = logs/ in the "
+                            "per-user state directory")
+    max_mb: float = Field(default=50.0, gt=0, description="rotate past this size")
+    backups: int = Field(default=3, ge=0, description="rotated files kept")
+    tokens: bool = Field(default=False, description="log token events too (they are most of a log)")
+
+
 BUILTIN_TRIO = ("coder", "tester", "reviewer")
 
 
@@ -347,6 +386,8 @@ class RuntimeConfig(_Section):
     sandbox: SandboxConfig = SandboxConfig()
     policy: PolicyConfig = PolicyConfig()
     workspace: WorkspaceConfig = WorkspaceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     ray: RayConfig = RayConfig()
 
     def task_graph_defaults(self) -> tuple[tuple[str, ...], dict[str, list[str]] | None]:

@@ -60,6 +60,7 @@ class Durability:
         self.location = location
         self.on_durable = on_durable
         self.on_snapshot: Callable[[dict[str, Any]], None] = lambda cost: None  # the supervisor's hooks
+        self.on_write: Callable[[float], None] | None = None  # seconds one journal frame took to write
         self.segment = 1
         # Records not yet written, grouped by segment: [(segment, records, marks)].
         self._groups: list[tuple[int, list[Any], dict[str, int]]] = [(self.segment, [], {})]
@@ -144,9 +145,14 @@ class Durability:
         an fdatasync take ~0.1 ms; two thread hops cost more on a busy machine); large
         frames and remote stores go through the writer thread."""
         frame = self.location.frame(seg, records)
+        t0 = time.perf_counter()
         if self._inline and len(frame) <= _INLINE_BYTES:
-            return self.location.append_frame(seg, frame)
-        return await loop.run_in_executor(self._journal, self.location.append_frame, seg, frame)
+            n = self.location.append_frame(seg, frame)
+        else:
+            n = await loop.run_in_executor(self._journal, self.location.append_frame, seg, frame)
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - t0)
+        return n
 
 
     # -- snapshots ------------------------------------------------------------------

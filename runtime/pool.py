@@ -24,6 +24,7 @@ from .config import RayConfig, RuntimeConfig
 from .client import _aopen_stream, _check_offset, _Client, _open_stream, _result, _sync
 from .connect import _bootstrap, connect_ray  # noqa: F401  (connect_ray: part of this module's API)
 from .errors import ConfigError, PoolClosed, ResultTimeout
+from .metrics.server import check_port
 from .policy import check as check_policy
 from .registry import role_blobs
 from .task import TERMINAL, Event, Task, TaskResult, TaskSummary
@@ -237,6 +238,10 @@ class AgentPool:
         config = config if config is not None else RuntimeConfig.from_env()
         config = config.with_absolute_paths()
         blobs = role_blobs(config.agents, agents)  # fail on bad roles before touching Ray
+        if (config.ray.address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+                and config.metrics.enabled):
+            # A local Ray of our own is about to start, so no supervisor of ours holds the port yet.
+            check_port(config.metrics.port, config.metrics.host)
         owns_ray = connect_ray(config)
         from .actors import SupervisorActor, supervisor_options
 

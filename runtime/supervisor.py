@@ -30,15 +30,15 @@ from .admission import Admission
 from .budget import Budget
 from .config import RuntimeConfig
 from .durability import Durability, DurabilityHook, open_location
-from .errors import InvalidTask, PoolClosed, TaskNotFound, UnknownRole
+from .errors import ConfigError, InvalidTask, PoolClosed, TaskNotFound, UnknownRole
 from .health import NORMAL, PAUSED, HealthHook, HealthMonitor, Transition
 from .hooks import Hook, Hooks
-from .metrics import Metrics, MetricsHook
+from .metrics import MetricsHook, MetricsServer, PoolMetrics, View
 from .policy import check as check_policy
 from .rounds import run_task
 from .sandboxing import sandbox_settings
 from .slots import Slot, SlotTable
-from .task import ADMITTED, CANCELLED, FAILED, PENDING, TERMINAL, Task, TaskSummary
+from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, Task, TaskSummary
 from .task_state import TaskEnds, TaskState, digest, export_tasks, replay, tasks_from_snapshot, track
 
 log = logging.getLogger("threadbound.supervisor")
@@ -86,7 +86,10 @@ class Supervisor:
         self.clock = clock
         self.rng = rng or random.Random()
         self.health = HealthMonitor(config.health, clock=clock)
-        self.metrics = Metrics(config.name)
+        mc = config.metrics
+        self.metrics = PoolMetrics(config.name, tokens_window_s=mc.tokens_window_s, ray_mirror=mc.ray,
+                                   ray_every_s=mc.refresh_s, clock=clock) if mc.enabled else None
+        self.metrics_server: MetricsServer | None = None
         self.sandbox = sandbox_settings(config)
         self.budget = Budget(config)
         self.tasks: dict[str, TaskState] = {}
@@ -120,13 +123,13 @@ class Supervisor:
                 log.error("cannot start pool %r: %s", config.name, exc)
                 if not isinstance(exc, SnapshotError):
                     exc = SnapshotError(config.snapshot_location, str(exc))
-                self.fatal = exc
-                if self.durable is not None and self.durable.lease is not None:
-                    self.durable.lease.release()
-                self.durable = None
+                self._fail(exc)
                 return
         self.hooks.add(HealthHook(self.health, self._on_transition))
-        self.hooks.add(MetricsHook(self.metrics, lambda: self.health.mode))
+        if self.metrics is not None:
+            self.hooks.add(MetricsHook(self.metrics, self._metrics_view, clock))
+            if self.durable is not None:
+                self.durable.on_write = self.metrics.journal_write
         for hook in hooks or ():
             self.hooks.add(hook)
         try:
@@ -193,11 +196,31 @@ class Supervisor:
         if self._started or self.fatal is not None:
             return
         self._started = True
+        if self.metrics is not None and self.cfg.metrics.port:
+            try:
+                self.metrics_server = MetricsServer(self.metrics.registry, self.cfg.metrics.port,
+                                                    self.cfg.metrics.host)
+            except ConfigError as exc:
+                if self.resumed is None:  # a new pool: refuse to start, saying which process holds the port
+                    self._fail(exc)
+                    return
+                # A supervisor resuming (e.g. restarted by Ray) carries on without the endpoint, loudly.
+                log.error("pool %r serves no metrics: %s", self.cfg.name, exc)
         if self.durable is not None:
             self.durable.start(self._export)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="threadbound/tick")
-        self.metrics.health_mode(self.health.mode, entered=False)
+        if self.metrics is not None:
+            if self.resumed is not None:
+                self.metrics.resumed()
+            self.metrics.refresh(self._metrics_view())
         self._pump()
+
+    def _fail(self, exc: BaseException) -> None:
+        """This supervisor cannot serve: every call raises ``exc``; its lease is let go."""
+        self.fatal = exc
+        if self.durable is not None and self.durable.lease is not None:
+            self.durable.lease.release()
+        self.durable = None
 
     def _on_durable(self, marks: dict[str, int]) -> None:
         for task_id, n in marks.items():
@@ -269,7 +292,40 @@ class Supervisor:
             raise self.fatal
         self._start()
         return {"name": self.cfg.name, "config": self.cfg, "roles": sorted(self.roles),
-                "started_at": self.started_at, "resumed": self.resumed, "pid": os.getpid()}
+                "started_at": self.started_at, "resumed": self.resumed, "pid": os.getpid(),
+                "metrics_url": self.metrics_url()}
+
+    def metrics_url(self) -> str | None:
+        """Where this supervisor serves ``GET /metrics`` (None: it does not)."""
+        if self.metrics_server is None:
+            return None
+        try:
+            import ray
+
+            node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else None
+        except Exception:
+            node_ip = None
+        return self.metrics_server.url(node_ip)
+
+    async def metrics_text(self) -> str:
+        """This pool's metrics in Prometheus text format (what ``/metrics`` serves)."""
+        if self.metrics is None:
+            raise PoolClosed(f"pool {self.cfg.name!r} records no metrics (metrics.enabled: false)")
+        return self.metrics.text()
+
+    def _metrics_view(self) -> View:
+        tasks: dict[str, int] = {}
+        levels: dict[int, int] = {}
+        active = 0
+        for ts in self.tasks.values():
+            tasks[ts.status] = tasks.get(ts.status, 0) + 1
+            active += len(ts.running)
+            if ts.status in (ADMITTED, RUNNING) and ts.level:
+                levels[ts.level] = levels.get(ts.level, 0) + 1
+        return View(active=active, bound=sum(1 for s in self.slots.slots if s.owner is not None),
+                    size=self.cfg.max_agents, queue_depth=self.admission.queued(self.tasks), tasks=tasks,
+                    levels=levels, mode=self.health.mode,
+                    snapshot_interval_s=self.cfg.snapshot_interval_s if self.durable is not None else 0.0)
 
     async def register_roles(self, blobs: dict[str, bytes]) -> list[str]:
         changed = self._set_roles(blobs)
@@ -427,6 +483,8 @@ class Supervisor:
                 **self.durable.stats},
             "resumed": self.resumed, "health": self.health.mode, "hook_failures": self.hooks.failures,
             "reads": self.reads,
+            "tokens_per_s": None if self.metrics is None else round(self.metrics.tokens_per_s, 1),
+            "metrics_url": self.metrics_url(),
         }
 
     async def health_report(self) -> dict[str, Any]:
@@ -463,6 +521,9 @@ class Supervisor:
         if runners:
             await asyncio.wait(runners, timeout=5)
         await self.slots.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         if self.durable is not None:
             durable, self.durable = self.durable, None
             await durable.close(self._export)

@@ -69,7 +69,8 @@ class Bench:
             "model": {"backend": "simulated", "tokens": tokens, "cpu_ms": cpu_ms, "latency_ms": latency_ms},
             "snapshot_dir": self.snapshots, "snapshot_interval_s": interval_s,
             "snapshots": {"enabled": snapshots}, "step_timeout_s": 600, "task_timeout_s": 3600,
-            "keep_finished_tasks": 100_000, "recycle_after": recycle_after or 1_000_000, **settings_over}
+            "keep_finished_tasks": 100_000, "recycle_after": recycle_after or 1_000_000,
+            "metrics": {"port": 0}, **settings_over}
         if not batched:
             settings.update(token_batch_size=1, token_interval_ms=0)
         cls = agent or base.BenchAgent

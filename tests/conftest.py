@@ -66,11 +66,12 @@ def pool_settings(name: str, **overrides) -> dict:
 
     Health monitoring is off: these pools fail on purpose, test after test, and a
     degraded pool would stop streaming for the next test. tests/test_health.py turns
-    it on with the thresholds it needs."""
+    it on with the thresholds it needs. Metrics are recorded but not served: many pools
+    share this machine, and one port (tests/test_metrics.py serves on free ones)."""
     settings = dict(name=name, max_agents=3, max_agents_per_task=3, step_timeout_s=10,
                     task_timeout_s=60, token_batch_size=4, token_interval_ms=20,
                     retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2},
-                    snapshot_dir=SNAPSHOTS, health={"enabled": False})
+                    snapshot_dir=SNAPSHOTS, health={"enabled": False}, metrics={"port": 0})
     settings.update(overrides)
     return settings
 

@@ -52,7 +52,7 @@ def fakes(monkeypatch):
 def config(**overrides) -> RuntimeConfig:
     settings = dict(max_agents=3, max_agents_per_task=3, step_timeout_s=5, task_timeout_s=10,
                     token_batch_size=1, retry={"max_attempts": 3, "backoff_s": 0.001, "max_backoff_s": 0.002},
-                    snapshots={"enabled": False}, health={"enabled": False})
+                    snapshots={"enabled": False}, health={"enabled": False}, metrics={"port": 0, "ray": False})
     settings.update(overrides)
     return RuntimeConfig(**settings)
 

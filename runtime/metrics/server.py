@@ -1,0 +1,80 @@
+"""``GET /metrics`` on the supervisor's node: prometheus-client's own WSGI server on a
+daemon thread of the supervisor's process, serving that pool's registry.
+
+The thread only reads the registry (prometheus-client locks its values); the
+supervisor's loop is never blocked by a scrape. :func:`check_port` runs before Ray
+starts, so a port in use is reported with the process that holds it, naming the
+config field, before anything else happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from prometheus_client import start_wsgi_server
+
+from ..errors import ConfigError
+
+
+def holder(port: int) -> str:
+    """Who listens on ``port`` here: ``"pid 123 (python)"``, or a hint when unknown."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                if conn.pid:
+                    try:
+                        return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                    except psutil.Error:
+                        return f"pid {conn.pid}"
+    except Exception:  # no permission to list sockets: say how to look
+        pass
+    return f"another process (see `ss -ltnp 'sport = :{port}'`)"
+
+
+def _in_use(port: int, host: str, exc: OSError) -> ConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        why = f"port {port} on {host} is in use by {holder(port)}"
+    else:
+        why = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return ConfigError("<config>", [("metrics.port", f"{why}; choose a free port, or 0 to turn the endpoint off")])
+
+
+def check_port(port: int, host: str) -> None:
+    """Raise :class:`ConfigError` naming ``metrics.port`` if ``host:port`` cannot be listened on."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise _in_use(port, host, exc) from None
+
+
+class MetricsServer:
+    """The endpoint, started and stopped with the supervisor."""
+
+    def __init__(self, registry: Any, port: int, host: str) -> None:
+        try:
+            self._server, self._thread = start_wsgi_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise _in_use(port, host, exc) from None
+        self.host, self.port = host, self._server.server_port
+
+    def url(self, node_ip: str | None = None) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::", "") and node_ip:
+            host = node_ip  # listening everywhere: the node's address is the one to scrape
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
