@@ -38,6 +38,7 @@ from .policy import check as check_policy
 from .rounds import run_task
 from .sandboxing import sandbox_settings
 from .slots import Slot, SlotTable
+from .structured_log import StructuredLog
 from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, Task, TaskSummary
 from .task_state import TaskEnds, TaskState, digest, export_tasks, replay, tasks_from_snapshot, track
 
@@ -90,6 +91,7 @@ class Supervisor:
         self.metrics = PoolMetrics(config.name, tokens_window_s=mc.tokens_window_s, ray_mirror=mc.ray,
                                    ray_every_s=mc.refresh_s, clock=clock) if mc.enabled else None
         self.metrics_server: MetricsServer | None = None
+        self.event_log: StructuredLog | None = None
         self.sandbox = sandbox_settings(config)
         self.budget = Budget(config)
         self.tasks: dict[str, TaskState] = {}
@@ -130,6 +132,9 @@ class Supervisor:
             self.hooks.add(MetricsHook(self.metrics, self._metrics_view, clock))
             if self.durable is not None:
                 self.durable.on_write = self.metrics.journal_write
+        if config.log.enabled:
+            self.event_log = StructuredLog(config)
+            self.hooks.add(self.event_log)
         for hook in hooks or ():
             self.hooks.add(hook)
         try:
@@ -524,6 +529,8 @@ class Supervisor:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+        if self.event_log is not None:
+            self.event_log.close()
         if self.durable is not None:
             durable, self.durable = self.durable, None
             await durable.close(self._export)

@@ -263,6 +263,22 @@ def parallel_round(bench: Bench, n: int, step_ms: float = 200.0) -> dict[str, fl
     return out
 
 
+def metrics_cost(bench: Bench, n: int, repeats: int) -> dict[str, float]:
+    """Per-step cost at c=1 with metrics recorded and served vs not recorded at all;
+    on and off runs alternate so that drift on the machine hits both alike."""
+    import socket
+
+    on, off = [], []
+    for _ in range(repeats):
+        with socket.socket() as s:  # a free port for the endpoint
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        on.append(bench.run_threadbound(n, 1, 1, 0.0, metrics={"port": port})["wall_s"] / (3 * n))
+        off.append(bench.run_threadbound(n, 1, 1, 0.0, metrics={"enabled": False})["wall_s"] / (3 * n))
+    on_s, off_s = statistics.median(on), statistics.median(off)
+    return {"on_us": on_s * 1e6, "off_us": off_s * 1e6, "ratio": on_s / off_s, "repeats": repeats}
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -410,6 +426,10 @@ def main() -> int:
             bench.record("overhead", "langgraph, no checkpointer",
                          base.run_langgraph(no, 1, 1, 0.0, durable=False), no, 1)
 
+        print("\n[metrics] per-step cost at c=1 with metrics (and their endpoint) on vs off, runs interleaved")
+        results["metrics_cost"] = mc = metrics_cost(bench, no, 3 if q else 5)
+        print(f"  on {mc['on_us']:.0f} us/step, off {mc['off_us']:.0f} us/step: {mc['ratio']:.3f}x")
+
         print("\n[queued] c=4, all tasks submitted at once")
         for nq in ((10, 100) if q else (10, 100, 1000)):
             bench.record("queued", "threadbound", bench.run_threadbound(nq, 4, args.tokens, 0.0), nq, 4)
@@ -495,6 +515,10 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
     if tb and floor:
         out.append(f"per-step cost at c=1: threadbound {tb['step_ms'] * 1000:.0f} us vs ray floor "
                    f"{floor['step_ms'] * 1000:.0f} us = {tb['step_ms'] / floor['step_ms']:.2f}x (target <= 1.3x)")
+    mc = results.get("metrics_cost")
+    if mc:
+        out.append(f"per-step cost with metrics on vs off (c=1, median of {mc['repeats']} interleaved runs): "
+                   f"{mc['on_us']:.0f} us vs {mc['off_us']:.0f} us = {mc['ratio']:.3f}x (target <= 1.05x)")
     off = _get(rows, "overhead", "threadbound, no snapshots/journal")
     lgs, lgn = _get(rows, "overhead", "langgraph + sqlite (sync)"), _get(rows, "overhead", "langgraph, no checkpointer")
     if tb and off:

@@ -200,6 +200,34 @@ def test_a_metrics_port_in_use_is_refused_naming_the_field_and_the_process_holdi
         pool.shutdown()
 
 
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(120)
+def test_the_metrics_command_prints_the_url_a_scrape_answers_at(pool_name, tmp_path):
+    import shutil
+
+    from test_cli_attach import shell
+
+    port = free_port()
+    pool = make_pool(pool_name, metrics={"port": port})
+    try:
+        (tmp_path / ".ray").mkdir()
+        shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], tmp_path / ".ray" / "auth_token")
+        proc = shell(tmp_path, "metrics", "--address", os.environ["RAY_ADDRESS"], "--name", pool_name)
+        assert proc.returncode == 0, proc.stderr
+        url = proc.stdout.strip()
+        assert url == f"http://127.0.0.1:{port}/metrics"
+        assert "threadbound_health_mode" in urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        pool.shutdown()
+    # a pool without an endpoint says so, naming the setting
+    pool = make_pool(pool_name, metrics={"port": 0})
+    try:
+        proc = shell(tmp_path, "metrics", "--address", os.environ["RAY_ADDRESS"], "--name", pool_name)
+        assert proc.returncode == 1 and "metrics.port: 0" in proc.stderr
+    finally:
+        pool.shutdown()
+
+
 def test_a_metrics_port_out_of_range_is_a_config_error_naming_the_field():
     from threadbound.runtime import RuntimeConfig
 

@@ -1,0 +1,81 @@
+"""The pool's JSONL log: one line per event with the fields operators filter on, rotated."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from test_supervisor_unit import fakes, result, run, submit  # noqa: F401  (fakes: the fixture)
+
+from threadbound.agents.errors import TransientError
+from threadbound.runtime.structured_log import log_path
+
+
+def lines(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_every_event_but_tokens_is_a_json_line_naming_task_role_actor_level_kind_and_attempt(
+        fakes, tmp_path):  # noqa: F811
+    calls = {"n": 0}
+
+    async def flaky(call):
+        call.tokens("x", 3)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TransientError("try again")
+        return "done"
+
+    fakes.script("a", flaky)
+    seen = {}
+
+    async def body(sup):
+        task_id = await submit(sup, ["a", "b"])
+        assert (await result(sup, task_id)).ok
+        seen["task"], seen["events"] = task_id, [row[1] for row in sup.tasks[task_id].events]
+        seen["path"] = sup.event_log.path
+
+    run(fakes, body, log={"dir": str(tmp_path / "logs")})
+    path = seen["path"]
+    assert path == str(tmp_path / "logs" / "pool-threadbound.jsonl") == log_path_for(tmp_path)
+    got = lines(path)
+    # one line per event, in order, tokens left out
+    assert [g["kind"] for g in got] == [k for k in seen["events"] if k != "tokens"]
+    assert all(g["task"] == seen["task"] and g["pool"] == "threadbound" for g in got)
+    failed = next(g for g in got if g["kind"] == "step_failed")
+    assert failed["role"] == "a" and failed["attempt"] == 1 and failed["actor"].startswith("agent/")
+    assert failed["level"] == 2 and "try again" in failed["data"]["error"]
+    finished = [g for g in got if g["kind"] == "step_finished"]
+    assert [(g["role"], g["attempt"]) for g in finished] == [("a", 2), ("b", 1)]
+    assert got[-1]["kind"] == "succeeded" and got[-1]["role"] is None
+    # the directory is private: goals and errors may say things about the user's code
+    assert stat.S_IMODE(os.stat(tmp_path / "logs").st_mode) == 0o700
+
+
+def log_path_for(tmp_path) -> str:
+    from threadbound.runtime.config import RuntimeConfig
+
+    return log_path(RuntimeConfig(log={"dir": str(tmp_path / "logs")}))
+
+
+def test_the_log_rotates_past_its_size_keeping_the_configured_backups(fakes, tmp_path):  # noqa: F811
+    async def body(sup):
+        for _ in range(30):
+            await result(sup, await submit(sup, ["a"]))
+
+    run(fakes, body, log={"dir": str(tmp_path), "max_mb": 0.002, "backups": 2})
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["pool-threadbound.jsonl", "pool-threadbound.jsonl.1", "pool-threadbound.jsonl.2"]
+    for name in names:  # every line of every file is whole JSON
+        assert lines(str(tmp_path / name))
+        assert os.path.getsize(tmp_path / name) <= 0.002 * 1024 * 1024 + 4096
+
+
+def test_tokens_are_logged_when_asked(fakes, tmp_path):  # noqa: F811
+    async def body(sup):
+        await result(sup, await submit(sup, ["a"]))
+
+    run(fakes, body, log={"dir": str(tmp_path), "tokens": True})
+    assert "tokens" in [g["kind"] for g in lines(str(tmp_path / "pool-threadbound.jsonl"))]
