@@ -133,8 +133,15 @@ def cannot_start(command: list[str], exit_code: int | None, output: str) -> str 
     return None
 
 
+DEFAULT_TEST_COMMAND = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")
+# The default command loads no pytest plugin the host happens to have installed: they are
+# not the workspace's, and a few of them (schemathesis, langsmith, ...) cost seconds of CPU
+# per run at import. A test command of the task's own keeps pytest's autoloading.
+DEFAULT_TEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
 def _test_command(ctx: StepContext) -> list[str]:
-    command = ctx.inputs.get("test_command") or [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command = ctx.inputs.get("test_command") or list(DEFAULT_TEST_COMMAND)
     if isinstance(command, str):
         command = command.split()
     if not isinstance(command, (list, tuple)) or not command or not all(isinstance(c, str) and c for c in command):
@@ -174,7 +181,8 @@ class Tester(Agent):
         settings = (ctx.sandbox or sandbox.SandboxSettings()).hiding(str(ws.original), str(workspaces_root()))
         try:
             with ws.trial() as trial:
-                res = sandbox.run(command, cwd=str(trial), limits=limits, settings=settings)
+                res = sandbox.run(command, cwd=str(trial), limits=limits, settings=settings,
+                                  env=None if ctx.inputs.get("test_command") else DEFAULT_TEST_ENV)
         except sandbox.SandboxUnavailable as exc:
             exc.task_id, exc.agent = ctx.task_id, ctx.role
             raise

@@ -5,10 +5,14 @@
     threadbound run examples/fizzbuzz --level auto    # let the task's size pick its reasoning level
     threadbound tasks --address auto                  # tasks of a running (detached) pool
     threadbound health --address auto                 # its health mode and signals
+    threadbound metrics --address auto                # where it serves Prometheus metrics
+    threadbound top --address auto                    # a live view of it, refreshed in place; q quits
     threadbound resume                                # restart a crashed pool from its snapshots
     threadbound snapshots ls                          # what is in the snapshot directory
     threadbound config check configs/runtime.yaml     # validate a config file
     threadbound doctor                                # which sandbox layers work here, proved by probes
+    threadbound alerts --config runtime.yaml > alerts.yml   # Prometheus alert rules from its thresholds
+    threadbound serve                                 # the HTTP gateway: REST, SSE, WebSocket, a web page
 
 ``run`` and ``resume`` live in ``cli_run`` (input checks before Ray, following, Ctrl-C),
 their terminal rendering in ``cli_render``. Exit codes: 0 the task succeeded, 1 it did
@@ -27,6 +31,9 @@ from typing import Any
 from threadbound.agents.errors import ThreadboundError
 
 from .cli_run import DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, cmd_resume, cmd_run, log_file
+from .cli_serve import EXAMPLES as _SERVE_EXAMPLES
+from .cli_serve import add_parser as _add_serve
+from .cli_top import cmd_top
 from .config import RuntimeConfig
 
 
@@ -72,6 +79,21 @@ def cmd_health(args: argparse.Namespace) -> int:
         when = time.strftime("%H:%M:%S", time.localtime(t["at"]))
         print(f"  {when} {t['from']} -> {t['to']}: {'; '.join(t['reasons'])}")
     return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    pool = _attach(args)
+    if pool is None:
+        return 2
+    stats = pool.stats()
+    pool.close()
+    if stats.get("metrics_url"):
+        print(stats["metrics_url"])
+        return 0
+    why = ("records no metrics (metrics.enabled: false)" if stats.get("tokens_per_s") is None
+           else "serves no endpoint (metrics.port: 0, or its port was taken when it restarted: see its log)")
+    print(f"pool {stats['name']!r} {why}", file=sys.stderr)
+    return 1
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -145,6 +167,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from .metrics.alerts import render
+
+    sys.stdout.write(render(base_config(args), source=args.config or "<config>"))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from threadbound.agents.sandbox.doctor import check
 
@@ -182,6 +211,15 @@ exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration, 13
     "health": """examples:
   threadbound health --address auto
   threadbound health --address auto --json | jq .mode""",
+    "metrics": """examples:
+  threadbound metrics --address auto                       # the URL Prometheus scrapes
+  curl -s "$(threadbound metrics --address auto)" | grep threadbound_tasks""",
+    "top": """examples:
+  threadbound top --address auto               # q quits (Ctrl-C too)
+  threadbound top --address 10.0.0.5:6379 --name nightly --interval 2
+
+exit codes: 0 quit, 2 no Ray or no such pool when it starts (later, a pool that goes away is
+waited for on screen)""",
     "resume": """examples:
   threadbound resume                                       # the default snapshot_dir; follows the unfinished tasks
   threadbound resume /mnt/shared/snapshots --pool nightly
@@ -193,6 +231,11 @@ exit codes: 0 the task succeeded, 1 it did not, 2 bad input or configuration, 13
     "doctor": """examples:
   threadbound doctor
   threadbound doctor --config configs/runtime.yaml""",
+    "serve": _SERVE_EXAMPLES,
+    "alerts": """examples:
+  threadbound alerts > alerts.yml                              # the defaults (+ THREADBOUND_* env)
+  threadbound alerts --config configs/runtime.yaml > alerts.yml
+  promtool check rules alerts.yml                              # then rule_files: [alerts.yml] in prometheus.yml""",
     "config": """examples:
   threadbound config check configs/runtime.yaml
   threadbound config show examples/scripted/fizzbuzz.yaml   # every setting, defaults filled in""",
@@ -269,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
                      help="reasoning level (default: the config's reasoning.level)")
     run.add_argument("--budget", type=_positive(float, "a cost above 0"), default=None,
                      help="cost budget in the price units of reasoning.levels (default: none)")
+    run.add_argument("--gateway", metavar="URL", default=None,
+                     help="run the task through a threadbound gateway (threadbound serve) at URL; the token "
+                          "comes from THREADBOUND_GATEWAY_TOKEN and WORKSPACE is a path on the gateway's machine")
     run.set_defaults(func=cmd_run)
 
     tasks = command("tasks", "list the tasks of a running pool", [ray_flags])
@@ -279,6 +325,16 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--name", default=None, help="pool name (default: the config's name)")
     health.add_argument("--json", action="store_true", help="print the report as JSON")
     health.set_defaults(func=cmd_health)
+
+    metrics = command("metrics", "print the URL where a running pool serves its Prometheus metrics", [ray_flags])
+    metrics.add_argument("--name", default=None, help="pool name (default: the config's name)")
+    metrics.set_defaults(func=cmd_metrics)
+
+    top = command("top", "watch a running pool live: tasks, busy agents, queue, health; q quits", [ray_flags])
+    top.add_argument("--name", default=None, help="pool name (default: the config's name)")
+    top.add_argument("--interval", type=_positive(float, "seconds above 0"), default=1.0,
+                     help="seconds between refreshes (default: 1)")
+    top.set_defaults(func=cmd_top)
 
     resume = command("resume", "restart a crashed pool from its snapshots and follow its tasks", [ray_flags])
     resume.add_argument("location", nargs="?", default=None,
@@ -299,10 +355,16 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="runtime YAML (its sandbox section is checked)")
     doctor.set_defaults(func=cmd_doctor)
 
+    alerts = command("alerts", "print Prometheus alert rules made from the config's metrics.alerts thresholds")
+    alerts.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
+    alerts.set_defaults(func=cmd_alerts)
+
     conf = command("config", "check or show a runtime config file")
     conf.add_argument("action", choices=["check", "show"])
     conf.add_argument("file")
     conf.set_defaults(func=cmd_config)
+
+    _add_serve(command, ray_flags, _positive)
     return p
 
 

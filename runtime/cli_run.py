@@ -332,6 +332,10 @@ def _cancelled_by_ctrl_c(handle: Any, seen: list[Event]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pool import AgentPool
 
+    if getattr(args, "gateway", None):
+        from .cli_serve import cmd_run_gateway
+
+        return cmd_run_gateway(args)
     cfg = run_config(args)
     task = checked_task(args, cfg)  # bad input fails here, before Ray starts
     if not args.json:

@@ -22,8 +22,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from threadbound.agents.errors import ThreadboundError
 
-from .errors import InvalidTask, PoolClosed, TaskCancelled, TaskFailed, TaskNotFound, TaskTimedOut
-from .task import CANCELLED, SUCCEEDED, TERMINAL, TIMED_OUT, Event, TaskResult
+from .errors import InvalidTask, PoolClosed, TaskNotFound
+from .task import TERMINAL, Event, result_or_raise
 
 log = logging.getLogger("threadbound.pool")
 
@@ -360,13 +360,4 @@ def _event(task_id: str, row: tuple) -> Event:
     return Event(task_id=task_id, offset=offset, kind=kind, agent=agent, data=data, ts=ts)
 
 
-def _result(d: dict[str, Any]) -> TaskResult:
-    res = TaskResult(**d)
-    if res.status == SUCCEEDED:
-        return res
-    cls = {CANCELLED: TaskCancelled, TIMED_OUT: TaskTimedOut}.get(res.status, TaskFailed)
-    err = cls(f"task {res.task_id} {res.status}: {res.error}", task_id=res.task_id, elapsed=res.elapsed_s)
-    err.result = res
-    if isinstance(err, TaskCancelled):
-        err.reason = res.reason or "cancelled"
-    raise err
+_result = result_or_raise  # (the pool's name for it)

@@ -273,3 +273,21 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         return self.status == SUCCEEDED
+
+
+def result_or_raise(d: dict[str, Any]) -> TaskResult:
+    """The :class:`TaskResult` of a finished task's result mapping (as the supervisor and
+    the gateway send it); a task that did not succeed raises its error instead
+    (:class:`TaskFailed`, :class:`TaskCancelled` with its ``reason``, :class:`TaskTimedOut`),
+    the result attached as ``err.result``."""
+    from .errors import TaskCancelled, TaskFailed, TaskTimedOut
+
+    res = TaskResult(**d)
+    if res.status == SUCCEEDED:
+        return res
+    cls = {CANCELLED: TaskCancelled, TIMED_OUT: TaskTimedOut}.get(res.status, TaskFailed)
+    err = cls(f"task {res.task_id} {res.status}: {res.error}", task_id=res.task_id, elapsed=res.elapsed_s)
+    err.result = res
+    if isinstance(err, TaskCancelled):
+        err.reason = res.reason or "cancelled"
+    raise err

@@ -492,6 +492,11 @@ def main() -> int:
     finally:
         ray.shutdown()
 
+    # The gateway's figures need a Ray and a gateway process of their own: a child run.
+    print("\n[gateway] SSE and WebSocket against the in-process client (scripts/bench_gateway.py)", flush=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "bench_gateway.py"), *(["--quick"] if q else [])],
+                   check=False, timeout=900)
+
     lines = ratios(bench.rows, results)
     print("\n[ratios]")
     for line in lines:

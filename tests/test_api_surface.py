@@ -29,6 +29,18 @@ def test_snapshots_exports():
     ])
 
 
+def test_gateway_and_client_exports():
+    import threadbound.client
+    import threadbound.runtime.gateway
+
+    assert sorted(threadbound.runtime.gateway.__all__) == sorted([
+        "Gateway", "GatewaySettings", "create_app", "Tokens", "GatewayClient", "AsyncGatewayClient", "GatewayError",
+    ])
+    assert sorted(threadbound.client.__all__) == sorted(["GatewayClient", "AsyncGatewayClient", "GatewayError"])
+    # one implementation under two names
+    assert threadbound.client.GatewayClient is threadbound.runtime.gateway.GatewayClient
+
+
 def test_every_export_resolves():
     for mod in (threadbound.runtime, threadbound.agents, threadbound.snapshots):
         for name in mod.__all__:

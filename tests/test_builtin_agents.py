@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def pool_from(path, name, **changes):
     cfg = RuntimeConfig.from_yaml(path, env={})
-    return AgentPool(cfg.replace(name=name, **changes))
+    return AgentPool(cfg.replace(name=name, **{"metrics": {"port": 0}, **changes}))  # many pools, one machine
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_apply_writes_the_approved_change_back(scripted, tmp_path):
 
 
 def test_unappliable_reply_is_feedback_not_a_crash(ray_session, tmp_path):
-    p = AgentPool(RuntimeConfig(name="garbage", max_agents=3,
+    p = AgentPool(RuntimeConfig(name="garbage", max_agents=3, metrics={"port": 0},
                                 model={"backend": "simulated", "answers": {"coder": "¯\\_(ツ)_/¯ no idea"}}))
     try:
         handle = p.submit(Task(goal="fix", workspace=EXAMPLES / "fizzbuzz", max_rounds=1))
@@ -65,7 +65,7 @@ def test_unappliable_reply_is_feedback_not_a_crash(ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def tester_pool(ray_session):
-    p = AgentPool(RuntimeConfig(name="tester", max_agents=1, max_agents_per_task=1, max_rounds=1,
+    p = AgentPool(RuntimeConfig(name="tester", max_agents=1, max_agents_per_task=1, max_rounds=1, metrics={"port": 0},
                                 retry={"max_attempts": 1}))
     yield p
     p.shutdown()

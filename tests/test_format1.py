@@ -30,7 +30,7 @@ def restored(tmp_path, monkeypatch):
     shutil.copytree(DATA / "format1", tmp_path / "snapshots" / "format1")
     monkeypatch.setenv("THREADBOUND_SNAPSHOT_KEY", (DATA / "snapshot.key").read_text().strip())
     cfg = RuntimeConfig(name="format1", snapshot_dir=str(tmp_path / "snapshots"), max_agents=3,
-                        health={"enabled": False})
+                        health={"enabled": False}, metrics={"port": 0})
     sup = Supervisor(cfg, {}, make_actor=_never, resume=True)
     assert sup.fatal is None, sup.fatal
     yield sup

