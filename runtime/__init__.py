@@ -11,7 +11,9 @@ Public names::
     TaskNotFound, PoolClosed, ResultTimeout, TaskError, TaskFailed, TaskTimedOut, TaskCancelled
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 # Loaded on first use (PEP 562): an agent actor imports this package for its own few
 # modules, and should not pay for the config and client ones (a third of its start).
@@ -33,19 +35,7 @@ if TYPE_CHECKING:
     from .task import Event, Task, TaskResult, TaskSummary
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
 
 
 __all__ = [

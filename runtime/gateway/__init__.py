@@ -10,7 +10,9 @@ Public names::
     GatewayClient, AsyncGatewayClient, GatewayError
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 # The client is light (httpx); the app pulls Starlette in: each loads on first use.
 _WHERE = {"Gateway": "app", "GatewaySettings": "app", "create_app": "app", "Tokens": "auth",
@@ -22,15 +24,7 @@ if TYPE_CHECKING:
     from .client import AsyncGatewayClient, GatewayClient, GatewayError
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())
 
 
 __all__ = [
