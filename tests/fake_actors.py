@@ -407,3 +407,21 @@ async def returns_role(call: StepCall) -> Any:
     call.tokens(f"{call.role}{call.round} ")
     await asyncio.sleep(0)
     return f"{call.role}@{call.round}"
+
+
+def fails_once(tokens: int = 3, clock_s: float = 0.25) -> Script:
+    """A script that streams ``tokens`` tokens (their batch arriving ``clock_s`` into the
+    step), fails its first attempt with a TransientError and succeeds on the next."""
+    from threadbound.agents.errors import TransientError
+
+    calls = {"n": 0}
+
+    async def script(call: StepCall) -> str:
+        call.tokens("x", tokens, clock_s=clock_s)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TransientError("try again")
+        return "done"
+
+    return script
+

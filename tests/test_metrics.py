@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 import ray
 from conftest import eventually, make_pool
+from fake_actors import fails_once
 from prometheus_client.parser import text_string_to_metric_families
 from test_supervisor_unit import fakes, result, run, submit  # noqa: F401  (fakes: the fixture)
 
-from threadbound.agents.errors import TransientError
 from threadbound.runtime import Task
 from threadbound.runtime.errors import ConfigError
 from threadbound.runtime.metrics import METRICS, PoolMetrics, View
@@ -70,16 +70,7 @@ def test_tokens_per_second_is_the_rate_over_the_window():
 
 def test_steps_retries_tokens_and_first_token_are_counted_as_they_happen(fakes):  # noqa: F811
     # Given: role a streams 3 tokens then fails once with a transient error, then succeeds
-    calls = {"n": 0}
-
-    async def flaky(call):
-        call.tokens("x", 3, clock_s=0.25)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise TransientError("try again")
-        return "done"
-
-    fakes.script("a", flaky)
+    fakes.script("a", fails_once(tokens=3))
 
     async def body(sup):
         # When: one task of roles a then b runs to its end

@@ -6,9 +6,9 @@ import json
 import os
 import stat
 
+from fake_actors import fails_once
 from test_supervisor_unit import fakes, result, run, submit  # noqa: F401  (fakes: the fixture)
 
-from threadbound.agents.errors import TransientError
 from threadbound.runtime.structured_log import log_path
 
 
@@ -19,16 +19,7 @@ def lines(path: str) -> list[dict]:
 
 def test_every_event_but_tokens_is_a_json_line_naming_task_role_actor_level_kind_and_attempt(
         fakes, tmp_path):  # noqa: F811
-    calls = {"n": 0}
-
-    async def flaky(call):
-        call.tokens("x", 3)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise TransientError("try again")
-        return "done"
-
-    fakes.script("a", flaky)
+    fakes.script("a", fails_once(tokens=3))
     seen = {}
 
     async def body(sup):
