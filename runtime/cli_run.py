@@ -68,6 +68,8 @@ def base_config(args: argparse.Namespace) -> RuntimeConfig:
         changes["streaming"] = False
     if getattr(args, "keep_workspace", False):
         changes["workspace"] = {**cfg.workspace.model_dump(), "keep_copies": True}
+    if getattr(args, "verbose", False):  # the events as short lines too, shown with Ray's own
+        changes["log"] = {**cfg.log.model_dump(), "stderr": True}
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -342,6 +342,8 @@ class LogConfig(_Section):
     max_mb: float = Field(default=50.0, gt=0, description="rotate past this size")
     backups: int = Field(default=3, ge=0, description="rotated files kept")
     tokens: bool = Field(default=False, description="log token events too (they are most of a log)")
+    stderr: bool = Field(default=False, description="also one short line per event on the supervisor's "
+                         "stderr (threadbound run -v turns it on and shows it)")
 
 
 BUILTIN_TRIO = ("coder", "tester", "reviewer")

@@ -7,9 +7,9 @@ operator filters on: ``ts`` (ISO 8601, UTC), ``pool``, ``task``, ``role``, ``act
 and the event's fields (long strings cut). Token events are left out unless
 ``log.tokens`` (they are most of a log and all of them are in the task's event log).
 
-The same events go, one short human-readable line each, to the ``threadbound.events``
-logger on the supervisor's stderr, which ``threadbound run -v`` shows (Ray forwards
-its workers' output to the terminal then).
+With ``log.stderr`` (``threadbound run -v`` sets it) the same events also go, one short
+line each, to the ``threadbound.events`` logger on the supervisor's stderr, which Ray
+forwards to the terminal then; off by default, it costs the event path nothing.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class StructuredLog(Hook):
             encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._file.addHandler(handler)
-        if not human.handlers:
+        self.stderr = cfg.log.stderr
+        if self.stderr and not human.handlers:
             out = logging.StreamHandler(sys.stderr)
             out.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             human.addHandler(out)
@@ -94,7 +95,7 @@ class StructuredLog(Hook):
             "offset": offset, "data": _cut(data),
         }
         self._file.info(json.dumps(line, default=repr))
-        if human.isEnabledFor(logging.INFO):
+        if self.stderr:
             where = f"{task.id}/{agent}" if agent else task.id
             brief = data.get("error") or data.get("reason") or data.get("mode") or ""
             human.info("%s %s%s", where, kind, f": {str(brief)[:200]}" if brief else "")
