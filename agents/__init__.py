@@ -3,7 +3,7 @@
 Public names::
 
     # The contract
-    Agent, StepContext
+    Agent, StepContext, Interrupt
     # Models
     Model, SimulatedModel, SimulatedModelConfig, build_model
     # Errors an agent may raise
@@ -11,7 +11,7 @@ Public names::
     BudgetExhausted
 """
 
-from .base import Agent, StepContext
+from .base import Agent, Interrupt, StepContext
 from .errors import (
     AgentError, BudgetExhausted, ModelError, RateLimitError, ThreadboundError, TransientError,
     TransientModelError,
@@ -20,7 +20,7 @@ from .models import Model, SimulatedModel, SimulatedModelConfig, build_model
 
 __all__ = [
     # The contract
-    "Agent", "StepContext",
+    "Agent", "StepContext", "Interrupt",
     # Models
     "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
     # Errors

@@ -19,6 +19,18 @@ from .models.base import Model, count_tokens
 from .events import RESERVED_KINDS  # noqa: E402,F401  (the runtime's kinds; refused in emit)
 
 
+class Interrupt(BaseException):
+    """Raised by :meth:`StepContext.interrupt` to end a step that waits for a person.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so an agent's ``except Exception``
+    does not swallow it by accident; let it propagate."""
+
+    def __init__(self, payload: Any, index: int) -> None:
+        super().__init__(f"waiting for input #{index}")
+        self.payload = payload
+        self.index = index
+
+
 @dataclass
 class StepContext:
     """Everything one step of one agent may see, plus the ways it talks back.
@@ -48,6 +60,9 @@ class StepContext:
         tokens_left: what is left of the task's cost budget, in tokens at this step's
             level (None: no budget). ``ask`` caps each answer to it and raises
             :class:`BudgetExhausted` when nothing is left.
+        inbox: messages sent to the task (``handle.send``) since this role's previous
+            committed step, oldest first ([] if none). A step that fails and runs
+            again sees them again; a committed step's messages are not shown twice.
         sandbox: how the pool isolates commands an agent runs on the workspace
             (a ``threadbound.agents.sandbox.SandboxSettings``; None: the defaults,
             ``isolation: required``). Pass it to ``sandbox.run``.
@@ -71,9 +86,39 @@ class StepContext:
     model_options: dict[str, Any] = field(default_factory=dict)
     tokens_used: int = 0
     tokens_left: int | None = None
+    inbox: list[Any] = field(default_factory=list)
     sandbox: Any = None
     sink: Any = field(default_factory=list, repr=False)
+    answers: list[Any] = field(default_factory=list, repr=False)  # the answers to this step's interrupts so far
     _round_requests: list[str] = field(default_factory=list, repr=False)
+    _asked: int = field(default=0, repr=False)
+
+    def interrupt(self, payload: Any = None) -> Any:
+        """Ask a person and wait for the answer; returns it.
+
+        The first time, the step ends here: the task's status becomes ``waiting`` with
+        an ``input_requested`` event carrying ``payload`` (plain data: a question, a
+        diff to approve...), and its agent actors are released while it waits. When
+        the answer arrives (``handle.respond``, ``threadbound respond``), **the step
+        runs again from its beginning** -- same round, attempt and ``idempotency_key``,
+        the agent's last committed state -- and this call returns the answer instead
+        of stopping. So the code before an interrupt runs twice: make its side effects
+        idempotent (``ctx.idempotency_key`` is the same both times), or move them after
+        the interrupt. A step may interrupt several times; each call is matched to its
+        answer by its order within the step.
+
+        Do not catch :class:`Interrupt`: it is how the step stops.
+
+        Examples:
+            >>> ctx = StepContext(task_id="t1", role="coder", goal="g", answers=["yes"])
+            >>> ctx.interrupt({"question": "ship it?"})
+            'yes'
+        """
+        index = self._asked
+        self._asked += 1
+        if index < len(self.answers):
+            return self.answers[index]
+        raise Interrupt(payload, index)
 
     def emit(self, kind: str, data: Any = None) -> None:
         """Write a custom event to the task's stream (e.g. tool output).

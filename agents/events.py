@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 PENDING = "pending"
 ADMITTED = "admitted"
 RUNNING = "running"
+WAITING = "waiting"                # for a person's input (``ctx.interrupt``, ``--approve``); holds no actor
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
 TIMED_OUT = "timed_out"
-STATUSES = (PENDING, ADMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)
+STATUSES = (PENDING, ADMITTED, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
 
 # -- rounds and steps -------------------------------------------------------------------
@@ -38,6 +39,11 @@ TOKENS = "tokens"
 MESSAGE = "message"                # a non-streaming step's whole text, or held tokens
 APPLIED = "applied"                # the approved change written back to the user's directory
 
+# -- a person in the loop ----------------------------------------------------------------
+INPUT_REQUESTED = "input_requested"    # request (its number), payload; agent: who asked (None: the approval)
+INPUT_RECEIVED = "input_received"      # request, value: the answer, which a re-run of the step receives
+MESSAGE_RECEIVED = "message_received"  # n, message: input sent to the task (``handle.send``), for ``ctx.inbox``
+
 # -- the pool ---------------------------------------------------------------------------
 LEVEL = "level"
 HEALTH = "health"
@@ -52,7 +58,7 @@ STEP_ENDS = frozenset({STEP_FINISHED, STEP_FAILED, STEP_TIMED_OUT, AGENT_CRASHED
 # Kinds only the runtime writes; an agent's ``ctx.emit`` of one is refused.
 RESERVED_KINDS = frozenset(STATUSES) | STEP_ENDS | frozenset({
     ROUND_STARTED, STEP_STARTED, RETRYING, TOKENS, MESSAGE, APPLIED, LEVEL, HEALTH, RESUMED,
-    "waiting", "input_requested", "input_received", "message_received",  # a person in the loop
+    INPUT_REQUESTED, INPUT_RECEIVED, MESSAGE_RECEIVED,
 })
 
 # -- events -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Public names::
     RuntimeConfig
     # Errors
     ThreadboundError, ConfigError, InvalidTask, UnknownRole, AgentNotLoadable,
-    TaskNotFound, PoolClosed, ResultTimeout, TaskError, TaskFailed, TaskTimedOut, TaskCancelled
+    TaskNotFound, PoolClosed, ResultTimeout, TaskError, TaskFailed, TaskTimedOut, TaskCancelled,
+    InputNotExpected, InvalidInput
 """
 
 from typing import TYPE_CHECKING
@@ -21,14 +22,14 @@ _WHERE = {
     "RuntimeConfig": "config", "AgentPool": "pool", "TaskHandle": "pool",
     "Event": "task", "Task": "task", "TaskResult": "task", "TaskSummary": "task",
     **{name: "errors" for name in (
-        "AgentNotLoadable", "ConfigError", "InvalidTask", "PoolClosed", "ResultTimeout", "TaskCancelled",
+        "AgentNotLoadable", "ConfigError", "InputNotExpected", "InvalidInput", "InvalidTask", "PoolClosed", "ResultTimeout", "TaskCancelled",
         "TaskError", "TaskFailed", "TaskNotFound", "TaskTimedOut", "ThreadboundError", "UnknownRole")},
 }
 
 if TYPE_CHECKING:
     from .config import RuntimeConfig
     from .errors import (
-        AgentNotLoadable, ConfigError, InvalidTask, PoolClosed, ResultTimeout, TaskCancelled,
+        AgentNotLoadable, ConfigError, InputNotExpected, InvalidInput, InvalidTask, PoolClosed, ResultTimeout, TaskCancelled,
         TaskError, TaskFailed, TaskNotFound, TaskTimedOut, ThreadboundError, UnknownRole,
     )
     from .pool import AgentPool, TaskHandle
@@ -46,5 +47,5 @@ __all__ = [
     # Errors
     "ThreadboundError", "ConfigError", "InvalidTask", "UnknownRole", "AgentNotLoadable",
     "TaskNotFound", "PoolClosed", "ResultTimeout", "TaskError", "TaskFailed", "TaskTimedOut",
-    "TaskCancelled",
+    "TaskCancelled", "InputNotExpected", "InvalidInput",
 ]

@@ -24,9 +24,9 @@ from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT
 from .admission import SlotLost
 from .hooks import Outcome, StepInfo
 from .retry import backoff_s
-from .slot import ERROR, RESULT, StepRequest
+from .slot import ERROR, INTERRUPT, RESULT, StepRequest
 from .task import FAILED, TIMED_OUT, ancestors
-from .task_state import TaskEnds, TaskState, apply_commit
+from .task_state import TaskEnds, TaskState, TaskWaits, apply_commit
 
 if TYPE_CHECKING:
     from .slots import Slot
@@ -68,8 +68,10 @@ def plain(value: Any, depth: int = 0) -> bool:
 class StepAttempt:
     """One attempt of one step: request -> stream -> outcome; see the module docstring."""
 
-    def __init__(self, core: Core, ts: TaskState, info: StepInfo, slot: "Slot", outputs: dict[str, Any]) -> None:
+    def __init__(self, core: Core, ts: TaskState, info: StepInfo, slot: "Slot", outputs: dict[str, Any],
+                 inbox: tuple[int, int] = (0, 0)) -> None:
         self.core, self.ts, self.info, self.slot, self.outputs = core, ts, info, slot, outputs
+        self.inbox = inbox  # the messages this step sees: ts.inbox[from:to]
         self.partial: list[str] = []
         self.streamed = 0  # tokens received, for the cost of a step that ends without a result
         self.held: list[str] = []  # tokens of a streaming step the pool stopped streaming
@@ -90,6 +92,7 @@ class StepAttempt:
             token_interval_s=core.cfg.token_interval_ms / 1000.0,
             state=ts.states.get(role), has_state=role in ts.states,
             tokens_left=core.budget.tokens_left(ts, info.level), sandbox=core.sandbox,
+            answers=list(ts.answers.get(role, ())), inbox=ts.inbox[self.inbox[0]:self.inbox[1]],
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -130,6 +133,9 @@ class StepAttempt:
                     if kind == ERROR:
                         heard_end = True
                         return self._failed(data)
+                    if kind == INTERRUPT:
+                        heard_end = True
+                        return Outcome("interrupt", data, elapsed_s=data.get("elapsed_s") or 0.0)
                     if kind == ev.TOKENS:
                         if info.first_token is None:
                             info.first_token = core.clock()
@@ -195,9 +201,10 @@ def step_outputs(ts: TaskState, role: str) -> dict[str, Any]:
 
 async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
     """Run ``role``'s step of round ``rnd`` until it commits; :class:`TaskEnds` when the
-    retry policy gives up. A step interrupted by a crash restarts under its own attempt
-    number, so its idempotency key is the same and an idempotent side effect is not
-    repeated."""
+    retry policy gives up, :class:`TaskWaits` when the step asked a person
+    (``ctx.interrupt``). A step interrupted by a crash, or by its own question, runs
+    again under its own attempt number, so its idempotency key is the same and an
+    idempotent side effect is not repeated."""
     attempt = ts.inflight.get(role, 1) - 1
     while True:
         attempt += 1
@@ -205,6 +212,7 @@ async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
         level = 1 if degraded else core.budget.fit(ts, role, core.emit)
         info = StepInfo(task_id=ts.id, role=role, round=rnd, attempt=attempt, level=level,
                         streaming=streaming, degraded=degraded)
+        inbox = (ts.inbox_seen.get(role, 0), len(ts.inbox))  # the messages this attempt sees
         try:
             slot = await core.bind(ts, role)
         except SlotLost as lost:  # counts as a crash of this attempt: retried by policy
@@ -214,18 +222,24 @@ async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
             out = Outcome("crash", {"why": f"crashed ({lost})"}, signal=ACTOR_DEATH)
         else:
             info.slot = slot.name
-            out = await StepAttempt(core, ts, info, slot, step_outputs(ts, role)).run()
+            out = await StepAttempt(core, ts, info, slot, step_outputs(ts, role), inbox).run()
         policy = core.cfg.retry.for_class(out.kind)
         out.retryable = out.kind in core.cfg.retry.retry_on
         out.exhausted = not out.ok and (not out.retryable or attempt >= policy.max_attempts)
         await core.hooks.after_step(ts, info, out)
+        if out.kind == "interrupt":  # it asked a person: it runs again, same attempt, once answered
+            payload = out.data.get("payload")
+            core.emit(ts, ev.INPUT_REQUESTED, role, request=ts.asked + 1, round=rnd, attempt=attempt,
+                      index=out.data.get("index", 0), payload=payload if plain(payload) else repr(payload)[:2000],
+                      **core.budget.cost(out.data.get("tokens"), level))
+            raise TaskWaits(role)
         if out.ok:
             output, requests = out.data["output"], list(out.data["round_requests"])
             core.hooks.on_commit(ts, role, output, out.data["state"], requests)
             apply_commit(ts, role, output, out.data["state"], requests)
             core.emit(ts, ev.STEP_FINISHED, role, round=rnd, attempt=attempt, elapsed_s=out.data.get("elapsed_s"),
                       output=output if plain(output) else repr(output)[:2000], round_requests=requests,
-                      **core.budget.cost(out.data.get("tokens"), level))
+                      inbox_upto=inbox[1], **core.budget.cost(out.data.get("tokens"), level))
             await core.barrier()  # committed = durable
             return
         if out.exhausted:

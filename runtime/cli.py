@@ -13,6 +13,7 @@
     threadbound doctor                                # which sandbox layers work here, proved by probes
     threadbound alerts --config runtime.yaml > alerts.yml   # Prometheus alert rules from its thresholds
     threadbound serve                                 # the HTTP gateway: REST, SSE, WebSocket, a web page
+    threadbound approve TASK --address auto           # a person's part: approve, reject, respond, send
 
 ``run`` and ``resume`` live in ``cli_run`` (input checks before Ray, following, Ctrl-C),
 their terminal rendering in ``cli_render``. Exit codes: 0 the task succeeded, 1 it did
@@ -31,6 +32,8 @@ from typing import Any
 from threadbound.agents.errors import ThreadboundError
 
 from .cli_run import DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, cmd_resume, cmd_run, log_file
+from .cli_input import EXAMPLES as _INPUT_EXAMPLES
+from .cli_input import add_parsers as _add_input
 from .cli_serve import EXAMPLES as _SERVE_EXAMPLES
 from .cli_serve import add_parser as _add_serve
 from .cli_top import cmd_top
@@ -232,6 +235,7 @@ waited for on screen)""",
   threadbound doctor
   threadbound doctor --config configs/runtime.yaml""",
     "serve": _SERVE_EXAMPLES,
+    **_INPUT_EXAMPLES,
     "alerts": """examples:
   threadbound alerts > alerts.yml                              # the defaults (+ THREADBOUND_* env)
   threadbound alerts --config configs/runtime.yaml > alerts.yml
@@ -301,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--test-command", help="how the tester runs the tests, e.g. 'python -m pytest -x' "
                                             "(default: python -m pytest -q); it runs in the sandbox")
     run.add_argument("--apply", action="store_true", help="write the approved change back to the workspace")
+    run.add_argument("--approve", action="store_true",
+                     help="ask a person before the task succeeds: it waits with the diff; approve (applies it with "
+                          "--apply), reject, or give feedback for another round, here or with `threadbound approve`")
     run.add_argument("--sequential", action="store_true",
                      help="run the agents one after another in list order (default: the coder, then the "
                           "tester and the reviewer at the same time)")
@@ -365,6 +372,7 @@ def parser() -> argparse.ArgumentParser:
     conf.set_defaults(func=cmd_config)
 
     _add_serve(command, ray_flags, _positive)
+    _add_input(command, ray_flags)
     return p
 
 

@@ -57,6 +57,23 @@ def sentence(ev: Event) -> str | None:
     if kind == "applied":
         return (f"applied to your workspace: {', '.join(d.get('applied') or []) or 'nothing'}"
                 + ("; NOT applied: " + "; ".join(map(str, d["refused"]))[:300] if d.get("refused") else ""))
+    if kind == events.INPUT_REQUESTED:
+        payload = d.get("payload")
+        if isinstance(payload, dict) and payload.get("kind") == "approval":
+            files = ", ".join(payload.get("files") or []) or "no file"
+            return (f"asks a person (#{d.get('request')}): approve this change to {files}? "
+                    f"threadbound approve {ev.task_id} | reject {ev.task_id} --reason ... | "
+                    f"respond {ev.task_id} --text 'feedback for another round'")
+        shown = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+        return f"asks a person (#{d.get('request')}): {shown[:300]}  (answer: threadbound respond {ev.task_id} JSON)"
+    if kind == events.INPUT_RECEIVED:
+        return f"answered (#{d.get('request')}): {json.dumps(d.get('value'), default=str)[:200]}"
+    if kind == events.MESSAGE_RECEIVED:
+        return f"message {d.get('n')}: {json.dumps(d.get('message'), default=str)[:200]}"
+    if kind == events.WAITING:
+        which = ", ".join(f"#{r}" for r in d.get("requests") or [])
+        return (f"waiting for a person ({which}); its agent actors are free meanwhile; it gives up after "
+                f"{d.get('wait_timeout_s', 0):g}s (wait_timeout_s)")
     if kind == "health":
         reasons = "; ".join(d.get("reasons", []))
         return f"the pool is {d.get('mode')}" + (f" ({reasons})" if reasons else "") + (
@@ -196,7 +213,7 @@ class Live:
             self._line(f"   ! {agent}: {ev.kind.replace('_', ' ')}: {detail[:300]}")
         elif ev.kind == "retrying":
             self._line(f"   ↻ {agent}: retrying in {d.get('delay_s', 0):.1f}s (attempt {d.get('attempt', '?')})")
-        elif ev.kind in ("pending", "admitted", "running", "round_started", "waiting"):
+        elif ev.kind in ("pending", "admitted", "running", "round_started"):
             pass
         elif ev.terminal:
             self.running.clear()

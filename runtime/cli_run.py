@@ -32,7 +32,7 @@ INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 _FLAGS = {
     "goal": "--goal", "workspace": "WORKSPACE", "agents": "--agents", "max_rounds": "--max-rounds",
     "level": "--level", "cost_budget": "--budget", "inputs.test_command": "--test-command",
-    "inputs.apply": "--apply",
+    "inputs.apply": "--apply", "inputs.approve": "--approve",
 }
 
 
@@ -161,6 +161,8 @@ def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
         what = "does not exist" if not os.path.exists(args.workspace) else "is not a directory"
         raise BadInput("WORKSPACE", f"{args.workspace!r} {what}; name the directory of the code to work on")
     inputs: dict[str, Any] = {"apply": bool(args.apply)}
+    if getattr(args, "approve", False):
+        inputs["approve"] = True
     if args.test_command is not None:
         try:
             command = shlex.split(args.test_command)
@@ -252,10 +254,13 @@ def no_interrupts(message: str) -> Iterator[None]:
 
 def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event | None:
     """Print one task's events from the start (appending each to ``seen``); returns its
-    final event."""
+    final event. When the task asks a person and one sits at this terminal (stdin is a
+    terminal, not --json), the question is asked here."""
+    from .cli_input import answer_in_terminal
     from .cli_render import Live
 
     seen = [] if seen is None else seen
+    answering = not as_json and sys.stdin is not None and sys.stdin.isatty()
     if as_json:
         for ev in handle.stream():
             print(json.dumps(ev.to_dict(), default=str), flush=True)
@@ -266,6 +271,9 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
         for ev in handle.stream():
             seen.append(ev)
             live(ev)
+            if answering and ev.kind == "input_requested" and not any(
+                    e.kind == "input_received" and e.data.get("request") == ev.data.get("request") for e in seen):
+                answer_in_terminal(handle, ev)
     finally:
         live.stop()
     return live.final

@@ -364,7 +364,8 @@ class RuntimeConfig(_Section):
     recycle_after: int = Field(default=100, ge=1)
     prewarm: bool = False
     step_timeout_s: Seconds = 30.0
-    task_timeout_s: Seconds = 600.0
+    task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
+    wait_timeout_s: Seconds = 86400.0  # how long a task may wait for a person's input (then: timed_out)
     max_rounds: int = Field(default=3, ge=1)
     default_agents: tuple[str, ...] = ("coder", "tester", "reviewer")
     # A task with default_agents and no `after` of its own gets this graph; null: for the
@@ -510,6 +511,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_MAX_AGENTS_PER_TASK": ("max_agents_per_task",),
     "THREADBOUND_STEP_TIMEOUT_S": ("step_timeout_s",),
     "THREADBOUND_TASK_TIMEOUT_S": ("task_timeout_s",),
+    "THREADBOUND_WAIT_TIMEOUT_S": ("wait_timeout_s",),
     "THREADBOUND_SNAPSHOT_DIR": ("snapshot_dir",),
     "THREADBOUND_SNAPSHOT_INTERVAL_S": ("snapshot_interval_s",),
     "THREADBOUND_SNAPSHOT_KEY_FILE": ("snapshots", "key_file"),

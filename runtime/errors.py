@@ -62,6 +62,22 @@ class PoolClosed(ThreadboundError, RuntimeError):
     """The pool (its supervisor) has shut down or is shutting down."""
 
 
+class InputNotExpected(ThreadboundError, RuntimeError):
+    """A response or message the task cannot take: it is not waiting for input, the
+    request was already answered (the first response wins), or it has ended.
+    ``request`` names the request it was for, when there was one."""
+
+    request: int | None = None
+
+
+class InvalidInput(ThreadboundError, ValueError):
+    """A response or message that is not what the task can take; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str, **fields: Any) -> None:
+        super().__init__(f"invalid {field}: {problem}", **fields)
+        self.field = field
+
+
 class ResultTimeout(ThreadboundError, TimeoutError):
     """Waiting for a task's result took longer than the caller allowed.
 
@@ -91,6 +107,6 @@ class TaskCancelled(TaskError):
 
 __all__ = [
     "ThreadboundError", "ConfigError", "InvalidTask", "UnknownRole", "AgentNotLoadable",
-    "TaskNotFound", "PoolClosed", "ResultTimeout", "TaskError", "TaskFailed",
+    "TaskNotFound", "PoolClosed", "InputNotExpected", "InvalidInput", "ResultTimeout", "TaskError", "TaskFailed",
     "TaskTimedOut", "TaskCancelled", "AgentError", "TransientError",
 ]

@@ -53,8 +53,9 @@ class StepInfo:
 class Outcome:
     """How a step attempt ended.
 
-    ``kind``: ``ok``, or the retry policy's class of the failure (``error``,
-    ``rate_limit``, ``transient``, ``timeout``, ``crash``). ``signal``: what else the
+    ``kind``: ``ok``; ``interrupt`` (the step asked a person and stopped: it runs
+    again once answered; counts as ok); or the retry policy's class of the failure
+    (``error``, ``rate_limit``, ``transient``, ``timeout``, ``crash``). ``signal``: what else the
     health monitor hears of it (``timeout``, ``actor_death``, ``stream_failure``).
     ``exhausted``: a failure after which no attempt follows; ``retryable``: its class
     is one the retry policy retries (so ``exhausted`` and ``retryable``: retries ran out).
@@ -69,7 +70,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.kind == "ok"
+        return self.kind in ("ok", "interrupt")
 
 
 class Hook:

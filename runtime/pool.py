@@ -113,9 +113,9 @@ def _crashed_config(location: str, key_file: str | None) -> RuntimeConfig:
 class TaskHandle:
     """A submitted task: stream its events, wait for its result, cancel it.
 
-    ``stream``, ``result`` and ``cancel`` have asyncio twins (``astream``, ``aresult``,
-    ``acancel``); the sync methods run the same coroutines on this process's client
-    loop. A supervisor restart is ridden out: a stream continues at the offset after
+    ``stream``, ``result``, ``cancel``, ``respond`` and ``send`` have asyncio twins
+    (``astream``, ``aresult``, ``acancel``, ``arespond``, ``asend``); the sync methods
+    run the same coroutines on this process's client loop. A supervisor restart is ridden out: a stream continues at the offset after
     the last event it yielded.
 
     ``created`` is False when ``submit`` returned a task its idempotency key had
@@ -203,6 +203,49 @@ class TaskHandle:
                                 "it is still running: wait again or cancel it",
                                 task_id=self.task_id, limit=timeout)
         return _result(d)
+
+    # -- a person in the loop ---------------------------------------------------------
+
+    def respond(self, value: Any, request: int | None = None) -> int:
+        """Answer the task's question (an agent's ``ctx.interrupt``, or the approval of
+        a task submitted with ``inputs={"approve": True}``); returns the offset of the
+        ``input_received`` event. The step that asked runs again from its beginning and
+        its ``ctx.interrupt`` returns ``value`` (plain data).
+
+        ``request`` names the request (its number, from the ``input_requested`` event)
+        when several are open. Raises :class:`InputNotExpected` when the task is not
+        waiting for input or the request was already answered (the first answer wins).
+
+        Examples:
+            >>> for event in handle.stream():                               # doctest: +SKIP
+            ...     if event.kind == "input_requested":
+            ...         handle.respond({"use_cache": True})
+        """
+        return _sync(self.arespond(value, request))
+
+    async def arespond(self, value: Any, request: int | None = None) -> int:
+        """``respond`` for asyncio."""
+        return await self._client.call("respond", self.task_id, value, request, retry=False)
+
+    def approve(self, request: int | None = None) -> int:
+        """Approve the change the task asks about (``inputs={"approve": True}``): it is
+        applied (with ``inputs.apply``) and the task succeeds."""
+        return self.respond({"approve": True}, request)
+
+    def reject(self, reason: str = "", request: int | None = None) -> int:
+        """Reject the change the task asks about: the task ends ``failed`` with ``reason``."""
+        return self.respond({"approve": False, "reason": reason}, request)
+
+    def send(self, message: Any) -> int:
+        """Send input to the running task: appended to its inbox (a ``message_received``
+        event, durable and in order); every later step of its agents sees the messages
+        that arrived since that role's previous step in ``ctx.inbox``. Returns the
+        event's offset. Raises :class:`InputNotExpected` if the task has ended."""
+        return _sync(self.asend(message))
+
+    async def asend(self, message: Any) -> int:
+        """``send`` for asyncio."""
+        return await self._client.call("send", self.task_id, message, retry=False)
 
     def cancel(self) -> str:
         """Cancel the task (a running step's actor is killed); returns the final status."""

@@ -12,6 +12,15 @@ approved is written back to the user's workspace.
 A step that fails for good ends the task, and with it every other running step of the
 task (their actors are killed by their attempts); so does a cancel or the task's
 timeout. After a resume, a round continues with the roles not committed in it.
+
+A person in the loop: a step that calls ``ctx.interrupt`` stops and its role is parked
+until answered; the other roles go on where the graph lets them. When nothing can run
+but parked roles, the task's run ends ``waiting`` (:class:`TaskWaits`) and gives its
+actors back; an answer queues it again, and the round continues with the roles not
+committed (the answered step runs again from its beginning). With
+``inputs={"approve": True}`` a round that would succeed first asks a person to approve
+the change: approve applies it and succeeds, reject fails the task with the person's
+reason, a text answer is feedback for another round.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
 
 from .attempt import Core, run_step
 from .task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
-from .task_state import TaskEnds, TaskState
+from .task_state import TaskEnds, TaskState, TaskWaits
 
 log = logging.getLogger("threadbound.rounds")
 
@@ -35,17 +44,21 @@ class RoundsCore(Core, Protocol):
     def finish(self, ts: TaskState, status: str, **data: Any) -> None: ...
     def opted_out(self, ts: TaskState) -> str: ...
     def task_ended(self, ts: TaskState) -> None: ...
+    def task_waits(self, ts: TaskState) -> None: ...
 
 
 async def run_task(core: RoundsCore, ts: TaskState) -> None:
     """The whole run of an admitted task, from ``running`` to its final status."""
     timeout = ts.spec.task_timeout_s or core.cfg.task_timeout_s
     ts.started_at = core.clock()
-    try:
-        await asyncio.wait_for(_rounds(core, ts), timeout)
+    try:  # the time it waited for a person before does not count, the time it ran does
+        await asyncio.wait_for(_rounds(core, ts), max(0.0, timeout - ts.ran_s))
+    except TaskWaits:
+        ts.ran_s += core.clock() - ts.started_at
+        core.task_waits(ts)
     except asyncio.TimeoutError:
-        core.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=core.clock() - ts.started_at, reason="timeout",
-                    error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
+        core.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=ts.ran_s + core.clock() - ts.started_at,
+                    reason="timeout", error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
     except asyncio.CancelledError:
         reason = ts.cancel_reason or "shutdown"
         if reason == "degraded":
@@ -71,6 +84,8 @@ async def _rounds(core: RoundsCore, ts: TaskState) -> None:
         if ts.round != rnd:
             core.emit(ts, ev.ROUND_STARTED, None, round=rnd, feedback=list(ts.feedback))
         await run_round(core, ts, rnd)
+        if not ts.requests and ts.spec.inputs.get("approve"):
+            await approval(core, ts, rnd)  # waits for a person; may add feedback to ts.requests
         if not ts.requests:
             data = await _apply(core, ts)
             core.finish(ts, SUCCEEDED, **data)
@@ -86,10 +101,15 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
     the graph allows and the task's slots suffice."""
     graph = ts.graph
     width = max(1, len(ts.slots))
-    waiting = [r for r in ts.spec.agents if r not in ts.committed]
+    parked = asking(ts)  # roles whose step waits for a person's answer
+    waiting = [r for r in ts.spec.agents if r not in ts.committed and r not in parked]
     steps: dict[asyncio.Task, str] = {}
     try:
-        while waiting or steps:
+        while True:
+            answered = parked - asking(ts)
+            if answered:  # answered meanwhile: they run again (in list order, as they were)
+                parked -= answered
+                waiting = [r for r in ts.spec.agents if r in answered or r in waiting]
             for role in list(waiting):
                 if len(steps) >= width:
                     break
@@ -99,15 +119,22 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
                                                                   name=f"{role}/{ts.id}")
                     steps[step] = role
                     ts.running[role] = step
-            if not steps:  # cannot happen with a validated graph
-                raise TaskEnds(FAILED, f"roles {waiting} of task {ts.id} wait for roles that never run",
-                               reason="internal")
+            if not steps:
+                if parked:  # nothing can run until a person answers
+                    raise TaskWaits(sorted(parked))
+                if waiting:  # cannot happen with a validated graph
+                    raise TaskEnds(FAILED, f"roles {waiting} of task {ts.id} wait for roles that never run",
+                                   reason="internal")
+                return
             done, _ = await asyncio.wait(steps, return_when=asyncio.FIRST_COMPLETED)
             failure: BaseException | None = None
             for step in done:
-                ts.running.pop(steps.pop(step), None)
+                role = steps.pop(step)
+                ts.running.pop(role, None)
                 exc = step.exception() if not step.cancelled() else asyncio.CancelledError()
-                if exc is not None and failure is None:
+                if isinstance(exc, TaskWaits):
+                    parked.add(role)
+                elif exc is not None and failure is None:
                     failure = exc
             if failure is not None:
                 raise failure
@@ -117,6 +144,73 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
         if steps:
             await asyncio.gather(*steps, return_exceptions=True)
         ts.running.clear()
+
+
+def asking(ts: TaskState) -> set[str]:
+    """The roles whose step asked a person and has no answer yet."""
+    return {a["role"] for a in ts.asks.values() if a["role"]}
+
+
+# -- approval before apply ----------------------------------------------------------------
+
+APPROVAL_KEY = ""  # the approval's answers, in ts.answers (no role asks it: the runtime does)
+_YES = frozenset({"approve", "approved", "yes", "y"})
+_NO = frozenset({"reject", "rejected", "no", "n"})
+
+
+def decision(value: Any) -> tuple[str, str] | None:
+    """What an answer to an approval says: ``("approve", "")``, ``("reject", reason)`` or
+    ``("feedback", text)``; None if it says none of these.
+
+    ``True``, ``"approve"``, ``{"approve": true}``: approve. ``False``, ``"reject"``,
+    ``{"approve": false, "reason": "..."}``: reject. Any other text, or
+    ``{"feedback": "..."}``: another round with that feedback."""
+    if isinstance(value, bool):
+        return ("approve", "") if value else ("reject", "")
+    if isinstance(value, str) and value.strip():
+        word = value.strip().lower()
+        if word in _YES:
+            return "approve", ""
+        if word in _NO:
+            return "reject", ""
+        return "feedback", value.strip()
+    if isinstance(value, dict):
+        reason = value.get("reason", "")
+        if not isinstance(reason, str):
+            return None
+        if set(value) <= {"approve", "reason"} and isinstance(value.get("approve"), bool):
+            return ("approve", reason) if value["approve"] else ("reject", reason)
+        if set(value) == {"feedback"} and isinstance(value["feedback"], str) and value["feedback"].strip():
+            return "feedback", value["feedback"].strip()
+    return None
+
+
+def approval_payload(ts: TaskState) -> dict[str, Any]:
+    """What a person sees when asked to approve: the diff, the files, what is refused."""
+    files, refused = proposed_change(ts)
+    diffs = [out["diff"] for role in ts.spec.agents
+             if isinstance(out := ts.outputs.get(role), dict) and isinstance(out.get("diff"), str) and out["diff"]]
+    return {"kind": "approval", "question": "approve this change?", "diff": "\n".join(diffs)[:200_000],
+            "files": sorted(files), "refused": refused, "apply": bool(ts.spec.inputs.get("apply")),
+            "round": ts.round, "answers": "approve | reject (with a reason) | a text: feedback for another round"}
+
+
+async def approval(core: Core, ts: TaskState, rnd: int) -> None:
+    """A round that would succeed asks a person first: returns on approval, adds the
+    person's text to ``ts.requests`` (another round), or ends the task on a reject."""
+    answers = ts.answers.get(APPROVAL_KEY)
+    if not answers:
+        if not any(a["role"] is None for a in ts.asks.values()):
+            core.emit(ts, ev.INPUT_REQUESTED, None, request=ts.asked + 1, round=rnd, index=0,
+                      payload=approval_payload(ts))
+        raise TaskWaits([])
+    said = decision(answers[0]) or ("reject", f"an answer that says neither approve, reject nor feedback: "
+                                              f"{answers[0]!r:.200}")
+    if said[0] == "reject":
+        raise TaskEnds(FAILED, f"task {ts.id}: the change was rejected: {said[1] or 'no reason given'}",
+                       reason="rejected")
+    if said[0] == "feedback":
+        ts.requests = ts.requests + [f"A person asked for changes: {said[1]}"]
 
 
 def proposed_change(ts: TaskState) -> tuple[dict[str, str | None], list[str]]:

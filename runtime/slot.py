@@ -22,12 +22,13 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from threadbound.agents.base import Agent, StepContext
+from threadbound.agents.base import Agent, Interrupt, StepContext
 from threadbound.agents.errors import RateLimitError, TransientError
 from threadbound.agents.models import build_model
 
 RESULT = "__result__"
 ERROR = "__error__"
+INTERRUPT = "__interrupt__"  # the step stopped at ctx.interrupt: it waits for a person
 
 
 @dataclass
@@ -57,6 +58,8 @@ class StepRequest:
     tokens_left: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     sandbox: Any = None  # SandboxSettings: how the pool isolates commands the agent runs
+    answers: list[Any] = field(default_factory=list)  # answers to this step's interrupts so far
+    inbox: list[Any] = field(default_factory=list)  # messages since the role's last committed step
 
 
 class _TokenBatcher:
@@ -130,6 +133,8 @@ def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any])
         else:
             outcome["output"] = result
         outcome["state"] = agent.get_state()
+    except Interrupt as stop:  # not a failure: the step waits for a person
+        outcome["interrupt"] = stop
     except BaseException as exc:  # the agent's failure becomes data, never a lost stream
         outcome["error"] = exc
         outcome["traceback"] = traceback.format_exc(limit=20)
@@ -205,7 +210,7 @@ class SlotWorker:
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
                 model_options=dict(req.model_options), tokens_left=req.tokens_left,
-                sandbox=req.sandbox, sink=sink,
+                sandbox=req.sandbox, sink=sink, answers=list(req.answers), inbox=list(req.inbox),
             )
         except BaseException as exc:
             yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
@@ -239,7 +244,11 @@ class SlotWorker:
             if done:
                 if collected:
                     out.append(("message", {"text": "".join(collected)}))
-                if "error" in outcome:
+                if "interrupt" in outcome:
+                    stop = outcome["interrupt"]
+                    out.append((INTERRUPT, {"payload": stop.payload, "index": stop.index,
+                                            "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used}))
+                elif "error" in outcome:
                     out.append((ERROR, {**_error_data(outcome["error"], outcome["traceback"], started),
                                         "tokens": ctx.tokens_used}))
                 else:

@@ -15,6 +15,7 @@ Durability, health and metrics attach as hooks (``hooks``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -30,16 +31,17 @@ from .admission import Admission
 from .budget import Budget
 from .config import RuntimeConfig
 from .durability import Durability, DurabilityHook, open_location
-from .errors import ConfigError, InvalidTask, PoolClosed, TaskNotFound, UnknownRole
+from .attempt import plain
+from .errors import ConfigError, InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound, UnknownRole
 from .health import NORMAL, PAUSED, HealthHook, HealthMonitor, Transition
 from .hooks import Hook, Hooks
 from .metrics import MetricsHook, MetricsServer, PoolMetrics, View
 from .policy import check as check_policy
-from .rounds import run_task
+from .rounds import decision, run_task
 from .sandboxing import sandbox_settings
 from .slots import Slot, SlotTable
 from .structured_log import StructuredLog
-from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, Task, TaskSummary
+from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, TIMED_OUT, WAITING, Task, TaskSummary
 from .task_state import TaskEnds, TaskState, digest, export_tasks, replay, tasks_from_snapshot, track
 
 log = logging.getLogger("threadbound.supervisor")
@@ -47,6 +49,7 @@ log = logging.getLogger("threadbound.supervisor")
 READ_BATCH = 5000  # events returned by one read() call at most
 READ_LINGER_S = 0.002  # after a wake-up, how long a read waits for the rest of a burst
 RESUME_LEASE_WAIT_S = 15.0  # how long a resuming supervisor waits for a dying one's lease
+MAX_INPUT_BYTES = 64 * 1024  # a response or a message, as JSON
 
 
 def _discard_copy(task_id: str) -> None:
@@ -56,6 +59,17 @@ def _discard_copy(task_id: str) -> None:
     except Exception:  # a copy left behind is a leak, not a reason to disturb the pool
         log.exception("could not delete the workspace copy of task %s; delete %s by hand", task_id,
                       copy_path(task_id))
+
+
+def _check_input(name: str, value: Any) -> None:
+    """A response or a message: plain data (it is an event), at most MAX_INPUT_BYTES as JSON."""
+    if not plain(value):
+        raise InvalidInput(name, f"must be plain data (text, numbers, true/false, null, lists, maps with "
+                                 f"text keys), got {type(value).__name__}")
+    size = len(json.dumps(value))
+    if size > MAX_INPUT_BYTES:
+        raise InvalidInput(name, f"is {size} bytes as JSON; at most {MAX_INPUT_BYTES} are taken (send a path "
+                                 "or a link for more)")
 
 
 class Supervisor:
@@ -118,6 +132,7 @@ class Supervisor:
         self.fatal: BaseException | None = None  # why this supervisor cannot serve
         self._started = False
         self._ticker: asyncio.Task | None = None
+        self._wait_timers: dict[str, asyncio.TimerHandle] = {}  # task id -> its wait_timeout_s
         if config.snapshots.enabled:
             try:
                 self._open_durability(resume, lease_owner)
@@ -214,6 +229,9 @@ class Supervisor:
         if self.durable is not None:
             self.durable.start(self._export)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="threadbound/tick")
+        for ts in self.tasks.values():  # waiting when the pool stopped: their wait goes on
+            if ts.status == WAITING and ts.runner is None:
+                self._arm_wait(ts)
         if self.metrics is not None:
             if self.resumed is not None:
                 self.metrics.resumed()
@@ -278,7 +296,8 @@ class Supervisor:
             self.emit(ts, ev.RESUMED, None, snapshot=loaded.seq, replayed=len(loaded.records),
                       skipped=self.resumed["skipped"], restarting=dict(ts.inflight),
                       committed=list(ts.committed))
-            self.admission.enqueue(ts)
+            if ts.status != WAITING or self._answered_since_wait(ts):
+                self.admission.enqueue(ts)  # (a waiting task stays out of the queue until answered)
 
     def _set_roles(self, blobs: dict[str, bytes]) -> dict[str, bytes]:
         changed = {}
@@ -397,6 +416,106 @@ class Supervisor:
                               "different task; use a new key for a new task")
         return ts
 
+    async def respond(self, task_id: str, value: Any, request: int | None = None) -> int:
+        """Answer the task's open input request (the only one, or ``request``); returns
+        the offset of the ``input_received`` event. The first answer wins; a late one,
+        or one to a task not waiting, raises :class:`InputNotExpected`."""
+        ts = self._get(task_id)
+        rid = self._open_request(ts, request)
+        ask = ts.asks[rid]
+        _check_input("value", value)
+        if ask["role"] is None and decision(value) is None:
+            raise InvalidInput("value", f"request #{rid} of task {ts.id} asks to approve a change; answer true "
+                               '(approve), false or {"approve": false, "reason": "..."} (reject), or a text: '
+                               f"feedback for another round; got {value!r:.80}", task_id=ts.id)
+        self.emit(ts, ev.INPUT_RECEIVED, ask["role"], request=rid, round=ask["round"], value=value)
+        offset = len(ts.events) - 1
+        if ts.status == WAITING and ts.runner is None:  # its run had stopped: queue it again
+            timer = self._wait_timers.pop(ts.id, None)
+            if timer is not None:
+                timer.cancel()
+            self.admission.enqueue(ts)
+        await self.barrier()  # answered = on disk
+        self._pump()
+        return offset
+
+    async def send(self, task_id: str, message: Any) -> int:
+        """Append ``message`` to the task's inbox (a ``message_received`` event); every
+        later step of its agents sees it in ``ctx.inbox``. Returns the event's offset."""
+        ts = self._get(task_id)
+        if ts.status in TERMINAL:
+            raise InputNotExpected(f"task {ts.id} has ended ({ts.status}); messages reach only tasks that have "
+                                   "not ended", task_id=ts.id)
+        _check_input("message", message)
+        self.emit(ts, ev.MESSAGE_RECEIVED, None, n=len(ts.inbox), message=message)
+        offset = len(ts.events) - 1
+        await self.barrier()
+        return offset
+
+    def _open_request(self, ts: TaskState, request: int | None) -> int:
+        """The request a response is for, or :class:`InputNotExpected` saying why none is."""
+        def late(rid: int) -> InputNotExpected:
+            err = InputNotExpected(
+                f"request #{rid} of task {ts.id} was already answered (input_received at offset "
+                f"{ts.answered[rid]}); the first response wins, this one was not delivered"
+                + (f" (the task has since ended: {ts.status})" if ts.status in TERMINAL else ""), task_id=ts.id)
+            err.request = rid
+            return err
+
+        if request is not None and (isinstance(request, bool) or not isinstance(request, int)):
+            raise InvalidInput("request", f"must be a request number (1, 2, ...), got {request!r:.40}",
+                               task_id=ts.id)
+        if request is not None and request in ts.answered:
+            raise late(request)
+        if request is None and not ts.asks and ts.answered:
+            raise late(max(ts.answered))
+        if ts.status in TERMINAL:
+            raise InputNotExpected(f"task {ts.id} has ended ({ts.status}); nothing waits for input", task_id=ts.id)
+        if request is not None:
+            if request not in ts.asks:
+                raise InputNotExpected(f"task {ts.id} has no request #{request} "
+                                       f"(open: {', '.join(f'#{r}' for r in sorted(ts.asks)) or 'none'})",
+                                       task_id=ts.id)
+            return request
+        if not ts.asks:
+            raise InputNotExpected(f"task {ts.id} has not asked for input (it is {ts.status}); answer it when it "
+                                   "waits (status waiting, after an input_requested event)", task_id=ts.id)
+        if len(ts.asks) > 1:
+            which = ", ".join(f"#{r} from {a['role'] or 'the approval'}" for r, a in sorted(ts.asks.items()))
+            raise InputNotExpected(f"task {ts.id} waits for {len(ts.asks)} answers ({which}); say which one "
+                                   "with request=N (threadbound respond --request N)", task_id=ts.id)
+        return next(iter(ts.asks))
+
+    def _wait_limit(self, ts: TaskState) -> float:
+        return float(ts.spec.wait_timeout_s or self.cfg.wait_timeout_s)
+
+    def _arm_wait(self, ts: TaskState) -> None:
+        """End the waiting task ``timed_out`` when its wait_timeout_s passes (wall clock:
+        the wait goes on across a restart of the supervisor)."""
+        old = self._wait_timers.pop(ts.id, None)
+        if old is not None:
+            old.cancel()
+        since = ts.waiting_since or time.time()
+        delay = max(0.0, since + self._wait_limit(ts) - time.time())
+        self._wait_timers[ts.id] = asyncio.get_running_loop().call_later(delay, self._wait_expired, ts.id)
+
+    def _wait_expired(self, task_id: str) -> None:
+        self._wait_timers.pop(task_id, None)
+        ts = self.tasks.get(task_id)
+        if ts is None or ts.status != WAITING or ts.runner is not None:
+            return
+        limit = self._wait_limit(ts)
+        which = ", ".join(f"#{r} from {a['role'] or 'the approval'}" for r, a in sorted(ts.asks.items()))
+        self.finish(ts, TIMED_OUT, reason="wait_timeout", limit_s=limit,
+                    error=f"task {ts.id} waited {limit:g}s for a person's input ({which or 'none open'}) and got "
+                          "none (wait_timeout_s); answer sooner, or give the task a longer wait_timeout_s")
+        self._retain()
+
+    @staticmethod
+    def _answered_since_wait(ts: TaskState) -> bool:
+        """A request the task began waiting for has been answered since (it should run)."""
+        return any(r not in ts.asks for r in ts.waiting_for)
+
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
         """Events from ``offset`` on (waiting up to ``wait_s`` for new ones), and the status."""
         got = await self.read_many({task_id: offset}, wait_s)
@@ -457,7 +576,7 @@ class Supervisor:
         if ts.status in TERMINAL:
             return ts.status
         ts.cancel_reason = reason
-        if ts.runner is None:
+        if ts.runner is None or ts.runner.done():  # queued, or waiting for a person
             self.finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
         else:
             ts.runner.cancel()
@@ -513,7 +632,7 @@ class Supervisor:
         if self._ticker is not None:
             self._ticker.cancel()
         for ts in list(self.tasks.values()):
-            if ts.status == PENDING:
+            if ts.status == PENDING or (ts.status == WAITING and ts.runner is None):
                 ts.cancel_reason = "shutdown"
                 self.finish(ts, CANCELLED, error="cancelled (shutdown)", reason="shutdown")
         runners = [ts.runner for ts in self.tasks.values() if ts.runner and not ts.runner.done()]
@@ -576,6 +695,9 @@ class Supervisor:
     def finish(self, ts: TaskState, status: str, **data: Any) -> None:
         if ts.status in TERMINAL:
             return
+        timer = self._wait_timers.pop(ts.id, None)
+        if timer is not None:
+            timer.cancel()
         if ts.spec.workspace:  # the final event says where the copy was and whether it is kept
             data.update(workspace_copy=str(copy_path(ts.id)), workspace_copy_kept=self.cfg.workspace.keep_copies)
         self.emit(ts, status, None, **{k: v for k, v in data.items() if v is not None})
@@ -589,7 +711,16 @@ class Supervisor:
     def task_ended(self, ts: TaskState) -> None:
         """The task's run is over (its steps have stopped): free its slots, forget old tasks."""
         self.admission.release(ts)
+        if ts.status == WAITING:
+            ts.runner = None  # an answer queues it again
         self._retain()
+
+    def task_waits(self, ts: TaskState) -> None:
+        """Nothing of the task can run until a person answers: it waits, holding no actor,
+        for up to its ``wait_timeout_s``."""
+        limit = self._wait_limit(ts)
+        self.emit(ts, WAITING, None, requests=sorted(ts.asks), ran_s=round(ts.ran_s, 3), wait_timeout_s=limit)
+        self._arm_wait(ts)
 
     def opted_out(self, ts: TaskState) -> str:
         why = "; ".join(self.health.transitions[-1].reasons) if self.health.transitions else self.health.mode
@@ -627,7 +758,7 @@ class Supervisor:
                       streaming=self.cfg.streaming and not degraded, admitting=t.new != PAUSED)
             if degraded and not ts.spec.degrade:
                 ts.cancel_reason = "degraded"
-                if ts.runner is None:
+                if ts.runner is None or ts.runner.done():
                     self.finish(ts, FAILED, error=self.opted_out(ts), reason="degraded")
                 else:
                     ts.runner.cancel()

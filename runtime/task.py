@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from threadbound.agents.events import (  # noqa: F401  (re-exported: the statuses users compare with)
-    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TIMED_OUT,
+    ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL, TIMED_OUT, WAITING,
 )
 
 from .errors import InvalidTask
@@ -36,7 +36,11 @@ class Task:
             coder, then tester and reviewer together); ``{}`` = all at once.
         inputs: extra plain data handed to every step as ``ctx.inputs``.
         priority: higher is admitted first; equal priorities keep FIFO order.
-        max_rounds, step_timeout_s, task_timeout_s: per-task overrides of the config.
+        max_rounds, step_timeout_s, task_timeout_s: per-task overrides of the config
+            (``task_timeout_s`` counts the time the task runs, not the time it waits).
+        wait_timeout_s: how long the task may wait for a person's input (an agent's
+            ``ctx.interrupt``, or the approval with ``inputs={"approve": True}``) before
+            it ends ``timed_out``; None = the config's ``wait_timeout_s``.
         level: reasoning level 1-4, or ``"auto"`` to score it from the goal and the
             workspace; None = the config's ``reasoning.level``. ``max_level`` caps it.
         cost_budget: the most the task may spend on model tokens, in the price units
@@ -67,6 +71,7 @@ class Task:
     cost_budget: float | None = None
     degrade: bool = True
     idempotency_key: str | None = None
+    wait_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.agents, str):
@@ -100,7 +105,7 @@ class Task:
             if not os.path.isdir(ws):
                 raise InvalidTask("workspace", f"{self.workspace!r} is not an existing directory; "
                                   "pass the path of the code to work on, or None")
-        for name in ("max_rounds", "step_timeout_s", "task_timeout_s"):
+        for name in ("max_rounds", "step_timeout_s", "task_timeout_s", "wait_timeout_s"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise InvalidTask(name, f"must be a positive number or None, got {v!r}")
@@ -126,7 +131,8 @@ class Task:
         return Task(goal=self.goal, workspace=ws, agents=agents, after=after, inputs=dict(self.inputs),
                     priority=self.priority, max_rounds=self.max_rounds,
                     step_timeout_s=self.step_timeout_s, task_timeout_s=self.task_timeout_s,
-                    level=level, cost_budget=self.cost_budget, degrade=self.degrade, idempotency_key=key)
+                    level=level, cost_budget=self.cost_budget, degrade=self.degrade, idempotency_key=key,
+                    wait_timeout_s=self.wait_timeout_s)
 
 
 def sequential(agents: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -215,7 +221,8 @@ class Event:
     ``offset`` counts from 0 per task and never skips; ``kind`` is a status name
     (``pending`` ... ``timed_out``), a step event (``step_started``, ``tokens``,
     ``message``, ``step_finished``, ``step_timed_out``, ``agent_crashed``,
-    ``retrying``, ...) or an agent's own kind; ``agent`` is the role or None.
+    ``retrying``, ...), a person's part (``input_requested``, ``input_received``,
+    ``message_received``) or an agent's own kind; ``agent`` is the role or None.
     """
 
     task_id: str
@@ -255,7 +262,8 @@ class TaskResult:
     """The final state of a task: its status and the last output of every agent.
 
     ``reason``: why it ended as it did when it did not succeed (``cancelled``,
-    ``shutdown``, ``degraded``, ``timeout``, ``step_failed``, ``rounds``, ``budget``, ...).
+    ``shutdown``, ``degraded``, ``timeout``, ``wait_timeout``, ``rejected``, ``step_failed``,
+    ``rounds``, ``budget``, ...).
     ``applied``: with ``inputs={"apply": True}``, the paths of the approved change
     written back to the workspace, and ``refused``: the ones that were not, with why.
     """

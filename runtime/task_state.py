@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 # What a snapshot holds of a task (everything else is rebuilt on resume).
 DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "committed",
                   "outputs", "round_outputs", "states", "feedback", "requests", "inflight", "error",
-                  "finished_at", "level", "max_rounds", "spent", "tokens", "reason", "applied", "refused")
-_COPIED = ("outputs", "round_outputs", "states", "inflight", "blob_ids")  # dicts a snapshot copies
+                  "finished_at", "level", "max_rounds", "spent", "tokens", "reason", "applied", "refused",
+                  "asked", "asks", "answers", "answered", "inbox", "inbox_seen", "ran_s", "waiting_since",
+                  "waiting_for")
+# dicts a snapshot copies (their values are replaced, never changed in place)
+_COPIED = ("outputs", "round_outputs", "states", "inflight", "blob_ids", "asks", "answers", "answered", "inbox_seen")
+_LISTS = ("feedback", "requests", "committed", "applied", "refused", "inbox", "waiting_for")
 
 
 def digest(blob: bytes) -> str:
@@ -71,12 +75,26 @@ class TaskState:
     runner: asyncio.Task | None = None
     cancel_reason: str | None = None
     running: dict[str, asyncio.Task] = field(default_factory=dict)  # role -> its step, now
+    # A person in the loop (all rebuilt from events on resume):
+    asked: int = 0  # input requests made so far (their numbers are 1, 2, ...)
+    asks: dict[int, dict[str, Any]] = field(default_factory=dict)  # open request -> {role, round, index}
+    answers: dict[str, list[Any]] = field(default_factory=dict)  # role ("" = the approval) -> answers this round
+    answered: dict[int, int] = field(default_factory=dict)  # request -> offset of its input_received
+    inbox: list[Any] = field(default_factory=list)  # every message sent to the task, in order
+    inbox_seen: dict[str, int] = field(default_factory=dict)  # role -> messages its committed steps saw
+    ran_s: float = 0.0  # time spent running before its last wait (task_timeout_s counts only running)
+    waiting_since: float | None = None  # wall clock when it last began waiting
+    waiting_for: list[int] = field(default_factory=list)  # the requests open when it began waiting
 
     @property
     def graph(self) -> dict[str, tuple[str, ...]]:
         """The task's roles and what each comes after (list order for a task of format 1)."""
         after = getattr(self.spec, "after", None)
         return dict(after) if after is not None else sequential(self.spec.agents)
+
+
+class TaskWaits(Exception):
+    """Raised inside a task's run: a step (or the approval) waits for a person's input."""
 
 
 class TaskEnds(Exception):
@@ -95,9 +113,33 @@ def track(ts: TaskState, row: tuple) -> None:
         ts.status = kind
         if kind in TERMINAL:
             ts.finished_at, ts.error, ts.reason = at, data.get("error"), data.get("reason")
+        elif kind == ev.WAITING:
+            ts.ran_s, ts.waiting_since = data.get("ran_s", ts.ran_s), at
+            ts.waiting_for = list(data.get("requests", ()))
     elif kind == ev.ROUND_STARTED:
         ts.round, ts.feedback, ts.committed, ts.requests = data["round"], list(data["feedback"]), [], []
         ts.round_outputs = dict(ts.outputs)
+        ts.answers = {}
+    elif kind == ev.INPUT_REQUESTED:
+        ts.asked = max(ts.asked, data["request"])
+        ts.asks = {**ts.asks, data["request"]: {"role": agent, "round": data.get("round"),
+                                                "index": data.get("index", 0)}}
+    elif kind == ev.INPUT_RECEIVED:
+        rid = data["request"]
+        asks = dict(ts.asks)
+        ask = asks.pop(rid, None)
+        ts.asks = asks
+        if ask is not None:
+            key = ask["role"] or ""
+            ts.answers = {**ts.answers, key: ts.answers.get(key, []) + [data.get("value")]}
+        ts.answered = {**ts.answered, rid: row[0]}
+    elif kind == ev.MESSAGE_RECEIVED:
+        ts.inbox = ts.inbox + [data.get("message")]
+    elif kind == ev.STEP_FINISHED:
+        if "inbox_upto" in data:
+            ts.inbox_seen = {**ts.inbox_seen, agent: data["inbox_upto"]}
+        if agent in ts.answers:
+            ts.answers = {k: v for k, v in ts.answers.items() if k != agent}
     elif kind in (ev.STEP_STARTED, ev.RETRYING):
         ts.inflight[agent] = data["attempt"]
     elif kind == ev.APPLIED:
@@ -105,7 +147,7 @@ def track(ts: TaskState, row: tuple) -> None:
     elif kind == ev.LEVEL:
         ts.level = data["level"]
         ts.max_rounds = data.get("max_rounds", ts.max_rounds)
-    if kind in STEP_ENDS and "cost" in data:
+    if (kind in STEP_ENDS or kind == ev.INPUT_REQUESTED) and "cost" in data:
         ts.spent += data["cost"]
         ts.tokens += data.get("tokens", 0)
 
@@ -195,7 +237,7 @@ def export_tasks(tasks: dict[str, TaskState]) -> tuple[list[Any], list[Callable[
         rec = {f: getattr(ts, f) for f in DURABLE_FIELDS}
         for f in _COPIED:
             rec[f] = dict(rec[f])
-        for f in ("feedback", "requests", "committed", "applied", "refused"):
+        for f in _LISTS:
             rec[f] = list(rec[f])
         rec["events"] = list(ts.events)
         entries.append(rec)

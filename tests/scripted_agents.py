@@ -100,3 +100,49 @@ class Approver(Agent):
 
     def step(self, ctx):
         return {"apply": dict(ctx.inputs["proposal"])}
+
+
+class Questioner(Agent):
+    """Asks a person ``inputs[role]["questions"]`` (payloads, in order) with ``ctx.interrupt``.
+
+    ``mark``: a directory: every run of the step appends its idempotency key to runs.log
+    before asking (code before an interrupt runs again on re-entry), and creates
+    effects/<key> unless it exists (a side effect made idempotent by that key).
+    ``tokens``: tokens to stream before asking; ``sleep_s``: pause before asking."""
+
+    def step(self, ctx):
+        spec = ctx.inputs.get(ctx.role, {})
+        for i in range(spec.get("tokens", 2)):
+            yield f"{ctx.role}{i} "
+        if spec.get("sleep_s"):
+            time.sleep(spec["sleep_s"])
+        if spec.get("mark"):
+            with open(os.path.join(spec["mark"], "runs.log"), "a") as fh:
+                fh.write(ctx.idempotency_key + "\n")
+            effects = os.path.join(spec["mark"], "effects")
+            os.makedirs(effects, exist_ok=True)
+            try:
+                fd = os.open(os.path.join(effects, ctx.idempotency_key.replace(":", "_").replace("/", "_")),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, b"1")
+                os.close(fd)
+        answers = [ctx.interrupt(q) for q in spec.get("questions", [{"question": "go on?"}])]
+        return {"answers": answers, "key": ctx.idempotency_key, "attempt": ctx.attempt, "round": ctx.round}
+
+
+class Listener(Agent):
+    """Reports the messages it sees (``ctx.inbox``); streams ``tokens`` tokens with
+    ``token_sleep_s`` between them; asks for round 2 when a message says "again"."""
+
+    def step(self, ctx):
+        spec = ctx.inputs.get(ctx.role, {})
+        for i in range(spec.get("tokens", 2)):
+            if spec.get("token_sleep_s"):
+                time.sleep(spec["token_sleep_s"])
+            yield f"{ctx.role}{i} "
+        if ctx.round == 1 and "again" in ctx.inbox:
+            ctx.request_round("a person said again")
+        return {"inbox": list(ctx.inbox), "round": ctx.round}

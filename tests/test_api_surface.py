@@ -10,13 +10,13 @@ def test_runtime_exports():
         "AgentPool", "TaskHandle", "Task", "TaskResult", "TaskSummary", "Event", "RuntimeConfig",
         "ThreadboundError", "ConfigError", "InvalidTask", "UnknownRole", "AgentNotLoadable",
         "TaskNotFound", "PoolClosed", "ResultTimeout", "TaskError", "TaskFailed", "TaskTimedOut",
-        "TaskCancelled",
+        "TaskCancelled", "InputNotExpected", "InvalidInput",
     ])
 
 
 def test_agents_exports():
     assert sorted(threadbound.agents.__all__) == sorted([
-        "Agent", "StepContext", "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
+        "Agent", "StepContext", "Interrupt", "Model", "SimulatedModel", "SimulatedModelConfig", "build_model",
         "ThreadboundError", "AgentError", "TransientError", "ModelError", "TransientModelError", "RateLimitError",
         "BudgetExhausted",
     ])
@@ -45,3 +45,16 @@ def test_every_export_resolves():
     for mod in (threadbound.runtime, threadbound.agents, threadbound.snapshots):
         for name in mod.__all__:
             assert getattr(mod, name) is not None
+
+
+def test_a_person_in_the_loop_is_part_of_the_handle_and_the_context():
+    from threadbound.agents import StepContext
+    from threadbound.runtime import TaskHandle
+    from threadbound.runtime.gateway import AsyncGatewayClient, GatewayClient
+
+    for name in ("respond", "arespond", "approve", "reject", "send", "asend"):
+        assert callable(getattr(TaskHandle, name)), name
+    for client in (GatewayClient, AsyncGatewayClient):
+        for name in ("respond", "approve", "reject", "send"):
+            assert callable(getattr(client, name)), name
+    assert callable(StepContext.interrupt) and "inbox" in StepContext.__dataclass_fields__

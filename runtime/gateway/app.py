@@ -35,7 +35,7 @@ from threadbound.agents.errors import ThreadboundError
 from threadbound.agents import events as kinds
 from threadbound.agents.events import STATUSES
 
-from ..errors import InvalidTask, PoolClosed, TaskNotFound
+from ..errors import InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound
 from ..task import Event, Task
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
 from .openapi import document
@@ -91,6 +91,10 @@ def _from_error(exc: ThreadboundError) -> Problem:
     """Our own errors as HTTP answers, with the message Python gives."""
     if isinstance(exc, InvalidTask):
         return Problem(422, str(exc), exc.field, type(exc).__name__)
+    if isinstance(exc, InvalidInput):
+        return Problem(422, str(exc), exc.field, "InvalidInput")
+    if isinstance(exc, InputNotExpected):  # not waiting, or answered already: the state, not the request, is wrong
+        return Problem(409, str(exc), "request" if exc.request is not None else None, "InputNotExpected")
     if isinstance(exc, TaskNotFound):
         return Problem(404, str(exc), None, "TaskNotFound")
     if isinstance(exc, PoolClosed):
@@ -140,6 +144,10 @@ class Gateway:
             Route("/v1/tasks", self.list_tasks, methods=["GET"]),
             Route("/v1/tasks/{task_id}", self.get_task, methods=["GET"]),
             Route("/v1/tasks/{task_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/v1/tasks/{task_id}/respond", self.respond, methods=["POST"]),
+            Route("/v1/tasks/{task_id}/approve", self.approve, methods=["POST"]),
+            Route("/v1/tasks/{task_id}/reject", self.reject, methods=["POST"]),
+            Route("/v1/tasks/{task_id}/messages", self.send, methods=["POST"]),
             Route("/v1/tasks/{task_id}/events", self.events, methods=["GET"]),
             WebSocketRoute("/v1/tasks/{task_id}/stream", self.stream),
             Route("/", self.page("index.html", "text/html; charset=utf-8")),
@@ -195,7 +203,9 @@ class Gateway:
         """The event kinds the page renders, from the one events module (no kind is
         spelled in the page's JavaScript)."""
         known = {"TOKENS": kinds.TOKENS, "MESSAGE": kinds.MESSAGE, "STATUSES": list(kinds.STATUSES),
-                 "TERMINAL": sorted(kinds.TERMINAL)}
+                 "TERMINAL": sorted(kinds.TERMINAL), "WAITING": kinds.WAITING,
+                 "INPUT_REQUESTED": kinds.INPUT_REQUESTED, "INPUT_RECEIVED": kinds.INPUT_RECEIVED,
+                 "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED}
         return Response(f"window.THREADBOUND_KINDS = Object.freeze({json.dumps(known)});\n",
                         media_type="text/javascript; charset=utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
@@ -351,6 +361,62 @@ class Gateway:
         task_id = request.path_params["task_id"]
         status = await self.call("cancel", task_id)
         return JSONResponse({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
+
+    # -- a person in the loop ---------------------------------------------------------
+
+    async def _input_body(self, request: Request, allowed: dict[str, bool]) -> dict[str, Any]:
+        """A JSON object with only the ``allowed`` fields (name -> required); an empty body is {}."""
+        if request.headers.get("content-length") == "0":
+            body: Any = {}
+        else:
+            body = await self._json_body(request)
+        if not isinstance(body, dict):
+            raise Problem(422, f"body: must be a JSON object with {', '.join(allowed)}", "body", "InvalidInput")
+        for name in body:
+            if name not in allowed:
+                raise Problem(422, f"{str(name)[:40]}: not a field here; the fields are {', '.join(allowed)}",
+                              str(name)[:40], "InvalidInput")
+        for name, required in allowed.items():
+            if required and name not in body:
+                raise Problem(422, f"{name}: missing", name, "InvalidInput")
+        req = body.get("request")
+        if req is not None and (isinstance(req, bool) or not isinstance(req, int) or req < 1):
+            raise Problem(422, f"request: must be a request number (1, 2, ...) or null, got {req!r:.40}",
+                          "request", "InvalidInput")
+        return body
+
+    async def _answer(self, request: Request, value: Any, req: int | None, what: str) -> Response:
+        task_id = request.path_params["task_id"]
+        offset = await self.call("respond", task_id, value, req)
+        return JSONResponse({"task_id": task_id, "offset": offset, "answer": what},
+                            headers={"Cache-Control": "no-store"})
+
+    async def respond(self, request: Request) -> Response:
+        """Answer the task's open question (``value``, for request ``request`` when several are open)."""
+        self.who(request, SUBMIT)
+        body = await self._input_body(request, {"value": True, "request": False})
+        return await self._answer(request, body["value"], body.get("request"), "respond")
+
+    async def approve(self, request: Request) -> Response:
+        self.who(request, SUBMIT)
+        body = await self._input_body(request, {"request": False})
+        return await self._answer(request, {"approve": True}, body.get("request"), "approve")
+
+    async def reject(self, request: Request) -> Response:
+        self.who(request, SUBMIT)
+        body = await self._input_body(request, {"reason": False, "request": False})
+        reason = body.get("reason") or ""
+        if not isinstance(reason, str):
+            raise Problem(422, "reason: must be a text", "reason", "InvalidInput")
+        return await self._answer(request, {"approve": False, "reason": reason}, body.get("request"), "reject")
+
+    async def send(self, request: Request) -> Response:
+        """Append ``message`` to the task's inbox; its agents' later steps see it."""
+        self.who(request, SUBMIT)
+        body = await self._input_body(request, {"message": True})
+        task_id = request.path_params["task_id"]
+        offset = await self.call("send", task_id, body["message"])
+        return JSONResponse({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
 
     async def _start(self, task_id: str, after_text: str | None, name: str) -> int:
         """The offset a stream starts at, from ``after`` (the last offset the client has,

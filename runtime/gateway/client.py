@@ -1,5 +1,5 @@
 """The Python client of the HTTP gateway (``threadbound.client``): submit, follow,
-result, cancel, as ``AsyncGatewayClient`` (asyncio, httpx) and ``GatewayClient`` (the
+result, cancel, and a person's part (respond, approve, reject, send), as ``AsyncGatewayClient`` (asyncio, httpx) and ``GatewayClient`` (the
 same coroutines run on a private event loop thread).
 
 ``follow`` reads the task's Server-Sent Events; when the connection breaks (a network
@@ -23,7 +23,7 @@ import httpx
 
 from threadbound.agents.errors import ThreadboundError
 
-from ..errors import InvalidTask, PoolClosed, ResultTimeout, TaskNotFound
+from ..errors import InputNotExpected, InvalidInput, InvalidTask, PoolClosed, ResultTimeout, TaskNotFound
 from ..task import Event, TaskResult, result_or_raise
 
 _T = TypeVar("_T")
@@ -38,8 +38,8 @@ class GatewayError(ThreadboundError):
 
 
 def _raise_for(resp: httpx.Response, task_id: str | None = None) -> None:
-    """Our own errors back from an error answer: InvalidTask (422), TaskNotFound (404),
-    PoolClosed (503), else GatewayError."""
+    """Our own errors back from an error answer: InvalidTask or InvalidInput (422),
+    TaskNotFound (404), InputNotExpected (409), PoolClosed (503), else GatewayError."""
     if resp.status_code < 400:
         return
     try:
@@ -47,8 +47,12 @@ def _raise_for(resp: httpx.Response, task_id: str | None = None) -> None:
         message, field = str(err["message"]), err.get("field")
     except (ValueError, KeyError, TypeError):
         message, field = resp.text[:300] or resp.reason_phrase, None
+    if resp.status_code == 422 and field and "InvalidInput" in resp.text:
+        raise InvalidInput(field, message.removeprefix(f"invalid {field}: "), task_id=task_id)
     if resp.status_code == 422 and field:
         raise InvalidTask(field, message.removeprefix(f"invalid task: {field}: "))
+    if resp.status_code == 409:
+        raise InputNotExpected(message, task_id=task_id)
     if resp.status_code == 404:
         raise TaskNotFound(message, task_id=task_id)
     if resp.status_code == 503 and "PoolClosed" in resp.text:
@@ -149,6 +153,24 @@ class AsyncGatewayClient:
     async def cancel(self, task_id: str) -> str:
         """Cancel the task (idempotent); returns its status after the cancel."""
         return (await self._send("POST", f"/v1/tasks/{task_id}/cancel", task_id)).json()["status"]
+
+    async def respond(self, task_id: str, value: Any, request: int | None = None) -> int:
+        """Answer the task's question; returns the offset of its ``input_received`` event."""
+        body = {"value": value, **({"request": request} if request is not None else {})}
+        return (await self._send("POST", f"/v1/tasks/{task_id}/respond", task_id, json=body)).json()["offset"]
+
+    async def approve(self, task_id: str, request: int | None = None) -> int:
+        body = {"request": request} if request is not None else {}
+        return (await self._send("POST", f"/v1/tasks/{task_id}/approve", task_id, json=body)).json()["offset"]
+
+    async def reject(self, task_id: str, reason: str = "", request: int | None = None) -> int:
+        body = {"reason": reason, **({"request": request} if request is not None else {})}
+        return (await self._send("POST", f"/v1/tasks/{task_id}/reject", task_id, json=body)).json()["offset"]
+
+    async def send(self, task_id: str, message: Any) -> int:
+        """Send input to the task; returns the offset of its ``message_received`` event."""
+        return (await self._send("POST", f"/v1/tasks/{task_id}/messages", task_id,
+                                 json={"message": message})).json()["offset"]
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
         """Wait for the task to end; its :class:`TaskResult`, or TaskFailed / TaskTimedOut /
@@ -288,6 +310,18 @@ class GatewayClient:
 
     def result(self, task_id: str, timeout: float | None = None) -> TaskResult:
         return _run(self.aio.result(task_id, timeout))
+
+    def respond(self, task_id: str, value: Any, request: int | None = None) -> int:
+        return _run(self.aio.respond(task_id, value, request))
+
+    def approve(self, task_id: str, request: int | None = None) -> int:
+        return _run(self.aio.approve(task_id, request))
+
+    def reject(self, task_id: str, reason: str = "", request: int | None = None) -> int:
+        return _run(self.aio.reject(task_id, reason, request))
+
+    def send(self, task_id: str, message: Any) -> int:
+        return _run(self.aio.send(task_id, message))
 
     def follow(self, task_id: str, after: int = -1) -> Iterator[Event]:
         events = self.aio.follow(task_id, after).__aiter__()

@@ -17,6 +17,22 @@ def _err(description: str) -> dict[str, Any]:
 _COMMON = {"401": _err("no token, or one this gateway does not know"),
            "429": _err("this token's rate limit; see Retry-After")}
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_REQUEST = {"type": ["integer", "null"], "minimum": 1,
+            "description": "which request (the number in input_requested), when several are open"}
+_OFFSET = {"description": "recorded: the offset of its event (input_received or message_received)",
+           "content": {"application/json": {"schema": {
+               "type": "object", "required": ["task_id", "offset"],
+               "properties": {"task_id": {"type": "string"}, "offset": {"type": "integer", "minimum": 0},
+                              "answer": {"type": "string"}}}}}}
+_INPUT_ERRORS = {"400": _err("malformed JSON"), "403": _err("a read-only token"), "404": _err("no such task"),
+                 "409": _err("the task is not waiting for input, the request was answered already, or the task "
+                             "has ended"),
+                 "413": _err("the body is too large"), "422": _err("an answer or message the task cannot take")}
+
+
+def _input_body(properties: dict[str, Any], required: list[str], *, required_body: bool = True) -> dict[str, Any]:
+    return {"required": required_body, "content": {"application/json": {"schema": {
+        "type": "object", "additionalProperties": False, "required": required, "properties": properties}}}}
 
 DESCRIPTION = """\
 threadbound's HTTP gateway: tasks over REST, their event logs over Server-Sent Events
@@ -127,6 +143,29 @@ def document() -> dict[str, Any]:
                 "parameters": [_TASK_ID],
                 "responses": {"202": {"description": "the task's status after the cancel"},
                               "403": _err("a read-only token"), "404": _err("no such task"), **_COMMON}}},
+            "/v1/tasks/{task_id}/respond": {"post": {
+                "summary": "Answer the task's question (an agent's ctx.interrupt, or the approval); the first "
+                           "answer wins",
+                "parameters": [_TASK_ID],
+                "requestBody": _input_body({"value": {"description": "the answer: any JSON value"},
+                                            "request": _REQUEST}, ["value"]),
+                "responses": {"200": _OFFSET, **_INPUT_ERRORS, **_COMMON}}},
+            "/v1/tasks/{task_id}/approve": {"post": {
+                "summary": "Approve the change the task waits with (inputs.approve): applied, and the task succeeds",
+                "parameters": [_TASK_ID],
+                "requestBody": _input_body({"request": _REQUEST}, [], required_body=False),
+                "responses": {"200": _OFFSET, **_INPUT_ERRORS, **_COMMON}}},
+            "/v1/tasks/{task_id}/reject": {"post": {
+                "summary": "Reject the change the task waits with: it fails with the reason",
+                "parameters": [_TASK_ID],
+                "requestBody": _input_body({"reason": {"type": "string"}, "request": _REQUEST}, [], required_body=False),
+                "responses": {"200": _OFFSET, **_INPUT_ERRORS, **_COMMON}}},
+            "/v1/tasks/{task_id}/messages": {"post": {
+                "summary": "Send input to the task: a message_received event; its agents' later steps see it "
+                           "in ctx.inbox",
+                "parameters": [_TASK_ID],
+                "requestBody": _input_body({"message": {"description": "any JSON value"}}, ["message"]),
+                "responses": {"202": _OFFSET, **_INPUT_ERRORS, **_COMMON}}},
             "/v1/tasks/{task_id}/events": {"get": {
                 "summary": "The task's events as Server-Sent Events, to the terminal one",
                 "parameters": [_TASK_ID,

@@ -115,7 +115,7 @@ def alert_rules(config: Any, *, source: str = "<config>") -> dict[str, Any]:
               "overloaded node, one role alone at that role's tools or tests. Fix the backend, lower the "
               "reasoning level, or raise the threshold if such steps are expected."),
         _rule("ThreadboundStepErrorsHigh",
-              f'sum by (pool) (rate({steps}{{outcome!="ok"}}[{window}])) / sum by (pool) (rate({steps}[{window}])) '
+              f'sum by (pool) (rate({steps}{{outcome!~"ok|interrupt"}}[{window}])) / sum by (pool) (rate({steps}[{window}])) '
               f"> {number(a.error_rate)}",
               a.for_s, "critical",
               f"Pool {on_pool}: {{{{ $value | humanizePercentage }}}} of step attempts failed over {window}",
