@@ -1,4 +1,6 @@
-"""The gateway's web page in a real headless browser (Debian's chromium + chromedriver)."""
+"""The gateway's web page in a real headless browser (Debian's chromium + chromedriver):
+the task list, live lanes, cancel, submit, and a person's part (answer a question,
+approve or reject a change, send a message), with untrusted payloads shown as text."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_pool
+from conftest import make_pool, pool_settings
 from gateway_tools import SUBMIT, InProcessGateway, auth, scripted
+from scripted_agents import Approver, Questioner
 
-from threadbound.agents.events import CANCELLED, SUCCEEDED
+from threadbound.agents.events import CANCELLED, FAILED, SUCCEEDED, WAITING
+from threadbound.runtime import AgentPool, RuntimeConfig
+from threadbound.runtime.gateway.app import GatewaySettings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -40,13 +45,14 @@ def browser():
 
 
 def wait_for(fn, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s}s: {fn.__doc__ or fn}")
+    """``fn()`` once truthy, checked every 0.1s; an element missing or re-rendered
+    meanwhile counts as "not yet"."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(None, timeout_s, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda _: fn(), f"not within {timeout_s}s: {fn.__doc__ or fn}")
 
 
 def click_row(browser, task_id: str) -> bool:
@@ -86,6 +92,14 @@ def test_the_web_page_submits_a_task_streams_its_tokens_in_lanes_and_cancels_ano
             inputs = browser.find_element(By.ID, "inputs")
             inputs.clear()
             inputs.send_keys(json.dumps({"*": {"tokens": 12, "token_sleep_s": 0.1}}))
+            # an `after` that is not JSON is refused before anything is sent ...
+            browser.find_element(By.ID, "after").send_keys('{"b": [a]}')
+            browser.find_element(By.ID, "submit").click()
+            wait_for(lambda: browser.find_element(By.ID, "submit-result").text.startswith("after: not JSON"))
+            assert not browser.find_element(By.ID, "task-view").is_displayed()
+            # ... and one that is makes both agents start at once
+            browser.find_element(By.ID, "after").clear()
+            browser.find_element(By.ID, "after").send_keys(json.dumps({"a": [], "b": []}))
             browser.find_element(By.ID, "submit").click()
 
             def lane_text(agent):
@@ -107,6 +121,9 @@ def test_the_web_page_submits_a_task_streams_its_tokens_in_lanes_and_cancels_ano
             # Then: its stream ends with cancelled, on the page and in the pool
             wait_for(lambda: browser.find_element(By.ID, "view-status").text == CANCELLED)
             assert httpx.get(f"{gw.url}/v1/tasks/{long_id}", headers=auth()).json()["status"] == CANCELLED
+            # and an ended task offers neither a cancel nor a message
+            wait_for(lambda: not browser.find_element(By.ID, "cancel").is_displayed())
+            assert not browser.find_element(By.ID, "message-form").is_displayed()
             # the screenshot the README shows: the cancelled task's lane and the task list
             wait_for(lambda: click_row(browser, new_id))
             wait_for(lambda: browser.find_element(By.ID, "view-status").text == SUCCEEDED)
@@ -114,3 +131,190 @@ def test_the_web_page_submits_a_task_streams_its_tokens_in_lanes_and_cancels_ano
             assert browser.save_screenshot(str(SCREENSHOT))
     finally:
         pool.shutdown(grace_s=1)
+
+
+# -- a person in the loop -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def person_pool(ray_session):
+    p = AgentPool(RuntimeConfig.from_mapping(pool_settings(f"gwwebp{time.monotonic_ns() % 100000}")),
+                  agents={"q": Questioner, "ok": Approver})
+    yield p
+    p.shutdown(grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def person_gw(person_pool, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    with InProcessGateway(person_pool, GatewaySettings(workspace_roots=(str(root),))) as g:
+        g.root = root
+        yield g
+
+
+def submit(gw, body: dict) -> str:
+    resp = httpx.post(f"{gw.url}/v1/tasks", json=body, headers=auth(), timeout=30)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["task_id"]
+
+
+def result(gw, task_id: str) -> dict:
+    resp = httpx.get(f"{gw.url}/v1/tasks/{task_id}", params={"wait": 30}, headers=auth(), timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["result"]
+
+
+def follow_on_page(browser, gw, task_id: str) -> None:
+    """Open the page with the submit token and follow ``task_id``."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(gw.url + "/")
+    browser.find_element(By.ID, "token").send_keys(SUBMIT)
+    browser.find_element(By.ID, "save-token").click()
+    wait_for(lambda: click_row(browser, task_id))
+    wait_for(lambda: browser.find_element(By.ID, "view-id").text == task_id)
+
+
+def shown(browser, element_id: str) -> str:
+    """The element's text if it is displayed, else ''."""
+    from selenium.webdriver.common.by import By
+
+    found = browser.find_element(By.ID, element_id)
+    return found.text if found.is_displayed() else ""
+
+
+def request_block(browser, request: int):
+    from selenium.webdriver.common.by import By
+
+    found = browser.find_elements(By.CSS_SELECTOR, f'#input-panel .request[data-request="{request}"]')
+    return found[0] if found and found[0].is_displayed() else None
+
+
+def row_status(browser, task_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    found = browser.find_elements(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"] td.status')
+    return found[0].text if found else ""
+
+
+def event_lines(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#task-events li")]
+
+
+@pytest.mark.timeout(120)
+def test_a_question_waits_in_a_panel_and_the_answer_typed_on_the_page_ends_the_task(browser, person_gw):
+    from selenium.webdriver.common.by import By
+
+    # Given: a task whose agent asks a person which database to use
+    question = {"question": "which database?", "choices": ["postgres", "sqlite"]}
+    task_id = submit(person_gw, {"goal": "ask", "agents": ["q"], "inputs": {"q": {"questions": [question]}}})
+    # When: the page follows it
+    follow_on_page(browser, person_gw, task_id)
+    # Then: it shows as waiting in the header, the task list and the asking agent's lane,
+    wait_for(lambda: shown(browser, "view-status") == WAITING, 30)
+    wait_for(lambda: row_status(browser, task_id) == WAITING)
+    lane = browser.find_element(By.CSS_SELECTOR, '.lane[data-agent="q"]')
+    assert lane.find_element(By.CSS_SELECTOR, ".lane-status").text == WAITING
+    # and the panel shows the question with its payload as JSON
+    block = wait_for(lambda: request_block(browser, 1))
+    assert "which database?" in block.text and '"sqlite"' in block.text
+    assert "parses as JSON" in block.find_element(By.CSS_SELECTOR, ".hint").text
+
+    # When: an answer the server refuses (over 64 KiB) is sent
+    answer = block.find_element(By.CSS_SELECTOR, ".answer")
+    browser.execute_script("arguments[0].value = arguments[1]", answer, "x" * 70_000)
+    block.find_element(By.CSS_SELECTOR, ".respond").click()
+    # Then: the server's message shows next to the panel, which stays
+    wait_for(lambda: "at most 65536" in shown(browser, "input-error"))
+    assert request_block(browser, 1) is not None
+
+    # When: a message is sent from the page while the task waits
+    browser.find_element(By.ID, "message").send_keys("keep the old table names")
+    browser.find_element(By.ID, "send-message").click()
+    # Then: it comes back in the stream as a message_received line
+    wait_for(lambda: any("message_received" in t and "keep the old table names" in t for t in event_lines(browser)))
+    assert shown(browser, "message-result") == "sent"
+
+    # When: the question is answered in words
+    answer.clear()
+    answer.send_keys("postgres")
+    wait_for(lambda: block.find_element(By.CSS_SELECTOR, ".respond").is_enabled())
+    block.find_element(By.CSS_SELECTOR, ".respond").click()
+    # Then: the panel goes once the answer is in the stream, and the task succeeds with it
+    wait_for(lambda: not browser.find_element(By.ID, "input-panel").is_displayed(), 30)
+    assert lane.find_element(By.CSS_SELECTOR, ".lane-status").text == ""
+    wait_for(lambda: shown(browser, "view-status") == SUCCEEDED, 30)
+    done = result(person_gw, task_id)
+    assert done["status"] == SUCCEEDED and done["outputs"]["q"]["answers"] == ["postgres"]
+    # and an ended task offers neither a cancel nor a message
+    wait_for(lambda: not browser.find_element(By.ID, "cancel").is_displayed())
+    assert not browser.find_element(By.ID, "message-form").is_displayed()
+
+
+@pytest.mark.timeout(120)
+def test_a_change_waiting_for_approval_is_approved_or_rejected_on_the_page(browser, person_gw):
+    from selenium.webdriver.common.by import By
+
+    # Given: two tasks in workspaces the gateway serves, each waiting to apply a change
+    ids = {}
+    for name in ("yes", "no"):
+        (person_gw.root / name).mkdir()
+        (person_gw.root / name / "f.txt").write_text("old\n")
+        ids[name] = submit(person_gw, {"goal": "change f.txt", "agents": ["ok"], "workspace": name,
+                                       "inputs": {"approve": True, "apply": True, "proposal": {"f.txt": "new\n"}}})
+    # When: the page follows the first
+    follow_on_page(browser, person_gw, ids["yes"])
+    # Then: the panel shows the question, the files and the diff, with the three answers
+    block = wait_for(lambda: request_block(browser, 1), 30)
+    assert "approve this change?" in block.find_element(By.CSS_SELECTOR, "h4").text
+    assert block.find_element(By.CSS_SELECTOR, ".files").text == "Files: f.txt"
+    assert block.find_element(By.CSS_SELECTOR, "pre.diff").is_displayed()
+    for button in (".approve", ".reject", ".send-back"):
+        assert block.find_element(By.CSS_SELECTOR, button).is_displayed()
+    # When: the change is approved
+    block.find_element(By.CSS_SELECTOR, ".approve").click()
+    # Then: the panel goes, the task succeeds and the change is in the workspace
+    wait_for(lambda: not browser.find_element(By.ID, "input-panel").is_displayed(), 30)
+    wait_for(lambda: shown(browser, "view-status") == SUCCEEDED, 30)
+    yes = result(person_gw, ids["yes"])
+    assert yes["status"] == SUCCEEDED and yes["applied"] == ["f.txt"]
+    assert (person_gw.root / "yes" / "f.txt").read_text() == "new\n"
+
+    # When: the second is followed and rejected with a reason
+    wait_for(lambda: click_row(browser, ids["no"]))
+    block = wait_for(lambda: request_block(browser, 1), 30)
+    block.find_element(By.CSS_SELECTOR, ".reason").send_keys("keep the old text")
+    block.find_element(By.CSS_SELECTOR, ".reject").click()
+    # Then: it fails as rejected, with the reason, and the workspace is untouched
+    wait_for(lambda: shown(browser, "view-status") == FAILED, 30)
+    no = result(person_gw, ids["no"])
+    assert no["reason"] == "rejected" and "keep the old text" in no["error"]
+    assert (person_gw.root / "no" / "f.txt").read_text() == "old\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_hostile_question_is_shown_as_text_and_runs_no_script(browser, person_gw):
+    from selenium.webdriver.common.by import By
+
+    # Given: an agent (or the model behind it) asks with markup meant to run in the page
+    img = '<img src=x onerror="window.pwned = 1">'
+    script = "<script>window.pwned = 2</script><b>bold</b>"
+    task_id = submit(person_gw, {"goal": f"hostile {img}", "agents": ["q"],
+                                 "inputs": {"q": {"questions": [{"question": img, "more": script}]}}})
+    # When: the page follows it
+    follow_on_page(browser, person_gw, task_id)
+    block = wait_for(lambda: request_block(browser, 1), 30)
+    # Then: the markup is text, no element came of it, and no script ran. The page's CSP
+    # would block inline handlers anyway: the element count is what catches innerHTML.
+    assert img in block.find_element(By.CSS_SELECTOR, "h4").text
+    assert "<script>window.pwned = 2</script>" in block.find_element(By.CSS_SELECTOR, "pre.payload").text
+    assert browser.execute_script("return document.querySelectorAll('#app img, #app script, #app b').length") == 0
+    assert browser.execute_script("return window.pwned") is None
+    # When: it is cancelled from the page
+    browser.find_element(By.ID, "cancel").click()
+    # Then: it ends cancelled, the panel and the cancel button go, still without a script run
+    wait_for(lambda: shown(browser, "view-status") == CANCELLED, 30)
+    wait_for(lambda: not browser.find_element(By.ID, "input-panel").is_displayed())
+    assert not browser.find_element(By.ID, "cancel").is_displayed()
+    assert browser.execute_script("return window.pwned") is None
