@@ -48,6 +48,7 @@ MESSAGE_RECEIVED = "message_received"  # n, message: input sent to the task (``h
 LEVEL = "level"
 HEALTH = "health"
 RESUMED = "resumed"
+WORKSPACE_LOST = "workspace_lost"  # the node with the task's copy died: its round starts again from the original
 
 # -- kinds the built-in agents emit (not reserved: an agent's own events) ---------------
 SANDBOX = "sandbox"                # one sandboxed command run: isolation, layers, ``killed`` (the limit), exit
@@ -58,7 +59,7 @@ STEP_ENDS = frozenset({STEP_FINISHED, STEP_FAILED, STEP_TIMED_OUT, AGENT_CRASHED
 # Kinds only the runtime writes; an agent's ``ctx.emit`` of one is refused.
 RESERVED_KINDS = frozenset(STATUSES) | STEP_ENDS | frozenset({
     ROUND_STARTED, STEP_STARTED, RETRYING, TOKENS, MESSAGE, APPLIED, LEVEL, HEALTH, RESUMED,
-    INPUT_REQUESTED, INPUT_RECEIVED, MESSAGE_RECEIVED,
+    INPUT_REQUESTED, INPUT_RECEIVED, MESSAGE_RECEIVED, WORKSPACE_LOST,
 })
 
 # -- events -----------------------------------------------------------------------------

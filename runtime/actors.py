@@ -2,56 +2,111 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Callable
 
 import ray
 
+from threadbound.agents.models.local import serve_models_in
+
 from .config import RuntimeConfig
+from .health import NodesMemory
+from .placement import Placement, check_snapshot_dir, memory_on, supervisor_placement
 from .slot import SlotWorker
 from .supervisor import Supervisor
 
+log = logging.getLogger("threadbound.supervisor")
+
+
+class _SlotWorker(SlotWorker):
+    """An agent actor that names the model actors its agents start in its pool's namespace."""
+
+    def __init__(self, slot_name: str, namespace: str | None = None, prefix: str = "") -> None:
+        super().__init__(slot_name)
+        serve_models_in(namespace, prefix)
+
+
 # One thread, own process; never restarted by Ray: the supervisor replaces slots itself
 # so that the agent cap holds while it does.
-SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(SlotWorker)
+SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(_SlotWorker)
+
+
+def _prefix(config: RuntimeConfig) -> str:
+    """What the names of a pool's actors start with (as its slots' ``<prefix>agent/<n>``)."""
+    return "" if config.name == "threadbound" else f"{config.name}/"
 
 
 class _Supervisor(Supervisor):
-    """When Ray restarts the supervisor's process, it resumes from its snapshots."""
+    """When Ray restarts the supervisor's process, it resumes from its snapshots.
+
+    On a cluster its agents' memory is read on every node that holds them, and a
+    ``snapshot_dir`` some node cannot reach is refused (a restarted supervisor may run
+    on another node, and resumes from there)."""
 
     def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False) -> None:
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own property reads its deprecated actor_id: not the user's concern
             warnings.simplefilter("ignore")
             restarted = ctx.was_current_actor_reconstructed
+        factory = SlotFactory(config)
+        self._unreachable = None
         # The actor id survives Ray's restarts: the restarted supervisor may take over
         # the lease its previous process held.
-        super().__init__(config, roles, make_actor=slot_actor_factory(config),
+        super().__init__(config, roles, make_actor=factory,
                          resume=resume or (restarted and config.snapshots.enabled),
                          lease_owner=ctx.get_actor_id())
+        if self._unreachable is not None:
+            self.fatal = self._unreachable  # the ConfigError itself, not its wrapping
+        self.health.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
+
+    def _open_durability(self, resume: bool, lease_owner: str | None) -> None:
+        placement = self.slots.placement
+        others = [n for n in placement.nodes() if n != placement.here()] if placement is not None else []
+        if others:  # more than one node: each must reach the snapshots
+            problem = check_snapshot_dir(self.cfg.snapshot_dir, others)
+            if problem is not None:
+                self._unreachable = problem
+                raise OSError(str(problem))
+        super()._open_durability(resume, lease_owner)
 
 
 # An async actor: many clients may wait on it at once, it never blocks a CPU.
 SupervisorActor = ray.remote(num_cpus=0, max_concurrency=10_000)(_Supervisor)
 
 
-def slot_actor_factory(config: RuntimeConfig) -> Callable[[str], Any]:
-    opts: dict[str, Any] = {"namespace": config.ray.namespace}
-    if config.ray.agent_num_cpus is not None:
-        opts["num_cpus"] = config.ray.agent_num_cpus
-    if config.ray.detached:
-        opts["lifetime"] = "detached"
+class SlotFactory:
+    """Creates a pool's slot actors: ``make(name)``, or ``make(name, node)`` pinned to a
+    node (hard node affinity; see ``runtime.placement`` for why not placement groups).
+    ``placement`` is the cluster view the slot table places slots with."""
 
-    def make(name: str) -> Any:
-        return SlotActor.options(name=name, **opts).remote(name)
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.opts: dict[str, Any] = {"namespace": config.ray.namespace}
+        if config.ray.agent_num_cpus is not None:
+            self.opts["num_cpus"] = config.ray.agent_num_cpus
+        if config.ray.detached:
+            self.opts["lifetime"] = "detached"
+        self.namespace = config.ray.namespace
+        self.prefix = _prefix(config)
+        self.placement = Placement(config.ray.agent_num_cpus, namespace=self.namespace, models_prefix=self.prefix)
 
-    return make
+    def __call__(self, name: str, node: str | None = None) -> Any:
+        opts = self.opts if node is None else {**self.opts, **self.placement.options(node)}
+        return SlotActor.options(name=name, **opts).remote(name, self.namespace, self.prefix)
+
+
+def slot_actor_factory(config: RuntimeConfig) -> Callable[..., Any]:
+    return SlotFactory(config)
 
 
 def supervisor_options(config: RuntimeConfig) -> dict[str, Any]:
+    """The supervisor's Ray options: named in the pool's namespace, restarted by Ray when
+    it has snapshots to resume from, and kept on the head node (or on the nodes with a
+    ``threadbound-supervisor`` resource when any node has one)."""
     opts: dict[str, Any] = {"name": config.name, "namespace": config.ray.namespace, "get_if_exists": True,
                             # Restarting helps only if there is state to restart from.
                             "max_restarts": config.ray.supervisor_max_restarts if config.snapshots.enabled else 0}
     if config.ray.detached:
         opts["lifetime"] = "detached"
+    opts.update(supervisor_placement())
     return opts

@@ -7,17 +7,28 @@ served; nothing is admitted while the pool is paused or closing. An admitted tas
 its slots until it ends; each role is bound to one of them (a fresh agent instance per
 binding). A task with more roles than slots lends the slot of the role used least
 recently (and not running) to the next one.
+
+On a cluster a task's slots are all on one node, its home (``slots``, ``placement``):
+its workspace copy is made there by its first agent, and deleted there when it ends
+(:meth:`Admission.discard_copy`). A task is never given more slots than one node can
+hold. When its home dies, its slots start again on a surviving node; its next binding
+then raises :class:`WorkspaceLost` (the copy, and with it the round's work on it, is
+gone), and the task starts its round again from the original workspace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 from .slots import Slot, SlotTable
-from .task import PENDING, TERMINAL
+from .task import ADMITTED, PENDING, TERMINAL
 from .task_state import TaskState
+
+log = logging.getLogger("threadbound.admission")
 
 
 def _swapping(slot: Slot) -> bool:
@@ -33,6 +44,27 @@ class SlotLost(Exception):
         self.slot = slot
 
 
+class WorkspaceLost(Exception):
+    """The node holding a task's workspace copy died; its agents now run on ``node``.
+
+    Raised by :meth:`Admission.bind` once, the first time one of the task's roles binds
+    after the move; the copy on the new node is fresh from the original workspace, so the
+    round starts again."""
+
+    def __init__(self, task_id: str, lost: str, node: str) -> None:
+        super().__init__(f"the node {lost} holding the workspace copy of task {task_id} is gone; its agents "
+                         f"now run on node {node}, from a fresh copy of the original workspace")
+        self.task_id, self.lost, self.node = task_id, lost, node
+
+
+def _last_home(ts: TaskState) -> str | None:
+    """The node the task's agents last ran on (its last ``admitted`` event says), if any."""
+    for row in reversed(ts.events):
+        if row[1] == ADMITTED:
+            return row[3].get("node")
+    return None
+
+
 class Admission:
     """The admission queue and the binding of a task's roles to its slots."""
 
@@ -40,13 +72,18 @@ class Admission:
         self.slots = slots
         self.max_per_task = max_per_task
         self.queue: list[tuple[int, int, str]] = []  # (-priority, seq, task id): a heap
+        self._bg: set[asyncio.Task] = set()  # copies being deleted on other nodes
 
     def enqueue(self, ts: TaskState) -> None:
         heapq.heappush(self.queue, (-ts.spec.priority, ts.seq, ts.id))
 
     def width(self, ts: TaskState) -> int:
         """How many slots the task holds (and so how many of its roles run at once)."""
-        return min(len(set(ts.spec.agents)), self.max_per_task)
+        width = min(len(set(ts.spec.agents)), self.max_per_task)
+        placement = self.slots.placement
+        if placement is not None:  # all on one node: no more than the largest node holds
+            width = min(width, max(1, placement.largest()))
+        return width
 
     def queued(self, tasks: dict[str, TaskState]) -> int:
         return sum(1 for *_, t in self.queue if t in tasks and tasks[t].status == PENDING)
@@ -59,6 +96,10 @@ class Admission:
             if ts is None or ts.status in TERMINAL or ts.runner is not None:
                 heapq.heappop(self.queue)
                 continue
+            if self.slots.placement is not None and task_id not in self.slots.homes:
+                node = _last_home(ts)
+                if node is not None:  # it ran before this supervisor: its copy is on that node
+                    self.slots.homes[task_id] = node
             slots = self.slots.reserve(task_id, self.width(ts))
             if slots is None:
                 return
@@ -87,6 +128,11 @@ class Admission:
         except Exception as exc:  # its actor could not start: start another, and say so
             self.slots.replace(slot, kill=True)
             raise SlotLost(slot, exc) from exc
+        moved = self.slots.moved.pop(ts.id, None)
+        if moved is not None and ts.spec.workspace:
+            # On a shared disk the old copy may still be there: the round starts from the original.
+            await self.discard_copy_on(ts.id, moved[1])
+            raise WorkspaceLost(ts.id, *moved)
         return slot
 
     @staticmethod
@@ -124,3 +170,37 @@ class Admission:
             if slot.owner == ts.id:
                 self.slots.release(slot)
         ts.slots, ts.bound = [], OrderedDict()
+        if ts.status in TERMINAL:  # (a task waiting for a person comes back to the node of its copy)
+            self.slots.homes.pop(ts.id, None)
+            self.slots.moved.pop(ts.id, None)
+
+    # -- the workspace copy, where it is ---------------------------------------------------
+
+    def discard_copy(self, task_id: str, here: Callable[[str], Any]) -> None:
+        """Delete a finished task's workspace copy where it is: ``here(task_id)`` on a
+        thread when the task's agents ran on this node (or off Ray), else a small Ray
+        task on their node. Never raises: a copy left behind is logged, not fatal."""
+        node = self.slots.home_of(task_id)
+        placement = self.slots.placement
+        if node is None or placement is None or node == placement.here():
+            try:
+                asyncio.get_running_loop().run_in_executor(None, here, task_id)
+            except RuntimeError:  # no loop (unit tests of the plain class)
+                here(task_id)
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self.discard_copy_on(task_id, node))
+        except RuntimeError:
+            here(task_id)
+            return
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    @staticmethod
+    async def discard_copy_on(task_id: str, node: str) -> None:
+        from .placement import discard_copy_on
+
+        try:
+            await discard_copy_on(node, task_id)
+        except Exception as exc:  # its node may be gone, and the copy with it
+            log.warning("could not delete the workspace copy of task %s on node %s: %r", task_id, node, exc)

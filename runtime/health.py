@@ -16,8 +16,9 @@ Signals, counted over the last ``window_s``: ``error_rate`` (failed step attempt
 finished step attempts, once ``min_steps`` have finished), ``timeouts``,
 ``actor_deaths``, ``stream_failures`` (event batches that could not be fetched or
 recorded), ``retry_exhausted`` (steps that used up their retries on a retryable
-error), and ``memory_percent`` (the node's memory in use, from psutil, sampled at most
-every ``check_interval_s``; it degrades the pool but does not pause it).
+error), and ``memory_percent`` (memory in use, from psutil, sampled at most every
+``check_interval_s``; it degrades the pool but does not pause it). On a cluster it is
+the worst of the nodes that hold the pool's agents (:class:`NodesMemory`).
 
 The monitor is a plain object with an injected clock (and memory probe), so its
 hysteresis is unit-tested in milliseconds; the supervisor feeds it and acts on it.
@@ -25,10 +26,12 @@ hysteresis is unit-tested in milliseconds; the supervisor feeds it and acts on i
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import psutil
 
@@ -46,8 +49,60 @@ _COUNTS = {TIMEOUT: "timeouts", ACTOR_DEATH: "actor_deaths", STREAM_FAILURE: "st
 SIGNALS = ("error_rate", "timeouts", "actor_deaths", "stream_failures", "retry_exhausted", "memory_percent")
 
 
+log = logging.getLogger("threadbound.health")
+
+
 def node_memory_percent() -> float:
     return float(psutil.virtual_memory().percent)
+
+
+class NodesMemory:
+    """A memory probe over every node that holds the pool's agents: the worst one counts.
+
+    This node's memory is read here, as on one machine; each other node in ``hosts()``
+    is read there by ``read(node)`` (an awaitable; on Ray a small task on that node),
+    in the background: a check uses the last value each node reported and never waits
+    for one. A node that no longer holds agents is forgotten.
+
+    Examples:
+        >>> probe = NodesMemory(hosts=lambda: {"here"}, here=lambda: "here", read=None, local=lambda: 41.0)
+        >>> probe()
+        41.0
+    """
+
+    def __init__(self, hosts: Callable[[], Iterable[str]], here: Callable[[], str | None],
+                 read: Callable[[str], Awaitable[float]] | None,
+                 local: Callable[[], float] = node_memory_percent, timeout_s: float = 10.0) -> None:
+        self.hosts, self.here, self.read, self.local = hosts, here, read, local
+        self.timeout_s = timeout_s
+        self.values: dict[str, float] = {}  # other node -> its last reading
+        self._pending: asyncio.Task | None = None
+
+    def __call__(self) -> float:
+        value = self.local()
+        others = set(self.hosts()) - {self.here()}
+        for gone in set(self.values) - others:
+            del self.values[gone]
+        if others and self.read is not None and self._pending is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._pending = loop.create_task(self._refresh(sorted(others)))
+        return max([value, *self.values.values()])
+
+    async def _refresh(self, nodes: list[str]) -> None:
+        try:
+            got = await asyncio.gather(*(asyncio.wait_for(self.read(n), self.timeout_s) for n in nodes),
+                                       return_exceptions=True)
+            for node, value in zip(nodes, got):
+                if isinstance(value, (int, float)):
+                    self.values[node] = float(value)
+                else:  # a node going away: its agents are replaced elsewhere
+                    log.debug("no memory reading from node %s: %r", node, value)
+        finally:
+            self._pending = None
 
 
 class _Window:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from threadbound.agents import events as ev
 from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
 
+from .admission import WorkspaceLost
 from .attempt import Core, run_step
 from .task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
 from .task_state import TaskEnds, TaskState, TaskWaits
@@ -83,7 +84,12 @@ async def _rounds(core: RoundsCore, ts: TaskState) -> None:
     while rnd <= max_rounds:
         if ts.round != rnd:
             core.emit(ts, ev.ROUND_STARTED, None, round=rnd, feedback=list(ts.feedback))
-        await run_round(core, ts, rnd)
+        try:
+            await run_round(core, ts, rnd)
+        except WorkspaceLost as lost:  # its copy died with a node: the round again, from the original
+            core.emit(ts, ev.WORKSPACE_LOST, None, round=rnd, lost_node=lost.lost, node=lost.node,
+                      discarded=list(ts.committed))
+            continue
         if not ts.requests and ts.spec.inputs.get("approve"):
             await approval(core, ts, rnd)  # waits for a person; may add feedback to ts.requests
         if not ts.requests:

@@ -703,10 +703,7 @@ class Supervisor:
         self.emit(ts, status, None, **{k: v for k, v in data.items() if v is not None})
         self._finished += 1
         if ts.spec.workspace and not self.cfg.workspace.keep_copies:
-            try:
-                asyncio.get_running_loop().run_in_executor(None, _discard_copy, ts.id)
-            except RuntimeError:  # no loop (unit tests of the plain class)
-                _discard_copy(ts.id)
+            self.admission.discard_copy(ts.id, _discard_copy)  # on the node the copy is on
 
     def task_ended(self, ts: TaskState) -> None:
         """The task's run is over (its steps have stopped): free its slots, forget old tasks."""
@@ -736,7 +733,8 @@ class Supervisor:
         self.admission.admit(self.tasks, self._launch)
 
     def _launch(self, ts: TaskState, slots: list[Slot]) -> None:
-        self.emit(ts, ADMITTED, None, slots=[s.name for s in slots])
+        node = self.slots.home_of(ts.id)  # on a cluster: where its agents and its workspace copy are
+        self.emit(ts, ADMITTED, None, slots=[s.name for s in slots], **({"node": node} if node else {}))
         ts.runner = asyncio.get_running_loop().create_task(run_task(self, ts), name=f"task/{ts.id}")
 
     async def _tick(self) -> None:

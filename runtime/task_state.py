@@ -120,6 +120,8 @@ def track(ts: TaskState, row: tuple) -> None:
         ts.round, ts.feedback, ts.committed, ts.requests = data["round"], list(data["feedback"]), [], []
         ts.round_outputs = dict(ts.outputs)
         ts.answers = {}
+    elif kind == ev.WORKSPACE_LOST:  # the round starts again, from the outputs it began with
+        ts.committed, ts.requests, ts.outputs = [], [], dict(ts.round_outputs)
     elif kind == ev.INPUT_REQUESTED:
         ts.asked = max(ts.asked, data["request"])
         ts.asks = {**ts.asks, data["request"]: {"role": agent, "round": data.get("round"),

@@ -5,8 +5,12 @@ run by ``llama-cpp-python`` (``pip install -e '.[local]'``). It is a *tiny* mode
 shows the loop working offline, it will rarely fix real code. Point threadbound at a
 real model with the ``openai`` backend for real work.
 
-One model actor per node (named ``threadbound-model/<node id>``) holds the weights;
-every agent on that node calls it, so memory does not grow with the number of agents.
+One model actor per node holds the weights; every agent of a pool on that node calls
+it, so memory does not grow with the number of agents. It is named
+``<prefix>model/<node id>`` in the pool's Ray namespace (the prefix is the slots' own:
+empty for the pool named ``threadbound``, else ``<pool name>/``), detached so that it
+outlives the recycling of the agent that started it, and stopped by the pool's
+``shutdown`` (``runtime.placement.Placement.stop_models``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,22 @@ from ..errors import ModelError
 from .base import Message, Model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ACTOR = "model"  # the model actor of a node: <prefix>model/<node id>
+
+# Where this process's model actors are named: set once per agent actor by the runtime
+# (runtime.actors), so that each pool's model actors live in its own namespace.
+_SERVED_IN: dict[str, str | None] = {"namespace": None, "prefix": ""}
+
+
+def serve_models_in(namespace: str | None, prefix: str = "") -> None:
+    """Name this process's model actors ``<prefix>model/<node id>`` in ``namespace``
+    (None: the namespace this process's Ray job runs in)."""
+    _SERVED_IN.update(namespace=namespace, prefix=prefix)
+
+
+def model_actor_name(node: str, prefix: str = "") -> str:
+    """The name of the model actor on ``node`` of a pool whose slot names start with ``prefix``."""
+    return f"{prefix}{MODEL_ACTOR}/{node}"
 
 
 class LocalModelConfig(BaseModel):
@@ -57,6 +77,9 @@ class _LlamaServer:
         self.config = config
         self.llm = Llama(model_path=path, n_ctx=config.n_ctx, n_threads=config.n_threads, verbose=False)
 
+    def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
     def generate(self, messages: list[Message], stream: bool, max_tokens: int | None = None,
                  temperature: float | None = None):
         kw = {"messages": messages, "max_tokens": min(self.config.max_tokens, max_tokens or self.config.max_tokens),
@@ -87,10 +110,12 @@ class LocalModel(Model):
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            node = ray.get_runtime_context().get_node_id()
+            ctx = ray.get_runtime_context()
+            node = ctx.get_node_id()
+            namespace = _SERVED_IN["namespace"] or ctx.namespace
             cls = ray.remote(num_cpus=0, max_concurrency=1)(_LlamaServer)
             self._actor = cls.options(
-                name=f"threadbound-model/{node}", namespace="threadbound-models", get_if_exists=True,
+                name=model_actor_name(node, _SERVED_IN["prefix"] or ""), namespace=namespace, get_if_exists=True,
                 lifetime="detached", scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(self.config)
         return self._actor
