@@ -42,42 +42,33 @@ def _task(args: argparse.Namespace) -> Any:
     return pool.task(args.task)  # an unknown id raises TaskNotFound, naming it
 
 
-def cmd_respond(args: argparse.Namespace) -> int:
-    value = _parse(args.value, args.text, "VALUE")
+def _answer(args: argparse.Namespace, what: str, call: Callable[[Any], int]) -> int:
+    """Attach, make ``call(handle)``, and say which event records it."""
     handle = _task(args)
     if handle is None:
         return 2
-    offset = handle.respond(value, args.request)
-    print(f"task {handle.task_id}: answered (input_received, offset {offset})")
+    offset = call(handle)
+    kind = "message_received" if what == "sent" else "input_received"
+    print(f"task {handle.task_id}: {what} ({kind}, offset {offset})")
     return 0
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    value = _parse(args.value, args.text, "VALUE")  # bad input is named before Ray starts
+    return _answer(args, "answered", lambda h: h.respond(value, args.request))
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    handle = _task(args)
-    if handle is None:
-        return 2
-    offset = handle.approve(args.request)
-    print(f"task {handle.task_id}: approved (input_received, offset {offset})")
-    return 0
+    return _answer(args, "approved", lambda h: h.approve(args.request))
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    handle = _task(args)
-    if handle is None:
-        return 2
-    offset = handle.reject(args.reason, args.request)
-    print(f"task {handle.task_id}: rejected (input_received, offset {offset})")
-    return 0
+    return _answer(args, "rejected", lambda h: h.reject(args.reason, args.request))
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     message = _parse(args.message, not args.json, "MESSAGE")
-    handle = _task(args)
-    if handle is None:
-        return 2
-    offset = handle.send(message)
-    print(f"task {handle.task_id}: sent (message_received, offset {offset})")
-    return 0
+    return _answer(args, "sent", lambda h: h.send(message))
 
 
 def add_parsers(command: Callable[..., argparse.ArgumentParser], ray_flags: argparse.ArgumentParser) -> None:

@@ -23,6 +23,23 @@ import time
 from threadbound.agents import Agent, TransientError
 
 
+def mark(directory: str, key: str) -> None:
+    """Count a run of a step (runs.log gets its idempotency key) and make one external
+    effect idempotent by that key (effects/<key> is created unless it exists)."""
+    with open(os.path.join(directory, "runs.log"), "a") as fh:
+        fh.write(key + "\n")
+    effects = os.path.join(directory, "effects")
+    os.makedirs(effects, exist_ok=True)
+    try:
+        fd = os.open(os.path.join(effects, key.replace(":", "_").replace("/", "_")),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        pass  # done by an earlier run of this very step: do not repeat it
+    else:
+        os.write(fd, b"1")
+        os.close(fd)
+
+
 class Scripted(Agent):
     def __init__(self) -> None:
         self.calls = 0  # committed state: survives actor replacement through set_state
@@ -56,18 +73,7 @@ class Scripted(Agent):
             ctx.request_round(f"{ctx.role} wants round {ctx.round + 1}")
         self.calls += 1
         if spec.get("mark"):
-            with open(os.path.join(spec["mark"], "runs.log"), "a") as fh:
-                fh.write(ctx.idempotency_key + "\n")
-            effects = os.path.join(spec["mark"], "effects")
-            os.makedirs(effects, exist_ok=True)
-            try:
-                fd = os.open(os.path.join(effects, ctx.idempotency_key.replace(":", "_")),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                pass  # done by an earlier run of this very step: do not repeat it
-            else:
-                os.write(fd, b"1")
-                os.close(fd)
+            mark(spec["mark"], ctx.idempotency_key)
         return {"role": ctx.role, "pid": os.getpid(), "calls": self.calls, "round": ctx.round,
                 "attempt": ctx.attempt, "feedback": ctx.feedback}
 
@@ -117,18 +123,7 @@ class Questioner(Agent):
         if spec.get("sleep_s"):
             time.sleep(spec["sleep_s"])
         if spec.get("mark"):
-            with open(os.path.join(spec["mark"], "runs.log"), "a") as fh:
-                fh.write(ctx.idempotency_key + "\n")
-            effects = os.path.join(spec["mark"], "effects")
-            os.makedirs(effects, exist_ok=True)
-            try:
-                fd = os.open(os.path.join(effects, ctx.idempotency_key.replace(":", "_").replace("/", "_")),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            except FileExistsError:
-                pass
-            else:
-                os.write(fd, b"1")
-                os.close(fd)
+            mark(spec["mark"], ctx.idempotency_key)
         answers = [ctx.interrupt(q) for q in spec.get("questions", [{"question": "go on?"}])]
         return {"answers": answers, "key": ctx.idempotency_key, "attempt": ctx.attempt, "round": ctx.round}
 
