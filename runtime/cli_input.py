@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Any, Callable, TextIO
 
+from .cli_render import visible
 from .cli_run import BadInput, say
 from .task import Event
 
@@ -131,7 +132,7 @@ def read_answer(ev: Event, stdin: TextIO = sys.stdin) -> Any | None:
     payload = ev.data.get("payload")
     approval = isinstance(payload, dict) and payload.get("kind") == "approval"
     if approval and payload.get("diff"):
-        say(payload["diff"].rstrip("\n"))
+        say(visible(str(payload["diff"]).rstrip("\n")))
     say(APPROVAL_PROMPT if approval else "your answer (JSON, or text) > ")
     line = stdin.readline()
     text = line.strip()

@@ -10,6 +10,7 @@ twice a second and never reaches a pipe or a file.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -18,6 +19,22 @@ from typing import Any, Callable, TextIO
 from threadbound.agents import events
 
 from .task import Event
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every control character but newline and tab shown as ``\xNN``: what
+    a person is asked to approve or answer was written by the model, and an escape
+    sequence in it could otherwise erase or rewrite lines of the terminal (hide part of
+    a diff).
+
+    Examples:
+        >>> visible("ok" + chr(27) + "[1A")
+        'ok\\x1b[1A'
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 _CLEAR = "\r\x1b[K"
 
@@ -60,12 +77,13 @@ def sentence(ev: Event) -> str | None:
     if kind == events.INPUT_REQUESTED:
         payload = d.get("payload")
         if isinstance(payload, dict) and payload.get("kind") == "approval":
-            files = ", ".join(payload.get("files") or []) or "no file"
+            files = visible(", ".join(map(str, payload.get("files") or [])) or "no file")
             return (f"asks a person (#{d.get('request')}): approve this change to {files}? "
                     f"threadbound approve {ev.task_id} | reject {ev.task_id} --reason ... | "
                     f"respond {ev.task_id} --text 'feedback for another round'")
         shown = payload if isinstance(payload, str) else json.dumps(payload, default=str)
-        return f"asks a person (#{d.get('request')}): {shown[:300]}  (answer: threadbound respond {ev.task_id} JSON)"
+        return (f"asks a person (#{d.get('request')}): {visible(shown[:300])}  "
+                f"(answer: threadbound respond {ev.task_id} JSON)")
     if kind == events.INPUT_RECEIVED:
         return f"answered (#{d.get('request')}): {json.dumps(d.get('value'), default=str)[:200]}"
     if kind == events.MESSAGE_RECEIVED:

@@ -109,3 +109,26 @@ def test_run_approve_waits_for_approve_from_another_shell_then_applies(tmp_path,
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_diff_the_model_wrote_cannot_rewrite_the_terminal_that_asks_for_approval(capsys):
+    # Given: an approval whose diff and file names carry escape sequences that would erase
+    # the line above and hide part of the change
+    import io
+
+    from threadbound.runtime.cli_input import read_answer
+    from threadbound.runtime.cli_render import sentence
+    from threadbound.runtime.task import Event
+
+    hostile = "+safe()\n\x1b[1A\x1b[2K+rm -rf ~  # hidden\r\x1b]0;title\x07"
+    ev = Event("t1", 3, "input_requested", None,
+               {"request": 1, "payload": {"kind": "approval", "diff": hostile, "files": ["a\x1b[2K.py"]}}, 0.0)
+    # When: the terminal shows it and the person answers
+    answer = read_answer(ev, io.StringIO("y\n"))
+    shown = capsys.readouterr()
+    line = sentence(ev)
+    # Then: no control character reaches the terminal; the hidden line is there to read
+    for text in (shown.out + shown.err, line):
+        assert not any(c in text for c in "\x1b\r\x07"), repr(text)
+    assert "+rm -rf ~  # hidden" in shown.out + shown.err and "\\x1b[2K" in line
+    assert answer == {"approve": True}
