@@ -13,7 +13,7 @@
 # Each node is one `ray start --block` process (with its own temp directory, so the nodes
 # start in parallel without racing for socket and log file names); the Ray processes of
 # the node are its children. `up` records every one of them, with its start time, in
-# $TMPDIR/threadbound-cluster-local/pids; `down` signals only those (and their children), by
+# $TMPDIR/threadbound-cluster-local-<uid>/pids (a 0700 directory of yours); `down` signals only those (and their children), by
 # PID: TERM to each node's `ray start`, which stops its node, then TERM, then KILL, to
 # whatever is left after a grace period. It never runs `ray stop`, which stops every Ray of
 # the machine. The nodes use their own ports and temp directories, never /tmp/ray, so other
@@ -33,7 +33,7 @@
 set -euo pipefail
 
 STATE_DIR="${TMPDIR:-/tmp}"
-STATE_DIR="${STATE_DIR%/}/threadbound-cluster-local"
+STATE_DIR="${STATE_DIR%/}/threadbound-cluster-local-$(id -u)"
 PIDS="$STATE_DIR/pids"        # one line per process: PID START_TIME NODE/NAME
 ENV_FILE="$STATE_DIR/env"     # the exports `env` prints
 INFO="$STATE_DIR/info"        # address, dashboard, node count, Ray temp root
@@ -52,6 +52,29 @@ die() { printf 'cluster_local.sh: %s\n' "$*" >&2; exit 1; }
 usage() {
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
+}
+
+# --- the state directory: this user's alone -------------------------------------------------
+
+# `env` prints a file of it for the shell to eval, and `down` signals the PIDs it lists: in a
+# shared TMPDIR, a directory someone else made (or can write) would run their commands and
+# stop processes they chose. So it must be a real directory of ours with mode 0700, or absent.
+own_state_dir() {
+    if [ -L "$STATE_DIR" ] || { [ -e "$STATE_DIR" ] && [ ! -d "$STATE_DIR" ]; }; then
+        die "$STATE_DIR is not a directory of its own (a link or a file); remove it, or set TMPDIR to a private directory"
+    fi
+    [ -d "$STATE_DIR" ] || return 0
+    local owner mode
+    owner=$(stat -c %u "$STATE_DIR")
+    mode=$(stat -c %a "$STATE_DIR")
+    [ "$owner" = "$(id -u)" ] || die "$STATE_DIR belongs to uid $owner, not to you; remove it, or set TMPDIR to a private directory"
+    [ "$mode" = 700 ] || die "$STATE_DIR has mode $mode, so others may change what it records; it must be 700: remove it, or chmod 700 it if you made it"
+}
+
+make_state_dir() {
+    own_state_dir
+    mkdir -m 700 -p "$STATE_DIR"
+    own_state_dir  # made by someone else between the check and mkdir -p
 }
 
 # --- processes, by PID and start time ------------------------------------------------------
@@ -180,7 +203,7 @@ remove_ray_root() {
 cmd_up() {
     local n=${1:-}
     case "$n" in ''|*[!0-9]*) die "usage: $0 up N   (N = the number of worker nodes, e.g. 2)" ;; esac
-    mkdir -p "$STATE_DIR"
+    make_state_dir
     exec 9> "$STATE_DIR/lock"
     flock -n 9 || die "another 'up' or 'down' of the local cluster in $STATE_DIR is running"
     if is_up; then
@@ -359,6 +382,9 @@ cmd_env() {
     cat "$ENV_FILE"
 }
 
+case "${1:-}" in
+    up|down|status|env) own_state_dir ;;
+esac
 case "${1:-}" in
     up) shift; cmd_up "$@" ;;
     down) cmd_down ;;

@@ -54,7 +54,7 @@ def run(env, *args, timeout=120):
 
 def recorded(env) -> list[tuple[int, str]]:
     """(pid, start time) of every process the script recorded."""
-    pids = Path(env["TMPDIR"]) / "threadbound-cluster-local" / "pids"
+    pids = Path(env["TMPDIR"]) / f"threadbound-cluster-local-{os.getuid()}" / "pids"
     if not pids.exists():
         return []
     return [(int(line.split()[0]), line.split()[1]) for line in pids.read_text().splitlines() if line.strip()]
@@ -84,6 +84,42 @@ def test_down_with_nothing_up_says_so(tmp_path):
     proc = run(script_env(tmp_path), "down", timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "no local cluster is up" in proc.stdout
+
+
+@pytest.mark.parametrize("planted", ["other-writable", "someone-elses", "a-link"])
+def test_a_state_directory_someone_else_planted_is_refused_before_it_is_read(tmp_path, planted):
+    # Given: a state directory in the shared TMPDIR that another user could have made: its
+    # env file would run their command in the shell that evals it, its pids file would
+    # have `down` signal a process they chose
+    env = script_env(tmp_path)
+    state = Path(env["TMPDIR"]) / f"threadbound-cluster-local-{os.getuid()}"
+    victim = subprocess.Popen(["sleep", "60"])
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    made = target if planted == "a-link" else state
+    made.mkdir(exist_ok=True)
+    (made / "env").write_text(f"touch {tmp_path / 'pwned'}\n")
+    (made / "pids").write_text(f"{victim.pid} {Path(f'/proc/{victim.pid}/stat').read_text().split()[21]} head\n")
+    (made / "info").write_text("nodes=1\n")
+    if planted == "a-link":
+        state.symlink_to(target, target_is_directory=True)
+    elif planted == "other-writable":
+        state.chmod(0o777)
+    else:
+        state.chmod(0o700)
+        os.chown(state, 65534, 65534)  # nobody's (the tests run as root)
+    try:
+        # When: the user runs each command
+        for command in ("env", "down", "status", "up"):
+            proc = run(env, command, *(["1"] if command == "up" else []))
+            # Then: each refuses, naming the directory and what to do, and runs or signals nothing
+            assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+            assert str(state) in proc.stderr and ("remove it" in proc.stderr), proc.stderr
+            assert "touch" not in proc.stdout
+        assert victim.poll() is None and not (tmp_path / "pwned").exists()
+    finally:
+        victim.kill()
+        victim.wait(10)
 
 
 def test_bad_input_is_refused_before_anything_starts(tmp_path):
