@@ -89,10 +89,11 @@ def test_the_first_answer_wins_and_a_late_one_names_its_request(pool):
     handle = pool.submit(Task(goal="g", agents=["q"], inputs={"q": {"questions": ["one?", "two?"]}}))
     # A task that has not asked yet cannot be answered
     first = wait_for(handle, "input_requested")
-    # When: two answers race for request 1
-    handle.respond("first")
+    # When: two answers race for request 1 (each names it: an answer without a number goes
+    # to whatever is open when it lands, which may already be request 2)
+    handle.respond("first", request=first.data["request"])
     with pytest.raises(InputNotExpected) as late:
-        handle.respond("second")
+        handle.respond("second", request=first.data["request"])
     # Then: the second names the request it was late for
     assert late.value.request == 1 and "#1" in str(late.value) and "already answered" in str(late.value)
     second = wait_for(handle, "input_requested", first.offset + 1)
