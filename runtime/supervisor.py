@@ -431,9 +431,7 @@ class Supervisor:
         self.emit(ts, ev.INPUT_RECEIVED, ask["role"], request=rid, round=ask["round"], value=value)
         offset = len(ts.events) - 1
         if ts.status == WAITING and ts.runner is None:  # its run had stopped: queue it again
-            timer = self._wait_timers.pop(ts.id, None)
-            if timer is not None:
-                timer.cancel()
+            self._disarm_wait(ts)
             self.admission.enqueue(ts)
         await self.barrier()  # answered = on disk
         self._pump()
@@ -481,7 +479,7 @@ class Supervisor:
             raise InputNotExpected(f"task {ts.id} has not asked for input (it is {ts.status}); answer it when it "
                                    "waits (status waiting, after an input_requested event)", task_id=ts.id)
         if len(ts.asks) > 1:
-            which = ", ".join(f"#{r} from {a['role'] or 'the approval'}" for r, a in sorted(ts.asks.items()))
+            which = self._open_requests(ts)
             raise InputNotExpected(f"task {ts.id} waits for {len(ts.asks)} answers ({which}); say which one "
                                    "with request=N (threadbound respond --request N)", task_id=ts.id)
         return next(iter(ts.asks))
@@ -492,12 +490,20 @@ class Supervisor:
     def _arm_wait(self, ts: TaskState) -> None:
         """End the waiting task ``timed_out`` when its wait_timeout_s passes (wall clock:
         the wait goes on across a restart of the supervisor)."""
-        old = self._wait_timers.pop(ts.id, None)
-        if old is not None:
-            old.cancel()
+        self._disarm_wait(ts)
         since = ts.waiting_since or time.time()
         delay = max(0.0, since + self._wait_limit(ts) - time.time())
         self._wait_timers[ts.id] = asyncio.get_running_loop().call_later(delay, self._wait_expired, ts.id)
+
+    def _disarm_wait(self, ts: TaskState) -> None:
+        timer = self._wait_timers.pop(ts.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    @staticmethod
+    def _open_requests(ts: TaskState) -> str:
+        """``#1 from reviewer, #2 from the approval``: the task's open input requests."""
+        return ", ".join(f"#{r} from {a['role'] or 'the approval'}" for r, a in sorted(ts.asks.items()))
 
     def _wait_expired(self, task_id: str) -> None:
         self._wait_timers.pop(task_id, None)
@@ -505,7 +511,7 @@ class Supervisor:
         if ts is None or ts.status != WAITING or ts.runner is not None:
             return
         limit = self._wait_limit(ts)
-        which = ", ".join(f"#{r} from {a['role'] or 'the approval'}" for r, a in sorted(ts.asks.items()))
+        which = self._open_requests(ts)
         self.finish(ts, TIMED_OUT, reason="wait_timeout", limit_s=limit,
                     error=f"task {ts.id} waited {limit:g}s for a person's input ({which or 'none open'}) and got "
                           "none (wait_timeout_s); answer sooner, or give the task a longer wait_timeout_s")
@@ -576,7 +582,7 @@ class Supervisor:
         if ts.status in TERMINAL:
             return ts.status
         ts.cancel_reason = reason
-        if ts.runner is None or ts.runner.done():  # queued, or waiting for a person
+        if ts.runner is None:  # queued, or waiting for a person (task_ended let its runner go)
             self.finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
         else:
             ts.runner.cancel()
@@ -695,9 +701,7 @@ class Supervisor:
     def finish(self, ts: TaskState, status: str, **data: Any) -> None:
         if ts.status in TERMINAL:
             return
-        timer = self._wait_timers.pop(ts.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._disarm_wait(ts)
         if ts.spec.workspace:  # the final event says where the copy was and whether it is kept
             data.update(workspace_copy=str(copy_path(ts.id)), workspace_copy_kept=self.cfg.workspace.keep_copies)
         self.emit(ts, status, None, **{k: v for k, v in data.items() if v is not None})
@@ -756,7 +760,7 @@ class Supervisor:
                       streaming=self.cfg.streaming and not degraded, admitting=t.new != PAUSED)
             if degraded and not ts.spec.degrade:
                 ts.cancel_reason = "degraded"
-                if ts.runner is None or ts.runner.done():
+                if ts.runner is None:
                     self.finish(ts, FAILED, error=self.opted_out(ts), reason="degraded")
                 else:
                     ts.runner.cancel()
