@@ -7,6 +7,10 @@ operator filters on: ``ts`` (ISO 8601, UTC), ``pool``, ``task``, ``role``, ``act
 and the event's fields (long strings cut). Token events are left out unless
 ``log.tokens`` (they are most of a log and all of them are in the task's event log).
 
+Lines are gathered during one turn of the supervisor's event loop and written with one
+``write`` at its end (a burst of events costs one system call, and nothing waits on a
+timer); the file is rotated past ``log.max_mb`` keeping ``log.backups`` older files.
+
 With ``log.stderr`` (``threadbound run -v`` sets it) the same events also go, one short
 line each, to the ``threadbound.events`` logger on the supervisor's stderr, which Ray
 forwards to the terminal then; off by default, it costs the event path nothing.
@@ -14,12 +18,12 @@ forwards to the terminal then; off by default, it costs the event path nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import logging.handlers
 import os
 import sys
-from datetime import datetime, timezone
+import time
 from typing import Any
 
 from threadbound.agents import events as ev
@@ -49,6 +53,88 @@ def _cut(value: Any, depth: int = 0) -> Any:
     return repr(value)[:MAX_FIELD]
 
 
+class _RotatingLines:
+    """An append-only file of lines, rotated past ``max_bytes`` (``path.1`` ... ``path.N``,
+    or truncated when ``backups`` is 0, as :class:`logging.handlers.RotatingFileHandler`
+    does); lines added during one turn of the running event loop go out in one write."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._fd: int | None = None
+        self._size = 0
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def add(self, line: bytes) -> None:
+        self._pending.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if self._fd is None:
+            self._open()
+        chunk: list[bytes] = []
+        size = self._size
+        for line in pending:
+            if size + len(line) > self.max_bytes and size > 0:
+                self._write(chunk)
+                chunk = []
+                self._rotate()
+                size = 0
+            chunk.append(line)
+            size += len(line)
+        self._write(chunk)
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def _write(self, chunk: list[bytes]) -> None:
+        if not chunk:
+            return
+        view = memoryview(b"".join(chunk))
+        self._size += len(view)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = None
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+            self._open()
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            self._size = 0
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _iso(ts: float) -> str:
+    """``ts`` as ISO 8601 in UTC with milliseconds (``2026-11-22T13:04:05.123+00:00``)."""
+    ms = int(ts * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{ms:03d}+00:00"
+
+
 class StructuredLog(Hook):
     """Writes every event of every task to the pool's JSONL log (see the module docstring)."""
 
@@ -57,17 +143,7 @@ class StructuredLog(Hook):
         self.tokens = cfg.log.tokens
         self.path = log_path(cfg)
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        self._file = logging.getLogger(f"threadbound.jsonl.{cfg.name}")
-        self._file.propagate = False
-        self._file.setLevel(logging.INFO)
-        for h in list(self._file.handlers):  # a supervisor restarted in the same process: one handler
-            self._file.removeHandler(h)
-            h.close()
-        handler = logging.handlers.RotatingFileHandler(
-            self.path, maxBytes=int(cfg.log.max_mb * 1024 * 1024), backupCount=cfg.log.backups,
-            encoding="utf-8", delay=True)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self._file.addHandler(handler)
+        self._file = _RotatingLines(self.path, int(cfg.log.max_mb * 1024 * 1024), cfg.log.backups)
         self.stderr = cfg.log.stderr
         if self.stderr and not human.handlers:
             out = logging.StreamHandler(sys.stderr)
@@ -88,19 +164,17 @@ class StructuredLog(Hook):
             for key in [k for k in self._actors if k[0] == task.id]:
                 del self._actors[key]
         line = {
-            "ts": datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": _iso(ts),
             "pool": self.pool, "task": task.id, "role": agent,
             "actor": self._actors.get((task.id, agent)) if agent else None,
             "level": data.get("level", task.level), "kind": kind, "attempt": data.get("attempt"),
             "offset": offset, "data": _cut(data),
         }
-        self._file.info(json.dumps(line, default=repr))
+        self._file.add(json.dumps(line, default=repr).encode() + b"\n")  # ASCII: ensure_ascii
         if self.stderr:
             where = f"{task.id}/{agent}" if agent else task.id
             brief = data.get("error") or data.get("reason") or data.get("mode") or ""
             human.info("%s %s%s", where, kind, f": {str(brief)[:200]}" if brief else "")
 
     def close(self) -> None:
-        for h in list(self._file.handlers):
-            self._file.removeHandler(h)
-            h.close()
+        self._file.close()

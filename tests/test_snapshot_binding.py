@@ -410,3 +410,44 @@ def test_every_snapshot_plus_the_journal_after_it_gives_every_record_exactly_onc
         _, state = loc.load(seq)
         records, torn = loc.replay(after=seq)
         assert [r[1] for r in records] == list(range(state["n"], n)) and torn == []
+
+
+def test_a_burst_of_records_shares_one_frame_and_a_flush_writes_at_once(tmp_path, monkeypatch):
+    # Given: the supervisor's durability on a local disk
+    import asyncio
+
+    from threadbound.runtime import durability
+    from threadbound.runtime.config import RuntimeConfig
+
+    cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600})
+    seen: list[dict] = []
+
+    async def run():
+        durable = durability.Durability(cfg, durability.open_location(cfg),
+                                        on_durable=lambda marks: seen.append(dict(marks)))
+        export = lambda: ({}, {}, [])  # noqa: E731
+        durable.write_now(0, export)
+        durable.start(export)
+        # When: five events of a burst are recorded across loop turns, nobody waiting
+        for i in range(5):
+            durable.record(["event", i], task_id="t1", events=i + 1)
+            await asyncio.sleep(0)
+        during = durable.stats["journal_frames"]
+        await asyncio.sleep(durability.GATHER_S * 20)  # (timers fire in order: the write's is first)
+        burst = durable.stats["journal_frames"]
+        # ... and then, with a gathering window that would never end, a commit is flushed
+        monkeypatch.setattr(durability, "GATHER_S", 3600.0)
+        durable.record(["event", 5], task_id="t1", events=6)
+        durable.record(["commit"], task_id="t1", events=7)
+        await durable.flush()  # (the test's timeout stands for "at once")
+        commit = durable.stats["journal_frames"]
+        await durable.close(export)
+        return during, burst, commit
+
+    during, burst, commit = asyncio.run(run())
+    # Then: nothing was written mid-burst, the burst went out as one frame without a
+    # flush asking for it, and the flush wrote what was pending with the commit in one more
+    assert (during, burst, commit) == (0, 1, 2)
+    assert seen[:2] == [{"t1": 5}, {"t1": 7}]
+    records, torn = durability.open_location(cfg).replay(after=0)
+    assert [r[-1] for r in records] == [0, 1, 2, 3, 4, 5, "commit"] and torn == []

@@ -70,3 +70,14 @@ def test_tokens_are_logged_when_asked(fakes, tmp_path):  # noqa: F811
 
     run(fakes, body, log={"dir": str(tmp_path), "tokens": True})
     assert "tokens" in [g["kind"] for g in lines(str(tmp_path / "pool-threadbound.jsonl"))]
+
+
+def test_with_no_backups_the_log_is_cut_back_not_grown_without_end(fakes, tmp_path):  # noqa: F811
+    async def body(sup):
+        for _ in range(30):
+            await result(sup, await submit(sup, ["a"]))
+
+    run(fakes, body, log={"dir": str(tmp_path), "max_mb": 0.002, "backups": 0})
+    assert os.listdir(tmp_path) == ["pool-threadbound.jsonl"]
+    assert 0 < os.path.getsize(tmp_path / "pool-threadbound.jsonl") <= 0.002 * 1024 * 1024 + 4096
+    assert lines(str(tmp_path / "pool-threadbound.jsonl"))[-1]["kind"] == "succeeded"  # the newest lines kept
