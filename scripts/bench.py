@@ -10,7 +10,10 @@ The workload: N tasks, each code -> test -> review in sequence (an explicit
 model (``--tokens`` per step, no latency: the numbers measure the runtimes;
 ``--cpu-ms`` adds GIL-holding work per step). Every system delivers every token to the
 client that submitted the task. Same machine, same process run; results are ratios
-against the baselines measured here, never absolute promises.
+against the baselines measured here, never absolute promises. The issue's speed ratios
+(per-step cost against the Ray floor, tasks/s against LangGraph at 1 and 4 tasks at a
+time) are also printed as the median of ``--repeat`` runs in which the two sides take
+turns, since one run on a busy 2-core machine can be off by a third.
 
 Figures of threadbound alone: tasks/s with agent processes recycled every few tasks
 against recycling off; a round of code, then test and review in parallel, with 200 ms
@@ -403,6 +406,25 @@ def capacity(bench: Bench, levels: tuple[int, ...], stream_s: float, rate: float
     return out
 
 
+def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int) -> dict[str, Any]:
+    """The issue's three speed ratios, each the median of ``repeats`` runs in which the
+    systems compared take turns (a machine that slows down for a while slows both sides
+    of one ratio, not one side of all of them)."""
+    pairs: dict[str, list[float]] = {"step_vs_floor": [], "c4_vs_langgraph": [], "c1_vs_langgraph": []}
+    for _ in range(repeats):
+        tb = bench.run_threadbound(n1, 1, 1, 0.0)
+        floor = base.run_ray_warm(n1, 1, 1, 0.0)
+        pairs["step_vs_floor"].append(tb["wall_s"] / floor["wall_s"])  # same n: a ratio of per-step costs
+        if lg:
+            a, b = bench.run_threadbound(n4, 4, tokens, 0.0), base.run_langgraph(n4, 4, tokens, 0.0)
+            pairs["c4_vs_langgraph"].append(b["wall_s"] / a["wall_s"])  # same n: a ratio of tasks/s
+            a, b = bench.run_threadbound(n1, 1, tokens, 0.0), base.run_langgraph(n1, 1, tokens, 0.0)
+            pairs["c1_vs_langgraph"].append(b["wall_s"] / a["wall_s"])
+    out = {k: {"median": statistics.median(v), "runs": [round(x, 3) for x in v]} for k, v in pairs.items() if v}
+    out["repeats"] = repeats
+    return out
+
+
 def cluster_throughput(quick: bool, tokens: int, concurrency: int = 4, nodes: tuple[int, ...] = (1, 2, 3)) -> int:
     """``--cluster``: the throughput workload on a Ray of 1, 2 and 3 nodes on this machine
     (``ray.cluster_utils.Cluster``, one CPU and a resource naming it per node); tasks/s
@@ -441,6 +463,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller N; a few minutes")
     ap.add_argument("--tokens", type=int, default=50, help="tokens per step")
     ap.add_argument("--cpu-ms", type=float, default=20.0, help="GIL-holding work per step, CPU-bound figure")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the headline ratios (median printed)")
     ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md and bench-results/")
     ap.add_argument("--cluster", action="store_true",
                     help="only the throughput workload on 1, 2 and 3 local nodes (ray.cluster_utils.Cluster)")
@@ -489,6 +512,14 @@ def main() -> int:
             bench.record("overhead", "langgraph + sqlite (sync)", base.run_langgraph(no, 1, 1, 0.0), no, 1)
             bench.record("overhead", "langgraph, no checkpointer",
                          base.run_langgraph(no, 1, 1, 0.0, durable=False), no, 1)
+
+        print(f"\n[headline] the speed ratios, each the median of {args.repeat} runs taking turns")
+        results["headline"] = hl = headline(bench, args.repeat, lg, args.tokens, n, no)
+        for key, label in (("step_vs_floor", "per-step cost at c=1 vs the warm-actor Ray floor"),
+                           ("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite"),
+                           ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite")):
+            if key in hl:
+                print(f"  {label}: {hl[key]['median']:.2f}x (runs {hl[key]['runs']})")
 
         print("\n[metrics] per-step cost at c=1 with metrics (and their endpoint) on vs off, runs interleaved")
         results["metrics_cost"] = mc = metrics_cost(bench, no, 3 if q else 5)
@@ -581,6 +612,15 @@ def _get(rows: list[dict], figure: str, system: str, c: int | None = None, n: in
 
 def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
     out = []
+    hl = results.get("headline")
+    if hl:
+        targets = {"step_vs_floor": ("per-step cost at c=1, threadbound / warm-actor ray floor", "<= 1.3x"),
+                   "c4_vs_langgraph": ("token-streaming tasks/s at c=4, threadbound / langgraph+sqlite", ">= 1x"),
+                   "c1_vs_langgraph": ("token-streaming tasks/s at c=1, threadbound / langgraph+sqlite", ">= 0.5x")}
+        for key, (label, target) in targets.items():
+            if key in hl:
+                out.append(f"{label}: median {hl[key]['median']:.2f}x of {hl['repeats']} runs taking turns "
+                           f"{hl[key]['runs']} (target {target})")
     tb, floor = _get(rows, "overhead", "threadbound"), _get(rows, "overhead", "ray, warm actors (floor)")
     if tb and floor:
         out.append(f"per-step cost at c=1: threadbound {tb['step_ms'] * 1000:.0f} us vs ray floor "
