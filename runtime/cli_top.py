@@ -193,7 +193,10 @@ class _Watcher:
             try:
                 if self.pool is None:
                     self.pool = AgentPool.attach(self.name, namespace=self.namespace)
-                stats, health, tasks = self.pool.stats(), self.pool.health(), self.pool.tasks()
+                # The tasks first: a task they show ended had ended before the stats were
+                # read, so one screen never shows an ended task with an agent still running.
+                tasks = self.pool.tasks()
+                stats, health = self.pool.stats(), self.pool.health()
             except Exception as exc:  # noqa: BLE001 (whatever it is, the view stays up and says it)
                 self.pool = None
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
