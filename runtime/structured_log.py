@@ -32,6 +32,7 @@ from .config import RuntimeConfig, state_dir
 from .hooks import Hook
 
 human = logging.getLogger("threadbound.events")
+log = logging.getLogger("threadbound.structured_log")
 MAX_FIELD = 500  # characters kept of one string field
 
 
@@ -55,8 +56,12 @@ def _cut(value: Any, depth: int = 0) -> Any:
 
 class _RotatingLines:
     """An append-only file of lines, rotated past ``max_bytes`` (``path.1`` ... ``path.N``,
-    or truncated when ``backups`` is 0, as :class:`logging.handlers.RotatingFileHandler`
-    does); lines added during one turn of the running event loop go out in one write."""
+    or cut back when ``backups`` is 0, as :class:`logging.handlers.RotatingFileHandler`
+    does); lines added during one turn of the running event loop go out in one write.
+
+    The file is never opened through a symbolic link (someone who can write the log
+    directory cannot point the pool's appends at another file). A file that cannot be
+    written is said once, in the supervisor's log, and the pool runs on without it."""
 
     def __init__(self, path: str, max_bytes: int, backups: int) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
@@ -64,8 +69,11 @@ class _RotatingLines:
         self._size = 0
         self._pending: list[bytes] = []
         self._scheduled = False
+        self.failed: OSError | None = None
 
     def add(self, line: bytes) -> None:
+        if self.failed is not None:
+            return
         self._pending.append(line)
         if self._scheduled:
             return
@@ -80,24 +88,29 @@ class _RotatingLines:
     def flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        if not pending:
+        if not pending or self.failed is not None:
             return
-        if self._fd is None:
-            self._open()
-        chunk: list[bytes] = []
-        size = self._size
-        for line in pending:
-            if size + len(line) > self.max_bytes and size > 0:
-                self._write(chunk)
-                chunk = []
-                self._rotate()
-                size = 0
-            chunk.append(line)
-            size += len(line)
-        self._write(chunk)
+        try:
+            if self._fd is None:
+                self._open()
+            chunk: list[bytes] = []
+            size = self._size
+            for line in pending:
+                if size + len(line) > self.max_bytes and size > 0:
+                    self._write(chunk)
+                    chunk, size = [], 0
+                    self._rotate()
+                chunk.append(line)
+                size += len(line)
+            self._write(chunk)
+        except OSError as exc:
+            self.failed = exc
+            log.error("the pool's JSONL log %s cannot be written (%s); the pool runs on without it: remove "
+                      "what is in its place, or set log.dir to a directory only you can write", self.path, exc)
 
-    def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _open(self, truncate: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (os.O_TRUNC if truncate else 0)
+        self._fd = os.open(self.path, flags, 0o600)
         self._size = os.fstat(self._fd).st_size
 
     def _write(self, chunk: list[bytes]) -> None:
@@ -113,14 +126,10 @@ class _RotatingLines:
         self._fd = None
         if self.backups > 0:
             for i in range(self.backups - 1, 0, -1):
-                src = f"{self.path}.{i}"
-                if os.path.exists(src):
-                    os.replace(src, f"{self.path}.{i + 1}")
+                if os.path.lexists(f"{self.path}.{i}"):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
-            self._open()
-        else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-            self._size = 0
+        self._open(truncate=self.backups == 0)
 
     def close(self) -> None:
         self.flush()

@@ -81,3 +81,25 @@ def test_with_no_backups_the_log_is_cut_back_not_grown_without_end(fakes, tmp_pa
     assert os.listdir(tmp_path) == ["pool-threadbound.jsonl"]
     assert 0 < os.path.getsize(tmp_path / "pool-threadbound.jsonl") <= 0.002 * 1024 * 1024 + 4096
     assert lines(str(tmp_path / "pool-threadbound.jsonl"))[-1]["kind"] == "succeeded"  # the newest lines kept
+
+
+def test_a_link_planted_where_the_log_goes_is_not_written_through_and_the_pool_runs_on(
+        fakes, tmp_path, caplog):  # noqa: F811
+    # Given: someone who can write the log directory put a link where the log file goes,
+    # pointing at a file of the user's
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    victim = tmp_path / "keep-me.txt"
+    victim.write_text("precious\n")
+    os.symlink(victim, logs / "pool-threadbound.jsonl")
+    seen = {}
+
+    async def body(sup):
+        seen["result"] = await result(sup, await submit(sup, ["a"]))
+
+    # When: the pool runs a task
+    run(fakes, body, log={"dir": str(logs)})
+    # Then: the task succeeded, the linked file is as it was, and the log says why it wrote nothing
+    assert seen["result"].ok
+    assert victim.read_text() == "precious\n"
+    assert any("cannot be written" in r.getMessage() and "log.dir" in r.getMessage() for r in caplog.records)
