@@ -64,12 +64,25 @@ def _attach(args: argparse.Namespace) -> Any:
         return None
 
 
-def cmd_health(args: argparse.Namespace) -> int:
+_NO_POOL = object()
+
+
+def _ask(args: argparse.Namespace, method: str) -> Any:
+    """``pool.<method>()`` of the pool ``args`` names, attached for just that call;
+    ``_NO_POOL`` when there is none to ask (said on stderr by :func:`_attach`)."""
     pool = _attach(args)
     if pool is None:
+        return _NO_POOL
+    try:
+        return getattr(pool, method)()
+    finally:
+        pool.close()
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    h = _ask(args, "health")
+    if h is _NO_POOL:
         return 2
-    h = pool.health()
-    pool.close()
     if args.json:
         print(json.dumps(h, default=str))
         return 0
@@ -85,11 +98,9 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    pool = _attach(args)
-    if pool is None:
+    stats = _ask(args, "stats")
+    if stats is _NO_POOL:
         return 2
-    stats = pool.stats()
-    pool.close()
     if stats.get("metrics_url"):
         print(stats["metrics_url"])
         return 0
@@ -100,11 +111,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    pool = _attach(args)
-    if pool is None:
+    rows = _ask(args, "tasks")
+    if rows is _NO_POOL:
         return 2
-    rows = pool.tasks()
-    pool.close()
     for t in rows:
         print(f"{t.task_id}  {t.status:<10} round {t.round}  {', '.join(t.agents):<24} {t.goal[:60]}")
     if not rows:
