@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .errors import PoolClosed
-    from .gateway.app import Gateway, GatewaySettings
+    from .gateway.app import Gateway, GatewaySettings, server_config
     from .gateway.auth import ENV, Tokens, TokenError, load
     from .pool import AgentPool
 
@@ -79,10 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = Gateway(pool, Tokens(tokens), settings).app
         scheme = "https" if args.ssl_certfile else "http"
         say(f"serving on {scheme}://{args.host}:{args.port}/ (API under /v1, web page at /, Ctrl-C stops)")
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=args.host, port=args.port, loop="asyncio", ws="websockets-sansio", lifespan="off",
-            log_level="info" if args.verbose else "warning", ssl_certfile=args.ssl_certfile,
-            ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=2))
+        server = uvicorn.Server(server_config(
+            app, args.host, args.port, log_level="info" if args.verbose else "warning",
+            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=2))
         server.run()
         return 0
     except KeyboardInterrupt:

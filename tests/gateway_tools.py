@@ -44,15 +44,14 @@ class InProcessGateway:
     def __init__(self, pool, settings=None, tokens=None) -> None:
         import uvicorn
 
-        from threadbound.runtime.gateway.app import Gateway
+        from threadbound.runtime.gateway.app import Gateway, server_config
         from threadbound.runtime.gateway.auth import Tokens, parse_env
 
         self.gateway = Gateway(pool, Tokens(tokens or parse_env(TOKENS_ENV)), settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.gateway.app, host="127.0.0.1", port=self.port, loop="asyncio", ws="websockets-sansio",
-            lifespan="off", log_level="error", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(server_config(self.gateway.app, "127.0.0.1", self.port, log_level="error",
+                                                   timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True,
                                        name=f"gateway:{self.port}")
 

@@ -419,3 +419,25 @@ def test_threadbound_run_through_a_gateway_follows_the_task_to_its_end(gw):
     bad = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "run", "--gateway", gw.url,
                           "--agents", "nosuchrole"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown role 'nosuchrole'" in bad.stderr
+
+
+def test_a_websocket_message_too_big_to_be_a_cancel_closes_that_connection_and_nothing_else(gw):
+    # Given: a client following a long task over WebSocket
+    task_id = submit(gw, scripted(tokens=200, pace_s=0.05)).json()["task_id"]
+
+    async def go():
+        async with websockets.connect(ws_url(gw, task_id), additional_headers=auth(READ)) as ws:
+            await ws.recv()
+            # When: it sends a message far larger than {"cancel": true}
+            await ws.send("x" * 1_000_000)
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await ws.recv()
+            return ws.close_code
+
+    # Then: the gateway closes that connection as "message too big" (1009) without reading it
+    # whole, and goes on serving: the task is still there and still running
+    assert asyncio.run(go()) == 1009
+    got = httpx.get(f"{gw.url}/v1/tasks/{task_id}", headers=auth(READ), timeout=10)
+    assert got.status_code == 200 and got.json()["status"] in ("pending", "running")
+    httpx.post(f"{gw.url}/v1/tasks/{task_id}/cancel", headers=auth(), timeout=10)

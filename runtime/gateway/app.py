@@ -20,10 +20,9 @@ import contextlib
 import dataclasses
 import difflib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,7 +39,6 @@ from ..task import Event, Task
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
 from .openapi import document
 
-log = logging.getLogger("threadbound.gateway")
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
@@ -48,7 +46,8 @@ WS_PROTOCOL = "threadbound.v1"  # the subprotocol a WebSocket client offers ...
 WS_BEARER = "bearer."  # ... with "bearer.<token>" when it cannot send an Authorization header
 MAX_WAIT_S = 60.0  # longest GET /v1/tasks/{id}?wait=S holds a request
 MAX_PAGE = 500
-CLOSE_NORMAL, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST = 1000, 4401, 4403, 4404, 4400
+CLOSE_NORMAL, CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST = 1000, 4401, 4404, 4400
+WS_MAX_BYTES = 4096  # the largest message a WebSocket client may send (its only one is {"cancel": true})
 CLOSE_TRY_AGAIN = 1013
 
 
@@ -161,8 +160,13 @@ class Gateway:
 
     async def call(self, method: str, *args: Any) -> Any:
         """A supervisor call on this loop; our errors become HTTP answers."""
+        return await self.answer(self.pool._client.call(method, *args))
+
+    @staticmethod
+    async def answer(call: Awaitable[Any]) -> Any:
+        """``call`` awaited; our errors become HTTP answers."""
         try:
-            return await self.pool._client.call(method, *args)
+            return await call
         except ThreadboundError as exc:
             raise _from_error(exc) from None
 
@@ -351,8 +355,8 @@ class Gateway:
                 wait = -1.0
             if not 0 <= wait <= MAX_WAIT_S:  # also NaN
                 raise Problem(400, f"wait: seconds from 0 to {MAX_WAIT_S:g}, got {text[:40]!r}", "wait")
-        summary = await self.call("task_summary", task_id)
         result = await self.call("wait", task_id, wait)
+        summary = await self.call("task_summary", task_id)  # after the wait: its status is the result's
         return JSONResponse(json.loads(json.dumps({**_summary(summary), "result": result}, default=str)),
                             headers={"Cache-Control": "no-store"})
 
@@ -387,7 +391,8 @@ class Gateway:
 
     async def _answer(self, request: Request, value: Any, req: int | None, what: str) -> Response:
         task_id = request.path_params["task_id"]
-        offset = await self.call("respond", task_id, value, req)
+        # Through the task's handle: an answer is not sent twice across a supervisor restart.
+        offset = await self.answer(self.pool._handle(task_id).arespond(value, req))
         return JSONResponse({"task_id": task_id, "offset": offset, "answer": what},
                             headers={"Cache-Control": "no-store"})
 
@@ -415,7 +420,7 @@ class Gateway:
         self.who(request, SUBMIT)
         body = await self._input_body(request, {"message": True})
         task_id = request.path_params["task_id"]
-        offset = await self.call("send", task_id, body["message"])
+        offset = await self.answer(self.pool._handle(task_id).asend(body["message"]))  # (not sent twice either)
         return JSONResponse({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
 
     async def _start(self, task_id: str, after_text: str | None, name: str) -> int:
@@ -533,15 +538,13 @@ class Gateway:
             except (WebSocketDisconnect, RuntimeError, KeyError):
                 return
             try:
-                msg = json.loads(text) if len(text) <= 4096 else None
+                msg = json.loads(text) if len(text) <= WS_MAX_BYTES else None
             except ValueError:
                 msg = None
-            if not isinstance(msg, dict) or msg.get("cancel") is not True:
-                await websocket.send_text(json.dumps({"error": {
-                    "type": "bad_request", "field": "message",
-                    "message": 'message: the only message a client sends is {"cancel": true}'}}))
-                continue
             try:
+                if not isinstance(msg, dict) or msg.get("cancel") is not True:
+                    self._allowed(token, READ)  # a stream of bad messages counts against the token's rate
+                    raise Problem(400, 'message: the only message a client sends is {"cancel": true}', "message")
                 self._allowed(token, SUBMIT)
                 await self.call("cancel", task_id)
             except Problem as p:
@@ -553,6 +556,16 @@ def _summary(t: Any) -> dict[str, Any]:
     d = dataclasses.asdict(t)
     d["agents"] = list(d["agents"])
     return d
+
+
+def server_config(app: Starlette, host: str, port: int, **options: Any) -> Any:
+    """The ``uvicorn.Config`` the gateway is served with (``options``: TLS, log level, ...):
+    asyncio, the sans-I/O WebSocket implementation, and no client message over
+    ``WS_MAX_BYTES`` (the only one a client sends is ``{"cancel": true}``)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, loop="asyncio", ws="websockets-sansio", lifespan="off",
+                          ws_max_size=WS_MAX_BYTES, **options)
 
 
 def create_app(pool: Any, tokens: Tokens, settings: GatewaySettings | None = None) -> Starlette:

@@ -38,8 +38,9 @@ DESCRIPTION = """\
 threadbound's HTTP gateway: tasks over REST, their event logs over Server-Sent Events
 (`GET /v1/tasks/{task_id}/events`) and WebSocket (`GET /v1/tasks/{task_id}/stream`,
 JSON frames `{"offset", "kind", "agent", "data", "ts"}` from `?after=N`; the client may
-send `{"cancel": true}`; closed with code 1000 after the terminal event, 4401/4403/4404/4400
-for a bad token, scope, task or offset). Authenticate with `Authorization: Bearer <token>`;
+send `{"cancel": true}` (answered with an error message if the token may not cancel);
+closed with code 1000 after the terminal event, 4401/4404/4400 for a bad token, task or
+offset). Authenticate with `Authorization: Bearer <token>`;
 a WebSocket client that cannot send headers offers the subprotocols `threadbound.v1` and
 `bearer.<token>`. Event ids are the log's offsets: resume with `Last-Event-ID` or `?after=N`.
 """
