@@ -232,7 +232,7 @@ async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
             core.emit(ts, ev.INPUT_REQUESTED, role, request=ts.asked + 1, round=rnd, attempt=attempt,
                       index=out.data.get("index", 0), payload=payload if plain(payload) else repr(payload)[:2000],
                       **core.budget.cost(out.data.get("tokens"), level))
-            raise TaskWaits(role)
+            raise TaskWaits
         if out.ok:
             output, requests = out.data["output"], list(out.data["round_requests"])
             core.hooks.on_commit(ts, role, output, out.data["state"], requests)

@@ -328,7 +328,8 @@ class MetricsConfig(_Section):
     host: str = Field(default="127.0.0.1", min_length=1, description="interface to listen on; 0.0.0.0 for a "
                       "Prometheus on another machine")
     ray: bool = Field(default=True, description="mirror the metrics through ray.util.metrics (Ray dashboard)")
-    refresh_s: Seconds = Field(default=5.0, description="how often gauges and the Ray mirror are refreshed")
+    refresh_s: Seconds = Field(default=5.0, description="how often the Ray metrics mirror is pushed (the gauges "
+                               "themselves are refreshed every health.check_interval_s)")
     tokens_window_s: Seconds = Field(default=10.0, description="window of threadbound_tokens_per_second")
     alerts: AlertsConfig = AlertsConfig()
 

@@ -192,12 +192,6 @@ def _discard_copy_here(task_id: str) -> bool:
     return Workspace.discard(task_id)
 
 
-def _memory_here() -> float:
-    import psutil
-
-    return float(psutil.virtual_memory().percent)
-
-
 def _path_visible(path: str, marker: str) -> str | None:
     """On a node: None if ``marker`` (written by the supervisor) is seen under ``path``,
     else why not."""
@@ -234,7 +228,9 @@ async def discard_copy_on(node: str, task_id: str) -> bool:
 
 async def memory_on(node: str) -> float:
     """The memory in use on ``node``, in percent (psutil, read there)."""
-    return await on_node(node, _memory_here)
+    from .health import node_memory_percent
+
+    return await on_node(node, node_memory_percent)
 
 
 def check_snapshot_dir(snapshot_dir: str, nodes: Iterable[str], *,

@@ -127,7 +127,7 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
                     ts.running[role] = step
             if not steps:
                 if parked:  # nothing can run until a person answers
-                    raise TaskWaits(sorted(parked))
+                    raise TaskWaits
                 if waiting:  # cannot happen with a validated graph
                     raise TaskEnds(FAILED, f"roles {waiting} of task {ts.id} wait for roles that never run",
                                    reason="internal")
@@ -209,7 +209,7 @@ async def approval(core: Core, ts: TaskState, rnd: int) -> None:
         if not any(a["role"] is None for a in ts.asks.values()):
             core.emit(ts, ev.INPUT_REQUESTED, None, request=ts.asked + 1, round=rnd, index=0,
                       payload=approval_payload(ts))
-        raise TaskWaits([])
+        raise TaskWaits
     said = decision(answers[0]) or ("reject", f"an answer that says neither approve, reject nor feedback: "
                                               f"{answers[0]!r:.200}")
     if said[0] == "reject":
