@@ -135,6 +135,22 @@ def _same_task_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def task_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The task's ``inputs`` from ``--apply``, ``--approve`` and ``--test-command`` (checked)."""
+    inputs: dict[str, Any] = {"apply": bool(args.apply)}
+    if getattr(args, "approve", False):
+        inputs["approve"] = True
+    if args.test_command is not None:
+        try:
+            command = shlex.split(args.test_command)
+        except ValueError as exc:
+            raise BadInput("--test-command", f"cannot split {args.test_command!r} into words: {exc}") from None
+        if not command:
+            raise BadInput("--test-command", "is empty; give a command line such as 'python -m pytest -x'")
+        inputs["test_command"] = command
+    return inputs
+
+
 def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
     """The task the flags describe, checked as far as it can be without Ray."""
     if args.goal is not None and not args.goal.strip():
@@ -160,17 +176,7 @@ def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
     if args.workspace is not None and not os.path.isdir(args.workspace):
         what = "does not exist" if not os.path.exists(args.workspace) else "is not a directory"
         raise BadInput("WORKSPACE", f"{args.workspace!r} {what}; name the directory of the code to work on")
-    inputs: dict[str, Any] = {"apply": bool(args.apply)}
-    if getattr(args, "approve", False):
-        inputs["approve"] = True
-    if args.test_command is not None:
-        try:
-            command = shlex.split(args.test_command)
-        except ValueError as exc:
-            raise BadInput("--test-command", f"cannot split {args.test_command!r} into words: {exc}") from None
-        if not command:
-            raise BadInput("--test-command", "is empty; give a command line such as 'python -m pytest -x'")
-        inputs["test_command"] = command
+    inputs = task_inputs(args)
     level = None if args.level is None else (args.level if args.level == "auto" else int(args.level))
     after = sequential(roles) if getattr(args, "sequential", False) else None
     task = Task(goal=args.goal or DEFAULT_GOAL, workspace=args.workspace, agents=agents, after=after,

@@ -95,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_run_gateway(args: argparse.Namespace) -> int:
     """``threadbound run --gateway URL``: submit through the gateway and follow the task."""
     from .cli_render import Live, summary_lines
+    from .cli_run import task_inputs
     from .errors import TaskError
     from .gateway.client import GatewayClient, GatewayError
 
@@ -103,12 +104,7 @@ def cmd_run_gateway(args: argparse.Namespace) -> int:
         body["workspace"] = args.workspace  # a directory the gateway's machine serves
     if args.agents:
         body["agents"] = [a.strip() for a in args.agents.split(",")]
-    inputs: dict[str, Any] = {"apply": bool(args.apply)}
-    if args.test_command:
-        import shlex
-
-        inputs["test_command"] = shlex.split(args.test_command)
-    body["inputs"] = inputs
+    body["inputs"] = task_inputs(args)  # as `run` without a gateway: --apply, --approve, --test-command
     for name, value in (("max_rounds", args.max_rounds), ("cost_budget", args.budget),
                         ("level", None if args.level is None else
                          (args.level if args.level == "auto" else int(args.level)))):

@@ -14,7 +14,7 @@ import websockets
 from conftest import make_pool
 from gateway_tools import READ, SUBMIT, InProcessGateway, auth, read_sse, scripted
 
-from threadbound.agents.events import CANCELLED, PENDING, STEP_FINISHED, SUCCEEDED, TERMINAL, TOKENS
+from threadbound.agents.events import CANCELLED, INPUT_REQUESTED, PENDING, STEP_FINISHED, SUCCEEDED, TERMINAL, TOKENS
 from threadbound.runtime import InvalidTask, Task, TaskCancelled, TaskFailed, TaskNotFound
 from threadbound.runtime.gateway.app import GatewaySettings
 
@@ -419,6 +419,37 @@ def test_threadbound_run_through_a_gateway_follows_the_task_to_its_end(gw):
     bad = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "run", "--gateway", gw.url,
                           "--agents", "nosuchrole"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown role 'nosuchrole'" in bad.stderr
+
+
+def test_run_through_a_gateway_takes_approve_and_test_command_as_run_does(gw):
+    import os
+
+    env = {**os.environ, "THREADBOUND_GATEWAY_TOKEN": SUBMIT}
+    cli = [sys.executable, "-m", "threadbound.runtime.cli", "run", "--gateway", gw.url, "--agents", "a"]
+    # A test command that is not a command line is named, as without a gateway
+    bad = subprocess.run([*cli, "--test-command", "pytest 'unclosed"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert bad.returncode == 2 and "--test-command" in bad.stderr and "cannot split" in bad.stderr
+    # --approve: the task asks for approval before it succeeds, and ends once approved over HTTP
+    proc = subprocess.Popen([*cli, "--approve", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        asked = None
+        for line in proc.stdout:
+            ev = json.loads(line)
+            if ev["kind"] == INPUT_REQUESTED:
+                asked = ev
+                break
+        assert asked is not None and asked["data"]["payload"]["kind"] == "approval", proc.stderr.read()
+        task_id = next(t["task_id"] for t in httpx.get(f"{gw.url}/v1/tasks", headers=auth(READ)).json()["tasks"]
+                       if t["status"] == "waiting")
+        assert httpx.post(f"{gw.url}/v1/tasks/{task_id}/approve", headers=auth(), timeout=10).status_code == 200
+        rest = [json.loads(line)["kind"] for line in proc.stdout]
+        assert proc.wait(timeout=60) == 0 and rest[-1] == SUCCEEDED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_websocket_message_too_big_to_be_a_cancel_closes_that_connection_and_nothing_else(gw):
