@@ -15,6 +15,11 @@ against the baselines measured here, never absolute promises. The issue's speed 
 time) are also printed as the median of ``--repeat`` runs in which the two sides take
 turns, since one run on a busy 2-core machine can be off by a third.
 
+The warm-actor floor has the client drive the agents' actors itself. Any runtime with a
+supervisor between the client and the agents (threadbound, LangGraph's server, Ray Serve)
+adds a hop; the "relay actor" row measures that hop alone (an actor that runs the steps
+and answers long-polls, nothing else), so threadbound's own cost is the gap above it.
+
 Figures of threadbound alone: tasks/s with agent processes recycled every few tasks
 against recycling off; a round of code, then test and review in parallel, with 200 ms
 steps, against two steps' time; and the capacity of one supervisor: the most agents
@@ -48,6 +53,7 @@ ROLES = base.ROLES
 # The bench's three steps run one after another in every system (the pool's default graph
 # for roles other than the built-in coder/tester/reviewer is list order too; this says so).
 CHAIN = sequential(ROLES)
+RELAY = "ray, one relay actor (no logic)"
 
 
 class Bench:
@@ -410,11 +416,14 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
     """The issue's three speed ratios, each the median of ``repeats`` runs in which the
     systems compared take turns (a machine that slows down for a while slows both sides
     of one ratio, not one side of all of them)."""
-    pairs: dict[str, list[float]] = {"step_vs_floor": [], "c4_vs_langgraph": [], "c1_vs_langgraph": []}
+    pairs: dict[str, list[float]] = {"step_vs_floor": [], "relay_vs_floor": [], "c4_vs_langgraph": [],
+                                     "c1_vs_langgraph": []}
     for _ in range(repeats):
         tb = bench.run_threadbound(n1, 1, 1, 0.0)
         floor = base.run_ray_warm(n1, 1, 1, 0.0)
+        relay = base.run_ray_relay(n1, 1, 1, 0.0)
         pairs["step_vs_floor"].append(tb["wall_s"] / floor["wall_s"])  # same n: a ratio of per-step costs
+        pairs["relay_vs_floor"].append(relay["wall_s"] / floor["wall_s"])
         if lg:
             a, b = bench.run_threadbound(n4, 4, tokens, 0.0), base.run_langgraph(n4, 4, tokens, 0.0)
             pairs["c4_vs_langgraph"].append(b["wall_s"] / a["wall_s"])  # same n: a ratio of tasks/s
@@ -508,6 +517,7 @@ def main() -> int:
         bench.record("overhead", "threadbound, no snapshots/journal",
                      bench.run_threadbound(no, 1, 1, 0.0, snapshots=False), no, 1)
         bench.record("overhead", "ray, warm actors (floor)", base.run_ray_warm(no, 1, 1, 0.0), no, 1)
+        bench.record("overhead", RELAY, base.run_ray_relay(no, 1, 1, 0.0), no, 1)
         if lg:
             bench.record("overhead", "langgraph + sqlite (sync)", base.run_langgraph(no, 1, 1, 0.0), no, 1)
             bench.record("overhead", "langgraph, no checkpointer",
@@ -516,6 +526,7 @@ def main() -> int:
         print(f"\n[headline] the speed ratios, each the median of {args.repeat} runs taking turns")
         results["headline"] = hl = headline(bench, args.repeat, lg, args.tokens, n, no)
         for key, label in (("step_vs_floor", "per-step cost at c=1 vs the warm-actor Ray floor"),
+                           ("relay_vs_floor", "per-step cost at c=1 of a bare relay actor vs the same floor"),
                            ("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite"),
                            ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite")):
             if key in hl:
@@ -621,6 +632,11 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
             if key in hl:
                 out.append(f"{label}: median {hl[key]['median']:.2f}x of {hl['repeats']} runs taking turns "
                            f"{hl[key]['runs']} (target {target})")
+        if "relay_vs_floor" in hl:  # what the first target is measured against: see run_ray_relay
+            r = hl["relay_vs_floor"]
+            out.append(f"per-step cost at c=1 of a bare relay actor (no logic, no durability) / the same floor: "
+                       f"median {r['median']:.2f}x {r['runs']}: the least any design with a supervisor "
+                       f"between client and agents costs here")
     tb, floor = _get(rows, "overhead", "threadbound"), _get(rows, "overhead", "ray, warm actors (floor)")
     # The three ratios with targets are given once: as the headline's medians when it ran.
     if tb and floor and not hl:

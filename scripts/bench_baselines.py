@@ -121,6 +121,97 @@ def run_ray_warm(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[s
     return {"wall_s": wall, "tokens": got}
 
 
+def _relay_actor_class():
+    import ray
+
+    @ray.remote(max_concurrency=1000)
+    class Relay:
+        """The least a supervisor can be: it runs each task's steps on warm actors and keeps
+        their events in memory; clients long-poll it (no durability, caps or deadlines)."""
+
+        def __init__(self, groups: list[list[Any]]) -> None:
+            self.free: asyncio.Queue = asyncio.Queue()
+            for g in groups:
+                self.free.put_nowait(g)
+            self.events: dict[str, list[int]] = {}
+            self.done: set[str] = set()
+            self.news = asyncio.Event()
+            self.runs: set[asyncio.Task] = set()
+
+        async def submit(self, task_id: str) -> None:
+            self.events[task_id] = []
+            run = asyncio.get_running_loop().create_task(self._run(task_id))
+            self.runs.add(run)
+            run.add_done_callback(self.runs.discard)
+
+        async def _run(self, task_id: str) -> None:
+            g = await self.free.get()
+            try:
+                for actor, role in zip(g, ROLES):
+                    gen = actor.run.options(num_returns="streaming").remote(task_id, role)
+                    async for ref in gen:
+                        await ref
+                        self.events[task_id].append(1)
+                        self._notify()
+            finally:
+                self.free.put_nowait(g)
+            self.done.add(task_id)
+            self._notify()
+
+        def _notify(self) -> None:
+            self.news.set()
+            self.news = asyncio.Event()
+
+        async def read(self, cursors: dict[str, int], wait_s: float) -> dict[str, tuple[int, bool]]:
+            def answer() -> dict[str, tuple[int, bool]]:
+                return {t: (len(self.events[t]) - off, t in self.done) for t, off in cursors.items()
+                        if len(self.events[t]) > off or t in self.done}
+
+            if not answer():
+                try:
+                    await asyncio.wait_for(self.news.wait(), wait_s)
+                    await asyncio.sleep(0.002)  # the rest of a burst, as threadbound's read does
+                except asyncio.TimeoutError:
+                    pass
+            return answer()
+
+    return Relay
+
+
+def run_ray_relay(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
+    """The floor of any design in which one actor (a supervisor) stands between the
+    client and the agents' actors: the client submits to it and long-polls it for the
+    tasks' events, as threadbound's clients do, and it relays the agents' streams."""
+    import ray
+
+    cls = _ray_actor_class()
+    groups = [[cls.remote(tokens, cpu_ms) for _ in ROLES] for _ in range(concurrency)]
+    ray.get([a.ping.remote() for g in groups for a in g])
+    relay = _relay_actor_class().remote(groups)
+    ray.get(relay.read.remote({}, 0.0))
+
+    async def main() -> int:
+        ids = [f"task {i}" for i in range(n)]
+        await asyncio.gather(*(relay.submit.remote(t) for t in ids))
+        cursors, got = dict.fromkeys(ids, 0), 0
+        while cursors:
+            for t, (new, done) in (await relay.read.remote(cursors, 10.0)).items():
+                cursors[t] += new
+                got += new
+                if done:
+                    del cursors[t]
+        return got
+
+    t0 = time.perf_counter()
+    got = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    ray.kill(relay)
+    for g in groups:
+        for a in g:
+            ray.kill(a)
+    return {"wall_s": wall, "tokens": got}
+
+
 def run_ray_fresh(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
     """For context: three new actors per task (a process start each)."""
     import ray

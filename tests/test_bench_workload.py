@@ -23,7 +23,7 @@ N, TOKENS = 3, 7
 EXPECTED = N * len(base.ROLES) * TOKENS
 
 
-@pytest.mark.parametrize("runner", ["ray_warm", "ray_fresh", "threads", "langgraph"])
+@pytest.mark.parametrize("runner", ["ray_warm", "ray_relay", "ray_fresh", "threads", "langgraph"])
 def test_every_baseline_delivers_every_token(runner):
     if runner == "langgraph" and not base.langgraph_available():
         pytest.skip("LangGraph is a bench-only dependency: pip install -e '.[bench]'")
