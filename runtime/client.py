@@ -32,6 +32,8 @@ _RECONNECT_S = 120.0  # how long a call waits for a restarting supervisor
 _RETRY_S = 0.5  # pause between two tries while the supervisor restarts
 _JOIN_S = 0.01  # after a stream opens, how long the follower waits for others opening with it...
 _JOIN_MAX_S = 0.1  # ... at most, when they keep coming
+_PACE_S = 0.01  # a follower sends at most one long-poll per this long (news piles up meanwhile)
+_SUBMIT_MAX = 256  # tasks per submit_many call
 _MAX_BUFFERED = 10_000  # events read for a stream but not taken: past this, it is left out of polls
 # Supervisor calls that only wait: one the client gives up on is cancelled there too
 # (never one that changes state: cut short, it could leave that change half done).
@@ -248,8 +250,12 @@ class _Follower:
     async def _poll(self) -> None:
         call: asyncio.Task | None = None
         woken: asyncio.Task | None = None
+        sent = float("-inf")
         try:
             while self.streams:
+                pause = sent + _PACE_S - self.loop.time()
+                if pause > 0:
+                    await self._pause(pause)
                 self._woken.clear()
                 polled = [s for s in self.streams if not s.full]
                 cursors: dict[str, int] = {}
@@ -257,6 +263,7 @@ class _Follower:
                     cursors[s.task_id] = min(s.offset, cursors.get(s.task_id, s.offset))
                 woken = self.loop.create_task(self._woken.wait())
                 call = self.loop.create_task(self.client.call("read_many", cursors, _POLL_S)) if cursors else None
+                sent = self.loop.time()
                 await asyncio.wait([t for t in (woken, call) if t is not None], return_when=asyncio.FIRST_COMPLETED)
                 _drop(woken)
                 if call is None or not call.done():
@@ -282,6 +289,16 @@ class _Follower:
                 s.end(PoolClosed(f"stopped following task {s.task_id}: this client's event loop is closing",
                                  task_id=s.task_id))
             self._on_idle(self)
+
+    async def _pause(self, pause: float) -> None:
+        """Let news pile up for ``pause`` seconds before the next poll: a busy pool answers
+        every poll at once, and one call then carries what would have taken several.
+        A stream that opens (or drains) ends the pause: it is not kept waiting."""
+        self._woken.clear()
+        try:
+            await asyncio.wait_for(self._woken.wait(), pause)
+        except asyncio.TimeoutError:
+            pass
 
     async def _settle(self) -> None:
         """Streams opened together share the next call: wait until none has joined for
@@ -330,7 +347,70 @@ def _drop(task: asyncio.Task | None) -> None:
         task.cancel()
 
 
-_followers_lock = threading.Lock()
+class _Submitter:
+    """Sends the tasks one event loop submits to one pool in the same turn of the loop
+    in one ``submit_many`` call (a burst of submits is one round trip and one write to
+    disk, not one each). Tasks with an idempotency key go in calls of their own: only
+    those may be sent again across a supervisor restart."""
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.sending: set[asyncio.Task] = set()
+
+    def submit(self, task: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._flush, loop)
+        self.pending.append((task, fut))
+        return fut
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self.pending = self.pending, []
+        for retry in (True, False):
+            group = [p for p in batch if (p[0].idempotency_key is not None) is retry]
+            for i in range(0, len(group), _SUBMIT_MAX):
+                send = loop.create_task(self._send(group[i:i + _SUBMIT_MAX], retry))
+                self.sending.add(send)
+                send.add_done_callback(self.sending.discard)
+
+    async def _send(self, group: list[tuple[Any, asyncio.Future]], retry: bool) -> None:
+        try:
+            answers = await self.client.call("submit_many", [task for task, _ in group], retry=retry)
+        except BaseException as exc:  # (cancelled too: the loop is closing) every caller learns it
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, fut), answer in zip(group, answers):
+            if fut.done():
+                continue  # its caller stopped waiting
+            if isinstance(answer, BaseException):
+                fut.set_exception(answer)
+            else:
+                fut.set_result(tuple(answer))
+
+
+_submitters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Submitter]]" = (
+    weakref.WeakKeyDictionary())
+
+
+async def submit(client: _Client, task: Any) -> tuple[str, bool]:
+    """Submit ``task`` along with the others this event loop submits in the same turn:
+    its ``(task id, created)``; an error that refused it is raised here, for it alone."""
+    loop = asyncio.get_running_loop()
+    with _per_loop_lock:
+        mine = _submitters.setdefault(loop, {})
+        submitter = mine.get(client.key)
+        if submitter is None:
+            submitter = mine[client.key] = _Submitter(client.copy())
+    return await submitter.submit(task)
+
+
+_per_loop_lock = threading.Lock()
 _followers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Follower]]" = (
     weakref.WeakKeyDictionary())
 
@@ -338,12 +418,12 @@ _followers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Fol
 def _open_stream(client: _Client, task_id: str, offset: int) -> _Stream:
     """A stream on the follower of ``client``'s pool on the running event loop."""
     loop = asyncio.get_running_loop()
-    with _followers_lock:
+    with _per_loop_lock:
         mine = _followers.setdefault(loop, {})
         follower = mine.get(client.key)
         if follower is None:
             def idle(f: _Follower, key: Any = client.key) -> None:
-                with _followers_lock:
+                with _per_loop_lock:
                     if mine.get(key) is f:
                         del mine[key]
 

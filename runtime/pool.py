@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from threadbound.agents.errors import ThreadboundError
 
 from .config import RayConfig, RuntimeConfig
-from .client import _aopen_stream, _check_offset, _Client, _open_stream, _result, _sync
+from .client import _aopen_stream, _check_offset, _Client, _open_stream, _result, _sync, submit
 from .connect import _bootstrap, connect_ray  # noqa: F401  (connect_ray: part of this module's API)
 from .errors import ConfigError, PoolClosed, ResultTimeout
 from .metrics.server import check_port
@@ -438,7 +438,7 @@ class AgentPool:
         # process's directory, not the supervisor's (a joined Ray's workers run elsewhere).
         task = self.config.validate_task(task)
         check_policy(task, self.config.policy)
-        task_id, created = await self._client.call("submit", task, retry=task.idempotency_key is not None)
+        task_id, created = await submit(self._client, task)
         handle = self._handle(task_id)
         handle.created = created
         return handle

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 from threadbound.agents import events as ev
+from threadbound.agents.errors import ThreadboundError
 from threadbound.agents.workspace import Workspace, copy_path
 from threadbound.snapshots import HistoryExists, LeaseHeld, Loaded, SnapshotError
 
@@ -113,6 +114,7 @@ class Supervisor:
         self.seq = 0
         self.closing = False
         self.reads = 0  # read calls served (a client following many tasks makes few)
+        self.submit_calls = 0  # submit calls served (a client sends a burst of tasks in one)
         self._news = asyncio.Event()  # set (and replaced) whenever any task has news
         self._finished = 0  # terminal tasks remembered (forgotten beyond keep_finished_tasks)
         self.started_at = time.time()
@@ -371,11 +373,34 @@ class Supervisor:
     async def submit(self, spec: Task) -> tuple[str, bool]:
         """Accept a task; returns its id and whether it is new (False: its idempotency
         key named a task this pool already has, which is returned instead)."""
+        (got,) = await self.submit_many([spec])
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    async def submit_many(self, specs: list[Task]) -> list[tuple[str, bool] | ThreadboundError]:
+        """:meth:`submit` for several tasks at once, with one write to disk for all: for
+        each, its ``(id, created)``, or the error that refused it (the others are accepted
+        all the same). A client sends the tasks submitted together in one call."""
         if self.fatal is not None:
             raise self.fatal
         if self.closing:
             raise PoolClosed("the pool is shutting down; no new tasks are accepted")
         self._start()
+        self.submit_calls += 1
+        answers: list[tuple[str, bool] | ThreadboundError] = []
+        for spec in specs:
+            try:
+                answers.append(self._accept(spec))
+            except ThreadboundError as exc:
+                answers.append(exc)
+        # Accepted = on disk: a crash now loses none of them. A known key's task is
+        # answered after this too: the first submit's acceptance may still be on its way.
+        await self.barrier()
+        self._pump()
+        return answers
+
+    def _accept(self, spec: Task) -> tuple[str, bool]:
         spec = self.cfg.validate_task(spec)
         check_policy(spec, self.cfg.policy)
         unknown = [r for r in spec.agents if r not in self.roles]
@@ -383,7 +408,6 @@ class Supervisor:
             raise UnknownRole(unknown[0], list(self.roles))
         known = self._keyed(spec)
         if known is not None:
-            await self.barrier()  # the first submit's acceptance may still be on its way to disk
             return known.id, False
         self.seq += 1
         task_id = f"t{self.seq:05d}-{self.run_id}"
@@ -399,8 +423,6 @@ class Supervisor:
             self.finish(ts, FAILED, error=self.opted_out(ts), reason="degraded")
         else:
             self.admission.enqueue(ts)
-        await self.barrier()  # accepted = on disk: a crash now loses nothing
-        self._pump()
         return task_id, True
 
     def _keyed(self, spec: Task) -> TaskState | None:
@@ -612,7 +634,7 @@ class Supervisor:
                 "location": self.durable.location.location, "segment": self.durable.segment,
                 **self.durable.stats},
             "resumed": self.resumed, "health": self.health.mode, "hook_failures": self.hooks.failures,
-            "reads": self.reads,
+            "reads": self.reads, "submit_calls": self.submit_calls,
             "tokens_per_s": None if self.metrics is None else round(self.metrics.tokens_per_s, 1),
             "metrics_url": self.metrics_url(),
         }

@@ -11,7 +11,7 @@ from chaos_tools import follow
 from conftest import eventually, make_pool
 
 from threadbound.runtime import (
-    AgentPool, ConfigError, PoolClosed, ResultTimeout, Task, TaskCancelled, TaskHandle, TaskNotFound,
+    AgentPool, ConfigError, PoolClosed, ResultTimeout, Task, TaskCancelled, TaskHandle, TaskNotFound, UnknownRole,
 )
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(120)]
@@ -121,6 +121,32 @@ def test_following_twenty_tasks_costs_a_few_reads_not_twenty_per_burst(pool_name
         blocker.cancel()
     finally:
         pool.shutdown()
+
+
+def test_a_burst_of_submits_is_one_call_and_a_bad_task_in_it_is_refused_alone(pool):
+    # Given: 30 tasks submitted at once from one event loop: one names a role the pool
+    # does not have, and two carry the same idempotency key
+    tasks = [Task(goal=f"burst {i}", agents=["a"]) for i in range(30)]
+    tasks[7] = Task(goal="bad", agents=["nobody"])
+    tasks[20] = tasks[21] = Task(goal="keyed", agents=["a"], idempotency_key="burst-key")
+    before = pool.stats()["submit_calls"]
+
+    async def burst():
+        return await asyncio.gather(*(pool.asubmit(t) for t in tasks), return_exceptions=True)
+
+    got = asyncio.run(burst())
+    # Then: two calls reached the supervisor (the keyed tasks in one of their own, the
+    # only kind a client may send again across a restart), not thirty
+    assert pool.stats()["submit_calls"] - before == 2
+    # ... the bad task alone was refused, with an error naming the role
+    assert isinstance(got[7], UnknownRole) and "nobody" in str(got[7])
+    handles = [h for i, h in enumerate(got) if i != 7]
+    assert all(isinstance(h, TaskHandle) for h in handles)
+    # ... the key made one task: the second submit of it got the first one's handle
+    assert got[20].task_id == got[21].task_id and (got[20].created, got[21].created) == (True, False)
+    assert len({h.task_id for h in handles}) == 28
+    # ... and every accepted task runs
+    assert all(h.result(timeout=60).ok for h in handles)
 
 
 def test_attach_by_name_is_a_client_of_the_same_pool(pool):
