@@ -351,12 +351,14 @@ class _Submitter:
     """Sends the tasks one event loop submits to one pool in the same turn of the loop
     in one ``submit_many`` call (a burst of submits is one round trip and one write to
     disk, not one each). Tasks with an idempotency key go in calls of their own: only
-    those may be sent again across a supervisor restart."""
+    those may be sent again across a supervisor restart. It lives while it has tasks to
+    send (a later pool of the same name gets a new one, never an old handle)."""
 
-    def __init__(self, client: _Client) -> None:
+    def __init__(self, client: _Client, on_idle: Callable[["_Submitter"], None]) -> None:
         self.client = client
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.sending: set[asyncio.Task] = set()
+        self._on_idle = on_idle
 
     def submit(self, task: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -373,7 +375,12 @@ class _Submitter:
             for i in range(0, len(group), _SUBMIT_MAX):
                 send = loop.create_task(self._send(group[i:i + _SUBMIT_MAX], retry))
                 self.sending.add(send)
-                send.add_done_callback(self.sending.discard)
+                send.add_done_callback(self._sent)
+
+    def _sent(self, send: asyncio.Task) -> None:
+        self.sending.discard(send)
+        if not self.sending and not self.pending:
+            self._on_idle(self)
 
     async def _send(self, group: list[tuple[Any, asyncio.Future]], retry: bool) -> None:
         try:
@@ -399,14 +406,20 @@ _submitters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Su
 
 
 async def submit(client: _Client, task: Any) -> tuple[str, bool]:
-    """Submit ``task`` along with the others this event loop submits in the same turn:
-    its ``(task id, created)``; an error that refused it is raised here, for it alone."""
+    """Submit ``task`` along with the others this event loop submits through ``client``
+    in the same turn: its ``(task id, created)``; an error that refused it is raised
+    here, for it alone."""
     loop = asyncio.get_running_loop()
     with _per_loop_lock:
         mine = _submitters.setdefault(loop, {})
-        submitter = mine.get(client.key)
+        submitter = mine.get(id(client))  # (registered only while busy: the id is not reused)
         if submitter is None:
-            submitter = mine[client.key] = _Submitter(client.copy())
+            def idle(s: _Submitter, key: int = id(client)) -> None:
+                with _per_loop_lock:
+                    if mine.get(key) is s:
+                        del mine[key]
+
+            submitter = mine[id(client)] = _Submitter(client, idle)
     return await submitter.submit(task)
 
 

@@ -149,6 +149,18 @@ def test_a_burst_of_submits_is_one_call_and_a_bad_task_in_it_is_refused_alone(po
     assert all(h.result(timeout=60).ok for h in handles)
 
 
+def test_a_pool_started_again_under_the_same_name_takes_the_next_submit(pool_name):
+    # Given: a pool that took a task and was shut down (this process's one client loop
+    # sent that submit), then a new pool under the same name
+    for run in range(2):
+        pool = make_pool(pool_name)
+        try:
+            # Then: each takes and runs its task: no submit goes to the old supervisor
+            assert pool.submit(Task(goal=f"run {run}", agents=["a"])).result(timeout=60).ok
+        finally:
+            pool.shutdown()
+
+
 def test_attach_by_name_is_a_client_of_the_same_pool(pool):
     # Given: a task submitted by the pool's first client
     handle = pool.submit(Task(goal="seen by both", agents=["a"], inputs={"a": {"tokens": 5}}))
