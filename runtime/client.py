@@ -294,7 +294,6 @@ class _Follower:
         """Let news pile up for ``pause`` seconds before the next poll: a busy pool answers
         every poll at once, and one call then carries what would have taken several.
         A stream that opens (or drains) ends the pause: it is not kept waiting."""
-        self._woken.clear()
         try:
             await asyncio.wait_for(self._woken.wait(), pause)
         except asyncio.TimeoutError:
@@ -401,46 +400,45 @@ class _Submitter:
                 fut.set_result(tuple(answer))
 
 
+_E = TypeVar("_E")
+_per_loop_lock = threading.Lock()
+_followers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Follower]]" = (
+    weakref.WeakKeyDictionary())
 _submitters: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Submitter]]" = (
     weakref.WeakKeyDictionary())
+
+
+def _per_loop(registry: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _E]]", key: Any,
+              make: Callable[[Callable[[_E], None]], _E]) -> _E:
+    """The running event loop's entry for ``key`` in ``registry``; none: ``make(idle)``
+    makes one, which calls ``idle(itself)`` once it has nothing left to do (it is then
+    dropped, and the next caller gets a new one)."""
+    loop = asyncio.get_running_loop()
+    with _per_loop_lock:
+        mine = registry.setdefault(loop, {})
+        entry = mine.get(key)
+        if entry is None:
+            def idle(done: _E) -> None:
+                with _per_loop_lock:
+                    if mine.get(key) is done:
+                        del mine[key]
+
+            entry = mine[key] = make(idle)
+    return entry
 
 
 async def submit(client: _Client, task: Any) -> tuple[str, bool]:
     """Submit ``task`` along with the others this event loop submits through ``client``
     in the same turn: its ``(task id, created)``; an error that refused it is raised
     here, for it alone."""
-    loop = asyncio.get_running_loop()
-    with _per_loop_lock:
-        mine = _submitters.setdefault(loop, {})
-        submitter = mine.get(id(client))  # (registered only while busy: the id is not reused)
-        if submitter is None:
-            def idle(s: _Submitter, key: int = id(client)) -> None:
-                with _per_loop_lock:
-                    if mine.get(key) is s:
-                        del mine[key]
-
-            submitter = mine[id(client)] = _Submitter(client, idle)
+    # Keyed by the client object (registered only while busy, so its id is not reused).
+    submitter = _per_loop(_submitters, id(client), lambda idle: _Submitter(client, idle))
     return await submitter.submit(task)
-
-
-_per_loop_lock = threading.Lock()
-_followers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Follower]]" = (
-    weakref.WeakKeyDictionary())
 
 
 def _open_stream(client: _Client, task_id: str, offset: int) -> _Stream:
     """A stream on the follower of ``client``'s pool on the running event loop."""
-    loop = asyncio.get_running_loop()
-    with _per_loop_lock:
-        mine = _followers.setdefault(loop, {})
-        follower = mine.get(client.key)
-        if follower is None:
-            def idle(f: _Follower, key: Any = client.key) -> None:
-                with _per_loop_lock:
-                    if mine.get(key) is f:
-                        del mine[key]
-
-            follower = mine[client.key] = _Follower(client.copy(), idle)
+    follower = _per_loop(_followers, client.key, lambda idle: _Follower(client.copy(), idle))
     return follower.open(task_id, offset)
 
 
