@@ -147,8 +147,8 @@ def one_test(tmp_path):
 ])
 def test_a_test_command_that_cannot_start_fails_the_step_with_its_cause(capsys, one_test, command, cause):
     Path(one_test, "run.sh").write_text("#!/bin/sh\necho ran\n")  # not executable on purpose
-    code, out, _err = run(["run", one_test, "--agents", "tester", "--test-command", command], capsys)
-    assert code == 1, out + _err
+    code, out, err = run(["run", one_test, "--agents", "tester", "--test-command", command], capsys)
+    assert code == 1, out + err
     failed = [line for line in out.splitlines() if "step failed" in line]
     assert failed and failed[0].startswith("   ! tester: step failed: the test command cannot start: " )
     assert cause in failed[0]
