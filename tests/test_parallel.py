@@ -67,8 +67,11 @@ def test_roles_after_the_same_role_run_at_the_same_time(pool_name):
 
 
 def test_without_after_roles_run_in_list_order_and_the_per_task_cap_holds(pool_name):
-    pool = make_pool(pool_name, snapshots={"enabled": False}, max_agents=3, max_agents_per_task=2)
+    # Warm slots: a slot started only when the second task is admitted may still be
+    # starting when that task's first 0.5 s step ends, and then nothing runs at once.
+    pool = make_pool(pool_name, snapshots={"enabled": False}, max_agents=3, max_agents_per_task=2, prewarm=True)
     try:
+        assert eventually(lambda: all(s["pid"] for s in pool.stats()["slots"]), 60, 0.1)
         seq = pool.submit(Task(goal="in order", agents=["a", "b", "c"], inputs={"*": {"sleep_s": 0.2}}))
         free = pool.submit(Task(goal="all at once", agents=["a", "b", "c"], after={},
                                 inputs={"*": {"sleep_s": 0.5}}))
