@@ -60,6 +60,21 @@ class _Supervisor(Supervisor):
             self.fatal = self._unreachable  # the ConfigError itself, not its wrapping
         self.health.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
 
+    # Clients long-poll these many times a second. Ray keeps a bounded number of tasks
+    # in its task table (what the dashboard lists): left out of it, the polls no longer
+    # push the steps (``<role>/<task id>``) out of it, and cost Ray less per call.
+    @ray.method(enable_task_events=False)
+    async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
+        return await super().read(task_id, offset, wait_s)
+
+    @ray.method(enable_task_events=False)
+    async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[tuple], str]]:
+        return await super().read_many(cursors, wait_s)
+
+    @ray.method(enable_task_events=False)
+    async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any] | None:
+        return await super().wait(task_id, timeout_s)
+
     def _open_durability(self, resume: bool, lease_owner: str | None) -> None:
         placement = self.slots.placement
         others = [n for n in placement.nodes() if n != placement.here()] if placement is not None else []

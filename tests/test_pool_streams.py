@@ -97,14 +97,23 @@ def test_rounds_running_out_fail_the_task_with_the_feedback(pool):
         handle.result(timeout=30)
 
 
-def test_step_calls_are_named_role_slash_task_for_the_dashboard(pool):
+def test_step_calls_are_named_role_slash_task_for_the_dashboard_and_polls_are_not_listed(pool):
     from ray.util.state import list_tasks
 
+    def listed(name):
+        return list_tasks(filters=[("name", "=", name)], raise_on_missing_output=False)
+
     handle = pool.submit(Task(goal="named", agents=["a", "b"]))
-    handle.result(timeout=30)
+    assert len(list(handle.stream())) > 3  # followed by long-polls (read_many)
+    handle.result(timeout=30)  # and waited for (wait)
     name = f"a/{handle.task_id}"
-    found = eventually(lambda: list_tasks(filters=[("name", "=", name)], raise_on_missing_output=False))
+    found = eventually(lambda: listed(name))
     assert {t.name for t in found} == {name}
+    # The same client's later call is listed, so the polls before it would be by now: Ray's
+    # bounded task table keeps the steps, not the clients' polls.
+    pool.stats()
+    assert eventually(lambda: listed("_Supervisor.stats"))
+    assert not [t for m in ("read_many", "read", "wait") for t in listed(f"_Supervisor.{m}")]
 
 
 def test_non_streaming_pool_sends_one_message_per_step(ray_session):
