@@ -62,7 +62,8 @@ class _Supervisor(Supervisor):
 
     # Clients long-poll these many times a second. Ray keeps a bounded number of tasks
     # in its task table (what the dashboard lists): left out of it, the polls no longer
-    # push the steps (``<role>/<task id>``) out of it, and cost Ray less per call.
+    # push the steps (``<role>/<task id>``) out of it. (No measurable CPU saved: 7.4-7.7
+    # ms per step in all processes with or without, at 4 tasks at a time.)
     @ray.method(enable_task_events=False)
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
         return await super().read(task_id, offset, wait_s)
