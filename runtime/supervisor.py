@@ -625,7 +625,10 @@ class Supervisor:
         return {
             "name": self.cfg.name, "tasks": by_status,
             "queue_depth": self.admission.queued(self.tasks),
+            # processes replaced (counted once the old one is gone), and recycles of due
+            # slots begun (counted when begun: a recycle runs in the background)
             "slots": self.slots.describe(), "replacements": self.slots.replacements,
+            "recycles": self.slots.recycles,
             "max_agents": self.cfg.max_agents, "max_agents_per_task": self.cfg.max_agents_per_task,
             # which agents of each running task work at this moment
             "running": {ts.id: sorted(ts.running) for ts in self.tasks.values() if ts.running},

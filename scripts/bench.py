@@ -111,7 +111,9 @@ class Bench:
             t0 = time.perf_counter()
             got = asyncio.run(main())
             wall = time.perf_counter() - t0
-            return {"wall_s": wall, "tokens": got, "replacements": pool.stats()["replacements"]}
+            stats = pool.stats()
+            return {"wall_s": wall, "tokens": got, "replacements": stats["replacements"],
+                    "recycles": stats["recycles"]}
         finally:
             pool.shutdown(grace_s=0)
 
@@ -243,7 +245,7 @@ def recycling(bench: Bench, n: int, concurrency: int, tokens: int, every: int) -
     """Rows: tasks/s with recycling off, then with a process replaced every ``every`` tasks."""
     for label, after in (("recycling off", None), (f"recycle_after={every}", every)):
         res = bench.run_threadbound(n, concurrency, tokens, 0.0, recycle_after=after)
-        bench.record("recycling", f"threadbound, {label}", res, n, concurrency, replaced=res["replacements"])
+        bench.record("recycling", f"threadbound, {label}", res, n, concurrency, recycled=res["recycles"])
 
 
 GRAPH = {"test": ["code"], "review": ["code"]}  # code, then test and review together
@@ -674,7 +676,7 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
         a, b = on[0], off[0]
         out.append(f"tasks/s at c=4 with {a['system'].split(', ')[1]}: {a['tasks_per_s']:.1f} vs recycling off "
                    f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x "
-                   f"({a['replaced']} processes replaced during the run)")
+                   f"({a.get('recycled', a.get('replaced'))} recycles begun during the run)")
     if "graph" in results:
         g = results["graph"]
         out.append(f"round of code, then test + review in parallel, 200 ms steps: {g['round_ms']:.0f} ms = "

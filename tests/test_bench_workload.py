@@ -46,7 +46,9 @@ def test_every_system_runs_the_three_steps_as_one_chain():
 def test_recycling_runner_delivers_every_token_while_processes_are_replaced(tmp_path):
     b = bench.Bench(str(tmp_path))
     res = b.run_threadbound(N, 1, TOKENS, 0.0, recycle_after=1)
-    assert res["tokens"] == EXPECTED and res["replacements"] >= 1
+    # recycles are begun as slots come back (a replacement is counted once its old
+    # process is gone, which a short run may end before)
+    assert res["tokens"] == EXPECTED and res["recycles"] >= 1
 
 
 def test_capacity_figure_reads_the_delay_of_every_agent(tmp_path):
