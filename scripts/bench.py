@@ -676,7 +676,7 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
         a, b = on[0], off[0]
         out.append(f"tasks/s at c=4 with {a['system'].split(', ')[1]}: {a['tasks_per_s']:.1f} vs recycling off "
                    f"{b['tasks_per_s']:.1f} = {a['tasks_per_s'] / b['tasks_per_s']:.2f}x "
-                   f"({a.get('recycled', a.get('replaced'))} recycles begun during the run)")
+                   f"({a['recycled']} recycles begun during the run)")
     if "graph" in results:
         g = results["graph"]
         out.append(f"round of code, then test + review in parallel, 200 ms steps: {g['round_ms']:.0f} ms = "
