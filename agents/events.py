@@ -50,6 +50,12 @@ HEALTH = "health"
 RESUMED = "resumed"
 WORKSPACE_LOST = "workspace_lost"  # the node with the task's copy died: its round starts again from the original
 
+# -- the pool's health modes (a ``health`` event's ``mode``; see runtime.supervisor.health) --
+NORMAL = "normal"                  # steps run at their task's level, streaming as configured
+DEGRADED = "degraded"              # steps run at level 1 without streaming
+PAUSED = "paused"                  # as degraded, and no new task is admitted
+HEALTH_MODES = (NORMAL, DEGRADED, PAUSED)
+
 # -- kinds the built-in agents emit (not reserved: an agent's own events) ---------------
 SANDBOX = "sandbox"                # one sandboxed command run: isolation, layers, ``killed`` (the limit), exit
 

@@ -11,10 +11,10 @@ import ray
 from threadbound.agents.models.local import serve_models_in
 
 from .config import RuntimeConfig
-from .health import NodesMemory
-from .placement import Placement, check_snapshot_dir, memory_on, supervisor_placement
-from .slot import SlotWorker
-from .supervisor import Supervisor
+from .supervisor.health import NodesMemory
+from .supervisor.placement import Placement, check_snapshot_dir, memory_on, supervisor_placement
+from threadbound.agents.host import SlotWorker
+from .supervisor.core import Supervisor
 
 log = logging.getLogger("threadbound.supervisor")
 

@@ -295,7 +295,7 @@ def metrics_cost(bench: Bench, n: int, repeats: int) -> dict[str, float]:
 def metrics_work_per_step_us(n: int = 20_000) -> float:
     """What the metrics hook does for one step, timed directly (the A/B of whole runs
     above is noisier than the effect): a step's events, its end and a journal write."""
-    from threadbound.runtime.hooks import Outcome, StepInfo
+    from threadbound.runtime.supervisor.hooks import Outcome, StepInfo
     from threadbound.runtime.metrics import MetricsHook, PoolMetrics, View
 
     metrics = PoolMetrics("bench", ray_mirror=True)

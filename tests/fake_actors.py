@@ -8,7 +8,7 @@
   returns an async iterator of batches, as Ray's ObjectRefGenerator does: each
   ``__anext__()`` gives an awaitable yielding a list of ``(kind, data)`` events, the
   last one ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
-  fields ``runtime/slot.py`` sends (its ``_error_data`` builds the error);
+  fields ``agents/host.py`` sends (its ``_error_data`` builds the error);
 * killing it (through :attr:`FakeActors.ray`, which tests put in place of the ``ray``
   module the slot table uses) stops its step at once, like a killed process, and its
   stream then raises ``ActorDiedError``.
@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable
 
 from ray.exceptions import ActorDiedError
 
-from threadbound.runtime.slot import ERROR, RESULT, StepRequest, _error_data
+from threadbound.agents.host import ERROR, RESULT, StepRequest, _error_data
 
 Script = Callable[["StepCall"], Awaitable[Any]]
 
@@ -292,7 +292,7 @@ class FakeActor:
 
 
 class _FakeRay:
-    """Stands in for the ``ray`` module inside ``runtime/slots.py`` (``kill``, ``get_actor``)."""
+    """Stands in for the ``ray`` module inside ``runtime/supervisor/slots.py`` (``kill``, ``get_actor``)."""
 
     def __init__(self, owner: "FakeActors") -> None:
         self.owner = owner

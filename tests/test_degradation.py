@@ -247,7 +247,7 @@ def test_a_real_429_with_retry_after_is_waited_out_then_the_step_succeeds():
 
 def test_memory_pressure_degrades_and_a_resumed_pool_keeps_its_mode(capsys):
     from threadbound.runtime import cli
-    from threadbound.runtime.supervisor import Supervisor
+    from threadbound.runtime.supervisor.core import Supervisor
 
     # Any real node uses more than 0.1 % of its memory: this pool is under "pressure" at once
     pool = make_pool("memory", health=health(memory_percent=0.1, healthy_period_s=60))

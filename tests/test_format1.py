@@ -14,7 +14,7 @@ import pytest
 
 from threadbound.agents import events as ev
 from threadbound.runtime import RuntimeConfig
-from threadbound.runtime.supervisor import Supervisor
+from threadbound.runtime.supervisor.core import Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -357,7 +357,7 @@ def test_an_idempotency_key_returns_the_same_task_201_then_200_and_refuses_anoth
 
 
 def test_metrics_proxy_the_pools_prometheus_text_or_say_they_are_unavailable(gw, pool):
-    from threadbound.runtime.supervisor import Supervisor
+    from threadbound.runtime.supervisor.core import Supervisor
 
     r = httpx.get(f"{gw.url}/metrics", headers=auth(READ))
     if hasattr(Supervisor, "metrics_text"):

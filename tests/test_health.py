@@ -9,11 +9,11 @@ import random
 import pytest
 
 from threadbound.runtime.config import HealthConfig, ReasoningConfig, RetryConfig, RuntimeConfig
-from threadbound.runtime.health import (
+from threadbound.runtime.supervisor.health import (
     ACTOR_DEATH, DEGRADED, NORMAL, PAUSED, RETRY_EXHAUSTED, STEP_FAILED, STEP_OK, HealthMonitor,
 )
-from threadbound.runtime.levels import WorkspaceSize, choose, fit_step, step_cost, workspace_size
-from threadbound.runtime.retry import backoff_s
+from threadbound.runtime.supervisor.levels import WorkspaceSize, choose, fit_step, step_cost, workspace_size
+from threadbound.runtime.supervisor.retry import backoff_s
 
 
 class Clock:

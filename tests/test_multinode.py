@@ -100,7 +100,7 @@ class _Nodes:
 def fake_ray(monkeypatch):
     from test_slots import FakeRay
 
-    from threadbound.runtime import slots as slots_mod
+    from threadbound.runtime.supervisor import slots as slots_mod
 
     world = FakeRay()
     monkeypatch.setattr(slots_mod.ray, "kill", world.kill)
@@ -108,8 +108,8 @@ def fake_ray(monkeypatch):
 
 
 def _table(world, cluster, n, agent_num_cpus=None):
-    from threadbound.runtime.placement import Placement
-    from threadbound.runtime.slots import SlotTable
+    from threadbound.runtime.supervisor.placement import Placement
+    from threadbound.runtime.supervisor.slots import SlotTable
 
     placed = {}
 
@@ -146,7 +146,7 @@ def test_each_tasks_slots_are_on_one_node_and_tasks_spread_over_the_nodes(fake_r
 def test_a_task_holds_no_more_slots_than_one_node_can_hold(fake_ray):
     from types import SimpleNamespace
 
-    from threadbound.runtime.admission import Admission
+    from threadbound.runtime.supervisor.admission import Admission
 
     # Given nodes of one CPU each and agents that take one CPU
     t, _ = _table(fake_ray, _Nodes(a=1, b=1, c=0), 3, agent_num_cpus=1.0)
@@ -229,7 +229,7 @@ def test_a_snapshot_dir_a_node_cannot_reach_is_a_config_error_naming_it(tmp_path
     import pickle
 
     from threadbound.runtime.errors import ConfigError
-    from threadbound.runtime.placement import check_snapshot_dir
+    from threadbound.runtime.supervisor.placement import check_snapshot_dir
 
     # Given a snapshot_dir on the supervisor's local disk, and a node that sees another disk
     def elsewhere(node, path, marker):

@@ -6,7 +6,7 @@ import cloudpickle
 import pytest
 
 from threadbound.agents import Agent, SimulatedModelConfig, TransientError
-from threadbound.runtime.slot import ERROR, RESULT, SlotWorker, StepRequest, _TokenBatcher
+from threadbound.agents.host import ERROR, RESULT, SlotWorker, StepRequest, _TokenBatcher
 
 
 class Words(Agent):

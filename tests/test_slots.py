@@ -16,8 +16,8 @@ from ray.exceptions import RayActorError
 from ray.util.state import list_actors
 
 from threadbound.runtime import Task
-from threadbound.runtime import slots as slots_mod
-from threadbound.runtime.slots import SlotTable
+from threadbound.runtime.supervisor import slots as slots_mod
+from threadbound.runtime.supervisor.slots import SlotTable
 
 _pids = itertools.count(1000)
 

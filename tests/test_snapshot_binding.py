@@ -380,7 +380,7 @@ def test_every_snapshot_plus_the_journal_after_it_gives_every_record_exactly_onc
     import asyncio
 
     from threadbound.runtime.config import RuntimeConfig
-    from threadbound.runtime.durability import Durability, open_location
+    from threadbound.runtime.supervisor.durability import Durability, open_location
 
     cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600,
                                       "snapshots": {"keep": 4}})

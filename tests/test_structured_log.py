@@ -9,7 +9,7 @@ import stat
 from fake_actors import fails_once
 from test_supervisor_unit import fakes, result, run, submit  # noqa: F401  (fakes: the fixture)
 
-from threadbound.runtime.structured_log import log_path
+from threadbound.runtime.supervisor.structured_log import log_path
 
 
 def lines(path: str) -> list[dict]:

@@ -20,13 +20,13 @@ from fake_actors import DEAD, ActorCrash, FakeActors, hangs
 
 from threadbound.agents import Agent
 from threadbound.agents.errors import AgentError, TransientError
-from threadbound.runtime import slots as slots_module
+from threadbound.runtime.supervisor import slots as slots_module
 from threadbound.runtime.config import RuntimeConfig
 from threadbound.runtime.errors import InvalidTask
-from threadbound.runtime.hooks import Hook
+from threadbound.runtime.supervisor.hooks import Hook
 from threadbound.runtime.registry import agent_blob
-from threadbound.runtime.retry import backoff_s
-from threadbound.runtime.supervisor import Supervisor
+from threadbound.runtime.supervisor.retry import backoff_s
+from threadbound.runtime.supervisor.core import Supervisor
 from threadbound.runtime.task import Task, TaskResult
 
 SEED = 7

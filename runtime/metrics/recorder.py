@@ -23,9 +23,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from threadbound.agents.events import HEALTH_MODES as MODES  # threadbound_health_mode's value is the mode's index
 from threadbound.agents.events import STATUSES
 
-from ..health import MODES  # the value of threadbound_health_mode is the mode's index
 from .catalog import BY_NAME, COUNTER, GAUGE, HISTOGRAM, METRICS, POOL_LABEL
 
 log = logging.getLogger("threadbound.metrics")

@@ -16,7 +16,7 @@ yet, and a slot whose process is being replaced only when no other is free (the 
 bound to it waits for it when it gets there; the task's other roles start at once).
 
 On a cluster (a :class:`~.placement.Placement` given) every slot has a node, and a
-task's slots are all on one node, its *home* (see ``runtime.placement`` for why node
+task's slots are all on one node, its *home* (see ``runtime.supervisor.placement`` for why node
 affinity): :meth:`SlotTable.reserve` picks the node that gives the task the most warm
 slots (then the one holding fewest agents, so slots spread), starts free places
 there, and as a last resort moves a free slot's process from another node. A slot

@@ -30,19 +30,20 @@ from threadbound.snapshots import HistoryExists, LeaseHeld, Loaded, SnapshotErro
 
 from .admission import Admission
 from .budget import Budget
-from .config import RuntimeConfig
+from ..config import RuntimeConfig
 from .durability import Durability, DurabilityHook, open_location
 from .attempt import plain
-from .errors import ConfigError, InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound, UnknownRole
+from ..errors import ConfigError, InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound, UnknownRole
 from .health import NORMAL, PAUSED, HealthHook, HealthMonitor, Transition
 from .hooks import Hook, Hooks
-from .metrics import MetricsHook, MetricsServer, PoolMetrics, View
-from .policy import check as check_policy
+from ..metrics import MetricsServer, PoolMetrics, View
+from .metrics_hook import MetricsHook
+from ..policy import check as check_policy
 from .rounds import decision, run_task
-from .sandboxing import sandbox_settings
+from ..sandboxing import sandbox_settings
 from .slots import Slot, SlotTable
 from .structured_log import StructuredLog
-from .task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, TIMED_OUT, WAITING, Task, TaskSummary
+from ..task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, TIMED_OUT, WAITING, Task, TaskSummary
 from .task_state import TaskEnds, TaskState, digest, export_tasks, replay, tasks_from_snapshot, track
 
 log = logging.getLogger("threadbound.supervisor")

@@ -24,8 +24,8 @@ from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT
 from .admission import SlotLost
 from .hooks import Outcome, StepInfo
 from .retry import backoff_s
-from .slot import ERROR, INTERRUPT, RESULT, StepRequest
-from .task import FAILED, TIMED_OUT, ancestors
+from threadbound.agents.host import ERROR, INTERRUPT, RESULT, StepRequest
+from ..task import FAILED, TIMED_OUT, ancestors
 from .task_state import TaskEnds, TaskState, TaskWaits, apply_commit
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 from threadbound.agents import events as ev
 
-from ..hooks import Hook, Outcome, StepInfo
-from .recorder import PoolMetrics, View
+from .hooks import Hook, Outcome, StepInfo
+from ..metrics.recorder import PoolMetrics, View
 
 
 class MetricsHook(Hook):

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 from threadbound.agents.events import LEVEL
 
-from .config import RuntimeConfig
+from ..config import RuntimeConfig
 from .levels import choose, fit_step, step_cost, workspace_size
-from .task import FAILED
+from ..task import FAILED
 from .task_state import TaskEnds, TaskState
 
 Emit = Callable[..., None]

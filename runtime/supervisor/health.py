@@ -35,11 +35,11 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import psutil
 
-from .config import HealthConfig
-from .hooks import Hook, Outcome, StepInfo
+from ..config import HealthConfig
+from .hooks import Hook, Outcome, StepInfo, Transition
 
-NORMAL, DEGRADED, PAUSED = "normal", "degraded", "paused"
-MODES = (NORMAL, DEGRADED, PAUSED)
+from threadbound.agents.events import DEGRADED, NORMAL, PAUSED
+from threadbound.agents.events import HEALTH_MODES as MODES
 
 # What the supervisor records, and which count signal each feeds.
 STEP_OK, STEP_FAILED = "step_ok", "step_failed"
@@ -124,17 +124,6 @@ class _Window:
     def clear(self) -> None:
         self.records.clear()
         self.counts.clear()
-
-
-@dataclass(frozen=True)
-class Transition:
-    at: float  # wall time
-    old: str
-    new: str
-    reasons: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"at": self.at, "from": self.old, "to": self.new, "reasons": list(self.reasons)}
 
 
 class HealthMonitor:

@@ -28,7 +28,7 @@ from typing import Any
 
 from threadbound.agents import events as ev
 
-from .config import RuntimeConfig, state_dir
+from ..config import RuntimeConfig, state_dir
 from .hooks import Hook
 
 human = logging.getLogger("threadbound.events")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .config import RetryConfig
+from ..config import RetryConfig
 
 
 def backoff_s(policy: RetryConfig, attempt: int, rng: random.Random,

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .config import ReasoningConfig
+from ..config import ReasoningConfig
 
 SKIP_DIRS = frozenset({"__pycache__", "node_modules", ".git", ".hg", ".venv", "venv", ".tox",
                        ".mypy_cache", ".pytest_cache", ".ruff_cache", "build", "dist"})

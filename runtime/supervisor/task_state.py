@@ -16,7 +16,7 @@ from threadbound.agents import events as ev
 from threadbound.agents.events import STEP_ENDS, UnknownRecord, read_record
 from threadbound.snapshots import SnapshotError
 
-from .task import PENDING, STATUSES, TERMINAL, Task, sequential
+from ..task import PENDING, STATUSES, TERMINAL, Task, sequential
 
 if TYPE_CHECKING:
     from .slots import Slot

@@ -35,7 +35,7 @@ from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
 
 from .admission import WorkspaceLost
 from .attempt import Core, run_step
-from .task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
+from ..task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
 from .task_state import TaskEnds, TaskState, TaskWaits
 
 log = logging.getLogger("threadbound.rounds")

@@ -27,10 +27,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from .health import Transition
     from .task_state import TaskState
 
 log = logging.getLogger("threadbound.hooks")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The pool's health mode changed (``runtime.supervisor.health``): when (wall time), from, to, why."""
+
+    at: float
+    old: str
+    new: str
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.old, "to": self.new, "reasons": list(self.reasons)}
 
 
 @dataclass
@@ -91,7 +103,7 @@ class Hook:
     def after_step(self, task: "TaskState", step: StepInfo, outcome: Outcome) -> Any:
         """A step attempt ended (committed or not); may be ``async``."""
 
-    def on_transition(self, transition: "Transition") -> None:
+    def on_transition(self, transition: Transition) -> None:
         """The pool's health mode changed."""
 
     def on_snapshot(self, cost: dict[str, Any]) -> None:
@@ -154,7 +166,7 @@ class Hooks:
                     self.failures += 1
                     log.exception("hook after_step failed; the pool goes on")
 
-    def on_transition(self, transition: "Transition") -> None:
+    def on_transition(self, transition: Transition) -> None:
         self._call("on_transition", transition)
 
     def on_snapshot(self, cost: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from .slots import Slot, SlotTable
-from .task import ADMITTED, PENDING, TERMINAL
+from ..task import ADMITTED, PENDING, TERMINAL
 from .task_state import TaskState
 
 log = logging.getLogger("threadbound.admission")

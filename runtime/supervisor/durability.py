@@ -37,7 +37,7 @@ from threadbound.snapshots import SnapshotLocation, load_key, open_store
 
 from threadbound.agents import events as ev
 
-from .config import RuntimeConfig
+from ..config import RuntimeConfig
 from .hooks import Hook
 
 log = logging.getLogger("threadbound.durability")

@@ -242,7 +242,7 @@ def check_snapshot_dir(snapshot_dir: str, nodes: Iterable[str], *,
     The supervisor writes a marker file there; each node must see it. ``probe(node,
     path, marker)`` answers None (seen) or why not; by default a Ray task on that node.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     nodes = list(nodes)
     if not nodes:
