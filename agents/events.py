@@ -5,9 +5,11 @@ spells them.
 It lives in ``agents`` because agents emit events too (``ctx.emit``) and the agents part
 depends on nothing else of ours; the runtime imports it from here.
 
-Journal records: format 2 writes each record as a map with a ``type`` and named fields
-(:func:`record`); format 1 wrote positional lists. :func:`read_record` reads both, so a
-journal written by an older threadbound still replays.
+Journal records: format 3 journals the events appended together as one ``evs`` record
+(:func:`events_record`: one per batch, however many tasks it spans); format 2 wrote one
+``ev`` record per event; both write each record as a map with a ``type`` and named
+fields (:func:`record`); format 1 wrote positional lists. :func:`read_record` reads all
+three, so a journal written by an older threadbound still replays.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ EVENT_FORMAT = 1  # the row layout below; bump when it changes
 
 
 class Row(NamedTuple):
-    """One event of a task's log as the supervisor holds it (a client gets an ``Event``)."""
+    """One event of a task's log as the supervisor holds it, journals it and sends it to
+    clients (who turn it into an ``Event`` naming its task)."""
 
     offset: int
     kind: str
@@ -85,15 +88,16 @@ class Row(NamedTuple):
 
 # -- journal records --------------------------------------------------------------------
 
-JOURNAL_FORMAT = 2
+JOURNAL_FORMAT = 3
 
 R_ROLES = "roles"      # roles: {role: agent class blob}
 R_HEALTH = "health"    # mode
 R_SUBMIT = "submit"    # task, seq, spec, blob_ids, submitted_at
-R_EVENT = "ev"         # task, row
+R_EVENT = "ev"         # task, offset, kind, agent, data, ts (format 2: one event; still read)
+R_EVENTS = "evs"       # rows: [[task, offset, kind, agent, data, ts], ...] (format 3: a batch)
 R_COMMIT = "commit"    # task, role, output, state, requests
 R_FORGET = "forget"    # tasks
-RECORD_TYPES = (R_ROLES, R_HEALTH, R_SUBMIT, R_EVENT, R_COMMIT, R_FORGET)
+RECORD_TYPES = (R_ROLES, R_HEALTH, R_SUBMIT, R_EVENT, R_EVENTS, R_COMMIT, R_FORGET)
 
 _V1_FIELDS = {
     R_ROLES: ("roles",),
@@ -106,14 +110,13 @@ _V1_FIELDS = {
 
 
 def record(kind: str, **fields: Any) -> dict[str, Any]:
-    """A journal record of format 2: ``{"type": kind, "v": 2, **fields}``."""
+    """A journal record: ``{"type": kind, "v": JOURNAL_FORMAT, **fields}``."""
     return {"type": kind, "v": JOURNAL_FORMAT, **fields}
 
 
-def event_record(task_id: str, row: tuple) -> dict[str, Any]:
-    offset, kind, agent, data, ts = row
-    return {"type": R_EVENT, "v": JOURNAL_FORMAT, "task": task_id, "offset": offset, "kind": kind,
-            "agent": agent, "data": data, "ts": ts}
+def events_record(rows: list[tuple[str, Row]]) -> dict[str, Any]:
+    """One record for events appended together: ``(task id, row)`` pairs, any tasks."""
+    return {"type": R_EVENTS, "v": JOURNAL_FORMAT, "rows": [(task_id, *row) for task_id, row in rows]}
 
 
 class UnknownRecord(ValueError):
@@ -121,7 +124,7 @@ class UnknownRecord(ValueError):
 
 
 def read_record(rec: Any) -> dict[str, Any]:
-    """A journal record of format 1 (a positional list) or 2 (a map), as a format-2 map."""
+    """A journal record of format 1 (a positional list), 2 or 3 (a map), as a map."""
     if isinstance(rec, dict):
         if rec.get("type") not in RECORD_TYPES or rec.get("v", JOURNAL_FORMAT) > JOURNAL_FORMAT:
             raise UnknownRecord(f"journal record {rec.get('type')!r} of format {rec.get('v')!r}")

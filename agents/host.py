@@ -36,7 +36,7 @@ class StepRequest:
     """What the supervisor sends for one step (plain, picklable data only)."""
 
     binding: str
-    agent_blob: bytes
+    agent_blob: bytes | None  # the agent's class, with the first step of a binding on a process only
     task_id: str
     role: str
     goal: str
@@ -170,6 +170,9 @@ class SlotWorker:
         if self.binding == req.binding and self.agent is not None:
             return self.agent
         self.release()
+        if req.agent_blob is None:  # the supervisor believed this process had the binding
+            raise RuntimeError(f"actor {self.slot_name} has no agent for binding {req.binding} and was sent "
+                               "no agent class; the step runs again on a fresh binding")
         cls = self._classes.get(req.agent_blob)
         if cls is None:
             cls = cloudpickle.loads(req.agent_blob)

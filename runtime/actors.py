@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import ray
 
+from threadbound.agents.events import Row
 from threadbound.agents.models.local import serve_models_in
 
 from .config import RuntimeConfig
@@ -58,18 +59,18 @@ class _Supervisor(Supervisor):
                          lease_owner=ctx.get_actor_id())
         if self._unreachable is not None:
             self.fatal = self._unreachable  # the ConfigError itself, not its wrapping
-        self.health.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
+        self.health.monitor.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
 
     # Clients long-poll these many times a second. Ray keeps a bounded number of tasks
     # in its task table (what the dashboard lists): left out of it, the polls no longer
     # push the steps (``<role>/<task id>``) out of it. (No measurable CPU saved: 7.4-7.7
     # ms per step in all processes with or without, at 4 tasks at a time.)
     @ray.method(enable_task_events=False)
-    async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[tuple], str]:
+    async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[Row], str]:
         return await super().read(task_id, offset, wait_s)
 
     @ray.method(enable_task_events=False)
-    async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[tuple], str]]:
+    async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[Row], str]]:
         return await super().read_many(cursors, wait_s)
 
     @ray.method(enable_task_events=False)

@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from threadbound.agents.errors import ThreadboundError
+from threadbound.agents.events import Row
 
 from .errors import InvalidTask, PoolClosed, TaskNotFound
 from .task import TERMINAL, Event, result_or_raise
@@ -310,7 +311,7 @@ class _Follower:
             except asyncio.TimeoutError:
                 return
 
-    async def _deliver(self, polled: list[_Stream], answer: dict[str, tuple[list[tuple], str]]) -> None:
+    async def _deliver(self, polled: list[_Stream], answer: dict[str, tuple[list[Row], str]]) -> None:
         """Hand each polled stream the rows from its own offset on (rows start at the
         lowest cursor of their task, so nothing is skipped)."""
         ended = []
@@ -318,7 +319,7 @@ class _Follower:
             if s not in self.streams:
                 continue  # closed while the call was out
             rows, status = answer.get(s.task_id, ((), None))
-            events = [_event(s.task_id, row) for row in rows if row[0] >= s.offset]
+            events = [_event(s.task_id, row) for row in rows if row.offset >= s.offset]
             if events:
                 s.put(events)
             elif status in TERMINAL:
@@ -446,9 +447,8 @@ async def _aopen_stream(client: _Client, task_id: str, offset: int) -> _Stream:
     return _open_stream(client, task_id, offset)
 
 
-def _event(task_id: str, row: tuple) -> Event:
-    offset, kind, agent, data, ts = row
-    return Event(task_id=task_id, offset=offset, kind=kind, agent=agent, data=data, ts=ts)
+def _event(task_id: str, row: Row) -> Event:
+    return Event(task_id=task_id, offset=row.offset, kind=row.kind, agent=row.agent, data=row.data, ts=row.ts)
 
 
 _result = result_or_raise  # (the pool's name for it)

@@ -38,7 +38,9 @@ from typing import Any, Awaitable, Callable
 
 from ray.exceptions import ActorDiedError
 
-from threadbound.agents.host import ERROR, RESULT, StepRequest, _error_data
+from threadbound.agents.base import Interrupt
+from threadbound.agents.host import ERROR, INTERRUPT, RESULT, StepRequest, _error_data
+from threadbound.runtime.supervisor.clock import FakeClock
 
 Script = Callable[["StepCall"], Awaitable[Any]]
 
@@ -47,19 +49,6 @@ ALIVE, DYING, DEAD = "alive", "dying", "dead"
 
 class ActorCrash(Exception):
     """Raised by a script: the actor's process dies in the middle of the step."""
-
-
-class FakeClock:
-    """The supervisor's injected clock: it moves only when a test (or a batch) moves it."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -109,6 +98,7 @@ class StepCall:
         self.pending: list[tuple[str, Any]] = []
         self.round_requests: list[str] = []
         self.tokens_used = 0
+        self.asked = 0
 
     # what the request says
     @property
@@ -153,6 +143,14 @@ class StepCall:
     def request_round(self, feedback: str) -> None:
         self.round_requests.append(str(feedback))
 
+    def interrupt(self, payload: Any = None) -> Any:
+        """``ctx.interrupt``: this step's next answer if it has one, else the step stops and
+        waits for a person (it runs again from its beginning with the answer)."""
+        index, self.asked = self.asked, self.asked + 1
+        if index < len(self.req.answers):
+            return self.req.answers[index]
+        raise Interrupt(payload, index)
+
     async def sleep(self, seconds: float = 0.0) -> None:
         await asyncio.sleep(seconds)
 
@@ -181,7 +179,7 @@ class _Stream:
             raise ActorDiedError()
         if clock_s:
             self.clock.advance(clock_s)
-        if any(kind in (RESULT, ERROR) for kind, _ in batch):
+        if any(kind in (RESULT, ERROR, INTERRUPT) for kind, _ in batch):
             self.finished = True
         return _Ref(batch)
 
@@ -210,6 +208,7 @@ class FakeActor:
         self.pings_left: int | None = None  # while dying: pings it still answers
         self.step: asyncio.Task | None = None
         self.steps = 0
+        self.bound: set[str] = set()  # bindings whose agent class this process was sent
         self.started = False
         self.ping = _Method(self._ping)
         self.run_step = _Method(self._run_step)
@@ -243,8 +242,13 @@ class FakeActor:
             return stream
         if self.step is not None and not self.step.done():
             owner.violations.append(f"two steps at once on {self.uid} (max_concurrency=1): {name}")
-        if owner.blobs is not None and owner.blobs.get(req.role) != req.agent_blob:
+        if req.agent_blob is None:  # the class comes once per binding on a process
+            if req.binding not in self.bound:
+                owner.violations.append(f"step {name} of a new binding on {self.uid} carries no agent class")
+        elif owner.blobs is not None and owner.blobs.get(req.role) != req.agent_blob:
             owner.violations.append(f"step {name} carries another role's agent class")
+        else:
+            self.bound.add(req.binding)
         self.steps += 1
         self.step = asyncio.get_running_loop().create_task(self._body(call), name=f"fake/{name}")
         return stream
@@ -259,6 +263,10 @@ class FakeActor:
             owner._ended(rec, "crash")
             self._dead()
             call.queue.put_nowait((None, 0.0))
+        except Interrupt as stop:  # not a failure: the step waits for a person
+            owner._ended(rec, "interrupt")
+            call.send([(INTERRUPT, {"payload": stop.payload, "index": stop.index,
+                                    "elapsed_s": time.monotonic() - started, "tokens": call.tokens_used})])
         except asyncio.CancelledError:  # killed: the process is gone mid-step
             owner._ended(rec, "killed")
             call.queue.put_nowait((None, 0.0))

@@ -64,4 +64,4 @@ def test_a_format1_snapshot_and_journal_resume_with_nothing_lost(restored):
     assert resumed[1] == ev.RESUMED and resumed[3]["restarting"] == {"b": 1} and resumed[3]["committed"] == ["a"]
     assert sup.resumed["tasks"] == [second.id]
     # and it waits in the queue to be admitted again
-    assert [t for *_, t in sup.admission.queue] == [second.id]
+    assert sup.capacity.waiting() == [second.id]

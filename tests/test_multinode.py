@@ -144,15 +144,12 @@ def test_each_tasks_slots_are_on_one_node_and_tasks_spread_over_the_nodes(fake_r
 
 
 def test_a_task_holds_no_more_slots_than_one_node_can_hold(fake_ray):
-    from types import SimpleNamespace
-
-    from threadbound.runtime.supervisor.admission import Admission
+    from threadbound.runtime.supervisor.capacity import Capacity
 
     # Given nodes of one CPU each and agents that take one CPU
     t, _ = _table(fake_ray, _Nodes(a=1, b=1, c=0), 3, agent_num_cpus=1.0)
     # Then a task of three roles holds one slot (its roles take turns), on a node with a CPU
-    ts = SimpleNamespace(spec=SimpleNamespace(agents=["x", "y", "z"]))
-    assert Admission(t, 3).width(ts) == 1
+    assert Capacity(t, 3, on_grant=lambda task, slots: None).width(roles=3) == 1
     assert set(t.placement.nodes()) == {"a", "b"}
 
 

@@ -416,7 +416,7 @@ def test_a_burst_of_records_shares_one_frame_and_a_flush_writes_at_once(tmp_path
     # Given: the supervisor's durability on a local disk
     import asyncio
 
-    from threadbound.runtime import durability
+    from threadbound.runtime.supervisor import durability
     from threadbound.runtime.config import RuntimeConfig
 
     cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600})
@@ -430,15 +430,15 @@ def test_a_burst_of_records_shares_one_frame_and_a_flush_writes_at_once(tmp_path
         durable.start(export)
         # When: five events of a burst are recorded across loop turns, nobody waiting
         for i in range(5):
-            durable.record(["event", i], task_id="t1", events=i + 1)
+            durable.record(["event", i], {"t1": i + 1})
             await asyncio.sleep(0)
         during = durable.stats["journal_frames"]
         await asyncio.sleep(durability.GATHER_S * 20)  # (timers fire in order: the write's is first)
         burst = durable.stats["journal_frames"]
         # ... and then, with a gathering window that would never end, a commit is flushed
         monkeypatch.setattr(durability, "GATHER_S", 3600.0)
-        durable.record(["event", 5], task_id="t1", events=6)
-        durable.record(["commit"], task_id="t1", events=7)
+        durable.record(["event", 5], {"t1": 6})
+        durable.record(["commit"], {"t1": 7})
         await durable.flush()  # (the test's timeout stands for "at once")
         commit = durable.stats["journal_frames"]
         await durable.close(export)

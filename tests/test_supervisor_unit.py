@@ -15,109 +15,16 @@ import logging
 import random
 
 import pytest
-import ray._private.auto_init_hook as ray_auto_init
-from fake_actors import DEAD, ActorCrash, FakeActors, hangs
+from fake_actors import DEAD, ActorCrash, hangs
+from supervisor_harness import (  # noqa: F401  (fakes: a fixture)
+    BLOBS, SEED, config, fakes, first, index, kinds, log, result, run, submit, until,
+)
 
-from threadbound.agents import Agent
 from threadbound.agents.errors import AgentError, TransientError
-from threadbound.runtime.supervisor import slots as slots_module
-from threadbound.runtime.config import RuntimeConfig
 from threadbound.runtime.errors import InvalidTask
 from threadbound.runtime.supervisor.hooks import Hook
-from threadbound.runtime.registry import agent_blob
 from threadbound.runtime.supervisor.retry import backoff_s
-from threadbound.runtime.supervisor.core import Supervisor
-from threadbound.runtime.task import Task, TaskResult
-
-SEED = 7
-LIMIT_S = 10.0  # a test that takes longer is stuck (they take milliseconds)
-ROLES = ("coder", "tester", "reviewer", "a", "b", "c")
-# One distinct agent class per role, so a request carrying another role's class is caught.
-BLOBS = {r: agent_blob(r, type(f"Fake_{r}", (Agent,), {})) for r in ROLES}
-
-
-# -- harness ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    """Fake slot actors; the slot table kills them through the fakes' ``ray``."""
-    f = FakeActors(blobs=BLOBS)
-    monkeypatch.setattr(slots_module, "ray", f.ray)
-    # Guard: any other Ray call fails here instead of quietly starting a local cluster.
-    monkeypatch.setattr(ray_auto_init, "enable_auto_connect", False)
-    return f
-
-
-def config(**overrides) -> RuntimeConfig:
-    settings = dict(max_agents=3, max_agents_per_task=3, step_timeout_s=5, task_timeout_s=10,
-                    token_batch_size=1, retry={"max_attempts": 3, "backoff_s": 0.001, "max_backoff_s": 0.002},
-                    snapshots={"enabled": False}, health={"enabled": False}, metrics={"port": 0, "ray": False})
-    settings.update(overrides)
-    return RuntimeConfig(**settings)
-
-
-def run(fakes: FakeActors, body, *, hooks=(), **overrides):
-    """Run ``body(supervisor)`` on a fresh loop, then check the invariants every run keeps:
-    the caps held, one step at a time per actor, and shutdown left no actor alive."""
-    cfg = config(**overrides)
-
-    async def main():
-        sup = Supervisor(cfg, BLOBS, make_actor=fakes, clock=fakes.clock, rng=random.Random(SEED),
-                         hooks=list(hooks))
-        try:
-            out = await asyncio.wait_for(body(sup), LIMIT_S)
-        finally:
-            await sup.shutdown(grace_s=0)
-        assert fakes.violations == []
-        assert fakes.max_alive <= cfg.max_agents
-        assert fakes.clashes == 0, "an actor was created before its predecessor was confirmed dead"
-        assert fakes.max_running_total <= cfg.max_agents
-        assert all(n <= cfg.max_agents_per_task for n in fakes.max_running.values())
-        assert fakes.alive() == 0, "shutdown left agent actors alive"
-        return out
-
-    return asyncio.run(main())
-
-
-async def submit(sup: Supervisor, agents, **kw) -> str:
-    return (await sup.submit(Task(goal="make the tests pass", agents=list(agents), **kw)))[0]
-
-
-async def result(sup: Supervisor, task_id: str) -> TaskResult:
-    return TaskResult(**await sup.wait(task_id, None))
-
-
-async def until(cond, what: str) -> None:
-    for _ in range(3000):
-        if cond():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"never happened: {what}")
-
-
-def log(sup: Supervisor, task_id: str, agent: str | None = "*") -> list[tuple]:
-    """The task's events as ``(kind, agent, data)``; only ``agent``'s unless ``"*"``."""
-    return [(k, a, d) for _, k, a, d, _ in sup.tasks[task_id].events if agent == "*" or a == agent]
-
-
-def kinds(sup: Supervisor, task_id: str, agent: str | None = "*") -> list[str]:
-    return [k for k, _, _ in log(sup, task_id, agent)]
-
-
-def first(sup: Supervisor, task_id: str, kind: str, agent: str | None = "*", **match) -> dict:
-    for k, _, d in log(sup, task_id, agent):
-        if k == kind and all(d.get(f) == v for f, v in match.items()):
-            return d
-    raise AssertionError(f"no {kind} event of {agent} matching {match} in task {task_id}")
-
-
-def index(sup: Supervisor, task_id: str, kind: str, agent: str | None, **match) -> int:
-    for i, (k, a, d) in enumerate(log(sup, task_id)):
-        if k == kind and a == agent and all(d.get(f) == v for f, v in match.items()):
-            return i
-    raise AssertionError(f"no {kind} event of {agent} matching {match} in task {task_id}")
-
+from threadbound.runtime.task import Task
 
 class Admitted(Hook):
     """Records the order in which tasks were admitted."""
@@ -458,7 +365,8 @@ def test_the_step_deadline_counts_the_whole_step_not_the_gaps_between_tokens(fak
         # Then it is stopped when its 5 s are up, with the 5 tokens it streamed
         assert res.status == "timed_out" and res.reason == "step_timeout"
         timed_out = first(sup, tid, "step_timed_out", "a")
-        assert timed_out["partial"] == "ttttt" and timed_out["elapsed_s"] == 5.0
+        # (the pool's clock also moves with real time, which adds a little to the 5 s of tokens)
+        assert timed_out["partial"] == "ttttt" and 5.0 <= timed_out["elapsed_s"] < 5.1
         assert kinds(sup, tid, "a") == ["step_started"] + ["tokens"] * 5 + ["step_timed_out"]
         assert "exceeded its step timeout of 5.000s" in res.error
         await until(lambda: fakes.one(tid, "a").how == "killed", "the step's actor was killed")
@@ -823,15 +731,20 @@ def test_a_hook_that_raises_is_logged_and_the_pool_goes_on(fakes, caplog):
 
 
 def test_a_step_that_times_out_is_retried_while_its_sibling_runs_on_undisturbed(fakes):
+    # Given a task whose role b starts 3 s (on the pool's clock) after a, because c runs first
     b_started, b_may_end = asyncio.Event(), asyncio.Event()
 
     async def a(call):
         if call.attempt == 1:
             await b_started.wait()
-            call.tokens("slow ", clock_s=6.0)  # its 5 s are up on the pool's clock
+            call.tokens("slow ", clock_s=3.0)  # 6 s since a started: a's 5 s are up, not b's
             await call.hang()
         b_may_end.set()
         return "a done"
+
+    async def c(call):
+        call.tokens("c ", clock_s=3.0)
+        return "c done"
 
     async def b(call):
         b_started.set()
@@ -840,11 +753,12 @@ def test_a_step_that_times_out_is_retried_while_its_sibling_runs_on_undisturbed(
 
     fakes.script("a", a)
     fakes.script("b", b)
+    fakes.script("c", c)
 
     async def body(sup):
-        tid = await submit(sup, ["a", "b"], after={}, step_timeout_s=5)
+        tid = await submit(sup, ["a", "c", "b"], after={"b": ["c"]}, step_timeout_s=5)
         res = await result(sup, tid)
-        assert res.ok and res.outputs == {"a": "a done", "b": "b done"}
+        assert res.ok and res.outputs == {"a": "a done", "b": "b done", "c": "c done"}
         assert kinds(sup, tid, "a") == ["step_started", "tokens", "step_timed_out", "retrying",
                                         "step_started", "step_finished"]
         b_rec = fakes.one(tid, "b")

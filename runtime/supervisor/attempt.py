@@ -14,42 +14,90 @@ since a running step cannot be interrupted any other way.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
 from threadbound.agents import events as ev
-
-from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT
-from .admission import SlotLost
-from .hooks import Outcome, StepInfo
-from .retry import backoff_s
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT, StepRequest
+
+from ..config import RuntimeConfig
 from ..task import FAILED, TIMED_OUT, ancestors
-from .task_state import TaskEnds, TaskState, TaskWaits, apply_commit
+from .binding import Binder, SlotLost
+from .budget import Budget
+from .clock import Clock
+from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT, Health
+from .hooks import Hooks, Outcome, StepInfo, Transition
+from .retry import backoff_s
+from .shard import TaskShard
+from .slots import SlotTable
+from .task_state import TaskEnds, TaskRecord, TaskWaits, apply_commit
 
 if TYPE_CHECKING:
+    from threadbound.agents.sandbox import SandboxSettings
+
+    from .durability import Durability
     from .slots import Slot
 
 
-class Core(Protocol):
-    """What the step path needs of the supervisor (which provides exactly this)."""
+class Lifecycle(Protocol):
+    """What a task's run tells the supervisor about the task as a whole."""
 
-    cfg: Any
-    clock: Any
-    rng: Any
-    slots: Any
-    blobs: dict[str, bytes]
-    sandbox: Any
-    budget: Any
-    hooks: Any
+    def finish(self, ts: TaskRecord, status: str, **data: Any) -> None: ...
+    def task_ended(self, ts: TaskRecord) -> None: ...
+    def task_waits(self, ts: TaskRecord) -> None: ...
 
-    def emit(self, ts: TaskState, kind: str, agent: str | None, **data: Any) -> None: ...
-    def append(self, ts: TaskState, kind: str, agent: str | None, data: dict[str, Any]) -> None: ...
-    def mode_for(self, ts: TaskState) -> tuple[bool, bool]: ...  # (streaming, degraded)
-    def degraded_now(self, ts: TaskState) -> bool: ...
-    async def bind(self, ts: TaskState, role: str) -> "Slot": ...
-    async def barrier(self) -> None: ...
+
+@dataclass
+class StepEnv:
+    """What the step path and a task's rounds use: the parts they call, typed, and
+    nothing else of the supervisor (which builds one and keeps it)."""
+
+    cfg: RuntimeConfig
+    clock: Clock
+    rng: random.Random
+    budget: Budget
+    sandbox: "SandboxSettings"
+    shard: TaskShard  # the tasks' event logs
+    binder: Binder  # a role's slot for its next step
+    slots: SlotTable  # replaces the process of a slot whose step did not end
+    blobs: dict[str, bytes]  # digest -> agent class blob
+    health: Health  # what the pool's mode means for a step; hears how each attempt ended
+    observers: Hooks
+    durable: "Durability | None"  # the journal (None: snapshots off)
+    life: Lifecycle
+    on_transition: Callable[[Transition], None]  # the health mode changed: the supervisor acts on it
+
+    def emit(self, ts: TaskRecord, kind: str, agent: str | None, **data: Any) -> None:
+        self.shard.emit(ts, kind, agent, **data)
+
+    async def barrier(self) -> None:
+        """Return once everything recorded so far is durable (no-op without snapshots);
+        raises if the journal cannot be written: nothing more counts as committed."""
+        if self.durable is not None:
+            await self.durable.flush()
+
+    async def step_ended(self, ts: TaskRecord, info: StepInfo, out: Outcome) -> None:
+        """Health hears of it first (directly: the pool acts on what it says), then the observers."""
+        change = self.health.step_ended(info, out)
+        await self.observers.after_step(ts, info, out)
+        if change is not None:  # acted on outside this step's own code path
+            asyncio.get_running_loop().call_soon(self.on_transition, change)
+
+    async def commit(self, ts: TaskRecord, info: StepInfo, out: Outcome, inbox_upto: int) -> None:
+        """The step's result becomes the task's, durably: journaled, then acknowledged."""
+        role, level = info.role, info.level
+        output, state, requests = out.data["output"], out.data["state"], list(out.data["round_requests"])
+        self.observers.on_commit(ts, role, output, state, requests)
+        if self.durable is not None:
+            self.durable.committed(ts, role, output, state, requests)
+        apply_commit(ts, role, output, state, requests)
+        self.emit(ts, ev.STEP_FINISHED, role, round=info.round, attempt=info.attempt,
+                  elapsed_s=out.data.get("elapsed_s"), output=output if plain(output) else repr(output)[:2000],
+                  round_requests=requests, inbox_upto=inbox_upto, **self.budget.cost(out.data.get("tokens"), level))
+        await self.barrier()  # committed = durable
 
 
 def plain(value: Any, depth: int = 0) -> bool:
@@ -68,35 +116,39 @@ def plain(value: Any, depth: int = 0) -> bool:
 class StepAttempt:
     """One attempt of one step: request -> stream -> outcome; see the module docstring."""
 
-    def __init__(self, core: Core, ts: TaskState, info: StepInfo, slot: "Slot", outputs: dict[str, Any],
+    def __init__(self, env: StepEnv, ts: TaskRecord, info: StepInfo, slot: "Slot", outputs: dict[str, Any],
                  inbox: tuple[int, int] = (0, 0)) -> None:
-        self.core, self.ts, self.info, self.slot, self.outputs = core, ts, info, slot, outputs
+        self.env, self.ts, self.info, self.slot, self.outputs = env, ts, info, slot, outputs
         self.inbox = inbox  # the messages this step sees: ts.inbox[from:to]
         self.partial: list[str] = []
         self.streamed = 0  # tokens received, for the cost of a step that ends without a result
         self.held: list[str] = []  # tokens of a streaming step the pool stopped streaming
 
     def request(self) -> StepRequest:
-        core, ts, info = self.core, self.ts, self.info
+        """The step's request; the agent's class goes with the first step of a binding on
+        a process only (the actor keeps the bound agent between steps)."""
+        env, ts, info, slot = self.env, self.ts, self.info, self.slot
         role = info.role
-        lv = core.cfg.reasoning.spec(info.level)
+        lv = env.cfg.reasoning.spec(info.level)
         options = {k: v for k, v in (("model", lv.model), ("max_tokens", lv.max_tokens),
                                      ("temperature", lv.temperature)) if v is not None}
+        binding = ts.run.bind_keys[role]
+        first = slot.sent != (binding, slot.generation)
         return StepRequest(
-            binding=ts.bind_keys[role], agent_blob=core.blobs[ts.blob_ids[role]], task_id=ts.id, role=role,
+            binding=binding, agent_blob=env.blobs[ts.blob_ids[role]] if first else None, task_id=ts.id, role=role,
             goal=ts.spec.goal, workspace=ts.spec.workspace, round=info.round, attempt=info.attempt,
             idempotency_key=f"{ts.id}:{info.round}:{role}:{info.attempt}", inputs=ts.spec.inputs,
             outputs=self.outputs, feedback=list(ts.feedback), level=info.level,
-            streaming=info.streaming, model_config=core.cfg.model, model_options=options,
-            token_batch_size=core.cfg.token_batch_size,
-            token_interval_s=core.cfg.token_interval_ms / 1000.0,
+            streaming=info.streaming, model_config=env.cfg.model, model_options=options,
+            token_batch_size=env.cfg.token_batch_size,
+            token_interval_s=env.cfg.token_interval_ms / 1000.0,
             state=ts.states.get(role), has_state=role in ts.states,
-            tokens_left=core.budget.tokens_left(ts, info.level), sandbox=core.sandbox,
+            tokens_left=env.budget.tokens_left(ts, info.level), sandbox=env.sandbox,
             answers=list(ts.answers.get(role, ())), inbox=ts.inbox[self.inbox[0]:self.inbox[1]],
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
-        self.core.emit(self.ts, kind, self.info.role, attempt=self.info.attempt, **data)
+        self.env.emit(self.ts, kind, self.info.role, attempt=self.info.attempt, **data)
 
     def _release_held(self) -> None:
         if self.held:
@@ -104,57 +156,65 @@ class StepAttempt:
             self.held.clear()
 
     async def run(self) -> Outcome:
-        core, ts, info, slot = self.core, self.ts, self.info, self.slot
-        role, level = info.role, info.level
-        timeout = ts.spec.step_timeout_s or core.cfg.step_timeout_s
+        env, ts, info, slot = self.env, self.ts, self.info, self.slot
+        role, level, clock = info.role, info.level, env.clock
+        timeout = ts.spec.step_timeout_s or env.cfg.step_timeout_s
         req = self.request()
         self._emit(ev.STEP_STARTED, round=info.round, slot=slot.name, pid=slot.pid, level=level,
-                   streaming=info.streaming, running=sorted(ts.running))
-        core.hooks.before_step(ts, info)
-        info.started = started = core.clock()
+                   streaming=info.streaming, running=sorted(ts.run.running))
+        env.observers.before_step(ts, info)
+        info.started = started = clock.monotonic()
         deadline = started + timeout
         heard_end = False  # the actor reported the step's end: it may serve the task again
         slot.busy = True  # for stats(); this attempt is the only writer
         try:
             gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
+            if req.agent_blob is not None:
+                slot.sent = (req.binding, slot.generation)
             while True:
-                remaining = deadline - core.clock()
+                remaining = deadline - clock.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                ref = await asyncio.wait_for(gen.__anext__(), remaining)
-                if ts.cancel_reason is not None:
+                ref = await clock.wait_for(gen.__anext__(), remaining)
+                if ts.run.cancel_reason is not None:
                     # Python < 3.12: wait_for drops a cancel that lands as its inner await
                     # completes; the reason set by cancel() makes the cancel stick anyway.
                     raise asyncio.CancelledError
-                for kind, data in await ref:
-                    if kind == RESULT:
-                        heard_end = True
-                        return Outcome("ok", data, elapsed_s=core.clock() - started)
-                    if kind == ERROR:
-                        heard_end = True
-                        return self._failed(data)
-                    if kind == INTERRUPT:
-                        heard_end = True
-                        return Outcome("interrupt", data, elapsed_s=data.get("elapsed_s") or 0.0)
-                    if kind == ev.TOKENS:
-                        if info.first_token is None:
-                            info.first_token = core.clock()
-                        self.partial.append(data["text"])
-                        self.streamed += data.get("n", 1)
-                        if core.degraded_now(ts):
-                            self.held.append(data["text"])  # degraded mid-step: the rest comes as one message
-                            continue
-                    else:
-                        self._release_held()
-                    # An agent's own event: relayed with its fields as they are, plus the attempt.
-                    fields = dict(data) if isinstance(data, dict) else {"value": data}
-                    fields["attempt"] = info.attempt
-                    core.append(ts, kind, role, fields)
+                relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]] = []
+                try:
+                    for kind, data in await ref:
+                        if kind == RESULT:
+                            heard_end = True
+                            return Outcome("ok", data, elapsed_s=clock.monotonic() - started)
+                        if kind == ERROR:
+                            heard_end = True
+                            self._flush(relayed)
+                            return self._failed(data)
+                        if kind == INTERRUPT:
+                            heard_end = True
+                            return Outcome("interrupt", data, elapsed_s=data.get("elapsed_s") or 0.0)
+                        if kind == ev.TOKENS:
+                            if info.first_token is None:
+                                info.first_token = clock.monotonic()
+                            self.partial.append(data["text"])
+                            self.streamed += data.get("n", 1)
+                            if env.health.degraded_now(ts):
+                                self.held.append(data["text"])  # degraded mid-step: the rest comes as one message
+                                continue
+                        elif self.held:
+                            self._flush(relayed)
+                            self._release_held()
+                        # An agent's own event: relayed with its fields as they are, plus the attempt.
+                        fields = dict(data) if isinstance(data, dict) else {"value": data}
+                        fields["attempt"] = info.attempt
+                        relayed.append((ts, kind, role, fields))
+                finally:
+                    self._flush(relayed)  # one append for the whole batch the actor sent
         except asyncio.TimeoutError:
-            elapsed = core.clock() - started
+            elapsed = clock.monotonic() - started
             self._release_held()
             self._emit(ev.STEP_TIMED_OUT, round=info.round, limit_s=timeout, elapsed_s=round(elapsed, 3),
-                       partial="".join(self.partial)[-4000:], slot=slot.name, **core.budget.cost(self.streamed, level))
+                       partial="".join(self.partial)[-4000:], slot=slot.name, **env.budget.cost(self.streamed, level))
             return Outcome("timeout", {"why": f"exceeded its step timeout of {timeout:.3f}s "
                                               f"(elapsed: {elapsed:.1f}s)"}, signal=TIMEOUT, elapsed_s=elapsed)
         except StopAsyncIteration:
@@ -165,7 +225,7 @@ class StepAttempt:
             self._release_held()
             self._emit(ev.AGENT_CRASHED if died else ev.STREAM_FAILED, round=info.round, slot=slot.name,
                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
-                       **core.budget.cost(self.streamed, level))
+                       **env.budget.cost(self.streamed, level))
             if died:
                 return Outcome("crash", {"why": f"crashed (its actor {slot.name} died)"}, signal=ACTOR_DEATH)
             return Outcome("crash", {"why": f"lost its event stream ({type(exc).__name__}); its actor "
@@ -174,7 +234,13 @@ class StepAttempt:
             slot.busy = False
             self._release_held()
             if not heard_end:  # the step may still be running in there: end its process
-                core.slots.replace(slot, kill=True)
+                slot.sent = None
+                env.slots.replace(slot, kill=True)
+
+    def _flush(self, relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]]) -> None:
+        if relayed:
+            self.env.shard.append_many(relayed)
+            relayed.clear()
 
     def _failed(self, data: dict[str, Any]) -> Outcome:
         info = self.info
@@ -182,13 +248,13 @@ class StepAttempt:
         self._release_held()
         self._emit(ev.STEP_FAILED, round=info.round, error=f"{data['type']}: {data['message']}",
                    transient=data["transient"], error_class=klass, retry_after_s=data.get("retry_after_s"),
-                   traceback=data["traceback"][-4000:], **self.core.budget.cost(data.get("tokens"), info.level))
+                   traceback=data["traceback"][-4000:], **self.env.budget.cost(data.get("tokens"), info.level))
         return Outcome(klass, {"why": f"failed: {data['type']}: {data['message']}",
                                "retry_after_s": data.get("retry_after_s")},
                        elapsed_s=data.get("elapsed_s") or 0.0)
 
 
-def step_outputs(ts: TaskState, role: str) -> dict[str, Any]:
+def step_outputs(ts: TaskRecord, role: str) -> dict[str, Any]:
     """What a step of ``role`` sees: this round's committed outputs of the roles it comes
     after (directly or not), and the other roles' outputs as this round began."""
     before = ancestors(ts.graph, role)
@@ -199,7 +265,7 @@ def step_outputs(ts: TaskState, role: str) -> dict[str, Any]:
     return out
 
 
-async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
+async def run_step(env: StepEnv, ts: TaskRecord, role: str, rnd: int) -> None:
     """Run ``role``'s step of round ``rnd`` until it commits; :class:`TaskEnds` when the
     retry policy gives up, :class:`TaskWaits` when the step asked a person
     (``ctx.interrupt``). A step interrupted by a crash, or by its own question, runs
@@ -208,46 +274,40 @@ async def run_step(core: Core, ts: TaskState, role: str, rnd: int) -> None:
     attempt = ts.inflight.get(role, 1) - 1
     while True:
         attempt += 1
-        streaming, degraded = core.mode_for(ts)
-        level = 1 if degraded else core.budget.fit(ts, role, core.emit)
+        streaming, degraded = env.health.mode_for(ts)
+        level = 1 if degraded else env.budget.fit(ts, role, env.emit)
         info = StepInfo(task_id=ts.id, role=role, round=rnd, attempt=attempt, level=level,
                         streaming=streaming, degraded=degraded)
         inbox = (ts.inbox_seen.get(role, 0), len(ts.inbox))  # the messages this attempt sees
         try:
-            slot = await core.bind(ts, role)
+            slot = await env.binder.bind(ts, role)
         except SlotLost as lost:  # counts as a crash of this attempt: retried by policy
             info.slot = lost.slot.name
-            core.emit(ts, ev.AGENT_CRASHED, role, attempt=attempt, round=rnd, slot=lost.slot.name,
-                      error=str(lost), **core.budget.cost(0, level))
+            env.emit(ts, ev.AGENT_CRASHED, role, attempt=attempt, round=rnd, slot=lost.slot.name,
+                     error=str(lost), **env.budget.cost(0, level))
             out = Outcome("crash", {"why": f"crashed ({lost})"}, signal=ACTOR_DEATH)
         else:
             info.slot = slot.name
-            out = await StepAttempt(core, ts, info, slot, step_outputs(ts, role), inbox).run()
-        policy = core.cfg.retry.for_class(out.kind)
-        out.retryable = out.kind in core.cfg.retry.retry_on
+            out = await StepAttempt(env, ts, info, slot, step_outputs(ts, role), inbox).run()
+        policy = env.cfg.retry.for_class(out.kind)
+        out.retryable = out.kind in env.cfg.retry.retry_on
         out.exhausted = not out.ok and (not out.retryable or attempt >= policy.max_attempts)
-        await core.hooks.after_step(ts, info, out)
+        await env.step_ended(ts, info, out)
         if out.kind == "interrupt":  # it asked a person: it runs again, same attempt, once answered
             payload = out.data.get("payload")
-            core.emit(ts, ev.INPUT_REQUESTED, role, request=ts.asked + 1, round=rnd, attempt=attempt,
-                      index=out.data.get("index", 0), payload=payload if plain(payload) else repr(payload)[:2000],
-                      **core.budget.cost(out.data.get("tokens"), level))
+            env.emit(ts, ev.INPUT_REQUESTED, role, request=ts.asked + 1, round=rnd, attempt=attempt,
+                     index=out.data.get("index", 0), payload=payload if plain(payload) else repr(payload)[:2000],
+                     **env.budget.cost(out.data.get("tokens"), level))
             raise TaskWaits
         if out.ok:
-            output, requests = out.data["output"], list(out.data["round_requests"])
-            core.hooks.on_commit(ts, role, output, out.data["state"], requests)
-            apply_commit(ts, role, output, out.data["state"], requests)
-            core.emit(ts, ev.STEP_FINISHED, role, round=rnd, attempt=attempt, elapsed_s=out.data.get("elapsed_s"),
-                      output=output if plain(output) else repr(output)[:2000], round_requests=requests,
-                      inbox_upto=inbox[1], **core.budget.cost(out.data.get("tokens"), level))
-            await core.barrier()  # committed = durable
+            await env.commit(ts, info, out, inbox[1])
             return
         if out.exhausted:
             tried = f" after {attempt} attempt(s)" if attempt > 1 else ""
             raise TaskEnds(TIMED_OUT if out.kind == "timeout" else FAILED,
                            f"agent {role!r} of task {ts.id} {out.data['why']}{tried}",
                            reason="step_timeout" if out.kind == "timeout" else "step_failed")
-        delay = backoff_s(policy, attempt, core.rng, out.data.get("retry_after_s"))
-        core.emit(ts, ev.RETRYING, role, round=rnd, attempt=attempt + 1, reason=out.kind,
-                  delay_s=round(delay, 3), retry_after_s=out.data.get("retry_after_s"))
-        await asyncio.sleep(delay)
+        delay = backoff_s(policy, attempt, env.rng, out.data.get("retry_after_s"))
+        env.emit(ts, ev.RETRYING, role, round=rnd, attempt=attempt + 1, reason=out.kind,
+                 delay_s=round(delay, 3), retry_after_s=out.data.get("retry_after_s"))
+        await env.clock.sleep(delay)

@@ -11,7 +11,7 @@ from threadbound.agents.events import LEVEL
 from ..config import RuntimeConfig
 from .levels import choose, fit_step, step_cost, workspace_size
 from ..task import FAILED
-from .task_state import TaskEnds, TaskState
+from .task_state import TaskEnds, TaskRecord
 
 Emit = Callable[..., None]
 
@@ -22,11 +22,11 @@ class Budget:
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
 
-    def of(self, ts: TaskState) -> float | None:
+    def of(self, ts: TaskRecord) -> float | None:
         """The task's cost budget (its own, else the config's), or None."""
         return ts.spec.cost_budget if ts.spec.cost_budget is not None else self.cfg.reasoning.cost_budget
 
-    def tokens_left(self, ts: TaskState, level: int) -> int | None:
+    def tokens_left(self, ts: TaskRecord, level: int) -> int | None:
         """What is left of the task's budget, in tokens at ``level``: a hard cap for the step."""
         budget, price = self.of(ts), self.cfg.reasoning.spec(level).price_per_1k_tokens
         if budget is None or price <= 0:
@@ -39,7 +39,7 @@ class Budget:
         price = self.cfg.reasoning.spec(level).price_per_1k_tokens
         return {"level": level, "tokens": tokens, "cost": round(tokens * price / 1000.0, 9)}
 
-    def fit(self, ts: TaskState, role: str, emit: Emit) -> int:
+    def fit(self, ts: TaskRecord, role: str, emit: Emit) -> int:
         """The level the next step of ``role`` runs at: the task's, pushed down to fit
         what is left of its budget (a ``level`` event says so); :class:`TaskEnds` if not
         even a level-1 step fits."""
@@ -59,7 +59,7 @@ class Budget:
                 f"{step_cost(self.cfg.reasoning, fits):.4g}"])
         return min(level, fits)
 
-    async def choose_level(self, ts: TaskState, emit: Emit) -> None:
+    async def choose_level(self, ts: TaskRecord, emit: Emit) -> None:
         """Pick the task's level (fixed or scored, capped, fitted to its budget): a ``level`` event."""
         spec, rcfg = ts.spec, self.cfg.reasoning
         requested = spec.level if spec.level is not None else rcfg.level

@@ -1,9 +1,13 @@
 """The supervisor's durability: a journal flushed before a step counts as committed,
 and full snapshots every ``snapshot_interval_s`` taken off the event loop.
 
-The supervisor calls :meth:`Durability.record` for every state change (it only
-appends to an in-memory batch) and awaits :meth:`Durability.flush` where a step is
-acknowledged. One flusher appends batches to the journal (group commit: all records
+The supervisor calls it directly for every state change -- :meth:`Durability.submitted`,
+:meth:`~Durability.events` (one record per batch of events, however many tasks it
+spans), :meth:`~Durability.committed`, :meth:`~Durability.mode`,
+:meth:`~Durability.forgot` -- which only append to an in-memory batch, and awaits
+:meth:`Durability.flush` where a step or a submit is acknowledged. It is not a hook:
+a hook's failure is logged and passed over, a journal that cannot be written fails
+every flush from then on (nothing more counts as committed). One flusher appends batches to the journal (group commit: all records
 gathered while the previous write ran go in one signed frame, one fdatasync; a record
 nobody waits for lets ``GATHER_S`` pass first, so the events of a burst share a frame,
 while a flush writes at once); small
@@ -38,7 +42,7 @@ from threadbound.snapshots import SnapshotLocation, load_key, open_store
 from threadbound.agents import events as ev
 
 from ..config import RuntimeConfig
-from .hooks import Hook
+from .clock import Clock, SystemClock
 
 log = logging.getLogger("threadbound.durability")
 
@@ -60,19 +64,21 @@ class Durability:
     """Journal + snapshots for one supervisor; see the module docstring."""
 
     def __init__(self, cfg: RuntimeConfig, location: SnapshotLocation,
-                 on_durable: Callable[[dict[str, int]], None]) -> None:
+                 on_durable: Callable[[dict[str, int]], None], clock: Clock | None = None) -> None:
         self.cfg = cfg
+        self.clock = clock or SystemClock()
         self.location = location
         self.on_durable = on_durable
         self.on_snapshot: Callable[[dict[str, Any]], None] = lambda cost: None  # the supervisor's hooks
         self.on_write: Callable[[float], None] | None = None  # seconds one journal frame took to write
+        self.on_failed: Callable[[BaseException], None] = lambda exc: None  # the journal cannot be written
         self.segment = 1
         # Records not yet written, grouped by segment: [(segment, records, marks)].
         self._groups: list[tuple[int, list[Any], dict[str, int]]] = [(self.segment, [], {})]
         self._waiters: list[asyncio.Future] = []
         self._writing: list[asyncio.Future] | None = None  # waiters of the batch being written
         self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None  # a write due GATHER_S after a record
+        self._timer: Any = None  # a write due GATHER_S after a record (a clock timer)
         self._journal = ThreadPoolExecutor(1, thread_name_prefix="threadbound-journal")
         self._snapper = ThreadPoolExecutor(1, thread_name_prefix="threadbound-snapshot")
         self._tasks: list[asyncio.Task] = []
@@ -90,16 +96,38 @@ class Durability:
 
     # -- journal --------------------------------------------------------------------
 
-    def record(self, rec: Any, task_id: str | None = None, events: int | None = None) -> None:
-        """Queue one record; ``events`` = the task's event count once it is written."""
-        _, records, marks = self._groups[-1]
+    def submitted(self, ts: Any) -> None:
+        self.record(ev.record(ev.R_SUBMIT, task=ts.id, seq=ts.seq, spec=ts.spec, blob_ids=ts.blob_ids,
+                              submitted_at=ts.submitted_at))
+
+    def events(self, rows: list[tuple[str, ev.Row]]) -> None:
+        """A batch of appended events (``(task id, row)``), as one record; each task's
+        events become readable once it is written."""
+        self.record(ev.events_record(rows), {task_id: row.offset + 1 for task_id, row in rows})
+
+    def committed(self, ts: Any, role: str, output: Any, state: Any, requests: list[str]) -> None:
+        self.record(ev.record(ev.R_COMMIT, task=ts.id, role=role, output=output, state=state,
+                              requests=list(requests)))
+
+    def mode(self, mode: str) -> None:
+        self.record(ev.record(ev.R_HEALTH, mode=mode))
+
+    def forgot(self, task_ids: list[str]) -> None:
+        self.record(ev.record(ev.R_FORGET, tasks=task_ids))
+
+    def roles(self, changed: dict[str, bytes]) -> None:
+        self.record(ev.record(ev.R_ROLES, roles=changed))
+
+    def record(self, rec: Any, marks: dict[str, int] | None = None) -> None:
+        """Queue one record; ``marks``: task id -> its event count once it is written."""
+        _, records, pending = self._groups[-1]
         records.append(rec)
         self.changes += 1
-        if task_id is not None and events is not None:
-            marks[task_id] = events
+        if marks:
+            pending.update(marks)
         if self._timer is None and not self._wake.is_set():
             try:
-                self._timer = asyncio.get_running_loop().call_later(GATHER_S, self._wake.set)
+                self._timer = self.clock.call_later(GATHER_S, self._wake.set)
             except RuntimeError:  # no loop running (start-up): the flusher sees it at its next turn
                 self._wake.set()
 
@@ -139,6 +167,7 @@ class Durability:
                 except BaseException as exc:  # the disk failed us: nothing more counts as committed
                     log.error("journal write to %s failed: %r", self.location.location, exc)
                     self.failed = exc
+                    self.on_failed(exc)
                     for w in self._writing + self._waiters:
                         if not w.done():
                             w.set_exception(exc)
@@ -188,7 +217,7 @@ class Durability:
             size, write_ms = await loop.run_in_executor(self._snapper, self._write, seq, state, tasks,
                                                         pickle_jobs, extra)
             cost = {"seq": seq, "bytes": size, "copy_ms": round(copy_ms, 3),
-                    "write_ms": round(write_ms, 3), "tasks": len(tasks), "at": time.time()}
+                    "write_ms": round(write_ms, 3), "tasks": len(tasks), "at": self.clock.time()}
             self.stats["snapshots"] += 1
             self.stats["last_snapshot"] = cost
             self.on_snapshot(cost)
@@ -221,7 +250,7 @@ class Durability:
 
     async def _every_interval(self, export: Callable[[], Any]) -> None:
         while True:
-            await asyncio.sleep(self.cfg.snapshot_interval_s)
+            await self.clock.sleep(self.cfg.snapshot_interval_s)
             if self.changes == self._changes_at_snapshot:
                 continue
             try:
@@ -231,7 +260,7 @@ class Durability:
 
     async def _renew_lease(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.snapshots.lease_ttl_s / 3)
+            await self.clock.sleep(self.cfg.snapshots.lease_ttl_s / 3)
             try:
                 await asyncio.get_running_loop().run_in_executor(self._snapper, self.lease.renew)
             except Exception as exc:
@@ -260,25 +289,3 @@ class Durability:
             if self.lease is not None:
                 self.lease.release()
                 self.lease = None
-
-
-class DurabilityHook(Hook):
-    """Journals what the supervisor's hooks report: submits, events, commits and health
-    transitions. Events become visible to clients once written (``on_durable``)."""
-
-    def __init__(self, durable: Durability) -> None:
-        self.durable = durable
-
-    def on_submit(self, task: Any) -> None:
-        self.durable.record(ev.record(ev.R_SUBMIT, task=task.id, seq=task.seq, spec=task.spec,
-                                      blob_ids=task.blob_ids, submitted_at=task.submitted_at))
-
-    def on_event(self, task: Any, row: tuple) -> None:
-        self.durable.record(ev.event_record(task.id, row), task.id, row[0] + 1)
-
-    def on_commit(self, task: Any, role: str, output: Any, state: Any, requests: list[str]) -> None:
-        self.durable.record(ev.record(ev.R_COMMIT, task=task.id, role=role, output=output, state=state,
-                                      requests=list(requests)))
-
-    def on_transition(self, transition: Any) -> None:
-        self.durable.record(ev.record(ev.R_HEALTH, mode=transition.new))

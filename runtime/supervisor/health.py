@@ -21,7 +21,10 @@ error), and ``memory_percent`` (memory in use, from psutil, sampled at most ever
 the worst of the nodes that hold the pool's agents (:class:`NodesMemory`).
 
 The monitor is a plain object with an injected clock (and memory probe), so its
-hysteresis is unit-tested in milliseconds; the supervisor feeds it and acts on it.
+hysteresis is unit-tested in milliseconds. :class:`Health` is what the supervisor
+calls: the step path reports each attempt's end to it directly (it is not a hook), and
+the supervisor acts on the transition it returns -- outside the step path's own code,
+on the next turn of its loop.
 """
 
 from __future__ import annotations
@@ -30,16 +33,17 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
 import psutil
 
-from ..config import HealthConfig
-from .hooks import Hook, Outcome, StepInfo, Transition
-
 from threadbound.agents.events import DEGRADED, NORMAL, PAUSED
 from threadbound.agents.events import HEALTH_MODES as MODES
+
+from ..config import HealthConfig
+from ..task import FAILED
+from .hooks import Outcome, StepInfo, Transition
+from .task_state import TaskEnds
 
 # What the supervisor records, and which count signal each feeds.
 STEP_OK, STEP_FAILED = "step_ok", "step_failed"
@@ -145,11 +149,11 @@ class HealthMonitor:
 
     def __init__(self, cfg: HealthConfig, *, clock: Callable[[], float] = time.monotonic,
                  memory: Callable[[], float] = node_memory_percent,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
-        self.clock = clock
+        self.clock = clock  # monotonic; a supervisor Clock gives its wall time too
         self.memory = memory
-        self.wall = wall
+        self.wall = wall or getattr(clock, "time", time.time)
         self.mode = NORMAL
         self.since = clock()
         self.last_bad: float | None = None
@@ -268,27 +272,48 @@ class HealthMonitor:
         }
 
 
-class HealthHook(Hook):
-    """Feeds the monitor from the step path and the timer; ``on_change`` gets each
-    transition (the supervisor tells its tasks and the other hooks)."""
+class Health:
+    """The pool's health as the supervisor uses it: the monitor, fed by the step path and
+    the timer, and what its mode means for a task's next step.
 
-    def __init__(self, monitor: HealthMonitor, on_change: Callable[[Transition], None]) -> None:
+    :meth:`step_ended` and :meth:`tick` return the transition they caused (None: none);
+    the supervisor tells its tasks and observers and acts on it.
+    """
+
+    def __init__(self, monitor: HealthMonitor, streaming: bool) -> None:
         self.monitor = monitor
-        self.on_change = on_change
+        self.streaming = streaming  # the config's: what a normal pool does
 
-    def after_step(self, task: Any, step: StepInfo, outcome: Outcome) -> None:
+    @property
+    def mode(self) -> str:
+        return self.monitor.mode
+
+    def step_ended(self, step: StepInfo, outcome: Outcome) -> Transition | None:
         m = self.monitor
         m.record(STEP_OK if outcome.ok else STEP_FAILED, step.degraded)
         if outcome.signal is not None:
             m.record(outcome.signal, step.degraded)
         if outcome.exhausted and outcome.retryable:
             m.record(RETRY_EXHAUSTED, step.degraded)
-        self.evaluate()
+        return m.evaluate()
 
-    def on_tick(self, supervisor: Any) -> None:
-        self.evaluate()
+    def tick(self) -> Transition | None:
+        return self.monitor.evaluate()
 
-    def evaluate(self) -> None:
-        change = self.monitor.evaluate()
-        if change is not None:
-            self.on_change(change)
+    def mode_for(self, task: Any) -> tuple[bool, bool]:
+        """``(streaming, degraded)`` for the next attempt of a step of ``task``; a task that
+        opted out of degradation (``degrade: false``) ends instead (:class:`TaskEnds`)."""
+        if self.mode != NORMAL:
+            if not task.spec.degrade:
+                raise TaskEnds(FAILED, self.opted_out(task), reason="degraded")
+            return False, True
+        return self.streaming, False
+
+    def degraded_now(self, task: Any) -> bool:
+        return self.mode != NORMAL and task.spec.degrade
+
+    def opted_out(self, task: Any) -> str:
+        m = self.monitor
+        why = "; ".join(m.transitions[-1].reasons) if m.transitions else m.mode
+        return (f"task {task.id} opted out of degradation (degrade: false) and the pool is {m.mode} "
+                f"({why}); resubmit it when pool.health() reports normal, or allow degrade")

@@ -1,14 +1,15 @@
-"""Hooks: how durability, health, cost and metrics attach to the supervisor.
+"""Hooks: how observers (metrics, the structured log, a user's own) watch the supervisor.
 
-The supervisor's core (admission, the step path, the rounds) calls these hooks at
+The supervisor's core (the event log, the step path, the rounds) calls these hooks at
 fixed points and knows none of their implementations. A hook subclasses :class:`Hook`
 and overrides what it needs; every method is a no-op by default. A hook that raises
-is logged and skipped: it never breaks the pool.
+is logged and skipped: it never breaks the pool. That is why what the pool depends on
+is not a hook: the journal (a failed write must stop a commit, not be passed over) and
+the health monitor (whose transitions the supervisor acts on) are called directly.
 
 Order: hooks run in the order they were added. ``after_step`` may be a coroutine
-function; the step path awaits it. Making a commit durable is not a hook's business
-(a hook's failure is swallowed, a failed commit must not be): the step path awaits
-the supervisor's commit barrier for that.
+function; the step path awaits it. Events reach hooks a batch at a time
+(:meth:`Hook.on_events`: the events appended together, for one or more tasks).
 
 Examples:
     >>> class CountSteps(Hook):
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from .task_state import TaskState
+    from threadbound.agents.events import Row
+
+    from .task_state import TaskRecord
 
 log = logging.getLogger("threadbound.hooks")
 
@@ -88,19 +91,25 @@ class Outcome:
 class Hook:
     """Base class of a supervisor hook; override what you need (all no-ops)."""
 
-    def on_submit(self, task: "TaskState") -> None:
+    def on_submit(self, task: "TaskRecord") -> None:
         """A task was accepted (before its first event)."""
 
-    def on_event(self, task: "TaskState", row: tuple) -> None:
+    def on_events(self, batch: "list[tuple[TaskRecord, Row]]") -> None:
+        """Events were appended, together: ``(task, row)`` pairs, in order. By default
+        each goes to :meth:`on_event`; override this to handle a batch at once."""
+        for task, row in batch:
+            self.on_event(task, row)
+
+    def on_event(self, task: "TaskRecord", row: "Row") -> None:
         """An event was appended to ``task``'s log (``row``: offset, kind, agent, data, ts)."""
 
-    def before_step(self, task: "TaskState", step: StepInfo) -> None:
+    def before_step(self, task: "TaskRecord", step: StepInfo) -> None:
         """A step attempt is about to be sent to its actor."""
 
-    def on_commit(self, task: "TaskState", role: str, output: Any, state: Any, requests: list[str]) -> None:
+    def on_commit(self, task: "TaskRecord", role: str, output: Any, state: Any, requests: list[str]) -> None:
         """A step's result is about to become the task's (before its ``step_finished``)."""
 
-    def after_step(self, task: "TaskState", step: StepInfo, outcome: Outcome) -> Any:
+    def after_step(self, task: "TaskRecord", step: StepInfo, outcome: Outcome) -> Any:
         """A step attempt ended (committed or not); may be ``async``."""
 
     def on_transition(self, transition: Transition) -> None:
@@ -109,11 +118,11 @@ class Hook:
     def on_snapshot(self, cost: dict[str, Any]) -> None:
         """A snapshot was written (``seq``, ``bytes``, ``copy_ms``, ``write_ms``, ...)."""
 
-    def on_tick(self, supervisor: Any) -> None:
+    def on_tick(self) -> None:
         """Called every ``health.check_interval_s``: refresh what is read on a timer."""
 
 
-_METHODS = ("on_submit", "on_event", "before_step", "on_commit", "after_step", "on_transition",
+_METHODS = ("on_submit", "on_events", "before_step", "on_commit", "after_step", "on_transition",
             "on_snapshot", "on_tick")
 
 
@@ -130,9 +139,13 @@ class Hooks:
     def add(self, hook: Hook) -> Hook:
         self.hooks.append(hook)
         for name in _METHODS:
-            fn = getattr(hook, name)
-            if getattr(fn, "__func__", None) is not getattr(Hook, name):  # on_event runs per token batch:
-                self._overridden.setdefault(name, []).append(fn)            # call only what does something
+            kind = type(hook)
+            if name == "on_events":  # overriding either on_events or on_event counts
+                does = kind.on_events is not Hook.on_events or kind.on_event is not Hook.on_event
+            else:
+                does = getattr(kind, name) is not getattr(Hook, name)
+            if does:  # call only what does something (events come per token batch)
+                self._overridden.setdefault(name, []).append(getattr(hook, name))
         return hook
 
     def _call(self, name: str, *args: Any) -> list[Any]:
@@ -145,19 +158,19 @@ class Hooks:
                 log.exception("hook %s.%s failed; the pool goes on", type(fn.__self__).__name__, name)
         return results
 
-    def on_submit(self, task: "TaskState") -> None:
+    def on_submit(self, task: "TaskRecord") -> None:
         self._call("on_submit", task)
 
-    def on_event(self, task: "TaskState", row: tuple) -> None:
-        self._call("on_event", task, row)
+    def on_events(self, batch: "list[tuple[TaskRecord, Row]]") -> None:
+        self._call("on_events", batch)
 
-    def before_step(self, task: "TaskState", step: StepInfo) -> None:
+    def before_step(self, task: "TaskRecord", step: StepInfo) -> None:
         self._call("before_step", task, step)
 
-    def on_commit(self, task: "TaskState", role: str, output: Any, state: Any, requests: list[str]) -> None:
+    def on_commit(self, task: "TaskRecord", role: str, output: Any, state: Any, requests: list[str]) -> None:
         self._call("on_commit", task, role, output, state, requests)
 
-    async def after_step(self, task: "TaskState", step: StepInfo, outcome: Outcome) -> None:
+    async def after_step(self, task: "TaskRecord", step: StepInfo, outcome: Outcome) -> None:
         for result in self._call("after_step", task, step, outcome):
             if inspect.isawaitable(result):
                 try:
@@ -172,5 +185,5 @@ class Hooks:
     def on_snapshot(self, cost: dict[str, Any]) -> None:
         self._call("on_snapshot", cost)
 
-    def on_tick(self, supervisor: Any) -> None:
-        self._call("on_tick", supervisor)
+    def on_tick(self) -> None:
+        self._call("on_tick")

@@ -19,14 +19,18 @@ class MetricsHook(Hook):
         self.view = view
         self.clock = clock
 
-    def on_event(self, task: Any, row: tuple) -> None:
-        kind = row[1]
-        if kind == ev.TOKENS:
-            self.metrics.add_tokens(row[3].get("n", 1))
-        elif kind == ev.LEVEL:
-            self.metrics.level_chosen(row[3].get("level"))
-        elif kind == ev.SANDBOX and isinstance(row[3], dict):
-            self.metrics.sandbox_run(row[3].get("killed"))
+    def on_events(self, batch: list[tuple[Any, ev.Row]]) -> None:
+        tokens = 0
+        for _, row in batch:
+            kind, data = row.kind, row.data
+            if kind == ev.TOKENS:
+                tokens += data.get("n", 1)
+            elif kind == ev.LEVEL:
+                self.metrics.level_chosen(data.get("level"))
+            elif kind == ev.SANDBOX and isinstance(data, dict):
+                self.metrics.sandbox_run(data.get("killed"))
+        if tokens:  # one counter update per batch
+            self.metrics.add_tokens(tokens)
 
     def after_step(self, task: Any, step: StepInfo, outcome: Outcome) -> None:
         end = self.clock()
@@ -40,5 +44,5 @@ class MetricsHook(Hook):
     def on_snapshot(self, cost: dict[str, Any]) -> None:
         self.metrics.snapshot(cost)
 
-    def on_tick(self, supervisor: Any) -> None:
+    def on_tick(self) -> None:
         self.metrics.refresh(self.view())

@@ -28,73 +28,67 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from threadbound.agents import events as ev
 from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
 
-from .admission import WorkspaceLost
-from .attempt import Core, run_step
 from ..task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
-from .task_state import TaskEnds, TaskState, TaskWaits
+from .attempt import StepEnv, run_step
+from .binding import WorkspaceLost
+from .task_state import TaskEnds, TaskRecord, TaskWaits
 
 log = logging.getLogger("threadbound.rounds")
 
 
-class RoundsCore(Core, Protocol):
-    def finish(self, ts: TaskState, status: str, **data: Any) -> None: ...
-    def opted_out(self, ts: TaskState) -> str: ...
-    def task_ended(self, ts: TaskState) -> None: ...
-    def task_waits(self, ts: TaskState) -> None: ...
-
-
-async def run_task(core: RoundsCore, ts: TaskState) -> None:
+async def run_task(env: StepEnv, ts: TaskRecord) -> None:
     """The whole run of an admitted task, from ``running`` to its final status."""
-    timeout = ts.spec.task_timeout_s or core.cfg.task_timeout_s
-    ts.started_at = core.clock()
+    timeout = ts.spec.task_timeout_s or env.cfg.task_timeout_s
+    clock, run, life = env.clock, ts.run, env.life
+    run.started_at = clock.monotonic()
     try:  # the time it waited for a person before does not count, the time it ran does
-        await asyncio.wait_for(_rounds(core, ts), max(0.0, timeout - ts.ran_s))
+        await clock.wait_for(_rounds(env, ts), max(0.0, timeout - ts.ran_s))
     except TaskWaits:
-        ts.ran_s += core.clock() - ts.started_at
-        core.task_waits(ts)
+        ts.ran_s += clock.monotonic() - run.started_at
+        life.task_waits(ts)
     except asyncio.TimeoutError:
-        core.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=ts.ran_s + core.clock() - ts.started_at,
+        life.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=ts.ran_s + clock.monotonic() - run.started_at,
                     reason="timeout", error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
     except asyncio.CancelledError:
-        reason = ts.cancel_reason or "shutdown"
+        reason = run.cancel_reason or "shutdown"
         if reason == "degraded":
-            core.finish(ts, FAILED, error=core.opted_out(ts), reason=reason)
+            life.finish(ts, FAILED, error=env.health.opted_out(ts), reason=reason)
         else:
-            core.finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
+            life.finish(ts, CANCELLED, error=f"cancelled ({reason})", reason=reason)
     except TaskEnds as end:
-        core.finish(ts, end.status, error=str(end), reason=end.reason)
-    except Exception as exc:  # a bug of ours: fail the task loudly, keep the pool up
+        life.finish(ts, end.status, error=str(end), reason=end.reason)
+    except Exception as exc:  # a bug of ours, or a journal that cannot be written: fail the task loudly
         log.exception("task %s failed inside the supervisor", ts.id)
-        core.finish(ts, FAILED, error=f"internal error: {exc!r}", reason="internal")
+        life.finish(ts, FAILED, error=f"internal error: {exc!r}", reason="internal")
     finally:
-        core.task_ended(ts)
+        life.task_ended(ts)
 
 
-async def _rounds(core: RoundsCore, ts: TaskState) -> None:
-    core.emit(ts, RUNNING, None)
+async def _rounds(env: StepEnv, ts: TaskRecord) -> None:
+    env.emit(ts, RUNNING, None)
     if ts.level is None:
-        await core.budget.choose_level(ts, core.emit)
-    max_rounds = ts.spec.max_rounds or ts.max_rounds or core.cfg.max_rounds
+        await env.budget.choose_level(ts, env.emit)
+    max_rounds = ts.spec.max_rounds or ts.max_rounds or env.cfg.max_rounds
     rnd = max(ts.round, 1)
     while rnd <= max_rounds:
         if ts.round != rnd:
-            core.emit(ts, ev.ROUND_STARTED, None, round=rnd, feedback=list(ts.feedback))
+            env.emit(ts, ev.ROUND_STARTED, None, round=rnd, feedback=list(ts.feedback))
         try:
-            await run_round(core, ts, rnd)
+            await run_round(env, ts, rnd)
         except WorkspaceLost as lost:  # its copy died with a node: the round again, from the original
-            core.emit(ts, ev.WORKSPACE_LOST, None, round=rnd, lost_node=lost.lost, node=lost.node,
-                      discarded=list(ts.committed))
+            env.emit(ts, ev.WORKSPACE_LOST, None, round=rnd, lost_node=lost.lost, node=lost.node,
+                     discarded=list(ts.committed))
             continue
         if not ts.requests and ts.spec.inputs.get("approve"):
-            await approval(core, ts, rnd)  # waits for a person; may add feedback to ts.requests
+            await approval(env, ts, rnd)  # waits for a person; may add feedback to ts.requests
         if not ts.requests:
-            data = await _apply(core, ts)
-            core.finish(ts, SUCCEEDED, **data)
+            data = await _apply(env, ts)
+            env.life.finish(ts, SUCCEEDED, **data)
             return
         ts.feedback = list(ts.requests)
         rnd += 1
@@ -102,11 +96,11 @@ async def _rounds(core: RoundsCore, ts: TaskState) -> None:
                    + "; ".join(ts.feedback)[:500], reason="rounds")
 
 
-async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
+async def run_round(env: StepEnv, ts: TaskRecord, rnd: int) -> None:
     """Run every role of the round not yet committed, in graph order, in parallel where
     the graph allows and the task's slots suffice."""
-    graph = ts.graph
-    width = max(1, len(ts.slots))
+    graph, run = ts.graph, ts.run
+    width = max(1, len(run.slots))
     parked = asking(ts)  # roles whose step waits for a person's answer
     waiting = [r for r in ts.spec.agents if r not in ts.committed and r not in parked]
     steps: dict[asyncio.Task, str] = {}
@@ -121,10 +115,10 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
                     break
                 if all(d in ts.committed for d in graph.get(role, ())):
                     waiting.remove(role)
-                    step = asyncio.get_running_loop().create_task(run_step(core, ts, role, rnd),
+                    step = asyncio.get_running_loop().create_task(run_step(env, ts, role, rnd),
                                                                   name=f"{role}/{ts.id}")
                     steps[step] = role
-                    ts.running[role] = step
+                    run.running[role] = step
             if not steps:
                 if parked:  # nothing can run until a person answers
                     raise TaskWaits
@@ -136,7 +130,7 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
             failure: BaseException | None = None
             for step in done:
                 role = steps.pop(step)
-                ts.running.pop(role, None)
+                run.running.pop(role, None)
                 exc = step.exception() if not step.cancelled() else asyncio.CancelledError()
                 if isinstance(exc, TaskWaits):
                     parked.add(role)
@@ -149,10 +143,10 @@ async def run_round(core: Core, ts: TaskState, rnd: int) -> None:
             step.cancel()
         if steps:
             await asyncio.gather(*steps, return_exceptions=True)
-        ts.running.clear()
+        run.running.clear()
 
 
-def asking(ts: TaskState) -> set[str]:
+def asking(ts: TaskRecord) -> set[str]:
     """The roles whose step asked a person and has no answer yet."""
     return {a["role"] for a in ts.asks.values() if a["role"]}
 
@@ -191,7 +185,7 @@ def decision(value: Any) -> tuple[str, str] | None:
     return None
 
 
-def approval_payload(ts: TaskState) -> dict[str, Any]:
+def approval_payload(ts: TaskRecord) -> dict[str, Any]:
     """What a person sees when asked to approve: the diff, the files, what is refused."""
     files, refused = proposed_change(ts)
     diffs = [out["diff"] for role in ts.spec.agents
@@ -201,13 +195,13 @@ def approval_payload(ts: TaskState) -> dict[str, Any]:
             "round": ts.round, "answers": "approve | reject (with a reason) | a text: feedback for another round"}
 
 
-async def approval(core: Core, ts: TaskState, rnd: int) -> None:
+async def approval(env: StepEnv, ts: TaskRecord, rnd: int) -> None:
     """A round that would succeed asks a person first: returns on approval, adds the
     person's text to ``ts.requests`` (another round), or ends the task on a reject."""
     answers = ts.answers.get(APPROVAL_KEY)
     if not answers:
         if not any(a["role"] is None for a in ts.asks.values()):
-            core.emit(ts, ev.INPUT_REQUESTED, None, request=ts.asked + 1, round=rnd, index=0,
+            env.emit(ts, ev.INPUT_REQUESTED, None, request=ts.asked + 1, round=rnd, index=0,
                       payload=approval_payload(ts))
         raise TaskWaits
     said = decision(answers[0]) or ("reject", f"an answer that says neither approve, reject nor feedback: "
@@ -219,7 +213,7 @@ async def approval(core: Core, ts: TaskState, rnd: int) -> None:
         ts.requests = ts.requests + [f"A person asked for changes: {said[1]}"]
 
 
-def proposed_change(ts: TaskState) -> tuple[dict[str, str | None], list[str]]:
+def proposed_change(ts: TaskRecord) -> tuple[dict[str, str | None], list[str]]:
     """The files the task's agents approved for write-back (an output's ``apply`` map:
     path -> text, or None to delete), and the paths two agents disagree on (refused)."""
     files: dict[str, str | None] = {}
@@ -241,7 +235,7 @@ def proposed_change(ts: TaskState) -> tuple[dict[str, str | None], list[str]]:
     return files, conflicts
 
 
-async def _apply(core: Core, ts: TaskState) -> dict[str, Any]:
+async def _apply(env: StepEnv, ts: TaskRecord) -> dict[str, Any]:
     """At a successful end, with ``inputs.apply``: write the approved change back."""
     if not (ts.spec.inputs.get("apply") and ts.spec.workspace):
         return {}
@@ -252,5 +246,5 @@ async def _apply(core: Core, ts: TaskState) -> dict[str, Any]:
     except (WorkspaceError, OSError) as exc:
         touched, more = [], [f"{ts.spec.workspace}: {exc}; nothing applied"]
     refused = refused + more
-    core.emit(ts, ev.APPLIED, None, applied=touched, refused=refused)
+    env.emit(ts, ev.APPLIED, None, applied=touched, refused=refused)
     return {"applied": touched, "refused": refused}

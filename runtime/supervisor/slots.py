@@ -36,6 +36,8 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayError
 
+from .clock import Clock, SystemClock
+
 log = logging.getLogger("threadbound.slots")
 
 # How many due slots may be out of service for their recycle at once: one keeps the
@@ -57,6 +59,7 @@ class Slot:
     ready: asyncio.Task | None = field(default=None, repr=False)
     recycling: bool = False  # the current replacement is a recycle (not a crash's)
     node: str | None = None  # the node its process runs (or is being started) on; None: no process
+    sent: tuple[str, int] | None = None  # (binding, generation) whose agent class its process has
 
     @property
     def replacing(self) -> bool:
@@ -75,11 +78,13 @@ class SlotTable:
         namespace: str | None = None,
         on_free: Callable[[], None] = lambda: None,
         placement: Any = None,
+        clock: Clock | None = None,
     ) -> None:
         """``make_actor(name)`` creates a slot actor; with a ``placement`` (given, or carried
         by ``make_actor`` as ``runtime.actors.SlotFactory`` does) it is called as
         ``make_actor(name, node)`` and slots are placed on nodes."""
         self.namespace = namespace
+        self.clock: Clock = clock or SystemClock()
         self.placement = placement if placement is not None else getattr(make_actor, "placement", None)
         self.homes: dict[str, str] = {}  # owner (task id) -> the node its slots are on
         self.moved: dict[str, tuple[str, str]] = {}  # owner -> (lost node, new home), until the task hears it
@@ -318,7 +323,7 @@ class SlotTable:
                 try:
                     stale = ray.get_actor(slot.name, namespace=self.namespace)
                 except ValueError:
-                    await asyncio.sleep(0.1 * (attempt + 1))
+                    await self.clock.sleep(0.1 * (attempt + 1))
                     continue
                 await self._kill_and_confirm(stale)
         else:
@@ -326,8 +331,7 @@ class SlotTable:
         slot.handle, slot.pid, slot.uses = handle, info["pid"], 0
         slot.generation += 1
 
-    @staticmethod
-    async def _kill_and_confirm(handle: Any) -> None:
+    async def _kill_and_confirm(self, handle: Any) -> None:
         try:
             ray.kill(handle, no_restart=True)
         except Exception:  # already gone
@@ -336,10 +340,10 @@ class SlotTable:
         # the slot's place (and name) become free again.
         for _ in range(100):
             try:
-                await asyncio.wait_for(handle.ping.remote(), 1.0)
+                await self.clock.wait_for(handle.ping.remote(), 1.0)
             except (RayError, asyncio.TimeoutError):
                 return
-            await asyncio.sleep(0.05)
+            await self.clock.sleep(0.05)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -162,7 +162,7 @@ class StructuredLog(Hook):
             human.propagate = False
         self._actors: dict[tuple[str, str], str] = {}  # (task, role) -> the actor of its last step
 
-    def on_event(self, task: Any, row: tuple) -> None:
+    def on_event(self, task: Any, row: ev.Row) -> None:
         offset, kind, agent, data, ts = row
         if kind == ev.TOKENS and not self.tokens:
             return

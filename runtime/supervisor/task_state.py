@@ -1,10 +1,21 @@
-"""A task's state in the supervisor, and the one place that says how events, commits
-and journal records change it -- shared by live runs, journal replay on resume, and
-the check for unfinished work in an old history."""
+"""A task's state in the supervisor, in two parts:
+
+* :class:`TaskRecord` -- what the task *is*: its spec, its event log, its committed
+  outputs and states, its rounds, its person-in-the-loop requests. Replay rebuilds it
+  from a snapshot and the journal after it; this module is the one place that says how
+  events, commits and journal records change it (:func:`track`, :func:`apply_commit`,
+  :func:`replay`), shared by live runs, resume, and the check for unfinished work in
+  an old history.
+* :class:`TaskRun` -- what the task is *doing* in this supervisor: whether it waits
+  for slots, runs, or is parked waiting for a person (:class:`RunState`), its runner,
+  the slots it holds and which role is bound to which, its timers. Never in a
+  snapshot; a resumed task starts with a fresh one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import cloudpickle
 
 from threadbound.agents import events as ev
-from threadbound.agents.events import STEP_ENDS, UnknownRecord, read_record
+from threadbound.agents.events import STEP_ENDS, Row, UnknownRecord, read_record
 from threadbound.snapshots import SnapshotError
 
 from ..task import PENDING, STATUSES, TERMINAL, Task, sequential
 
 if TYPE_CHECKING:
+    from .clock import Timer
     from .slots import Slot
 
 # What a snapshot holds of a task (everything else is rebuilt on resume).
@@ -37,17 +49,44 @@ def digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+class RunState(enum.Enum):
+    """Where a task's run stands in this supervisor (its ``status`` says where the task does)."""
+
+    IDLE = "idle"        # nothing to run: not queued yet, or ended
+    QUEUED = "queued"    # waiting for capacity to grant its slots
+    RUNNING = "running"  # its runner holds slots and runs its rounds
+    PARKED = "parked"    # waiting for a person's answer, holding no slot (an answer queues it)
+
+
 @dataclass(eq=False)
-class TaskState:
+class TaskRun:
+    """The live side of a task: never snapshotted, rebuilt empty on resume."""
+
+    state: RunState = RunState.IDLE
+    runner: asyncio.Task | None = None
+    slots: list["Slot"] = field(default_factory=list)  # granted by capacity, held until the run ends
+    bound: "OrderedDict[str, Slot]" = field(default_factory=OrderedDict)  # role -> its slot, least recent first
+    bind_keys: dict[str, str] = field(default_factory=dict)  # role -> its current binding's key
+    binds: int = 0
+    running: dict[str, asyncio.Task] = field(default_factory=dict)  # role -> its step, now
+    cancel_reason: str | None = None
+    started_at: float | None = None  # the clock's monotonic time its current run began
+    wait_timer: "Timer | None" = None  # ends it timed_out when its wait_timeout_s passes
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on news
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    """The durable side of a task; see the module docstring."""
+
     id: str
     seq: int
     spec: Task
     blob_ids: dict[str, str]  # role -> digest of the agent class blob it was submitted with
     submitted_at: float
     status: str = PENDING
-    events: list[tuple] = field(default_factory=list)
+    events: list[Row] = field(default_factory=list)
     visible: int = 0  # events clients may read: the ones already in the journal
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     round: int = 0
     committed: list[str] = field(default_factory=list)  # roles committed in the current round
     requests: list[str] = field(default_factory=list)  # round requests of this round so far
@@ -64,17 +103,9 @@ class TaskState:
     max_rounds: int | None = None  # rounds budget of that level
     spent: float = 0.0  # cost of the model tokens its steps used, in price units
     tokens: int = 0
-    started_at: float | None = None
     finished_at: float | None = None
     version: int = 0  # bumps on every change of what a snapshot holds of the task
     frozen: tuple[int, bytes] | None = None  # (version, pickled snapshot record) cache
-    slots: list["Slot"] = field(default_factory=list)
-    bound: "OrderedDict[str, Slot]" = field(default_factory=OrderedDict)
-    bind_keys: dict[str, str] = field(default_factory=dict)
-    binds: int = 0
-    runner: asyncio.Task | None = None
-    cancel_reason: str | None = None
-    running: dict[str, asyncio.Task] = field(default_factory=dict)  # role -> its step, now
     # A person in the loop (all rebuilt from events on resume):
     asked: int = 0  # input requests made so far (their numbers are 1, 2, ...)
     asks: dict[int, dict[str, Any]] = field(default_factory=dict)  # open request -> {role, round, index}
@@ -85,12 +116,18 @@ class TaskState:
     ran_s: float = 0.0  # time spent running before its last wait (task_timeout_s counts only running)
     waiting_since: float | None = None  # wall clock when it last began waiting
     waiting_for: list[int] = field(default_factory=list)  # the requests open when it began waiting
+    run: TaskRun = field(default_factory=TaskRun, repr=False)  # the live side (not durable)
 
     @property
     def graph(self) -> dict[str, tuple[str, ...]]:
         """The task's roles and what each comes after (list order for a task of format 1)."""
         after = getattr(self.spec, "after", None)
         return dict(after) if after is not None else sequential(self.spec.agents)
+
+    @property
+    def settled(self) -> bool:
+        """Terminal, and every event (the final one included) readable."""
+        return self.status in TERMINAL and self.visible >= len(self.events)
 
 
 class TaskWaits(Exception):
@@ -106,7 +143,7 @@ class TaskEnds(Exception):
         self.reason = reason
 
 
-def track(ts: TaskState, row: tuple) -> None:
+def track(ts: TaskRecord, row: Row) -> None:
     """What an event changes in a task."""
     _, kind, agent, data, at = row
     if kind in STATUSES:
@@ -134,7 +171,7 @@ def track(ts: TaskState, row: tuple) -> None:
         if ask is not None:
             key = ask["role"] or ""
             ts.answers = {**ts.answers, key: ts.answers.get(key, []) + [data.get("value")]}
-        ts.answered = {**ts.answered, rid: row[0]}
+        ts.answered = {**ts.answered, rid: row.offset}
     elif kind == ev.MESSAGE_RECEIVED:
         ts.inbox = ts.inbox + [data.get("message")]
     elif kind == ev.STEP_FINISHED:
@@ -154,7 +191,7 @@ def track(ts: TaskState, row: tuple) -> None:
         ts.tokens += data.get("tokens", 0)
 
 
-def apply_commit(ts: TaskState, role: str, output: Any, state: Any, requests: list[str]) -> None:
+def apply_commit(ts: TaskRecord, role: str, output: Any, state: Any, requests: list[str]) -> None:
     """A step's result becomes the task's: its output, its agent's state, its requests."""
     ts.outputs[role], ts.states[role] = output, state
     ts.version += 1
@@ -164,26 +201,26 @@ def apply_commit(ts: TaskState, role: str, output: Any, state: Any, requests: li
     ts.inflight.pop(role, None)
 
 
-def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskState]:
+def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskRecord]:
     """The task table of a verified snapshot payload."""
     tasks = {}
     for entry in state["tasks"]:
         rec = cloudpickle.loads(entry)  # bytes from a verified payload
-        ts = TaskState(**{f: rec[f] for f in DURABLE_FIELDS if f in rec})
+        ts = TaskRecord(**{f: rec[f] for f in DURABLE_FIELDS if f in rec})
         if "committed" not in rec:  # format 1: the first `done` roles of a sequential round
             ts.committed = list(ts.spec.agents[:rec.get("done", 0)])
             ts.round_outputs = dict(ts.outputs)
-        ts.events = list(rec["events"])
+        ts.events = [r if type(r) is Row else Row(*r) for r in rec["events"]]  # older snapshots: tuples
         ts.visible = len(ts.events)
         tasks[ts.id] = ts
     return tasks
 
 
-def replay(tasks: dict[str, TaskState], raw: Any, *,
+def replay(tasks: dict[str, TaskRecord], raw: Any, *,
            on_roles: Callable[[dict[str, bytes]], Any], where: str,
            on_health: Callable[[str], Any] | None = None) -> int:
-    """Apply one journal record (format 1 or 2) to ``tasks``; returns the task number a
-    submit used (else 0)."""
+    """Apply one journal record (any format :func:`~threadbound.agents.events.read_record`
+    reads) to ``tasks``; returns the task number a submit used (else 0)."""
     try:
         rec = read_record(raw)
     except UnknownRecord as exc:
@@ -196,20 +233,14 @@ def replay(tasks: dict[str, TaskState], raw: Any, *,
             on_health(rec["mode"])
     elif kind == ev.R_SUBMIT:
         task_id = rec["task"]
-        tasks[task_id] = TaskState(id=task_id, seq=rec["seq"], spec=rec["spec"], blob_ids=dict(rec["blob_ids"]),
+        tasks[task_id] = TaskRecord(id=task_id, seq=rec["seq"], spec=rec["spec"], blob_ids=dict(rec["blob_ids"]),
                                    submitted_at=rec["submitted_at"])
         return rec["seq"]
     elif kind == ev.R_EVENT:
-        task_id, offset = rec["task"], rec["offset"]
-        ts = tasks.get(task_id)
-        if ts is None or offset < len(ts.events):
-            return 0  # forgotten task, or already in the snapshot
-        if offset > len(ts.events):
-            raise SnapshotError(where, f"journal gap in task {task_id}: event {offset} follows "
-                                       f"{len(ts.events) - 1}; the journal is incomplete")
-        row = (offset, rec["kind"], rec["agent"], rec["data"], rec["ts"])
-        ts.events.append(row)
-        track(ts, row)
+        _replay_event(tasks, rec["task"], Row(rec["offset"], rec["kind"], rec["agent"], rec["data"], rec["ts"]), where)
+    elif kind == ev.R_EVENTS:
+        for task_id, offset, kind_, agent, data, at in rec["rows"]:
+            _replay_event(tasks, task_id, Row(offset, kind_, agent, data, at), where)
     elif kind == ev.R_COMMIT:
         ts = tasks.get(rec["task"])
         if ts is not None:
@@ -220,9 +251,20 @@ def replay(tasks: dict[str, TaskState], raw: Any, *,
     return 0
 
 
+def _replay_event(tasks: dict[str, TaskRecord], task_id: str, row: Row, where: str) -> None:
+    ts = tasks.get(task_id)
+    if ts is None or row.offset < len(ts.events):
+        return  # forgotten task, or already in the snapshot
+    if row.offset > len(ts.events):
+        raise SnapshotError(where, f"journal gap in task {task_id}: event {row.offset} follows "
+                                   f"{len(ts.events) - 1}; the journal is incomplete")
+    ts.events.append(row)
+    track(ts, row)
+
+
 # -- snapshots: what a snapshot holds of the task table --------------------------------
 
-def export_tasks(tasks: dict[str, TaskState]) -> tuple[list[Any], list[Callable[[], None]], set[str]]:
+def export_tasks(tasks: dict[str, TaskRecord]) -> tuple[list[Any], list[Callable[[], None]], set[str]]:
     """Snapshot entries of ``tasks`` (shallow copies, taken between two awaits), the jobs
     that pickle them on the snapshot thread, and the agent blobs they use.
 
@@ -247,7 +289,7 @@ def export_tasks(tasks: dict[str, TaskState]) -> tuple[list[Any], list[Callable[
     return entries, jobs, used
 
 
-def _pickle_job(entries: list[Any], i: int, ts: TaskState, version: int) -> Callable[[], None]:
+def _pickle_job(entries: list[Any], i: int, ts: TaskRecord, version: int) -> Callable[[], None]:
     def job() -> None:
         entries[i] = cloudpickle.dumps(entries[i])
         ts.frozen = (version, entries[i])  # tagged: a later change makes it stale, not wrong
