@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import ray
@@ -14,7 +13,6 @@ from conftest import eventually, pool_settings
 from scripted_agents import Listener, Questioner, Scripted
 
 from threadbound.runtime import AgentPool, InputNotExpected, InvalidInput, RuntimeConfig, Task
-from threadbound.runtime.errors import TaskTimedOut
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,23 +132,6 @@ def test_two_roles_ask_at_once_and_each_is_answered_by_its_number(pool):
     handle.respond("for q", request=by_role["q"])
     result = handle.result(timeout=60)
     assert result.outputs["q"]["answers"] == ["for q"] and result.outputs["q2"]["answers"] == ["for q2"]
-
-
-def test_a_wait_is_bounded_by_wait_timeout_s_and_does_not_count_against_the_task_timeout(pool):
-    # Given: a task that may run 3 s but waits longer than that before its answer
-    patient = pool.submit(Task(goal="g", agents=["q"], task_timeout_s=3, wait_timeout_s=60))
-    # And: a task that may wait 1 s only
-    hasty = pool.submit(Task(goal="g", agents=["q"], wait_timeout_s=1))
-    wait_for(patient, "waiting")
-    # Then: the hasty one ends timed_out with a reason naming the wait
-    with pytest.raises(TaskTimedOut) as ended:
-        hasty.result(timeout=30)
-    assert ended.value.result.reason == "wait_timeout"
-    assert "wait_timeout_s" in ended.value.result.error and "#1" in ended.value.result.error
-    # And: the patient one, answered after more than its task_timeout_s, still succeeds
-    time.sleep(3.5)
-    patient.respond("late but fine")
-    assert patient.result(timeout=30).outputs["q"]["answers"] == ["late but fine"]
 
 
 def test_a_waiting_task_can_be_cancelled(pool):
