@@ -329,7 +329,15 @@ class AgentPool:
         """The supervisor's actor handle (for tests and tools that kill or probe it)."""
         return self._client.handle
 
-    def _handle(self, task_id: str) -> "TaskHandle":
+    def handle(self, task_id: str) -> "TaskHandle":
+        """A handle to the task ``task_id`` made here, without asking the supervisor
+        (:meth:`task` asks first); a call on it for a task the pool does not know raises
+        :class:`TaskNotFound` then.
+
+        Examples:
+            >>> async for event in pool.handle("t00001-ab12").astream(5):   # doctest: +SKIP
+            ...     print(event.offset, event.kind)
+        """
         return TaskHandle(self._client.handle, task_id, self._client.name)
 
     def _stop_owned_ray(self) -> None:
@@ -403,7 +411,7 @@ class AgentPool:
 
     def unfinished(self) -> list["TaskHandle"]:
         """Handles of every task that has not ended (e.g. to follow them after a resume)."""
-        return [self._handle(t.task_id) for t in self.tasks() if t.status not in TERMINAL]
+        return [self.handle(t.task_id) for t in self.tasks() if t.status not in TERMINAL]
 
     def snapshot(self) -> dict[str, Any]:
         """Write a snapshot now; returns what it cost (``bytes``, ``copy_ms``, ``write_ms``)."""
@@ -439,18 +447,59 @@ class AgentPool:
         task = self.config.validate_task(task)
         check_policy(task, self.config.policy)
         task_id, created = await submit(self._client, task)
-        handle = self._handle(task_id)
+        handle = self.handle(task_id)
         handle.created = created
         return handle
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle to a task already submitted (by any client of this pool)."""
-        _sync(self._client.call("task_summary", task_id))  # raises TaskNotFound
-        return self._handle(task_id)
+        _sync(self.asummary(task_id))  # raises TaskNotFound
+        return self.handle(task_id)
+
+    async def asummary(self, task_id: str) -> TaskSummary:
+        """The task's row of :meth:`tasks` (status, round, event count, error), for
+        asyncio; raises :class:`TaskNotFound` for a task the pool does not know (or has
+        forgotten: ``keep_finished_tasks``).
+
+        Examples:
+            >>> (await pool.asummary("t00001-ab12")).status          # doctest: +SKIP
+            'running'
+        """
+        return await self._client.call("task_summary", task_id)
+
+    async def await_result(self, task_id: str, timeout: float | None = None) -> TaskResult | None:
+        """Wait up to ``timeout`` seconds (None: until it ends) for the task to end; its
+        :class:`TaskResult` whatever the status, or None if it has not ended by then.
+
+        Unlike :meth:`TaskHandle.aresult`, neither a task that did not succeed
+        (``result.ok`` says so) nor the time running out raises: this is for callers
+        that report a task's outcome rather than act on it, such as the gateway.
+
+        Examples:
+            >>> result = await pool.await_result("t00001-ab12", timeout=30)   # doctest: +SKIP
+            >>> "still running" if result is None else result.status          # doctest: +SKIP
+            'failed'
+        """
+        d = await self._client.call("wait", task_id, timeout)
+        return None if d is None else TaskResult(**d)
+
+    async def acancel(self, task_id: str) -> str:
+        """Cancel the task ``task_id`` (as :meth:`TaskHandle.cancel`: a running step's actor
+        is killed), for asyncio; returns its final status.
+
+        Examples:
+            >>> await pool.acancel("t00001-ab12")                     # doctest: +SKIP
+            'cancelled'
+        """
+        return await self._client.call("cancel", task_id)
 
     def tasks(self) -> list[TaskSummary]:
         """Summaries of every task the pool remembers, oldest first."""
-        return _sync(self._client.call("tasks_summary"))
+        return _sync(self.atasks())
+
+    async def atasks(self) -> list[TaskSummary]:
+        """``tasks`` for asyncio: ``rows = await pool.atasks()``."""
+        return await self._client.call("tasks_summary")
 
     def register(self, role: str, agent: Any) -> None:
         """Add or replace a role: an Agent subclass or ``"package.module:Class"``."""
@@ -459,7 +508,18 @@ class AgentPool:
 
     def roles(self) -> list[str]:
         """The roles tasks of this pool may name."""
-        return _sync(self._client.call("info"))["roles"]
+        return self.info()["roles"]
+
+    def info(self) -> dict[str, Any]:
+        """What the supervisor says about itself: ``name``, ``config``, ``roles``,
+        ``started_at``, ``resumed``, ``metrics_url`` and ``pid`` (its process id on its
+        node, e.g. to watch its memory or to see that Ray restarted it).
+
+        Examples:
+            >>> psutil.Process(pool.info()["pid"]).memory_info().rss  # doctest: +SKIP
+            187695104
+        """
+        return _sync(self._client.call("info"))
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, task counts by status, every slot (owner, pid, alive, ...), and
@@ -478,7 +538,27 @@ class AgentPool:
             >>> pool.health()["mode"]  # doctest: +SKIP
             'normal'
         """
-        return _sync(self._client.call("health_report"))
+        return _sync(self.ahealth())
+
+    async def ahealth(self) -> dict[str, Any]:
+        """``health`` for asyncio: ``mode = (await pool.ahealth())["mode"]``."""
+        return await self._client.call("health_report")
+
+    def metrics_text(self) -> str:
+        """The pool's metrics in Prometheus text format, as its ``/metrics`` endpoint
+        serves them, read through the supervisor (no port to reach). Raises
+        :class:`PoolClosed` when the pool records none (``metrics.enabled: false``).
+
+        Examples:
+            >>> [line for line in pool.metrics_text().splitlines()       # doctest: +SKIP
+            ...  if line.startswith("threadbound_queue_depth")]
+            ['threadbound_queue_depth{pool="threadbound"} 0.0']
+        """
+        return _sync(self.ametrics_text())
+
+    async def ametrics_text(self) -> str:
+        """``metrics_text`` for asyncio: ``text = await pool.ametrics_text()``."""
+        return await self._client.call("metrics_text")
 
     # -- lifecycle ------------------------------------------------------------------
 

@@ -218,13 +218,12 @@ def first_token(bench: Bench, n: int) -> dict[str, float]:
 
 def memory(bench: Bench, n: int) -> dict[str, float]:
     import psutil
-    import ray
 
     from threadbound.runtime import Task
 
     pool = bench.pool(4, 50, 0.0, name="bench-memory")
     try:
-        sup = psutil.Process(ray.get(pool._sup.info.remote())["pid"])
+        sup = psutil.Process(pool.info()["pid"])
         warm = [pool.submit(Task(goal=f"warm {i}", after=CHAIN)) for i in range(20)]
         for h in warm:
             h.result(timeout=600)
@@ -334,14 +333,13 @@ def capacity(bench: Bench, levels: tuple[int, ...], stream_s: float, rate: float
     event (adds the agent -> supervisor hop; the token batching wait is not counted).
     """
     import psutil
-    import ray
 
     from threadbound.runtime import Task
 
     top = max(levels)
     pool = bench.pool(1, 1, 0.0, roles=("code",), name="bench-capacity", agent=base.PacedAgent,
                       max_agents=top, max_agents_per_task=1, prewarm=False)
-    sup = psutil.Process(ray.get(pool._sup.info.remote())["pid"])
+    sup = psutil.Process(pool.info()["pid"])
     me = psutil.Process()
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {"rate": rate, "limit_ms": limit_ms, "stream_s": stream_s, "levels": rows}

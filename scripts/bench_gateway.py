@@ -42,7 +42,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def _in_process(pool: Any, task_id: str) -> list[tuple[float, float, int]]:
     out = []
-    async for ev in pool._handle(task_id).astream(0):
+    async for ev in pool.handle(task_id).astream(0):
         if ev.kind == TOKENS:
             out.append((time.time(), ev.ts, ev.data.get("n", 1)))
     return out

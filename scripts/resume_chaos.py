@@ -40,7 +40,6 @@ def _wait(cond, timeout_s: float, interval_s: float = 0.01) -> bool:
 
 
 def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) -> dict:
-    import ray
     from chaos_tools import follow, kill_busy_agents, runs
     from scripted_agents import Scripted
 
@@ -63,7 +62,7 @@ def one_run(point: str, run: int, n_tasks: int, snapshots: str, scratch: str) ->
                    for i in range(n_tasks)]
         readers = follow(handles)
         events = lambda: [ev for r in readers for ev in list(r.events)]  # noqa: E731
-        pid = ray.get(pool._sup.info.remote())["pid"]
+        pid = pool.info()["pid"]
         killed_at = None
         if point == "agent-actors":
             kill_busy_agents(pool, 3)

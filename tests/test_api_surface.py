@@ -58,3 +58,38 @@ def test_a_person_in_the_loop_is_part_of_the_handle_and_the_context():
         for name in ("respond", "approve", "reject", "send"):
             assert callable(getattr(client, name)), name
     assert callable(StepContext.interrupt) and "inbox" in StepContext.__dataclass_fields__
+
+
+def test_what_the_gateway_and_the_cli_ask_of_a_pool_is_public():
+    from threadbound.runtime import AgentPool
+
+    for name in ("handle", "task", "tasks", "atasks", "asummary", "await_result", "acancel", "stats", "health",
+                 "ahealth", "metrics_text", "ametrics_text", "info"):
+        assert callable(getattr(AgentPool, name)), name
+
+
+def test_the_gateway_the_cli_and_the_scripts_use_no_private_name_of_a_pool_or_a_handle():
+    # Given: the private names of AgentPool and TaskHandle (methods, and attributes set in __init__)
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from threadbound.runtime import AgentPool, TaskHandle
+
+    private = set()
+    for cls in (AgentPool, TaskHandle):
+        source = ast.parse(inspect.getsource(cls))
+        private |= {n for n in dir(cls) if n.startswith("_") and not n.startswith("__")}
+        private |= {node.attr for node in ast.walk(source) if isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name) and node.value.id == "self"
+                    and node.attr.startswith("_") and not node.attr.startswith("__")}
+    # When: every attribute read in those folders is looked at
+    root = Path(__file__).resolve().parent.parent
+    files = [*(root / "runtime" / "gateway").rglob("*.py"), *(root / "runtime" / "cli").rglob("*.py"),
+             *(root / "scripts").rglob("*.py")]
+    found = [f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}"
+             for path in files for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr in private
+             and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+    # Then: none reaches into one (what they need is a public, documented method)
+    assert found == []

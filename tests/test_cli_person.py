@@ -116,8 +116,8 @@ def test_a_diff_the_model_wrote_cannot_rewrite_the_terminal_that_asks_for_approv
     # the line above and hide part of the change
     import io
 
-    from threadbound.runtime.cli_input import read_answer
-    from threadbound.runtime.cli_render import sentence
+    from threadbound.runtime.cli.run import read_answer
+    from threadbound.runtime.cli.render import sentence
     from threadbound.runtime.task import Event
 
     hostile = "+safe()\n\x1b[1A\x1b[2K+rm -rf ~  # hidden\r\x1b]0;title\x07"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from threadbound.runtime import cli, pool
+from threadbound.runtime.cli.main import parser
 
 ROOT = Path(__file__).resolve().parent.parent
 FIZZBUZZ = str(ROOT / "examples" / "fizzbuzz")
@@ -100,20 +101,20 @@ def test_every_help_shows_examples(capsys, command):
 
 
 def test_keep_workspace_maps_to_the_config(no_ray):
-    args = cli.parser().parse_args(["run", FIZZBUZZ, "--keep-workspace"])
-    from threadbound.runtime.cli_run import base_config
+    args = parser().parse_args(["run", FIZZBUZZ, "--keep-workspace"])
+    from threadbound.runtime.cli.common import base_config
 
     assert base_config(args).workspace.keep_copies is True
-    assert base_config(cli.parser().parse_args(["run", FIZZBUZZ])).workspace.keep_copies is False
+    assert base_config(parser().parse_args(["run", FIZZBUZZ])).workspace.keep_copies is False
 
 
 def test_the_trio_runs_tester_and_reviewer_together_unless_sequential(no_ray):
-    from threadbound.runtime.cli_run import checked_task, run_config
+    from threadbound.runtime.cli.run import checked_task, run_config
 
-    args = cli.parser().parse_args(["run", FIZZBUZZ])
+    args = parser().parse_args(["run", FIZZBUZZ])
     task = checked_task(args, run_config(args))
     assert task.after == {"coder": (), "tester": ("coder",), "reviewer": ("coder",)}
-    args = cli.parser().parse_args(["run", FIZZBUZZ, "--sequential"])
+    args = parser().parse_args(["run", FIZZBUZZ, "--sequential"])
     task = checked_task(args, run_config(args))
     assert task.after == {"coder": (), "tester": ("coder",), "reviewer": ("tester",)}
 
@@ -235,7 +236,7 @@ def test_ctrl_c_while_ray_starts_ends_with_one_line_and_no_traceback(tmp_path):
 
 
 def test_a_resumed_task_and_a_multi_line_error_read_as_sentences():
-    from threadbound.runtime.cli_render import sentence, summary_lines
+    from threadbound.runtime.cli.render import sentence, summary_lines
     from threadbound.runtime.task import Event, TaskResult
 
     resumed = Event("t1", 9, "resumed", None, {"snapshot": 12, "replayed": 3, "skipped": [],
@@ -254,7 +255,7 @@ def test_a_resumed_task_and_a_multi_line_error_read_as_sentences():
 def test_live_output_keeps_escape_codes_off_pipes_and_shows_progress_on_terminals():
     import io
 
-    from threadbound.runtime.cli_render import Live
+    from threadbound.runtime.cli.render import Live
     from threadbound.runtime.task import Event
 
     events = [Event("t1", 0, "step_started", "coder", {"round": 1, "slot": "agent/0", "attempt": 1}, 0.0),
@@ -285,19 +286,19 @@ def test_live_output_keeps_escape_codes_off_pipes_and_shows_progress_on_terminal
     ("simulated", "simulated", None),
 ])
 def test_model_flag_picks_the_backend_and_the_run_names_it(no_ray, monkeypatch, flag, backend, name):
-    from threadbound.runtime.cli_run import model_line, run_config
+    from threadbound.runtime.cli.run import model_line, run_config
 
     monkeypatch.delenv("THREADBOUND_MODEL_BACKEND", raising=False)
-    args = cli.parser().parse_args(["run", FIZZBUZZ, "--model", flag])
+    args = parser().parse_args(["run", FIZZBUZZ, "--model", flag])
     cfg = run_config(args)
     assert cfg.model.backend == backend and getattr(cfg.model, "model", None) == name
     assert model_line(cfg, args).startswith(f"model: {backend}")
 
 
 def test_the_scripted_demo_is_named_scripted_and_points_at_other_models(no_ray):
-    from threadbound.runtime.cli_run import model_line, other_models, run_config
+    from threadbound.runtime.cli.run import model_line, other_models, run_config
 
-    args = cli.parser().parse_args(["run", "examples/fizzbuzz", "--config",
+    args = parser().parse_args(["run", "examples/fizzbuzz", "--config",
                                     str(ROOT / "examples" / "scripted" / "fizzbuzz.yaml")])
     cfg = run_config(args)
     assert model_line(cfg, args).startswith("model: scripted (its answers are written in ")

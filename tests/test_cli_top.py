@@ -18,7 +18,7 @@ from conftest import make_pool
 from rich.console import Console
 
 from threadbound.runtime import Task
-from threadbound.runtime.cli_top import _Seen, _stale, render
+from threadbound.runtime.cli.top import _Seen, _stale, render
 from threadbound.runtime.task import TaskSummary
 
 

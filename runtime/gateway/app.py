@@ -35,7 +35,7 @@ from threadbound.agents import events as kinds
 from threadbound.agents.events import STATUSES
 
 from ..errors import InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound
-from ..task import Event, Task
+from ..task import Event, Task, TaskResult
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
 from .openapi import document
 
@@ -158,10 +158,6 @@ class Gateway:
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """A supervisor call on this loop; our errors become HTTP answers."""
-        return await self.answer(self.pool._client.call(method, *args))
-
     @staticmethod
     async def answer(call: Awaitable[Any]) -> Any:
         """``call`` awaited; our errors become HTTP answers."""
@@ -217,7 +213,7 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         try:
-            report = await asyncio.wait_for(self.pool._client.call("health_report"), 5)
+            report = await asyncio.wait_for(self.pool.ahealth(), 5)
         except Exception as exc:  # noqa: BLE001  -- any failure means "not healthy", said plainly
             return JSONResponse({"status": "unavailable", "error": f"the pool does not answer: {type(exc).__name__}"},
                                 503)
@@ -230,7 +226,7 @@ class Gateway:
     async def metrics(self, request: Request) -> Response:
         self.who(request)
         try:
-            text = await self.pool._client.call("metrics_text")
+            text = await self.pool.ametrics_text()
         except Exception as exc:  # noqa: BLE001  -- e.g. AttributeError: a supervisor without metrics
             raise Problem(503, f"metrics are not available from this pool ({type(exc).__name__}: {exc})"[:300],
                           None, "unavailable") from None
@@ -244,7 +240,7 @@ class Gateway:
             handle = await self.pool.asubmit(task)
         except ThreadboundError as exc:
             raise _from_error(exc) from None
-        summary = await self.call("task_summary", handle.task_id)
+        summary = await self.answer(self.pool.asummary(handle.task_id))
         return JSONResponse({"task_id": handle.task_id, "status": summary.status, "created": handle.created},
                             201 if handle.created else 200,
                             headers={"Location": f"/v1/tasks/{handle.task_id}", "Cache-Control": "no-store"})
@@ -331,7 +327,7 @@ class Gateway:
         limit = _int_param(q["limit"], "limit", 1) if "limit" in q else 50
         if limit > MAX_PAGE:
             raise Problem(400, f"limit: at most {MAX_PAGE}, got {limit}", "limit")
-        rows = [t for t in await self.call("tasks_summary") if statuses is None or t.status in statuses]
+        rows = [t for t in await self.answer(self.pool.atasks()) if statuses is None or t.status in statuses]
         if q.get("after"):
             ids = [t.task_id for t in rows]
             if q["after"] not in ids:
@@ -355,15 +351,15 @@ class Gateway:
                 wait = -1.0
             if not 0 <= wait <= MAX_WAIT_S:  # also NaN
                 raise Problem(400, f"wait: seconds from 0 to {MAX_WAIT_S:g}, got {text[:40]!r}", "wait")
-        result = await self.call("wait", task_id, wait)
-        summary = await self.call("task_summary", task_id)  # after the wait: its status is the result's
-        return JSONResponse(json.loads(json.dumps({**_summary(summary), "result": result}, default=str)),
+        result = await self.answer(self.pool.await_result(task_id, wait))
+        summary = await self.answer(self.pool.asummary(task_id))  # after the wait: its status is the result's
+        return JSONResponse(json.loads(json.dumps({**_summary(summary), "result": _result(result)}, default=str)),
                             headers={"Cache-Control": "no-store"})
 
     async def cancel(self, request: Request) -> Response:
         self.who(request, SUBMIT)
         task_id = request.path_params["task_id"]
-        status = await self.call("cancel", task_id)
+        status = await self.answer(self.pool.acancel(task_id))
         return JSONResponse({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
 
     # -- a person in the loop ---------------------------------------------------------
@@ -392,7 +388,7 @@ class Gateway:
     async def _answer(self, request: Request, value: Any, req: int | None, what: str) -> Response:
         task_id = request.path_params["task_id"]
         # Through the task's handle: an answer is not sent twice across a supervisor restart.
-        offset = await self.answer(self.pool._handle(task_id).arespond(value, req))
+        offset = await self.answer(self.pool.handle(task_id).arespond(value, req))
         return JSONResponse({"task_id": task_id, "offset": offset, "answer": what},
                             headers={"Cache-Control": "no-store"})
 
@@ -420,13 +416,13 @@ class Gateway:
         self.who(request, SUBMIT)
         body = await self._input_body(request, {"message": True})
         task_id = request.path_params["task_id"]
-        offset = await self.answer(self.pool._handle(task_id).asend(body["message"]))  # (not sent twice either)
+        offset = await self.answer(self.pool.handle(task_id).asend(body["message"]))  # (not sent twice either)
         return JSONResponse({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
 
     async def _start(self, task_id: str, after_text: str | None, name: str) -> int:
         """The offset a stream starts at, from ``after`` (the last offset the client has,
         -1 for none); 404 for an unknown task, 400 for an offset it cannot have seen."""
-        summary = await self.call("task_summary", task_id)
+        summary = await self.answer(self.pool.asummary(task_id))
         after = -1 if after_text in (None, "") else _int_param(after_text.strip(), name, -1)
         if after >= summary.events:
             raise Problem(400, f"{name}: {after} is past the task's last event (offset {summary.events - 1}); "
@@ -446,7 +442,7 @@ class Gateway:
     async def _follow(self, task_id: str, start: int) -> AsyncIterator[Event | None]:
         """The task's events from ``start`` to the terminal one; None when idle for
         ``keepalive_s`` (time for a keep-alive)."""
-        events = self.pool._handle(task_id).astream(start).__aiter__()
+        events = self.pool.handle(task_id).astream(start).__aiter__()
         pending: asyncio.Future | None = None
         try:
             while True:
@@ -546,7 +542,7 @@ class Gateway:
                     self._allowed(token, READ)  # a stream of bad messages counts against the token's rate
                     raise Problem(400, 'message: the only message a client sends is {"cancel": true}', "message")
                 self._allowed(token, SUBMIT)
-                await self.call("cancel", task_id)
+                await self.answer(self.pool.acancel(task_id))
             except Problem as p:
                 await websocket.send_text(json.dumps({"error": {"type": p.type, "field": p.field,
                                                                 "message": p.message}}))
@@ -556,6 +552,12 @@ def _summary(t: Any) -> dict[str, Any]:
     d = dataclasses.asdict(t)
     d["agents"] = list(d["agents"])
     return d
+
+
+def _result(r: TaskResult | None) -> dict[str, Any] | None:
+    """A result's fields, its outputs as the agents gave them (``asdict`` would copy them
+    deeply and turn a dataclass among them into a dict)."""
+    return None if r is None else {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
 
 
 def server_config(app: Starlette, host: str, port: int, **options: Any) -> Any:

@@ -1,210 +1,23 @@
-"""``threadbound``: run a task from the terminal, follow or inspect a pool, check a config.
-
-    threadbound run examples/fizzbuzz --config examples/scripted/fizzbuzz.yaml   # the demo
-    threadbound run examples/fizzbuzz --json          # events as JSON lines, for scripts
-    threadbound run examples/fizzbuzz --level auto    # let the task's size pick its reasoning level
-    threadbound tasks --address auto                  # tasks of a running (detached) pool
-    threadbound health --address auto                 # its health mode and signals
-    threadbound metrics --address auto                # where it serves Prometheus metrics
-    threadbound top --address auto                    # a live view of it, refreshed in place; q quits
-    threadbound resume                                # restart a crashed pool from its snapshots
-    threadbound snapshots ls                          # what is in the snapshot directory
-    threadbound config check configs/runtime.yaml     # validate a config file
-    threadbound doctor                                # which sandbox layers work here, proved by probes
-    threadbound alerts --config runtime.yaml > alerts.yml   # Prometheus alert rules from its thresholds
-    threadbound serve                                 # the HTTP gateway: REST, SSE, WebSocket, a web page
-    threadbound approve TASK --address auto           # a person's part: approve, reject, respond, send
-
-``run`` and ``resume`` live in ``cli_run`` (input checks before Ray, following, Ctrl-C),
-their terminal rendering in ``cli_render``. Exit codes: 0 the task succeeded, 1 it did
-not, 2 bad input or configuration, 130 interrupted (Ctrl-C).
+"""The ``threadbound`` command line: every command's flags and examples (the parser) and
+:func:`main`, which runs the command the arguments name and turns its errors into exit
+codes. The commands themselves live in modules of their own.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from typing import Any
 
 from threadbound.agents.errors import ThreadboundError
 
-from .cli_run import DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, cmd_resume, cmd_run, log_file
-from .cli_input import EXAMPLES as _INPUT_EXAMPLES
-from .cli_input import add_parsers as _add_input
-from .cli_serve import EXAMPLES as _SERVE_EXAMPLES
-from .cli_serve import add_parser as _add_serve
-from .cli_top import cmd_top
-from .config import RuntimeConfig
-
-
-def _attach(args: argparse.Namespace) -> Any:
-    """A client of the running pool (``AgentPool.attach``), or None (after saying so)."""
-    import ray
-
-    from .errors import PoolClosed
-    from .pool import AgentPool, _bootstrap, connect_ray
-
-    cfg = base_config(args)
-    address = cfg.ray.address or "auto"
-    if address == "auto" and not ray.is_initialized() and _bootstrap(address) is None:
-        print("threadbound: no Ray is running on this machine, so no pool to ask. A pool can be inspected "
-              "while it runs on a Ray that stays up: `ray start --head`, then `threadbound run ... --address "
-              "auto` (README, \"Ray\"); or pass --address of a cluster", file=sys.stderr)
-        return None
-    # Joined here, not by attach: Ray's own lines go to the log file unless -v.
-    connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": address}),
-                log_file=None if args.verbose else log_file())
-    try:
-        return AgentPool.attach(cfg.name, namespace=cfg.ray.namespace)
-    except PoolClosed:
-        print(f"no pool named {cfg.name!r} in namespace {cfg.ray.namespace!r}", file=sys.stderr)
-        return None
-
-
-_NO_POOL = object()
-
-
-def _ask(args: argparse.Namespace, method: str) -> Any:
-    """``pool.<method>()`` of the pool ``args`` names, attached for just that call;
-    ``_NO_POOL`` when there is none to ask (said on stderr by :func:`_attach`)."""
-    pool = _attach(args)
-    if pool is None:
-        return _NO_POOL
-    try:
-        return getattr(pool, method)()
-    finally:
-        pool.close()
-
-
-def cmd_health(args: argparse.Namespace) -> int:
-    h = _ask(args, "health")
-    if h is _NO_POOL:
-        return 2
-    if args.json:
-        print(json.dumps(h, default=str))
-        return 0
-    recover = f"; recovers after {h['recovers_in_s']:.0f}s more without trouble" if h["recovers_in_s"] else ""
-    print(f"pool {h['pool']}: {h['mode']} for {h['since_s']:.0f}s{recover}; {h['queued']} queued")
-    print(f"signals over the last {h['window_s']:g}s ({h['steps_in_window']} step attempts):")
-    for name, s in h["signals"].items():
-        print(f"  {'!' if s['over'] else ' '} {name:<16} {s['value']:>8g}  threshold {s['threshold']:g}")
-    for t in h["transitions"][-5:]:
-        when = time.strftime("%H:%M:%S", time.localtime(t["at"]))
-        print(f"  {when} {t['from']} -> {t['to']}: {'; '.join(t['reasons'])}")
-    return 0
-
-
-def cmd_metrics(args: argparse.Namespace) -> int:
-    stats = _ask(args, "stats")
-    if stats is _NO_POOL:
-        return 2
-    if stats.get("metrics_url"):
-        print(stats["metrics_url"])
-        return 0
-    why = ("records no metrics (metrics.enabled: false)" if stats.get("tokens_per_s") is None
-           else "serves no endpoint (metrics.port: 0, or its port was taken when it restarted: see its log)")
-    print(f"pool {stats['name']!r} {why}", file=sys.stderr)
-    return 1
-
-
-def cmd_tasks(args: argparse.Namespace) -> int:
-    rows = _ask(args, "tasks")
-    if rows is _NO_POOL:
-        return 2
-    for t in rows:
-        print(f"{t.task_id}  {t.status:<10} round {t.round}  {', '.join(t.agents):<24} {t.goal[:60]}")
-    if not rows:
-        print("no tasks")
-    return 0
-
-
-def cmd_snapshots(args: argparse.Namespace) -> int:
-    from threadbound.snapshots import SnapshotError, SnapshotLocation, load_key, open_store
-    from threadbound.snapshots.location import find_location
-
-    cfg = base_config(args)
-    where = find_location(args.location or cfg.snapshot_dir, args.pool)
-    try:
-        key, unverified = load_key(cfg.snapshots.key_file), ""
-    except SnapshotError as exc:
-        key, unverified = b"", f"unverified ({exc})"
-    loc = SnapshotLocation(open_store(where, create=False), key)
-
-    def manifest(seq: int) -> tuple[dict[str, Any], str]:
-        """The manifest and what verification says; one read when it verifies."""
-        if not unverified:
-            try:
-                return loc.verify(seq), "verified"
-            except SnapshotError as exc:
-                return loc.manifest(seq), f"REFUSED: {exc.reason}"
-        return loc.manifest(seq), unverified
-
-    seqs = loc.snapshots()
-    if args.action == "ls":
-        print(f"{where}: {len(seqs)} snapshot(s), journal segments {loc.segments()}")
-        for seq in seqs:
-            try:
-                m, verdict = manifest(seq)
-            except SnapshotError as exc:
-                print(f"  {seq:>6}  unreadable: {exc.reason}")
-                continue
-            by: dict[str, int] = {}
-            for st in (m.get("tasks") or {}).values():
-                by[st] = by.get(st, 0) + 1
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
-            print(f"  {seq:>6}  {when}  {m['payload_size']:>10} B  "
-                  f"{' '.join(f'{k}={v}' for k, v in sorted(by.items())) or 'no tasks':<40} "
-                  f"{'clean ' if m.get('clean') else ''}{verdict}")
-        return 0
-    seq = args.seq if args.seq is not None else (seqs[-1] if seqs else None)
-    if seq is None or seq not in seqs:
-        print(f"threadbound: {where}: no snapshot {seq}; have {seqs}", file=sys.stderr)
-        return 2
-    m, verdict = manifest(seq)
-    print(json.dumps({**m, "verification": verdict}, indent=2, default=str))
-    return 0
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    cfg = RuntimeConfig.from_yaml(args.file)
-    if args.action == "show":
-        import yaml
-
-        print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
-    else:
-        print(f"{args.file}: ok")
-    return 0
-
-
-def cmd_alerts(args: argparse.Namespace) -> int:
-    from .metrics.alerts import render
-
-    sys.stdout.write(render(base_config(args), source=args.config or "<config>"))
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from threadbound.agents.sandbox.doctor import check
-
-    from .sandboxing import sandbox_settings
-
-    cfg = base_config(args)
-    settings = sandbox_settings(cfg)
-    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-    print(f"sandbox layers on this machine (pool running as {who}); each proved by a probe run inside:")
-    rows, can_run = check(settings)
-    for row in rows:
-        print(f"  {row.layer:<12} {'ok ' if row.ok else 'NO '} {row.detail}")
-    if can_run:
-        print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will run"
-              + ("" if settings.isolation == "required" else " WITHOUT the full sandbox (see the rows marked NO)"))
-        return 0
-    print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: install bubblewrap, "
-          "enable unprivileged user namespaces, or set sandbox.isolation: best_effort")
-    return 1
+from .answers import cmd_approve, cmd_reject, cmd_respond, cmd_send
+from .common import DEFAULT_GOAL, INTERRUPTED, BadInput, log_file
+from .offline import cmd_alerts, cmd_config, cmd_doctor, cmd_snapshots
+from .run import cmd_resume, cmd_run
+from .serve import DEFAULT_PORT, cmd_run_gateway, cmd_serve
+from .status import cmd_health, cmd_metrics, cmd_tasks
+from .top import cmd_top
 
 
 _EXAMPLES = {
@@ -243,8 +56,22 @@ waited for on screen)""",
     "doctor": """examples:
   threadbound doctor
   threadbound doctor --config configs/runtime.yaml""",
-    "serve": _SERVE_EXAMPLES,
-    **_INPUT_EXAMPLES,
+    "serve": """examples:
+  threadbound serve                                  # 127.0.0.1:8420; prints tokens on first start
+  threadbound serve --config configs/runtime.yaml --port 9000
+  THREADBOUND_GATEWAY_TOKENS=$SUBMIT,$READ:read threadbound serve --address auto
+  threadbound serve --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem""",
+    "respond": """examples:
+  threadbound respond t00001-ab12 '{"database": "postgres"}' --address auto
+  threadbound respond t00001-ab12 --text "use the cache" --address auto
+  threadbound respond t00001-ab12 '"yes"' --request 2 --address auto""",
+    "approve": """examples:
+  threadbound approve t00001-ab12 --address auto""",
+    "reject": """examples:
+  threadbound reject t00001-ab12 --reason "keep the old name" --address auto""",
+    "send": """examples:
+  threadbound send t00001-ab12 "also update the changelog" --address auto
+  threadbound send t00001-ab12 --json '{"priority": "high"}' --address auto""",
     "alerts": """examples:
   threadbound alerts > alerts.yml                              # the defaults (+ THREADBOUND_* env)
   threadbound alerts --config configs/runtime.yaml > alerts.yml
@@ -280,6 +107,8 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The parser of every command, in the order ``threadbound --help`` lists them; each
+    sets ``func``, the function that runs it."""
     p = argparse.ArgumentParser(
         prog="threadbound", description="Run coding agents on Ray: each agent on its own actor, streaming.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
@@ -331,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway", metavar="URL", default=None,
                      help="run the task through a threadbound gateway (threadbound serve) at URL; the token "
                           "comes from THREADBOUND_GATEWAY_TOKEN and WORKSPACE is a path on the gateway's machine")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=_run)
 
     tasks = command("tasks", "list the tasks of a running pool", [ray_flags])
     tasks.add_argument("--name", default=None, help="pool name (default: the config's name)")
@@ -380,12 +209,75 @@ def parser() -> argparse.ArgumentParser:
     conf.add_argument("file")
     conf.set_defaults(func=cmd_config)
 
-    _add_serve(command, ray_flags, _positive)
-    _add_input(command, ray_flags)
+    serve = command("serve", "serve a pool over HTTP: REST, SSE and WebSocket streams, a web page",
+                    [ray_flags])
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default 127.0.0.1; another one without TLS prints a warning)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--name", default=None, help="pool name (default: the config's name)")
+    serve.add_argument("--tokens-file", default=None,
+                       help="token file, created 0600 at first start (default: <state dir>/gateway_tokens); "
+                            "THREADBOUND_GATEWAY_TOKENS=TOKEN[:read|:submit],... replaces it")
+    serve.add_argument("--workspace-root", action="append", default=None, metavar="DIR",
+                       help="a directory whose subdirectories tasks may name as workspace (repeatable; "
+                            "default: the current directory)")
+    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM), with --ssl-keyfile")
+    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    serve.add_argument("--max-body-bytes", type=_positive(int, "a size in bytes above 0"), default=1 << 20,
+                       help="larger request bodies get 413 (default 1 MiB)")
+    serve.add_argument("--rate", type=_positive(float, "requests per second above 0"), default=20.0,
+                       help="requests per second per token (default 20)")
+    serve.add_argument("--burst", type=_positive(int, "a count above 0"), default=100,
+                       help="requests a token may make at once (default 100)")
+    serve.set_defaults(func=cmd_serve)
+
+    def task_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = command(name, help, [ray_flags])
+        p.add_argument("task", metavar="TASK", help="the task's id (threadbound tasks lists them)")
+        p.add_argument("--name", default=None, help="pool name (default: the config's name)")
+        return p
+
+    def request_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--request", type=int, default=None, metavar="N",
+                       help="which request, when the task waits for several (the number in input_requested)")
+
+    respond = task_command("respond", "answer a task that waits for a person (an agent's question)")
+    respond.add_argument("value", metavar="VALUE", help="the answer, as JSON (with --text: as it is)")
+    respond.add_argument("--text", action="store_true", help="VALUE is plain text, not JSON")
+    request_flag(respond)
+    respond.set_defaults(func=cmd_respond)
+
+    approve = task_command("approve", "approve the change a task waits with (run --approve): it is applied")
+    request_flag(approve)
+    approve.set_defaults(func=cmd_approve)
+
+    reject = task_command("reject", "reject the change a task waits with: the task fails with your reason")
+    reject.add_argument("--reason", default="", help="why (the task's error says it)")
+    request_flag(reject)
+    reject.set_defaults(func=cmd_reject)
+
+    send = task_command("send", "send input to a running task: its agents' later steps see it in ctx.inbox")
+    send.add_argument("message", metavar="MESSAGE", help="the message, as text (with --json: as JSON)")
+    send.add_argument("--json", action="store_true", help="MESSAGE is JSON, not plain text")
+    send.set_defaults(func=cmd_send)
+
     return p
 
 
+def _run(args: argparse.Namespace) -> int:
+    """``run``: through a gateway with ``--gateway URL``, else on a pool of its own."""
+    return cmd_run_gateway(args) if args.gateway else cmd_run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); returns its exit code.
+    Bad input and our own errors are one line on stderr and exit 2; Ctrl-C exits 130.
+
+    Examples:
+        >>> main(["config", "check", "configs/runtime.yaml"])   # doctest: +SKIP
+        configs/runtime.yaml: ok
+        0
+    """
     args = parser().parse_args(argv)
     try:
         return args.func(args)
@@ -399,6 +291,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"threadbound: interrupted ({args.command}); nothing was left running", file=sys.stderr)
         return INTERRUPTED
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

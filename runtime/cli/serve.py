@@ -1,5 +1,6 @@
 """``threadbound serve`` (the HTTP gateway in front of a pool) and ``threadbound run
---gateway URL`` (a task run through a gateway instead of a pool of one's own).
+--gateway URL`` (a task run through a gateway instead of a pool of one's own; ``main``
+sends ``run`` here when ``--gateway`` is given).
 
 ``serve`` attaches to the pool named by the config if it runs, else starts it (and
 stops it on exit). The gateway keeps no state of its own: stop and start it again,
@@ -15,8 +16,10 @@ import os
 import sys
 from typing import Any
 
-from .cli_run import INTERRUPTED, BadInput, base_config, ray_was_up, say, start_ray, stop_ray
-from .config import state_dir
+from ..config import state_dir
+from .common import (DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, ray_was_up, say, start_ray, stop_ray,
+                     task_inputs)
+from .render import Live, summary_lines
 
 DEFAULT_PORT = 8420
 
@@ -38,10 +41,10 @@ def _loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .errors import PoolClosed
-    from .gateway.app import Gateway, GatewaySettings, server_config
-    from .gateway.auth import ENV, Tokens, TokenError, load
-    from .pool import AgentPool
+    from ..errors import PoolClosed
+    from ..gateway.app import Gateway, GatewaySettings, server_config
+    from ..gateway.auth import ENV, Tokens, TokenError, load
+    from ..pool import AgentPool
 
     cfg = base_config(args)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
@@ -94,12 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run_gateway(args: argparse.Namespace) -> int:
     """``threadbound run --gateway URL``: submit through the gateway and follow the task."""
-    from .cli_render import Live, summary_lines
-    from .cli_run import task_inputs
-    from .errors import TaskError
-    from .gateway.client import GatewayClient, GatewayError
+    from ..errors import TaskError
+    from ..gateway.client import GatewayClient, GatewayError
 
-    body: dict[str, Any] = {"goal": args.goal or "Make the failing tests pass."}
+    body: dict[str, Any] = {"goal": args.goal or DEFAULT_GOAL}
     if args.workspace:
         body["workspace"] = args.workspace  # a directory the gateway's machine serves
     if args.agents:
@@ -151,36 +152,3 @@ def cmd_run_gateway(args: argparse.Namespace) -> int:
         return INTERRUPTED
     finally:
         gw.close()
-
-
-def add_parser(command: Any, ray_flags: argparse.ArgumentParser, positive: Any) -> None:
-    """The ``serve`` subcommand (``command`` is the CLI's subparser factory)."""
-    serve = command("serve", "serve a pool over HTTP: REST, SSE and WebSocket streams, a web page",
-                    [ray_flags])
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to bind (default 127.0.0.1; another one without TLS prints a warning)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument("--name", default=None, help="pool name (default: the config's name)")
-    serve.add_argument("--tokens-file", default=None,
-                       help="token file, created 0600 at first start (default: <state dir>/gateway_tokens); "
-                            "THREADBOUND_GATEWAY_TOKENS=TOKEN[:read|:submit],... replaces it")
-    serve.add_argument("--workspace-root", action="append", default=None, metavar="DIR",
-                       help="a directory whose subdirectories tasks may name as workspace (repeatable; "
-                            "default: the current directory)")
-    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM), with --ssl-keyfile")
-    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
-    serve.add_argument("--max-body-bytes", type=positive(int, "a size in bytes above 0"), default=1 << 20,
-                       help="larger request bodies get 413 (default 1 MiB)")
-    serve.add_argument("--rate", type=positive(float, "requests per second above 0"), default=20.0,
-                       help="requests per second per token (default 20)")
-    serve.add_argument("--burst", type=positive(int, "a count above 0"), default=100,
-                       help="requests a token may make at once (default 100)")
-    serve.set_defaults(func=cmd_serve)
-
-
-EXAMPLES = """examples:
-  threadbound serve                                  # 127.0.0.1:8420; prints tokens on first start
-  threadbound serve --config configs/runtime.yaml --port 9000
-  THREADBOUND_GATEWAY_TOKENS=$SUBMIT,$READ:read threadbound serve --address auto
-  threadbound serve --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem"""
-

@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 
 from threadbound.agents import events
 
-from .task import Event
+from ..task import Event
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -3,30 +3,31 @@ quietly, follow the task, summarise it, and end cleanly on Ctrl-C.
 
 Everything that can be checked without Ray (the workspace, the roles, the goal, the
 level, the budget, the policy) is checked before Ray starts, and reported with the
-flag's name. Ray's own log lines go to :func:`log_file` unless ``-v`` is given.
+flag's name. Ray's own log lines go to ``common.log_file()`` unless ``-v`` is given.
+When the task asks a person and one sits at the terminal (``run --approve``), the
+question is asked here (:func:`answer_in_terminal`). ``run --gateway`` is served by
+``serve.cmd_run_gateway``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import signal
 import sys
-from typing import Any, Iterator
+from typing import Any, TextIO
 
 from threadbound.agents.errors import ThreadboundError
 
-from .config import RuntimeConfig, state_dir
-from .errors import InvalidTask, TaskError
-from .policy import check as check_policy
-from .registry import BUILTIN_ROLES, role_blobs
-from .task import Event, Task, sequential
-
-DEFAULT_GOAL = "Make the failing tests pass."
-INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+from ..config import RuntimeConfig
+from ..errors import InvalidTask, TaskError
+from ..policy import check as check_policy
+from ..registry import BUILTIN_ROLES, role_blobs
+from ..task import Event, Task, sequential
+from .common import (DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, no_interrupts, ray_was_up, say, start_ray,
+                     stop_ray, task_inputs)
+from .render import Live, summary_lines, visible
 
 # InvalidTask.field -> how the command line spells it
 _FLAGS = {
@@ -36,41 +37,7 @@ _FLAGS = {
 }
 
 
-class BadInput(ThreadboundError, ValueError):
-    """A command-line argument is wrong; ``flag`` names it as the user typed it."""
-
-    def __init__(self, flag: str, problem: str) -> None:
-        super().__init__(f"{flag}: {problem}")
-        self.flag = flag
-
-
-def log_file() -> str:
-    """Where the CLI sends Ray's own log lines: ``<state_dir>/logs/threadbound.log``."""
-    return os.path.join(state_dir(), "logs", "threadbound.log")
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 # -- config and task, before Ray ---------------------------------------------------------
-
-
-def base_config(args: argparse.Namespace) -> RuntimeConfig:
-    """The config file (or the defaults) with the environment and the common flags applied."""
-    cfg = RuntimeConfig.from_yaml(args.config) if getattr(args, "config", None) else RuntimeConfig.from_env()
-    changes: dict[str, Any] = {}
-    if getattr(args, "address", None):
-        changes["ray"] = {**cfg.ray.model_dump(), "address": args.address}
-    if getattr(args, "name", None):
-        changes["name"] = args.name
-    if getattr(args, "no_stream", False):
-        changes["streaming"] = False
-    if getattr(args, "keep_workspace", False):
-        changes["workspace"] = {**cfg.workspace.model_dump(), "keep_copies": True}
-    if getattr(args, "verbose", False):  # the events as short lines too, shown with Ray's own
-        changes["log"] = {**cfg.log.model_dump(), "stderr": True}
-    return cfg.replace(**changes) if changes else cfg
 
 
 def run_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -135,22 +102,6 @@ def _same_task_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def task_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The task's ``inputs`` from ``--apply``, ``--approve`` and ``--test-command`` (checked)."""
-    inputs: dict[str, Any] = {"apply": bool(args.apply)}
-    if getattr(args, "approve", False):
-        inputs["approve"] = True
-    if args.test_command is not None:
-        try:
-            command = shlex.split(args.test_command)
-        except ValueError as exc:
-            raise BadInput("--test-command", f"cannot split {args.test_command!r} into words: {exc}") from None
-        if not command:
-            raise BadInput("--test-command", "is empty; give a command line such as 'python -m pytest -x'")
-        inputs["test_command"] = command
-    return inputs
-
-
 def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
     """The task the flags describe, checked as far as it can be without Ray."""
     if args.goal is not None and not args.goal.strip():
@@ -191,68 +142,12 @@ def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
     return task
 
 
-# -- Ray, quietly ---------------------------------------------------------------------
-
-
-def start_ray(cfg: RuntimeConfig, verbose: bool) -> bool:
-    """Start or join Ray unless it is up in this process; True if this call did. Ray's
-    log lines go to :func:`log_file` unless ``verbose``."""
-    import ray
-
-    from .pool import _bootstrap, connect_ray
-
-    if ray.is_initialized():
-        return False
-    target = _bootstrap(cfg.ray.address)
-    say(f"joining the Ray at {target}" if target else
-        "starting a local Ray (about 10 s; it stops when this command ends)")
-    return connect_ray(cfg, log_file=None if verbose else log_file())
-
-
-def ray_was_up() -> bool:
-    import ray
-
-    return ray.is_initialized()
-
-
 def _stop(pool: Any, was_up: bool) -> None:
     """Stop the pool (if one was made) and the Ray this command started, whatever happened."""
     with no_interrupts("stopping the pool and Ray"):
         if pool is not None:
             pool.shutdown(grace_s=1)
         stop_ray(was_up)
-
-
-def stop_ray(was_up: bool) -> None:
-    """Stop the Ray this command started or joined (also one whose start was interrupted)."""
-    import ray
-
-    if not was_up and ray.is_initialized():
-        ray.shutdown()
-
-
-@contextlib.contextmanager
-def no_interrupts(message: str) -> Iterator[None]:
-    """While cleaning up: a second Ctrl-C says what is happening, a third stops at once."""
-    presses = []
-
-    def handler(signum: int, frame: Any) -> None:
-        presses.append(1)
-        if len(presses) == 1:
-            say(f"threadbound: {message}; press Ctrl-C again to stop at once")
-        else:
-            say("threadbound: stopped at once; Ray's processes end with this one")
-            os._exit(INTERRUPTED)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (tests): nothing to guard
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # -- following tasks ------------------------------------------------------------------
@@ -262,9 +157,6 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
     """Print one task's events from the start (appending each to ``seen``); returns its
     final event. When the task asks a person and one sits at this terminal (stdin is a
     terminal, not --json), the question is asked here."""
-    from .cli_input import answer_in_terminal
-    from .cli_render import Live
-
     seen = [] if seen is None else seen
     answering = not as_json and sys.stdin is not None and sys.stdin.isatty()
     if as_json:
@@ -286,8 +178,6 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
 
 
 def print_summary(handle: Any, final: Event | None) -> None:
-    from .cli_render import summary_lines
-
     try:
         res = handle.result(timeout=10)
     except TaskError as exc:
@@ -346,12 +236,9 @@ def _cancelled_by_ctrl_c(handle: Any, seen: list[Event]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pool import AgentPool
+    """``run`` on a pool of this command's own (``main`` sends ``run --gateway`` elsewhere)."""
+    from ..pool import AgentPool
 
-    if getattr(args, "gateway", None):
-        from .cli_serve import cmd_run_gateway
-
-        return cmd_run_gateway(args)
     cfg = run_config(args)
     task = checked_task(args, cfg)  # bad input fails here, before Ray starts
     if not args.json:
@@ -383,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from threadbound.snapshots.location import find_location
 
-    from .pool import AgentPool, _crashed_config
+    from ..pool import AgentPool, _crashed_config
 
     cfg = base_config(args)
     location = args.location or cfg.snapshot_dir
@@ -423,3 +310,46 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return INTERRUPTED
     finally:
         _stop(pool, was_up)
+
+
+# -- run --approve: answering in the terminal that follows the task ------------------------
+
+APPROVAL_PROMPT = "approve? y = apply and finish, n [reason] = reject, anything else = feedback for another round > "
+
+
+def read_answer(ev: Event, stdin: TextIO = sys.stdin) -> Any | None:
+    """Ask in the terminal for the answer to ``ev`` (an ``input_requested``); None if
+    there is none (an empty line, or end of input)."""
+    payload = ev.data.get("payload")
+    approval = isinstance(payload, dict) and payload.get("kind") == "approval"
+    if approval and payload.get("diff"):
+        say(visible(str(payload["diff"]).rstrip("\n")))
+    say(APPROVAL_PROMPT if approval else "your answer (JSON, or text) > ")
+    line = stdin.readline()
+    text = line.strip()
+    if not text:
+        return None
+    if approval:
+        word, _, rest = text.partition(" ")
+        if word.lower() in ("y", "yes", "approve"):
+            return {"approve": True}
+        if word.lower() in ("n", "no", "reject"):
+            return {"approve": False, "reason": rest.strip()}
+        return {"feedback": text}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def answer_in_terminal(handle: Any, ev: Event, stdin: TextIO = sys.stdin) -> None:
+    """``run``'s answer to a question its task asks, when a person sits at the terminal."""
+    value = read_answer(ev, stdin)
+    if value is None:
+        say(f"not answered here; answer with `threadbound respond {handle.task_id} JSON` "
+            f"(or approve/reject) from another terminal")
+        return
+    try:
+        handle.respond(value, ev.data.get("request"))
+    except ThreadboundError as exc:  # answered elsewhere first, or refused: say so, keep following
+        say(f"threadbound: {exc}")

@@ -24,7 +24,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .task import TERMINAL
+from ..task import TERMINAL
+from .common import attach, log_file
 
 GOAL_CHARS = 48
 TASK_ROWS = 20
@@ -186,8 +187,8 @@ class _Watcher:
             return _Seen(**vars(self.seen))
 
     def _run(self) -> None:
-        from .errors import PoolClosed
-        from .pool import AgentPool
+        from ..errors import PoolClosed
+        from ..pool import AgentPool
 
         while not self.stop.is_set():
             try:
@@ -256,11 +257,9 @@ def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from .cli import _attach
-    from .cli_run import log_file
-    from .connect import _ray_logs_to
+    from ..connect import _ray_logs_to
 
-    pool = _attach(args)
+    pool = attach(args)
     if pool is None:
         return 2
     watcher = _Watcher(pool, pool.name, pool.config.ray.namespace, args.interval)
