@@ -28,7 +28,7 @@ from . import events as ev
 from . import sandbox
 from .base import Agent, StepContext
 from .edits import parse
-from .errors import AgentError
+from .errors import AgentError, TaskInputError
 from .workspace import Workspace, WorkspaceError, workspaces_root
 
 MAX_CONTEXT_CHARS = 24_000
@@ -37,8 +37,11 @@ _SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
 
 def workspace_of(ctx: StepContext) -> Workspace:
     if not ctx.workspace:
-        raise AgentError(f"the {ctx.role} needs a workspace; submit the task with workspace=<directory>",
-                         task_id=ctx.task_id, agent=ctx.role)
+        raise TaskInputError(f"the {ctx.role} needs a workspace; submit the task with workspace=<directory>",
+                             task_id=ctx.task_id, agent=ctx.role)
+    if not os.path.isdir(ctx.workspace):
+        raise TaskInputError(f"workspace {ctx.workspace!r} does not exist or is not a directory",
+                             task_id=ctx.task_id, agent=ctx.role)
     try:
         return Workspace.for_task(ctx.task_id, ctx.workspace)
     except WorkspaceError as exc:
@@ -145,8 +148,8 @@ def _test_command(ctx: StepContext) -> list[str]:
     if isinstance(command, str):
         command = command.split()
     if not isinstance(command, (list, tuple)) or not command or not all(isinstance(c, str) and c for c in command):
-        raise AgentError(f"inputs.test_command must be a command line (a string or a list of strings), "
-                         f"got {ctx.inputs.get('test_command')!r}", task_id=ctx.task_id, agent=ctx.role)
+        raise TaskInputError(f"inputs.test_command must be a command line (a string or a list of strings), "
+                             f"got {ctx.inputs.get('test_command')!r}", task_id=ctx.task_id, agent=ctx.role)
     return list(command)
 
 
@@ -154,20 +157,20 @@ def _sandbox_limits(ctx: StepContext) -> sandbox.SandboxLimits:
     given = ctx.inputs.get("sandbox", {})
     allowed = [f.name for f in dataclasses.fields(sandbox.SandboxLimits)]
     if not isinstance(given, dict):
-        raise AgentError(f"inputs.sandbox must be a mapping of limits ({', '.join(allowed)}), got {given!r}",
-                         task_id=ctx.task_id, agent=ctx.role)
+        raise TaskInputError(f"inputs.sandbox must be a mapping of limits ({', '.join(allowed)}), got {given!r}",
+                             task_id=ctx.task_id, agent=ctx.role)
     for key, value in given.items():
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            raise AgentError(f"inputs.sandbox.{key}: unknown limit" + (f"; did you mean `{close[0]}`?" if close else "")
-                             + f" Allowed: {', '.join(allowed)}", task_id=ctx.task_id, agent=ctx.role)
+            raise TaskInputError(f"inputs.sandbox.{key}: unknown limit" + (f"; did you mean `{close[0]}`?" if close else "")
+                                 + f" Allowed: {', '.join(allowed)}", task_id=ctx.task_id, agent=ctx.role)
         if key == "network":
             if not isinstance(value, bool):
-                raise AgentError(f"inputs.sandbox.network: must be true or false, got {value!r}",
-                                 task_id=ctx.task_id, agent=ctx.role)
+                raise TaskInputError(f"inputs.sandbox.network: must be true or false, got {value!r}",
+                                     task_id=ctx.task_id, agent=ctx.role)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AgentError(f"inputs.sandbox.{key}: must be a positive number, got {value!r}",
-                             task_id=ctx.task_id, agent=ctx.role)
+            raise TaskInputError(f"inputs.sandbox.{key}: must be a positive number, got {value!r}",
+                                 task_id=ctx.task_id, agent=ctx.role)
     return sandbox.SandboxLimits(**{"wall_s": 120.0, **given})
 
 
@@ -198,7 +201,7 @@ class Tester(Agent):
         counts = parse_pytest(res.output)
         counted = _counted(res.output)
         if res.exit_code == 5 or (not counted and res.exit_code == 0 and _is_pytest(command)):
-            raise AgentError(f"the workspace {ctx.workspace} has no tests (the test command collected "
+            raise TaskInputError(f"the workspace {ctx.workspace} has no tests (the test command collected "
                              "nothing); add tests or set the task's test_command input",
                              task_id=ctx.task_id, agent=ctx.role)
         ok = res.exit_code == 0 and res.killed is None

@@ -59,6 +59,13 @@ class AgentError(ThreadboundError):
     """An agent's step failed. Not retried unless it is a :class:`TransientError`."""
 
 
+class TaskInputError(AgentError):
+    """A step failed because of what its task was given (no workspace, a workspace that
+    does not exist, bad ``inputs``): the submitter's to fix, not a fault of the pool. Not
+    retried, and not counted by the pool's health (a submitter cannot degrade or pause the
+    pool by sending bad tasks)."""
+
+
 class TransientError(AgentError):
     """A failure worth retrying (rate limit, overloaded server, dropped connection).
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import cloudpickle
 
 from threadbound.agents.base import Agent, Interrupt, StepContext
-from threadbound.agents.errors import RateLimitError, TransientError
+from threadbound.agents.errors import RateLimitError, TaskInputError, TransientError
 from threadbound.agents.models import build_model
 
 RESULT = "__result__"
@@ -277,7 +277,10 @@ def _error_data(exc: BaseException, tb: str, started: float) -> dict[str, Any]:
 
 
 def error_class(exc: BaseException) -> str | None:
-    """The retry policy's class of an agent's error; None: not retryable."""
+    """The retry policy's class of an agent's error; None: a plain error, not retryable;
+    ``input``: the task's own input was at fault (not retried, not a fault of the pool)."""
+    if isinstance(exc, TaskInputError):
+        return "input"
     if isinstance(exc, RateLimitError):
         return "rate_limit"
     if isinstance(exc, TransientError):

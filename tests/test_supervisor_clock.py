@@ -189,3 +189,29 @@ def test_when_level_one_fails_too_admission_pauses_and_a_queued_task_waits_then_
 
     run(fakes, body, health=health(pause=True, min_steps=2, window_s=2, healthy_period_s=1.5),
         retry={"max_attempts": 1}, max_agents=2, max_agents_per_task=1)
+
+
+def test_tasks_that_fail_on_their_own_input_never_degrade_or_pause_the_pool(fakes):
+    from threadbound.agents.errors import TaskInputError
+
+    async def no_workspace(call):
+        if FAIL in call.req.goal:
+            raise TaskInputError("the coder needs a workspace; submit the task with workspace=<directory>")
+        return "fine"
+
+    fakes.default = no_workspace
+
+    async def body(sup):
+        # Given a submitter who sends a dozen tasks that fail on their own input, at once
+        bad = [await submit(sup, ["a"], goal=f"{FAIL} {i}") for i in range(12)]
+        good = await submit(sup, ["a"])
+        # Then each fails, naming the cause, with no retry
+        for t in bad:
+            res = await result(sup, t)
+            assert res.status == "failed" and "needs a workspace" in res.error
+            assert kinds(sup, t).count("step_started") == 1
+        # and the pool stays normal: a task that is fine runs at once, at its own level
+        assert sup.health.mode == "normal" and (await sup.health_report())["transitions"] == []
+        assert (await result(sup, good)).ok
+
+    run(fakes, body, health=health(pause=True, min_steps=2))

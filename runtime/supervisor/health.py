@@ -289,6 +289,11 @@ class Health:
         return self.monitor.mode
 
     def step_ended(self, step: StepInfo, outcome: Outcome) -> Transition | None:
+        """Record how an attempt ended. A failure the task caused by its own input (no
+        workspace, bad inputs: ``input``) is the submitter's, not the pool's: health does
+        not count it, so bad tasks cannot degrade or pause the pool for everyone."""
+        if outcome.kind == "input":
+            return None
         m = self.monitor
         m.record(STEP_OK if outcome.ok else STEP_FAILED, step.degraded)
         if outcome.signal is not None:

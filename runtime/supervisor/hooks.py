@@ -69,7 +69,8 @@ class Outcome:
     """How a step attempt ended.
 
     ``kind``: ``ok``; ``interrupt`` (the step asked a person and stopped: it runs
-    again once answered; counts as ok); or the retry policy's class of the failure
+    again once answered; counts as ok); ``input`` (the task's own input was at fault:
+    never retried, not counted by health); or the retry policy's class of the failure
     (``error``, ``rate_limit``, ``transient``, ``timeout``, ``crash``). ``signal``: what else the
     health monitor hears of it (``timeout``, ``actor_death``, ``stream_failure``).
     ``exhausted``: a failure after which no attempt follows; ``retryable``: its class
