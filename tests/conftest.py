@@ -42,6 +42,21 @@ def _outside_the_repo():
     os.chdir(here)
 
 
+# Modules whose tests start a Ray of their own in a child process (the CLI, a cluster of
+# several nodes, the README's commands) rather than through the ray_session fixture.
+_STARTS_RAY = {"test_cluster_local", "test_multinode", "test_readme"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray carries the ``ray`` marker, so ``pytest -m "not ray"`` is a
+    fast tier: set here from the fixture a test uses (directly or through another fixture),
+    or from its module when it starts Ray in a child process."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
+        if "ray_session" in getattr(item, "fixturenames", ()) or module in _STARTS_RAY:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

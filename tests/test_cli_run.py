@@ -214,6 +214,7 @@ def interrupt(tmp_path, wait_for_line, extra=()):
     return code, "".join(out), "".join(err)
 
 
+@pytest.mark.ray  # starts Ray in the child process
 def test_ctrl_c_while_an_agent_works_ends_with_one_line_naming_task_copy_and_next_step(tmp_path):
     code, out, err = interrupt(tmp_path, "── round 1 · coder", ["--keep-workspace"])
     assert code == 130
@@ -227,6 +228,7 @@ def test_ctrl_c_while_an_agent_works_ends_with_one_line_naming_task_copy_and_nex
     shutil.rmtree(copy)
 
 
+@pytest.mark.ray  # starts Ray in the child process
 def test_ctrl_c_while_ray_starts_ends_with_one_line_and_no_traceback(tmp_path):
     code, out, err = interrupt(tmp_path, None)
     assert code == 130
