@@ -96,17 +96,23 @@ def needed_paths(executable: str | None = None, prefixes: dict[str, str] | None 
         prefixes = {"Python's prefix (sys.prefix)": sys.prefix, "Python's base prefix (sys.base_prefix)":
                     sys.base_prefix, "Python's exec prefix (sys.exec_prefix)": sys.exec_prefix}
     pkg = package or str(Path(__file__).resolve().parent.parent)
-    out = [("the interpreter", exe), ("the interpreter's target", os.path.realpath(exe))]
+    out = [("the interpreter", exe)]
+    if os.path.realpath(exe) != os.path.abspath(exe):
+        out.append(("the interpreter's target", os.path.realpath(exe)))
     out += list(prefixes.items())
     out.append(("the threadbound package", pkg))
     return out
 
 
-def _forms(p: str) -> set[str]:
+def _forms(p: str, resolve_file: bool = True) -> set[str]:
     """The spellings a path is reached by: as written (absolute), with its folders resolved
-    (how a symbolic link at the end is itself found), and fully resolved."""
+    (how a symbolic link at the end is itself found), and fully resolved -- for a file only
+    if ``resolve_file`` (an interpreter's target is a needed path of its own)."""
     a = os.path.abspath(os.path.expanduser(p))
-    return {a, os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a)), os.path.realpath(a)}
+    out = {a, os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))}
+    if resolve_file or os.path.isdir(a):
+        out.add(os.path.realpath(a))
+    return out
 
 
 def covering(hidden: list[str], needed: list[tuple[str, str]] | None = None) -> list[Covered]:
@@ -134,7 +140,7 @@ def covering(hidden: list[str], needed: list[tuple[str, str]] | None = None) -> 
         for what, path in needed:
             if not path:
                 continue
-            if any(_under(f, hf) for f in _forms(path) for hf in hforms) and (h, path) not in seen:
+            if any(_under(f, hf) for f in _forms(path, False) for hf in hforms) and (h, path) not in seen:
                 seen.add((h, path))
                 out.append(Covered(h, what, path))
     return out
@@ -158,7 +164,7 @@ def revealable(c: Covered) -> bool:
     """Whether ``best_effort`` can show what ``c`` covers and keep the rest hidden: only
     when it lies strictly inside the hidden path (a hidden path that *is* Python's
     prefix, or lies inside what must be shown, cannot be both shown and hidden)."""
-    pairs = [(f, hf) for f in _forms(c.path) for hf in _forms(c.hidden)]
+    pairs = [(f, hf) for f in _forms(c.path, False) for hf in _forms(c.hidden)]
     return not any(f == hf for f, hf in pairs) and any(_under(f, hf) for f, hf in pairs)
 
 
