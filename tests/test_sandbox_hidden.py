@@ -302,3 +302,36 @@ def test_threadbound_run_fails_in_one_round_naming_the_folder_and_doctor_finds_i
     ok = cli(world, "run", str(FIZZBUZZ), "--config", str(config(tmp_path, "best_effort")))
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "succeeded" in ok.stdout and "3 passed" in ok.stdout
+
+
+# --- threadbound doctor, in process -----------------------------------------------------------
+
+
+@needs_bwrap
+def test_doctor_names_a_hidden_prefix_and_exits_1(tmp_path, capsys):
+    from threadbound.runtime import cli
+
+    cfg = tmp_path / "runtime.yaml"
+    cfg.write_text(f"snapshot_dir: {tmp_path / 'snaps'}\nsandbox: {{hide: [{sys.prefix}]}}\n")
+    code = cli.main(["doctor", "--config", str(cfg)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    row = next(line for line in out.splitlines() if line.strip().startswith("hidden"))
+    assert " NO " in row and os.path.realpath(sys.prefix) in row and "Python's prefix" in row
+    last = out.splitlines()[-1]
+    assert "REFUSED" in last and os.path.realpath(sys.prefix) in last and "sandbox.hide" in last
+    assert "best_effort, which shows" not in last  # it cannot help: the hidden path is the prefix
+
+
+@needs_bwrap
+def test_doctor_under_best_effort_says_what_it_shows_and_runs(tmp_path):
+    from threadbound.agents.sandbox.doctor import check
+
+    parent = os.path.dirname(os.path.realpath(sys.prefix))
+    rows, can_run = check(sandbox.SandboxSettings("best_effort", hide=(parent,)))
+    hidden = rows[0]
+    assert hidden.layer == "hidden" and not hidden.ok and parent in hidden.detail
+    assert f"best_effort shows {os.path.realpath(sys.prefix)}" in hidden.detail
+    assert can_run and next(r for r in rows if r.layer == "namespaces").ok
+    rows, can_run = check(sandbox.SandboxSettings("required"))
+    assert rows[0].ok and can_run  # this environment: nothing hidden covers Python
