@@ -335,3 +335,19 @@ def test_doctor_under_best_effort_says_what_it_shows_and_runs(tmp_path):
     assert can_run and next(r for r in rows if r.layer == "namespaces").ok
     rows, can_run = check(sandbox.SandboxSettings("required"))
     assert rows[0].ok and can_run  # this environment: nothing hidden covers Python
+
+
+@needs_bwrap
+def test_a_copy_inside_a_hidden_folder_is_still_where_the_run_works(base):
+    """The task's copy always lies inside a hidden folder (the workspaces root): the copy is
+    bound over the hiding, so the check does not count it, and the run works; the rest
+    of that folder stays hidden."""
+    hidden = base / "state"
+    copy = hidden / "workspaces" / "t1"
+    copy.mkdir(parents=True)
+    (hidden / "snapshot.key").write_text("KEY-" + secrets.token_hex(8))
+    (hidden / "snapshot.key").chmod(0o644)
+    r = sandbox.run([sys.executable, "-c", "import os, sys; print(os.listdir('.'), os.path.exists(sys.argv[1]))",
+                     str(hidden / "snapshot.key")], cwd=str(copy),
+                    settings=sandbox.SandboxSettings("required", hide=(str(hidden),)))
+    assert r.exit_code == 0 and r.output.strip() == "[] False", r.output

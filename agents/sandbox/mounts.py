@@ -115,6 +115,15 @@ def _forms(p: str, resolve_file: bool = True) -> set[str]:
     return out
 
 
+def _wanted(needed: tuple[tuple[str, str], ...]) -> list[tuple[str, str, set[str]]]:
+    return [(what, path, _forms(path, False)) for what, path in needed if path]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_wanted() -> list[tuple[str, str, set[str]]]:  # this process's Python does not move
+    return _wanted(tuple(needed_paths()))
+
+
 def covering(hidden: list[str], needed: list[tuple[str, str]] | None = None) -> list[Covered]:
     """The hidden paths that cover (are, or contain) something in ``needed``
     (default :func:`needed_paths`): the sandbox hides them, so what they cover is
@@ -130,17 +139,15 @@ def covering(hidden: list[str], needed: list[tuple[str, str]] | None = None) -> 
         >>> covering(["/home/u/.ray"], [("the interpreter", "/home/u/.venv/bin/python")])
         []
     """
-    needed = needed_paths() if needed is None else needed
+    wanted = _default_wanted() if needed is None else _wanted(tuple(needed))
     out: list[Covered] = []
     seen: set[tuple[str, str]] = set()
     for h in hidden:
         if not h:
             continue
         hforms = _forms(h)
-        for what, path in needed:
-            if not path:
-                continue
-            if any(_under(f, hf) for f in _forms(path, False) for hf in hforms) and (h, path) not in seen:
+        for what, path, forms in wanted:
+            if (h, path) not in seen and any(_under(f, hf) for f in forms for hf in hforms):
                 seen.add((h, path))
                 out.append(Covered(h, what, path))
     return out
