@@ -278,9 +278,12 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
             "(`sysctl -w kernel.unprivileged_userns_clone=1` or `kernel.apparmor_restrict_unprivileged_userns=0`); "
             "or opt out with sandbox.isolation: best_effort (Landlock and seccomp only) or none (trusted code only)")
     else:
-        hidden = mounts.hidden_paths(settings.hide)
-        reveal = _reveal(hidden, settings)
-        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps, hidden, reveal)
+        reveal = _reveal(mounts.hidden_paths(settings.hide), settings)
+        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps, reveal)
+        if reveal:
+            plan.notes.insert(0, "WARNING: sandbox.isolation is best_effort and a hidden path covers Python: "
+                              f"shown read-only inside it: {', '.join(reveal)}; the rest of it stays hidden "
+                              "(`threadbound doctor` says which path; move the virtualenv out of it)")
     try:
         result = _execute(plan, command, cwd, limits, max_output, settings, caps)
     finally:
@@ -344,16 +347,13 @@ _NO_REPORT = "the launcher did not report (it did not start)"
 
 
 def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str, str],
-              settings: SandboxSettings, caps, hidden: list[str], reveal: list[str]) -> _Plan:
+              settings: SandboxSettings, caps, reveal: list[str]) -> _Plan:
     """The launcher's config and the argv: inside bwrap, or (best_effort, no bwrap) on its own."""
     root = os.geteuid() == 0
+    hidden = [*mounts.default_hidden(), *settings.hide]
     uid = sandbox_uid(settings) if root else None
     status_r, status_w = os.pipe()
     plan = _Plan([], None, fds=[status_w], status_fd=status_r, bwrap=caps.bwrap is not None)
-    if reveal:
-        plan.notes.append("WARNING: sandbox.isolation is best_effort and a hidden path covers Python: shown "
-                          f"read-only inside it: {', '.join(reveal)}; the rest of it stays hidden "
-                          "(`threadbound doctor` says which path; move the virtualenv out of it)")
     program = caps.seccomp[0]
     seccomp_fd = _memfd(program) if program is not None else None
     if seccomp_fd is not None:
