@@ -474,3 +474,43 @@ def test_the_checks_fire_without_isolation(runs, world):
     with pytest.raises(AssertionError):
         check_host_unchanged(run)
     assert run.daemon_seen  # the daemon outlived the run (and was killed by this test)
+
+
+# --- a virtualenv inside a hidden folder (Ray's token folder) ---------------------------------
+
+
+def test_a_virtualenv_inside_rays_token_folder_is_named_not_run_as_a_test(world):
+    """The driver runs from a virtualenv at <home>/.cache/tb/venv with RAY_AUTH_TOKEN_PATH
+    in the same folder: ``required`` refuses with SandboxUnavailable naming the folder
+    (before, the launcher never started and the run came back as exit 1 with layers
+    "not applied"); ``best_effort`` (bwrap, and Landlock alone) shows the venv read-only
+    and the token beside it, readable by this user without the sandbox, stays unreadable."""
+    import subprocess
+
+    base = directory(world.root / "tokenhome")
+    tb = directory(base / ".cache" / "tb")
+    venv = tb / "venv"
+    subprocess.run([unprivileged.base_python(), "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                   check=True, timeout=120)
+    unprivileged.world_readable(venv)
+    token = put(tb / "ray_auth_token", world.secrets["token"] + "-tb")
+    staged = world.staged if ROOT else unprivileged.stage(directory(world.root / "stage-hidden")).parent
+    copies = directory(world.root / "copies-hidden", owned=True)
+    case_settings = {"required": {"isolation": "required"}, "best_effort": {"isolation": "best_effort"},
+                     "landlock_only": {"isolation": "best_effort", "bwrap": "/nonexistent"}}
+    config = {"copies": str(copies),
+              "cases": [{"name": name, "args": {"read": [str(token)]}, "settings": s, "limits": {"wall_s": 60}}
+                        for name, s in case_settings.items()]}
+    results = unprivileged.run_driver(staged, config, {"RAY_AUTH_TOKEN_PATH": str(token)}, timeout_s=240,
+                                      python=str(venv / "bin" / "python"))
+    required = results["required"]
+    assert "unavailable" in required, required
+    assert str(tb) in required["unavailable"] and "the interpreter" in required["unavailable"]
+    assert "RAY_AUTH_TOKEN_PATH" in required["unavailable"]
+    for name in ("best_effort", "landlock_only"):
+        r = results[name]
+        assert r.get("exit_code") == 0, r
+        read = r["report"]["read"][str(token)]
+        assert "content" not in read and read.get("error") in ("ENOENT", "EACCES"), read
+        assert any(str(venv) in note for note in r["notes"]), r["notes"]
+        check_no_secret(json.dumps(r), {"token": world.secrets["token"] + "-tb"})

@@ -132,30 +132,41 @@ def world_readable(root: Path) -> None:
                 os.chmod(p, os.stat(p).st_mode | 0o444)
 
 
-def command(staged: Path | None, config: Path) -> tuple[list[str], dict[str, str]]:
+def base_python() -> str:
+    """The interpreter a virtualenv for the driver is made from (see :func:`command`)."""
+    return SYSTEM_PYTHON if os.geteuid() == 0 else os.path.join(sys.base_prefix, "bin", "python3")
+
+
+def command(staged: Path | None, config: Path, python: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The command line (and base environment) that runs the driver unprivileged.
 
     As root: /usr/bin/python3 as nobody on the staged copy. Otherwise: this interpreter,
-    as the current (already unprivileged) user, on the installed package.
+    as the current (already unprivileged) user, on the installed package. ``python``: a
+    virtualenv of :func:`base_python` to run the driver with instead, on the staged copy.
     """
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": os.environ.get("LANG", "C.UTF-8")}
     if os.geteuid() == 0:
         assert staged is not None
         env.update(PYTHONPATH=str(staged / "site-packages"), HOME=str(staged / "home"))
         argv = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
-                SYSTEM_PYTHON, str(staged / "unprivileged.py"), "drive", str(config)]
+                python or SYSTEM_PYTHON, str(staged / "unprivileged.py"), "drive", str(config)]
+    elif python:
+        assert staged is not None
+        env.update(PYTHONPATH=str(staged / "site-packages"), HOME=os.environ.get("HOME", "/tmp"))
+        argv = [python, str(staged / "unprivileged.py"), "drive", str(config)]
     else:
         env.update(HOME=os.environ.get("HOME", "/tmp"))
         argv = [sys.executable, str(HERE / "unprivileged.py"), "drive", str(config)]
     return argv, env
 
 
-def run_driver(staged: Path | None, config: dict, extra_env: dict[str, str], timeout_s: float) -> dict[str, dict]:
+def run_driver(staged: Path | None, config: dict, extra_env: dict[str, str], timeout_s: float,
+               python: str | None = None) -> dict[str, dict]:
     """Run the driver on ``config``'s cases; returns case name -> its result."""
     where = Path(config["copies"]).parent / f"driver-{len(os.listdir(Path(config['copies']).parent))}.json"
     where.write_text(json.dumps(config))
     os.chmod(where, 0o644)
-    argv, env = command(staged, where)
+    argv, env = command(staged, where, python)
     env.update(extra_env)
     proc = subprocess.run(argv, env=env, cwd=str(where.parent), capture_output=True, text=True, timeout=timeout_s)
     results = {}

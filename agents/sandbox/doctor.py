@@ -16,6 +16,8 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 
+from ..workspace import workspaces_root
+from . import mounts
 from .probe import capabilities
 from .runner import run
 from .settings import SandboxLimits, SandboxSettings, SandboxUnavailable
@@ -60,11 +62,30 @@ class Row:
     detail: str
 
 
+def hidden_check(settings: SandboxSettings) -> tuple[Row, list[mounts.Covered]]:
+    """The ``hidden`` row: does a path the pool hides (with the workspaces root, as the
+    tester hides it) cover the interpreter, Python's prefixes or this package? The
+    runner's own check (:func:`mounts.covering`), from this process's environment."""
+    hidden = mounts.hidden_paths(settings.hiding(str(workspaces_root())).hide)
+    found = mounts.covering(hidden)
+    if not found:
+        return Row("hidden", True, f"no hidden path covers Python ({sys.executable}) or this package; "
+                                   f"hidden: {', '.join(hidden)}"), []
+    stuck = [c for c in found if not mounts.revealable(c)]
+    if settings.isolation == "best_effort" and not stuck:
+        return Row("hidden", False, "; ".join(str(c) for c in found) + ": best_effort shows "
+                   + ", ".join(mounts.reveal_paths(found)) + " read-only inside it and keeps the rest hidden; "
+                   "to run required, move the virtualenv (or the package) out of it or point what is hidden "
+                   "elsewhere"), found
+    return Row("hidden", False, mounts.covered_message(stuck or found, best_effort_helps=not stuck)), found
+
+
 def check(settings: SandboxSettings | None = None) -> tuple[list[Row], bool]:
     """(one row per layer, whether ``settings.isolation`` can run sandboxed commands here)."""
     settings = settings or SandboxSettings()
     caps = capabilities(settings.bwrap)
-    rows: list[Row] = []
+    hidden_row, found = hidden_check(settings)
+    rows: list[Row] = [hidden_row]
     work = tempfile.mkdtemp(prefix="threadbound-doctor-")
     secret_dir = tempfile.mkdtemp(prefix="threadbound-doctor-secret-")
     canary = os.path.join(secret_dir, "canary")
@@ -84,8 +105,8 @@ def check(settings: SandboxSettings | None = None) -> tuple[list[Row], bool]:
         try:
             res = run([sys.executable, "probe.py", canary, str(port)], cwd=work,
                       limits=SandboxLimits(wall_s=30, cpu_s=10), settings=probe_settings)
-        except SandboxUnavailable as exc:  # cannot happen with best_effort; keep the doctor alive anyway
-            return [Row("namespaces", False, str(exc))], False
+        except SandboxUnavailable as exc:  # a hidden path that is Python's prefix, or a launcher that did not start
+            return [*rows, Row("probe", False, str(exc))], False
         line = next((l for l in res.output.splitlines() if l.startswith("PROBE")), None)
         seen = json.loads(line[5:]) if line else {}
         layers = {l.name: l for l in res.layers}
@@ -125,5 +146,15 @@ def check(settings: SandboxSettings | None = None) -> tuple[list[Row], bool]:
         listener.close()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(secret_dir, ignore_errors=True)
-    can_run = settings.isolation != "required" or caps.bwrap is not None
+    can_run = settings.isolation == "none" or (
+        (settings.isolation != "required" or caps.bwrap is not None)
+        and (not found or (settings.isolation == "best_effort" and all(mounts.revealable(c) for c in found))))
     return rows, can_run
+
+
+def refusal(settings: SandboxSettings, rows: list[Row]) -> str:
+    """Why ``settings.isolation`` refuses sandboxed commands here, and what to do."""
+    hidden = next((r for r in rows if r.layer == "hidden" and not r.ok), None)
+    if hidden is not None:
+        return hidden.detail
+    return "install bubblewrap, enable unprivileged user namespaces, or set sandbox.isolation: best_effort"

@@ -17,6 +17,7 @@ import functools
 import os
 import site
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 _SYSTEM = ("/usr", "/etc")
@@ -61,6 +62,134 @@ def default_hidden() -> list[str]:
     return [_norm(p) for p in out]
 
 
+def hidden_paths(settings_hide: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Every path a run hides: :func:`default_hidden` plus the settings' (normalised, once each)."""
+    out: list[str] = []
+    for p in [*default_hidden(), *(_norm(h) for h in settings_hide if h)]:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Covered:
+    """A hidden path that covers something the sandbox must see to run at all."""
+
+    hidden: str  # the hidden path, as the run hides it
+    what: str  # "the interpreter", "Python's prefix (sys.prefix)", ..., "the threadbound package"
+    path: str  # the covered path
+
+    def __str__(self) -> str:
+        return f"{self.hidden} (hidden) covers {self.what} {self.path}"
+
+
+def needed_paths(executable: str | None = None, prefixes: dict[str, str] | None = None,
+                 package: str | None = None) -> list[tuple[str, str]]:
+    """(what, path) the sandbox needs visible: the interpreter the launcher is started with
+    (as the path it is called by, and its target), Python's prefixes, and this package.
+
+    Arguments default to this process's (``sys.executable``, ``sys.prefix``,
+    ``sys.base_prefix``, ``sys.exec_prefix``, the ``threadbound.agents`` folder).
+    """
+    exe = executable or sys.executable
+    if prefixes is None:
+        prefixes = {"Python's prefix (sys.prefix)": sys.prefix, "Python's base prefix (sys.base_prefix)":
+                    sys.base_prefix, "Python's exec prefix (sys.exec_prefix)": sys.exec_prefix}
+    pkg = package or str(Path(__file__).resolve().parent.parent)
+    out = [("the interpreter", exe)]
+    if os.path.realpath(exe) != os.path.abspath(exe):
+        out.append(("the interpreter's target", os.path.realpath(exe)))
+    out += list(prefixes.items())
+    out.append(("the threadbound package", pkg))
+    return out
+
+
+def _forms(p: str, resolve_file: bool = True) -> set[str]:
+    """The spellings a path is reached by: as written (absolute), with its folders resolved
+    (how a symbolic link at the end is itself found), and fully resolved -- for a file only
+    if ``resolve_file`` (an interpreter's target is a needed path of its own)."""
+    a = os.path.abspath(os.path.expanduser(p))
+    out = {a, os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))}
+    if resolve_file or os.path.isdir(a):
+        out.add(os.path.realpath(a))
+    return out
+
+
+def _wanted(needed: tuple[tuple[str, str], ...]) -> list[tuple[str, str, set[str]]]:
+    return [(what, path, _forms(path, False)) for what, path in needed if path]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_wanted() -> list[tuple[str, str, set[str]]]:  # this process's Python does not move
+    return _wanted(tuple(needed_paths()))
+
+
+def covering(hidden: list[str], needed: list[tuple[str, str]] | None = None) -> list[Covered]:
+    """The hidden paths that cover (are, or contain) something in ``needed``
+    (default :func:`needed_paths`): the sandbox hides them, so what they cover is
+    missing inside and the launcher, or the tests, cannot start.
+
+    One check for the runner (before a run) and ``threadbound doctor``. Both sides
+    are compared as written and resolved, so a symbolic link on either side (a
+    virtualenv's ``bin/python``, a hidden folder reached through a link) is seen.
+
+    Examples:
+        >>> covering(["/home/u/.cache/tb"], [("the interpreter", "/home/u/.cache/tb/venv/bin/python")])[0].hidden
+        '/home/u/.cache/tb'
+        >>> covering(["/home/u/.ray"], [("the interpreter", "/home/u/.venv/bin/python")])
+        []
+    """
+    wanted = _default_wanted() if needed is None else _wanted(tuple(needed))
+    out: list[Covered] = []
+    seen: set[tuple[str, str]] = set()
+    for h in hidden:
+        if not h:
+            continue
+        hforms = _forms(h)
+        for what, path, forms in wanted:
+            if (h, path) not in seen and any(_under(f, hf) for f in forms for hf in hforms):
+                seen.add((h, path))
+                out.append(Covered(h, what, path))
+    return out
+
+
+def covered_message(found: list[Covered], best_effort_helps: bool = True) -> str:
+    """What is hidden, what that hides, and the ways out (for SandboxUnavailable and the doctor)."""
+    hidden = sorted({c.hidden for c in found})
+    return (f"the sandbox hides {', '.join(hidden)}, which covers what it needs to start: "
+            + "; ".join(f"{c.what} {c.path}" for c in found)
+            + ". Inside the sandbox that is missing, so no test command can run there. Fix one of: move the "
+            "virtualenv (or the package) out of it; point what is hidden elsewhere (RAY_AUTH_TOKEN_PATH for "
+            "Ray's token folder, snapshot_dir / snapshots.key_file / THREADBOUND_WORKSPACES for the pool's "
+            "own places, sandbox.hide for your own)"
+            + ("; or set sandbox.isolation: best_effort, which shows Python's own folders inside it "
+               "(read-only) and keeps the rest of it hidden" if best_effort_helps else "")
+            + ". `threadbound doctor` checks this")
+
+
+def revealable(c: Covered) -> bool:
+    """Whether ``best_effort`` can show what ``c`` covers and keep the rest hidden: only
+    when it lies strictly inside the hidden path (a hidden path that *is* Python's
+    prefix, or lies inside what must be shown, cannot be both shown and hidden)."""
+    pairs = [(f, hf) for f in _forms(c.path, False) for hf in _forms(c.hidden)]
+    return not any(f == hf for f, hf in pairs) and any(_under(f, hf) for f, hf in pairs)
+
+
+def reveal_paths(found: list[Covered]) -> list[str]:
+    """The folders ``best_effort`` shows read-only inside hidden paths: what each revealable
+    ``Covered`` needs (a folder, or the folder a file is found in), the outermost of nested ones."""
+    wanted = set()
+    for c in found:
+        if revealable(c):
+            a = os.path.abspath(os.path.expanduser(c.path))
+            wanted.add(os.path.realpath(a) if os.path.isdir(a) else os.path.realpath(os.path.dirname(a)))
+    out: list[str] = []
+    for p in sorted(wanted, key=len):
+        if os.path.exists(p) and not any(_under(p, r) for r in out):
+            out.append(p)
+    return out
+
+
 def plan(copy: str, read_only: list[str], hidden: list[str]) -> tuple[list[str], list[str], list[str]]:
     """(read-only binds, symlinks as "target:link", tmpfs hides) for one run.
 
@@ -88,10 +217,15 @@ def plan(copy: str, read_only: list[str], hidden: list[str]) -> tuple[list[str],
 
 
 def bwrap_args(*, copy: str, read_only: list[str], hidden: list[str], env: dict[str, str], network: bool,
-               root: bool, seccomp_fd: int | None, tmp_bytes: int) -> list[str]:
-    """The bwrap options (without the binary and the command) for one run."""
+               root: bool, seccomp_fd: int | None, tmp_bytes: int, reveal: list[str] = ()) -> list[str]:
+    """The bwrap options (without the binary and the command) for one run.
+
+    ``reveal`` (``best_effort`` only, see :func:`reveal_paths`): folders inside hidden
+    paths bound read-only over the hiding, with any hidden path inside them hidden again.
+    """
     copy = _norm(copy)
     chosen, links, covers = plan(copy, read_only, hidden)
+    reveal = [_norm(r) for r in reveal]
     args = ["--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox"]
     if not network:
@@ -102,7 +236,7 @@ def bwrap_args(*, copy: str, read_only: list[str], hidden: list[str], env: dict[
         args += ["--unshare-user", "--disable-userns"]
     args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     made: set[str] = set()
-    for p in [*chosen, copy]:  # parents bwrap would otherwise create 0700: the dropped uid must traverse them
+    for p in [*chosen, *reveal, copy]:  # parents bwrap would otherwise create 0700: the dropped uid must traverse them
         for parent in reversed(Path(p).parents):
             d = str(parent)
             if d not in made and d != "/" and not any(_under(d, c) for c in chosen) and d != "/tmp":
@@ -115,6 +249,11 @@ def bwrap_args(*, copy: str, read_only: list[str], hidden: list[str], env: dict[
         args += ["--symlink", target, link]
     for h in covers:  # an empty directory over a hidden directory, /dev/null over a hidden file
         args += ["--perms", "0755", "--tmpfs", h] if os.path.isdir(h) else ["--ro-bind", "/dev/null", h]
+    for r in reveal:
+        args += ["--ro-bind", r, r]
+    for h in sorted({_norm(h) for h in hidden}):  # hidden again where it lies inside what was shown
+        if os.path.exists(h) and any(_under(h, r) and h != r for r in reveal):
+            args += ["--perms", "0755", "--tmpfs", h] if os.path.isdir(h) else ["--ro-bind", "/dev/null", h]
     args += ["--bind", copy, copy, "--clearenv"]  # the launcher enters the copy once it runs as its uid
     for k, v in sorted(env.items()):
         args += ["--setenv", k, v]
@@ -123,7 +262,8 @@ def bwrap_args(*, copy: str, read_only: list[str], hidden: list[str], env: dict[
     return args
 
 
-def landlock_paths(copy: str, read_only: list[str], hidden: list[str], tmp: str) -> dict[str, list[str]]:
+def landlock_paths(copy: str, read_only: list[str], hidden: list[str], tmp: str,
+                   reveal: list[str] = ()) -> dict[str, list[str]]:
     """Landlock rules where bwrap could not start: read only the allow-list, write the copy and tmp.
 
     Landlock rules only allow, so a hidden path under an allowed one is carved out:
@@ -133,7 +273,7 @@ def landlock_paths(copy: str, read_only: list[str], hidden: list[str], tmp: str)
     chosen, links, _ = plan(copy, read_only, hidden)
     hidden = sorted({_norm(h) for h in hidden})
     ro: list[str] = []
-    for p in chosen:
+    for p in [*chosen, *(_norm(r) for r in reveal)]:
         ro += _allow_except(p, hidden)
     ro += [link.split(":", 1)[1] for link in links]
     dev = [d for d in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom") if os.path.exists(d)]

@@ -249,7 +249,11 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
     """Run ``command`` in ``cwd`` (the task's copy, the only writable place) under ``limits``.
 
     Never raises for what the command does; raises :class:`SandboxUnavailable` when
-    ``settings.isolation`` is ``required`` and the namespace layer cannot start.
+    ``settings.isolation`` is ``required`` and the namespace layer cannot start, when a
+    hidden path covers the interpreter, Python's prefixes or this package (under
+    ``best_effort`` too, if that path is one of them: :func:`mounts.covering`), and
+    when a layer ``required`` insists on was not applied (:func:`required_layers`: a
+    launcher that did not start, say) -- then there is no result to report.
 
     Examples:
         >>> r = run([sys.executable, "-c", "print('hi')"], cwd=tempfile.mkdtemp(),
@@ -274,16 +278,76 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
             "(`sysctl -w kernel.unprivileged_userns_clone=1` or `kernel.apparmor_restrict_unprivileged_userns=0`); "
             "or opt out with sandbox.isolation: best_effort (Landlock and seccomp only) or none (trusted code only)")
     else:
-        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps)
+        reveal = _reveal(mounts.hidden_paths(settings.hide), settings)
+        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps, reveal)
+        if reveal:
+            plan.notes.insert(0, "WARNING: sandbox.isolation is best_effort and a hidden path covers Python: "
+                              f"shown read-only inside it: {', '.join(reveal)}; the rest of it stays hidden "
+                              "(`threadbound doctor` says which path; move the virtualenv out of it)")
     try:
-        return _execute(plan, command, cwd, limits, max_output, settings, caps)
+        result = _execute(plan, command, cwd, limits, max_output, settings, caps)
     finally:
         if plan.tmp:
             shutil.rmtree(plan.tmp, ignore_errors=True)
+    if settings.isolation != "none":
+        _refuse_unless_held(result, caps, settings.isolation)
+    return result
+
+
+def _reveal(hidden: list[str], settings: SandboxSettings) -> list[str]:
+    """Before anything runs: a hidden path that covers the interpreter, Python's prefixes
+    or this package would leave the launcher nothing to start. ``required`` refuses the
+    run; ``best_effort`` shows those folders read-only (the rest stays hidden) and says so,
+    unless the hidden path *is* one of them."""
+    found = mounts.covering(hidden)
+    if not found:
+        return []
+    stuck = [c for c in found if not mounts.revealable(c)]
+    if settings.isolation == "required" or stuck:
+        raise SandboxUnavailable(f"the sandbox cannot start, so the test command was not run "
+                                 f"(sandbox.isolation: {settings.isolation}): "
+                                 + mounts.covered_message(stuck or found, best_effort_helps=not stuck))
+    return mounts.reveal_paths(found)
+
+
+def required_layers(caps) -> list[str]:
+    """The layers ``required`` insists on here: the namespaces and the uid always; Landlock
+    where the kernel has it; seccomp where its filter could be built."""
+    out = ["namespaces", "user"]
+    if caps.landlock_abi:
+        out.append("landlock")
+    if caps.seccomp[0] is not None:
+        out.append("seccomp")
+    return out
+
+
+def _refuse_unless_held(result: SandboxResult, caps, isolation: str) -> None:
+    """A run whose launcher did not start is no result (the command never ran); under
+    ``required`` neither is one in which a required layer was not applied (the command
+    ran with less isolation than asked for). Raise :class:`SandboxUnavailable` with the
+    layers and why; a run a limit killed is left as it is (the limit is its result)."""
+    wanted = required_layers(caps) if isolation == "required" else ["user"]
+    missing = [result.layer(name) or Layer(name, False, _NO_REPORT) for name in wanted]
+    missing = [layer for layer in missing if not layer.applied]
+    started = not any(layer.detail == _NO_REPORT for layer in missing)
+    if result.killed or not missing or (isolation != "required" and started):
+        return
+    tail = result.output.strip()[-600:]
+    raise SandboxUnavailable(
+        ("the sandbox's launcher did not start, so the test command never ran" if not started else
+         "the sandbox did not apply every layer, so the test command's result is refused")
+        + f" (sandbox.isolation: {isolation}): not applied: "
+        + "; ".join(f"{layer.name} ({layer.detail})" for layer in missing)
+        + (f". Its output: {tail}" if tail else "")
+        + ". Run `threadbound doctor` from the pool's environment to see why"
+        + ("; sandbox.isolation: best_effort runs with the layers that work" if isolation == "required" else ""))
+
+
+_NO_REPORT = "the launcher did not report (it did not start)"
 
 
 def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str, str],
-              settings: SandboxSettings, caps) -> _Plan:
+              settings: SandboxSettings, caps, reveal: list[str]) -> _Plan:
     """The launcher's config and the argv: inside bwrap, or (best_effort, no bwrap) on its own."""
     root = os.geteuid() == 0
     hidden = [*mounts.default_hidden(), *settings.hide]
@@ -306,7 +370,7 @@ def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str
             cfg["landlock"].update(ro=["/"], rw=[cwd, "/tmp"], dev=["/dev"])
         plan.argv = [caps.bwrap, *mounts.bwrap_args(
             copy=cwd, read_only=list(settings.read_only), hidden=hidden, env=env, network=limits.network,
-            root=root, seccomp_fd=seccomp_fd, tmp_bytes=limits.disk_mb * 1024 * 1024),
+            root=root, seccomp_fd=seccomp_fd, tmp_bytes=limits.disk_mb * 1024 * 1024, reveal=reveal),
             "--", *launcher, json.dumps(cfg), *command]
         plan.layers.append(Layer("namespaces", True, f"bubblewrap {caps.bwrap_version}: mount, PID, IPC, UTS"
                                  + ("" if limits.network else ", network") + ("" if root else ", user")
@@ -321,7 +385,7 @@ def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str
         os.chown(plan.tmp, uid, uid)
     plan.env = {**env, "HOME": plan.tmp, "TMPDIR": plan.tmp}
     if "landlock" in cfg:
-        cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, plan.tmp))
+        cfg["landlock"].update(mounts.landlock_paths(cwd, list(settings.read_only), hidden, plan.tmp, reveal))
     cfg.update(seccomp_fd=seccomp_fd, reaper=True)
     if uid is None:  # no user namespace: RLIMIT_NPROC counts every process of this uid on the host
         mine = sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == os.getuid())
@@ -379,9 +443,10 @@ def _execute(plan: _Plan, command: list[str], cwd: str, limits: SandboxLimits, m
 def _layers_after(status: dict, seccomp: tuple, bwrap: bool, limits: SandboxLimits, cgroup: str) -> list[Layer]:
     out = []
     uid = status.get("uid")
-    out.append(Layer("user", bool(uid and uid[0]), uid[1] if uid else "the launcher did not report (it did not start)"))
+    out.append(Layer("user", bool(uid and uid[0]), uid[1] if uid else _NO_REPORT))
     ll = status.get("landlock")
-    out.append(Layer("landlock", bool(ll and ll[0]), ll[1] if ll else "this kernel has no Landlock"))
+    out.append(Layer("landlock", bool(ll and ll[0]), ll[1] if ll else _NO_REPORT if not status
+                     else "this kernel has no Landlock"))
     program, detail = seccomp
     if program is None:
         out.append(Layer("seccomp", False, detail))

@@ -82,7 +82,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from threadbound.agents.sandbox.doctor import check
+    from threadbound.agents.sandbox.doctor import check, refusal
 
     from ..sandboxing import sandbox_settings
 
@@ -97,6 +97,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will run"
               + ("" if settings.isolation == "required" else " WITHOUT the full sandbox (see the rows marked NO)"))
         return 0
-    print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: install bubblewrap, "
-          "enable unprivileged user namespaces, or set sandbox.isolation: best_effort")
+    print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: "
+          + refusal(settings, rows))
     return 1
