@@ -126,9 +126,11 @@ def test_huge_files_and_outputs_are_bounded_and_counted(box):
 
 def test_a_command_runs_in_the_sandbox_not_on_the_host(box, tmp_path):
     marker = tmp_path / "host-marker"
-    result = box.call("run", json.dumps({"command": f"echo hi > {marker}; cat /proc/1/cmdline | head -c 50; pwd"}))
+    result = box.call("run", json.dumps({"command": f"echo hi > {marker}; ls pkg | head -2; echo made > new.txt"}))
     assert result.ok and result.sandbox["isolation"] == "required"
-    assert not marker.exists()  # the host's directories are read-only in there
+    assert "__init__.py\na_filler_00.py" in result.output  # it runs in the copy...
+    assert not marker.exists()  # ...and the host's directories are read-only in there
+    assert box.ws.read("new.txt") == "made\n"  # a command may edit the copy, as a shell agent does
 
 
 @pytest.mark.parametrize("name, arguments, says", [
@@ -168,10 +170,10 @@ FIX = [("search", {"pattern": "* qty * 2"}),
        ("run_tests", {}), ("finish", {"summary": "removed the double charge"})]
 
 
-def run_step(repo, turns, level=2, **inputs):
+def run_step(repo, turns, level=2, streaming=True, **inputs):
     model = SimulatedModel(SimulatedModelConfig(turns={"coder": turns}))
     ctx = StepContext(task_id=f"loop-{os.getpid()}-{len(turns)}-{level}", role="coder", goal="fix", workspace=str(repo),
-                      level=level, model=model, inputs=inputs)
+                      level=level, model=model, inputs=inputs, streaming=streaming)
     gen = tool_coder.Coder().step(ctx)
     tokens = []
     try:
@@ -196,6 +198,13 @@ def test_the_level_sets_the_bounds_and_a_bad_bound_input_names_itself(repo):
     assert (out["stopped"], out["tool_calls"]) == ("tool_calls", tool_coder.STEP_BOUNDS[1].max_tool_calls)
     with pytest.raises(builtin.TaskInputError, match="inputs.max_tool_calls"):
         run_step(repo, scripted_turns(("list_files", {})), max_tool_calls="many")
+
+
+def test_without_streaming_each_turn_comes_whole_and_the_loop_still_fixes_the_bug(repo):
+    out, events, tokens = run_step(repo, scripted_turns(*FIX), streaming=False)
+    assert tokens == [f"step {i}" for i in range(5)]  # one whole answer per turn
+    assert out["stopped"] == "finish" and out["changed"] == ["pkg/zz_billing.py"] and out["test_runs"] == 1
+    assert [d["name"] for k, d in events if k == "tool_result" and d["ok"]] == [name for name, _ in FIX]
 
 
 def test_the_loop_stops_at_its_token_bound(repo):
