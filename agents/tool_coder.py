@@ -193,10 +193,10 @@ class Coder(Agent):
                     result = ToolResult(False, f"not run: this step's bound of {bounds.max_tool_calls} tool "
                                                "calls is reached")
                 else:
-                    ctx.emit(ev.TOOL_CALL, {"n": box.stats.tool_calls + 1, "id": call.id, "name": call.name,
+                    ctx.emit(ev.TOOL_CALL, {"n": box.stats.tool_calls + 1, "id": call.id[:100], "name": call.name[:100],
                                             "arguments": bound(call.arguments, EVENT_CHARS)[0]})
                     result = box.call(call.name, call.arguments)
-                    ctx.emit(ev.TOOL_RESULT, {"n": box.stats.tool_calls, "id": call.id, "name": call.name,
+                    ctx.emit(ev.TOOL_RESULT, {"n": box.stats.tool_calls, "id": call.id[:100], "name": call.name[:100],
                                               "ok": result.ok, "output": bound(result.output, EVENT_CHARS)[0],
                                               "refused_path": result.refused_path, "bounded": result.bounded,
                                               "sandbox": result.sandbox})
@@ -212,7 +212,7 @@ class Coder(Agent):
             else:
                 c, r = results[0]
                 note = (f"\n(only the first tool block of a reply runs; {len(extra)} more ignored)" if extra else "")
-                messages.append({"role": "user", "content": f"Result of {c.name or 'the tool block'} "
+                messages.append({"role": "user", "content": f"Result of {c.name[:100] or 'the tool block'} "
                                  f"({'ok' if r.ok else 'error'}):\n<output>\n{r.output}\n</output>{note}"})
         problems: list[str] = []
         if final_text:  # a closing answer in the whole-file protocol still counts

@@ -145,7 +145,7 @@ def bound(text: str, limit: int = MAX_RESULT_CHARS) -> tuple[str, bool]:
 def parse_arguments(name: str, arguments: str) -> dict[str, Any]:
     """The arguments of a call to tool ``name``, checked against its schema."""
     if name not in _SCHEMAS:
-        raise ToolCallError(f"there is no tool {name!r}; the tools are: {', '.join(TOOL_NAMES)}")
+        raise ToolCallError(f"there is no tool {name[:100]!r}; the tools are: {', '.join(TOOL_NAMES)}")
     text = (arguments or "").strip() or "{}"
     try:
         args = json.loads(text)
