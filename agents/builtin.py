@@ -1,5 +1,7 @@
-"""The built-in roles: a coder that edits the workspace, a tester that runs its tests in
-the sandbox, a reviewer that checks the change and approves it or sends it back.
+"""The built-in roles: a tester that runs the workspace's tests in the sandbox, a reviewer
+that checks the change and approves it or sends it back, and the whole-file coder
+(``coder-wholefile``) that puts the workspace into one prompt and takes whole files back.
+The ``coder`` role is the tool-using coder, :mod:`threadbound.agents.tool_coder`.
 
 Every round: the coder, then the tester and the reviewer at the same time. The tester
 runs the tests on a throwaway copy of the coder's change (so nothing the tests write
@@ -60,8 +62,12 @@ def _files_block(ws: Workspace) -> str:
     return "\n\n".join(parts)
 
 
-class Coder(Agent):
-    """Asks the model for changes and writes them into the task's workspace copy."""
+class WholeFileCoder(Agent):
+    """The ``coder-wholefile`` role: asks the model, once per round, for changes to the
+    workspace given whole in the prompt (up to ``MAX_CONTEXT_CHARS``; the rest is left out
+    with "omitted: context budget"), and writes the whole files or diffs of its answer into
+    the task's copy. For small workspaces and models without tool calling; the ``coder``
+    role works on repositories of any size."""
 
     def step(self, ctx: StepContext) -> Generator[str, None, Any]:
         ws = workspace_of(ctx)

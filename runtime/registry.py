@@ -12,7 +12,8 @@ from threadbound.agents.base import Agent
 from .errors import AgentNotLoadable
 
 BUILTIN_ROLES: dict[str, str] = {
-    "coder": "threadbound.agents.builtin:Coder",
+    "coder": "threadbound.agents.tool_coder:Coder",  # the tool-using loop
+    "coder-wholefile": "threadbound.agents.builtin:WholeFileCoder",  # the whole workspace in one prompt
     "tester": "threadbound.agents.builtin:Tester",
     "reviewer": "threadbound.agents.builtin:Reviewer",
 }

@@ -8,6 +8,12 @@ The requested ``model`` name picks the behaviour:
     bad-request    400
     slow           sleeps 5 s before answering (read timeouts)
     garbage        a stream chunk that is not JSON
+
+``OpenAITestServer(script=fn)`` answers with ``fn(request_body)`` instead, when it returns
+a reply: ``{"content": str, "tool_calls": [{"name": ..., "arguments": <JSON text>}, ...]}``.
+Tool calls stream as OpenAI's ``tool_calls`` deltas do: the first delta of a call has its
+index, id, type and name, the arguments follow in small pieces. Streams end with a usage
+chunk when the request asks for ``stream_options.include_usage``; whole answers carry usage.
 """
 
 from __future__ import annotations
@@ -50,9 +56,21 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": {"message": "unknown parameter"}})
         if model == "slow":
             time.sleep(5)
-        text = "Hello from the test server: " + req["messages"][-1]["content"]
+        reply = self.server.script(req) if self.server.script else None
+        if reply is None:
+            reply = {"content": "Hello from the test server: " + str(req["messages"][-1].get("content"))}
+        text, calls = reply.get("content") or "", reply.get("tool_calls") or []
+        usage = {"prompt_tokens": sum(len(str(m.get("content") or "").split()) for m in req["messages"]),
+                 "completion_tokens": len(text.split()) + sum(len(c["arguments"]) // 4 + 1 for c in calls)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        ids = [f"call_{len(self.server.requests)}_{i}" for i in range(len(calls))]
         if not req.get("stream"):
-            return self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+            message = {"role": "assistant", "content": text or None}
+            if calls:
+                message["tool_calls"] = [{"id": i, "type": "function", "function": c} for i, c in zip(ids, calls)]
+            return self._send(200, {"choices": [{"index": 0, "message": message,
+                                                 "finish_reason": "tool_calls" if calls else "stop"}],
+                                    "usage": usage})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
@@ -60,10 +78,23 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "garbage":
             self.wfile.write(b"data: {not json\n\n")
             return
-        for word in text.split(" "):
-            chunk = {"choices": [{"delta": {"content": word + " "}}]}
+        def send(chunk):
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
+
+        for word in text.split(" ") if text else ():
+            send({"choices": [{"index": 0, "delta": {"content": word + " "}}]})
+        for index, (call_id, call) in enumerate(zip(ids, calls)):
+            send({"choices": [{"index": 0, "delta": {"tool_calls": [{
+                "index": index, "id": call_id, "type": "function",
+                "function": {"name": call["name"], "arguments": ""}}]}}]})
+            args = call["arguments"]
+            for at in range(0, len(args), 7):
+                send({"choices": [{"index": 0, "delta": {"tool_calls": [{
+                    "index": index, "function": {"arguments": args[at:at + 7]}}]}}]})
+        send({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else "stop"}]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            send({"choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
         self.close_connection = True
 
@@ -71,8 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
 class OpenAITestServer:
     """Start with ``with OpenAITestServer() as srv: srv.url``; stops on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, script=None) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.script = script
         self.httpd.daemon_threads = True
         self.httpd.requests = []
         self.httpd.models_seen = set()

@@ -47,7 +47,7 @@ def run(argv, capsys):
     (["run"], "WORKSPACE", "missing"),
     (["run", "/no/such/dir"], "WORKSPACE", "does not exist"),
     (["run", FIZZBUZZ, "--agents", "coder,plannr"], "--agents",
-     "unknown role 'plannr'; known roles: coder, reviewer, tester"),
+     "unknown role 'plannr'; known roles: coder, coder-wholefile, reviewer, tester"),
     (["run", FIZZBUZZ, "--agents", "coder,,tester"], "--agents", "comma-separated role names"),
     (["run", FIZZBUZZ, "--test-command", ""], "--test-command", "is empty"),
     (["run", FIZZBUZZ, "--test-command", "pytest 'unclosed"], "--test-command", "cannot split"),

@@ -111,3 +111,59 @@ def test_local_model_without_the_extra_says_how_to_install(monkeypatch):
         match = "no model file"
     with pytest.raises(ModelError, match=match):
         build_model(LocalModelConfig())
+
+
+# -- tool calls and usage ---------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+
+
+def two_calls(body):
+    return {"content": "Reading two files.", "tool_calls": [
+        {"name": "read_file", "arguments": '{"path": "src/a_rather_long_name.py"}'},
+        {"name": "read_file", "arguments": '{"path": "b.py"}'}]}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_assembles_streamed_tool_call_deltas_and_reports_usage(stream):
+    from threadbound.agents.models import ToolCall, Usage
+
+    with OpenAITestServer(script=two_calls) as srv:
+        m = build_model(OpenAIModelConfig(base_url=srv.url, model="m"))
+        items = list(m.turn(MESSAGES, TOOLS, **{**OPTIONS, "stream": stream}))
+        body = srv.requests[-1]["body"]
+    text = "".join(i for i in items if isinstance(i, str))
+    calls = [i for i in items if isinstance(i, ToolCall)]
+    usage = [i for i in items if isinstance(i, Usage)]
+    assert text.strip() == "Reading two files."
+    assert [(c.name, c.arguments) for c in calls] == [
+        ("read_file", '{"path": "src/a_rather_long_name.py"}'), ("read_file", '{"path": "b.py"}')]
+    assert calls[0].id and calls[0].id != calls[1].id
+    assert len(usage) == 1 and usage[0].prompt_tokens > 0 and usage[0].completion_tokens > 0
+    assert body["tools"] == TOOLS
+    assert body.get("stream_options") == ({"include_usage": True} if stream else None)
+
+
+def test_openai_text_only_calls_stay_text_and_send_no_key_when_none_is_set(server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    m = build_model(OpenAIModelConfig(base_url=server.url, model="m"))
+    assert all(isinstance(t, str) for t in m.stream(MESSAGES, **OPTIONS))
+    assert server.requests[-1]["auth"] is None and "tools" not in server.requests[-1]["body"]
+
+
+def test_openai_client_does_not_retry_on_its_own(server):
+    # The runtime's retry policy owns retries: one failing call is one request.
+    m = build_model(OpenAIModelConfig(base_url=server.url, model="overloaded"))
+    before = len(server.requests)
+    with pytest.raises(TransientModelError):
+        m.complete(MESSAGES)
+    assert len(server.requests) - before == 1
+
+
+def test_openai_with_tools_off_sends_no_tools():
+    with OpenAITestServer(script=two_calls) as srv:
+        m = build_model(OpenAIModelConfig(base_url=srv.url, model="m", tools=False))
+        assert not m.supports_tools
+        list(m.turn(MESSAGES, TOOLS, **OPTIONS))
+        assert "tools" not in srv.requests[-1]["body"]

@@ -6,11 +6,11 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from .base import Message, Model
+from .base import Message, Model, ToolCall, Usage
 from .callable import CallableModel, CallableModelConfig
 from .local import LocalModel, LocalModelConfig
 from .openai import OpenAIModel, OpenAIModelConfig
-from .simulated import FaultRule, SimulatedModel, SimulatedModelConfig
+from .simulated import FaultRule, ScriptedCall, ScriptedTurn, SimulatedModel, SimulatedModelConfig
 
 # The `model:` section of the runtime config: one member per backend, keyed by `backend`.
 ModelConfig = Annotated[
@@ -40,8 +40,8 @@ def build_model(config) -> Model:
 
 
 __all__ = [
-    "Message", "Model", "ModelConfig", "build_model",
-    "SimulatedModel", "SimulatedModelConfig", "FaultRule",
+    "Message", "Model", "ModelConfig", "build_model", "ToolCall", "Usage",
+    "SimulatedModel", "SimulatedModelConfig", "FaultRule", "ScriptedTurn", "ScriptedCall",
     "OpenAIModel", "OpenAIModelConfig", "CallableModel", "CallableModelConfig",
     "LocalModel", "LocalModelConfig",
 ]

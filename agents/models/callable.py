@@ -2,17 +2,20 @@
 
 The function takes OpenAI-style messages and options (at least ``agent``,
 ``task_id``, ``level``, ``stream``) and returns a string or an iterator of strings.
+With ``tools: true`` it also gets ``tools`` (OpenAI's list) and may yield tool calls,
+as :class:`ToolCall` items or ``{"name": ..., "arguments": ...}`` mappings, after its text.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ModelError
-from .base import Message, Model
+from .base import Message, Model, ToolCall, Usage
 
 
 def resolve(target: Any) -> Callable[..., Any]:
@@ -34,6 +37,7 @@ class CallableModelConfig(BaseModel):
 
     backend: Literal["callable"] = "callable"
     callable: Any = Field(description="a function, or 'package.module:function'")
+    tools: bool = Field(default=False, description="the function takes tools= and may yield tool calls")
 
     @field_validator("callable")
     @classmethod
@@ -58,6 +62,24 @@ class CallableModel(Model):
 
     def __init__(self, config: CallableModelConfig) -> None:
         self.fn = resolve(config.callable)
+        self.supports_tools = config.tools
+
+    def turn(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+             **options: Any) -> Iterator[str | ToolCall | Usage]:
+        if not self.supports_tools:
+            yield from super().turn(messages, tools, **options)
+            return
+        options.setdefault("stream", True)
+        out = self.fn(messages, tools=tools, **options)
+        for i, item in enumerate([out] if isinstance(out, str) else out):
+            if isinstance(item, (ToolCall, Usage)):
+                yield item
+            elif isinstance(item, dict):
+                args = item.get("arguments", "")
+                yield ToolCall(name=str(item.get("name", "")), id=str(item.get("id") or f"call_{i}"),
+                               arguments=args if isinstance(args, str) else json.dumps(args))
+            else:
+                yield str(item)
 
     def stream(self, messages: list[Message], **options: Any) -> Iterator[str]:
         options.setdefault("stream", True)

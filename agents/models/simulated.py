@@ -5,10 +5,15 @@ fixed template, optionally padded to ``tokens`` tokens and cut at the call's
 ``max_tokens`` (the reasoning level's). ``latency_ms`` delays the
 first token, ``tokens_per_s`` paces the rest, ``cpu_ms`` burns GIL-holding CPU per
 call, and ``faults`` inject errors, hangs and crashes for chosen agents/attempts.
+
+``turns`` script tool-using agents: per role, one turn per model call within a step (the
+caller passes ``turn``, from 1; past the end the last one repeats), each some text and
+tool calls, the same in every round.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -17,7 +22,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ModelError, RateLimitError, TransientModelError
-from .base import Message, Model
+from .base import Message, Model, ToolCall
 
 _TOKEN = re.compile(r"\s*\S+\s*|\s+")
 
@@ -52,6 +57,25 @@ class FaultRule(BaseModel):
         )
 
 
+class ScriptedCall(BaseModel):
+    """One tool call of a scripted turn; ``arguments`` as a mapping, or as raw text (which
+    may be malformed on purpose)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class ScriptedTurn(BaseModel):
+    """One scripted model answer of a tool-using step: text, then tool calls."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = ""
+    tool_calls: list[ScriptedCall] = Field(default_factory=list)
+
+
 class SimulatedModelConfig(BaseModel):
     """``model: {backend: simulated, ...}``: the deterministic test model."""
 
@@ -63,6 +87,8 @@ class SimulatedModelConfig(BaseModel):
     tokens: int | None = Field(default=None, ge=0, description="pad/trim every answer to N tokens")
     cpu_ms: float = Field(default=0.0, ge=0, description="GIL-holding CPU work per call")
     answers: dict[str, str | list[str]] = Field(default_factory=dict)
+    turns: dict[str, list[ScriptedTurn]] = Field(default_factory=dict, description="per role: the turns "
+                                                 "of a tool-using step, one per model call")
     faults: list[FaultRule] = Field(default_factory=list)
 
 
@@ -89,6 +115,7 @@ class SimulatedModel(Model):
     """
 
     name = "simulated"
+    supports_tools = True
 
     def __init__(self, config: SimulatedModelConfig | None = None) -> None:
         self.config = config or SimulatedModelConfig()
@@ -111,7 +138,28 @@ class SimulatedModel(Model):
         cap = options.get("max_tokens")
         return toks[:cap] if cap else toks
 
+    def turn(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+             **options: Any) -> Iterator[str | ToolCall]:
+        script = self.config.turns.get(options.get("agent") or "assistant")
+        if not script:
+            yield from super().turn(messages, tools, **options)
+            return
+        turn = script[min(max(1, int(options.get("turn") or 1)), len(script)) - 1]
+        toks = split_tokens(turn.text)
+        cap = options.get("max_tokens")
+        toks = toks[:cap] if cap else toks
+        if options.get("stream", True):
+            yield from self._paced(toks, options)
+        else:
+            yield "".join(self._paced(toks, options))
+        for i, call in enumerate(turn.tool_calls):
+            args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments)
+            yield ToolCall(name=call.name, arguments=args, id=f"call_{options.get('turn') or 1}_{i}")
+
     def stream(self, messages: list[Message], **options: Any) -> Iterator[str]:
+        yield from self._paced(self._answer(messages, options), options)
+
+    def _paced(self, toks: list[str], options: dict[str, Any]) -> Iterator[str]:
         cfg = self.config
         fault = next((f for f in cfg.faults if f.matches(options)), None)
         if cfg.cpu_ms:
@@ -120,7 +168,7 @@ class SimulatedModel(Model):
             time.sleep(cfg.latency_ms / 1000.0)
         delay = 1.0 / cfg.tokens_per_s if cfg.tokens_per_s else 0.0
         fired = False
-        for i, tok in enumerate(self._answer(messages, options)):
+        for i, tok in enumerate(toks):
             if fault is not None and i == fault.after_tokens:
                 fired = True
                 self._fail(fault, options)

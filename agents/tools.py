@@ -1,0 +1,392 @@
+"""The tools of the tool-using coder, run on a task's copy: list, search, read a range,
+replace a span, create a file, run a command or the tests in the sandbox, finish.
+
+The copy is hostile (see :mod:`threadbound.agents.workspace`), and so is every argument:
+the model chose it. So:
+
+* Every path goes through the workspace's checks: one that leaves the copy (absolute,
+  ``..`` past its top) or goes through or ends at a symbolic link is refused, and the
+  refusal is counted (:attr:`ToolStats.refused_paths`). Files are read and written
+  through :class:`~threadbound.agents.workspace.Workspace` only: regular files, never a
+  link followed, at most ``MAX_TEXT_BYTES`` read.
+* Every result is bounded (``MAX_RESULT_CHARS``: head and tail kept, the middle elided
+  and said so, as mini-swe-agent does); a bounded result is counted
+  (:attr:`ToolStats.bounded`).
+* Commands and the tests run in the sandbox (``sandbox.run``), never on the host: a
+  command in the copy itself (so it may edit it, as a shell agent does), the tests in a
+  throwaway copy of it (:meth:`Workspace.trial`), as the tester runs them.
+* Arguments are checked against each tool's JSON schema; a call that does not fit (bad
+  JSON, an unknown tool, a missing or extra field, a wrong type) is a :class:`ToolResult`
+  with ``ok=False`` telling the model what to fix, never an exception.
+
+Where the issue that asked for these is silent they do what SWE-agent's ``str_replace``
+editor and mini-swe-agent's bash tool do: an edit replaces an exact span that must occur
+exactly once; a file is created only where none exists; output is cut in the middle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from . import sandbox
+from .workspace import Workspace, WorkspaceError
+
+MAX_RESULT_CHARS = 10_000  # one tool result as the model sees it
+MAX_READ_LINES = 400  # one read_file call
+MAX_LIST_ENTRIES = 400  # one list_files call
+MAX_MATCHES = 100  # one search call
+MAX_LINE_CHARS = 300  # one line of a search or listing
+MAX_PATTERN_CHARS = 500
+
+FINISH = "finish"
+
+
+def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+_PATH = {"type": "string", "description": "a path relative to the repository's top, e.g. src/app.py"}
+
+# OpenAI's tool format: {"type": "function", "function": {name, description, parameters}}.
+TOOLS: list[dict[str, Any]] = [{"type": "function", "function": f} for f in [
+    {"name": "list_files", "description": "List the repository's files under a directory (a tree, bounded). "
+     "Symbolic links and special files are shown with why they cannot be read.",
+     "parameters": _schema({"path": {**_PATH, "description": "a directory; default: the top"}}, [])},
+    {"name": "search", "description": f"Search the text files for a string (or a Python regular expression "
+     f"with regex: true); answers path:line: text, at most {MAX_MATCHES} matches.",
+     "parameters": _schema({"pattern": {"type": "string"}, "path": {**_PATH, "description": "a directory or "
+                            "file to search in; default: everywhere"}, "regex": {"type": "boolean"}}, ["pattern"])},
+    {"name": "read_file", "description": f"Read a text file with line numbers, or lines start_line..end_line "
+     f"(from 1, inclusive); at most {MAX_READ_LINES} lines per call.",
+     "parameters": _schema({"path": _PATH, "start_line": {"type": "integer"}, "end_line": {"type": "integer"}},
+                           ["path"])},
+    {"name": "replace", "description": "Replace an exact span of a file: old_text must occur exactly once in "
+     "the file (include enough surrounding lines to make it unique; whitespace counts); it becomes new_text.",
+     "parameters": _schema({"path": _PATH, "old_text": {"type": "string"}, "new_text": {"type": "string"}},
+                           ["path", "old_text", "new_text"])},
+    {"name": "create_file", "description": "Create a new file with the given content (its directories too). "
+     "Refused if the file exists: change existing files with replace.",
+     "parameters": _schema({"path": _PATH, "content": {"type": "string"}}, ["path", "content"])},
+    {"name": "run", "description": "Run a shell command in the repository, in a sandbox (no network, only the "
+     "repository writable); answers its exit code and output (bounded).",
+     "parameters": _schema({"command": {"type": "string"}}, ["command"])},
+    {"name": "run_tests", "description": "Run the repository's tests (the task's test command) in a sandbox on a "
+     "throwaway copy; answers pass/fail counts and the end of the output.",
+     "parameters": _schema({}, [])},
+    {"name": FINISH, "description": "Stop: the work is done (or cannot be done). Say what you changed and why.",
+     "parameters": _schema({"summary": {"type": "string"}}, ["summary"])},
+]]
+TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
+_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+_TYPES = {"string": str, "integer": int, "boolean": bool}
+
+
+@dataclass
+class ToolResult:
+    """What a tool call answered. ``ok=False``: a tool error the model should fix."""
+
+    ok: bool
+    output: str
+    refused_path: bool = False
+    bounded: bool = False
+    finished: bool = False
+    sandbox: dict[str, Any] | None = None  # the sandboxed run's isolation, exit code, limit hit
+
+
+@dataclass
+class ToolStats:
+    """Counts of one step's tool use (in the step's output)."""
+
+    tool_calls: int = 0
+    tool_errors: int = 0
+    refused_paths: int = 0
+    bounded: int = 0
+    sandbox_runs: int = 0
+    test_runs: int = 0
+    by_tool: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, result: ToolResult) -> None:
+        self.tool_calls += 1
+        self.by_tool[name] = self.by_tool.get(name, 0) + 1
+        self.tool_errors += not result.ok
+        self.refused_paths += result.refused_path
+        self.bounded += result.bounded
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ToolCallError(ValueError):
+    """A call the model got wrong: its message goes back to the model."""
+
+    def __init__(self, message: str, refused_path: bool = False, bounded: bool = False) -> None:
+        super().__init__(message)
+        self.refused_path, self.bounded = refused_path, bounded
+
+
+def bound(text: str, limit: int = MAX_RESULT_CHARS) -> tuple[str, bool]:
+    """``text`` cut to ``limit`` characters, head and tail kept; and whether it was cut.
+
+    Examples:
+        >>> bound("x" * 30, 20)[1]
+        True
+    """
+    if len(text) <= limit:
+        return text, False
+    head, tail = limit * 2 // 3, limit // 3
+    return (text[:head] + f"\n... {len(text) - head - tail} characters elided (output bounded at {limit}) ...\n"
+            + text[-tail:]), True
+
+
+def parse_arguments(name: str, arguments: str) -> dict[str, Any]:
+    """The arguments of a call to tool ``name``, checked against its schema."""
+    if name not in _SCHEMAS:
+        raise ToolCallError(f"there is no tool {name[:100]!r}; the tools are: {', '.join(TOOL_NAMES)}")
+    text = (arguments or "").strip() or "{}"
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ToolCallError(f"the arguments of {name} are not valid JSON ({exc.msg} at character {exc.pos}): "
+                            f"{text[:200]!r}; send a JSON object such as {json.dumps(_example(name))}") from None
+    if not isinstance(args, dict):
+        raise ToolCallError(f"the arguments of {name} must be a JSON object, got {type(args).__name__}")
+    schema = _SCHEMAS[name]
+    for key in args:
+        if key not in schema["properties"]:
+            raise ToolCallError(f"{name} has no argument {key!r}; its arguments are: "
+                                f"{', '.join(schema['properties']) or 'none'}")
+    for key in schema["required"]:
+        if key not in args:
+            raise ToolCallError(f"{name} needs the argument {key!r}")
+    for key, value in args.items():
+        want = _TYPES[schema["properties"][key]["type"]]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ToolCallError(f"{name}: argument {key!r} must be a {schema['properties'][key]['type']}, "
+                                f"got {type(value).__name__}")
+    return args
+
+
+def _example(name: str) -> dict[str, Any]:
+    props = _SCHEMAS[name]["properties"]
+    return {k: ("src/app.py" if k == "path" else 1 if props[k]["type"] == "integer" else "...")
+            for k in _SCHEMAS[name]["required"]}
+
+
+def _numbered(lines: list[str], first: int) -> str:
+    width = len(str(first + len(lines)))
+    return "".join(f"{n:>{width}}  {line}" for n, line in enumerate(lines, first))
+
+
+def _shown(text: str) -> str:
+    """One line of the model's or the copy's text as a listing shows it: no control characters."""
+    text = "".join(c if c == "\t" or unicodedata.category(c)[0] != "C" else "?" for c in text)
+    return text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS] + "..."
+
+
+class Toolbox:
+    """The tools on one task's copy. ``run`` and ``run_tests`` go through ``runner``
+    (``sandbox.run``'s signature: command, cwd, limits, settings, env)."""
+
+    def __init__(self, ws: Workspace, *, test_command: list[str], test_env: dict[str, str] | None = None,
+                 limits: sandbox.SandboxLimits | None = None, settings: sandbox.SandboxSettings | None = None,
+                 runner: Callable[..., sandbox.SandboxResult] = sandbox.run) -> None:
+        self.ws = ws
+        self.test_command, self.test_env = list(test_command), test_env
+        self.limits = limits or sandbox.SandboxLimits(wall_s=120.0)
+        self.settings = settings
+        self.runner = runner
+        self.stats = ToolStats()
+
+    def call(self, name: str, arguments: str) -> ToolResult:
+        """Run one call; every problem with it is a tool error (``ok=False``), counted."""
+        try:
+            args = parse_arguments(name, arguments)
+            result = getattr(self, "_" + name)(**args)
+        except ToolCallError as exc:
+            result = ToolResult(False, f"error: {exc}", refused_path=exc.refused_path, bounded=exc.bounded)
+        except FileNotFoundError as exc:
+            result = ToolResult(False, f"error: {exc.filename!r} does not exist in the repository")
+        except (WorkspaceError, OSError, UnicodeError) as exc:
+            result = ToolResult(False, f"error: {exc}")
+        except sandbox.SandboxUnavailable as exc:
+            result = ToolResult(False, f"error: commands cannot run here: {exc}")
+        if not result.bounded:
+            result.output, result.bounded = bound(result.output)
+        self.stats.count(name, result)
+        return result
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _path(self, rel: str, *, directory: bool = False) -> str:
+        """``rel`` checked: inside the copy, through no link; refusals are counted."""
+        if not rel.strip() or rel.strip() in (".", "./"):
+            if directory:
+                return ""
+            raise ToolCallError("give the path of a file, e.g. src/app.py")
+        if any(unicodedata.category(c)[0] == "C" for c in rel):
+            raise ToolCallError(f"path {rel!r} has control characters; refused", refused_path=True)
+        try:
+            full = self.ws.resolve(rel)  # refuses leaving the copy, and a link on the way or at the end
+        except WorkspaceError as exc:
+            raise ToolCallError(f"{exc} (only paths inside the repository, through no symbolic link, "
+                                "can be used)", refused_path=True) from None
+        return full.relative_to(self.ws.path).as_posix()
+
+    # -- the tools -----------------------------------------------------------------------
+
+    def _list_files(self, path: str = "") -> ToolResult:
+        top = self._path(path, directory=True)
+        scan = self.ws.scan()
+        prefix = top + "/" if top else ""
+        entries = [(rel, None) for rel in scan.texts if rel.startswith(prefix)]
+        entries += [(rel, why) for rel, why in scan.skipped.items() if rel.startswith(prefix)]
+        if not entries and top:
+            if top in scan.texts:
+                return ToolResult(True, f"{top} is a file ({len(scan.texts[top].splitlines())} lines)")
+            raise ToolCallError(f"{top!r} is not a directory of the repository")
+        entries.sort()
+        lines = [_shown(rel) + (f"  ({why}: not readable)" if why else "") for rel, why in entries[:MAX_LIST_ENTRIES]]
+        bounded = len(entries) > MAX_LIST_ENTRIES or bool(scan.truncated)
+        if len(entries) > MAX_LIST_ENTRIES:
+            lines.append(f"... and {len(entries) - MAX_LIST_ENTRIES} more (list a subdirectory)")
+        if scan.truncated:
+            lines.append(f"(the walk stopped early: {scan.truncated})")
+        return ToolResult(True, "\n".join(lines) or "(no files)", bounded=bounded)
+
+    def _search(self, pattern: str, path: str = "", regex: bool = False) -> ToolResult:
+        if not pattern or len(pattern) > MAX_PATTERN_CHARS:
+            raise ToolCallError(f"pattern must be 1 to {MAX_PATTERN_CHARS} characters")
+        top = self._path(path, directory=True)
+        if regex:
+            try:
+                rx = re.compile(pattern)
+            except re.error as exc:
+                raise ToolCallError(f"pattern is not a valid regular expression: {exc}") from None
+            hit = rx.search
+        else:
+            def hit(line: str) -> bool:
+                return pattern in line
+        texts = self.ws.scan().texts
+        matches, more = [], 0
+        for rel, text in texts.items():
+            if top and rel != top and not rel.startswith(top + "/"):
+                continue
+            for n, line in enumerate(text.splitlines(), 1):
+                if hit(line[:10_000]):  # a regex runs on a bounded line
+                    if len(matches) < MAX_MATCHES:
+                        matches.append(f"{_shown(rel)}:{n}: {_shown(line.strip())}")
+                    else:
+                        more += 1
+        if more:
+            matches.append(f"... {more} more matches (narrow the pattern or the path)")
+        return ToolResult(True, "\n".join(matches) or f"no match for {pattern!r}", bounded=bool(more))
+
+    def _read(self, rel: str) -> str:
+        try:
+            return self.ws.read(rel)
+        except WorkspaceError as exc:
+            refused = "symbolic link" in str(exc) or "leaves the workspace" in str(exc)
+            too_large = "larger than" in str(exc)  # read no further than MAX_TEXT_BYTES
+            raise ToolCallError(str(exc) + ("; search it, or run a command that prints a part of it"
+                                            if too_large else ""), refused_path=refused, bounded=too_large) from None
+
+    def _read_file(self, path: str, start_line: int = 1, end_line: int | None = None) -> ToolResult:
+        rel = self._path(path)
+        lines = self._read(rel).splitlines(keepends=True)
+        total = len(lines)
+        if start_line < 1 or (end_line is not None and end_line < start_line):
+            raise ToolCallError(f"lines go from 1 to {total}; start_line must be >= 1 and end_line >= start_line")
+        if total and start_line > total:
+            raise ToolCallError(f"{rel} has {total} lines; start_line {start_line} is past its end")
+        last = min(total, end_line or total, start_line + MAX_READ_LINES - 1)
+        shown = _numbered(lines[start_line - 1:last], start_line)
+        cut = last < min(total, end_line or total)
+        note = (f"\n(lines {start_line}-{last} of {total} shown; read on with start_line={last + 1})" if cut
+                else f"\n({total} lines)" if start_line == 1 and last == total else "")
+        text, bounded = bound(shown + note)
+        return ToolResult(True, text or "(empty file)", bounded=bounded or cut)
+
+    def _replace(self, path: str, old_text: str, new_text: str) -> ToolResult:
+        rel = self._path(path)
+        text = self._read(rel)
+        if not old_text:
+            raise ToolCallError("old_text is empty; give the exact text to replace")
+        count = text.count(old_text)
+        if count == 0:
+            raise ToolCallError(f"no replacement made: old_text does not occur in {rel} as given (whitespace "
+                                "and indentation count); read the file and copy the span exactly")
+        if count > 1:
+            at = [text[:i].count("\n") + 1 for i in _finds(text, old_text)][:10]
+            raise ToolCallError(f"no replacement made: old_text occurs {count} times in {rel} (at lines "
+                                f"{', '.join(map(str, at))}); include more surrounding lines to make it unique")
+        start = text.index(old_text)
+        self.ws.write(rel, text[:start] + new_text + text[start + len(old_text):])
+        first = text[:start].count("\n") + 1
+        after = (text[:start] + new_text).splitlines(keepends=True)
+        lo = max(0, first - 4)
+        snippet = _numbered(after[lo:first + new_text.count("\n") + 3], lo + 1)
+        return ToolResult(True, f"replaced lines {first}-{first + old_text.count(chr(10))} of {rel}; "
+                                f"now:\n{snippet}")
+
+    def _create_file(self, path: str, content: str) -> ToolResult:
+        rel = self._path(path)
+        try:
+            self.ws.read(rel)
+            exists = True
+        except FileNotFoundError:
+            exists = False
+        except WorkspaceError:
+            exists = True  # something is there that is not a readable text file
+        if exists:
+            raise ToolCallError(f"{rel} exists; change it with replace (create_file never overwrites)")
+        self.ws.write(rel, content)
+        return ToolResult(True, f"created {rel} ({len(content.splitlines())} lines)")
+
+    def _sandboxed(self, command: list[str], cwd: str, env: dict[str, str] | None) -> sandbox.SandboxResult:
+        self.stats.sandbox_runs += 1
+        return self.runner(command, cwd=cwd, limits=self.limits, settings=self.settings, env=env,
+                           max_output=MAX_RESULT_CHARS * 4)
+
+    @staticmethod
+    def _facts(res: sandbox.SandboxResult) -> dict[str, Any]:
+        return {"isolation": res.isolation, "exit_code": res.exit_code, "killed": res.killed,
+                "elapsed_s": round(res.elapsed_s, 3)}
+
+    def _run(self, command: str) -> ToolResult:
+        if not command.strip():
+            raise ToolCallError("command is empty")
+        res = self._sandboxed(["/bin/sh", "-c", command], str(self.ws.path), None)
+        head = f"exit code {res.exit_code}" + (f" (killed: {res.killed})" if res.killed else "")
+        text, bounded = bound(f"{head}\n{res.output}")
+        return ToolResult(True, text, bounded=bounded, sandbox=self._facts(res))
+
+    def _run_tests(self) -> ToolResult:
+        from .builtin import cannot_start, parse_pytest  # the tester's reading of a test run
+
+        self.stats.test_runs += 1
+        with self.ws.trial() as trial:
+            res = self._sandboxed(self.test_command, str(trial), self.test_env)
+        cannot = cannot_start(self.test_command, res.exit_code, res.output)
+        if cannot:
+            return ToolResult(False, f"error: the test command cannot start: {cannot}", sandbox=self._facts(res))
+        counts = parse_pytest(res.output)
+        ok = res.exit_code == 0 and res.killed is None
+        head = (("tests passed" if ok else "tests FAILED") + f": {counts['passed']} passed, {counts['failed']} "
+                f"failed, {counts['errors']} errors, exit code {res.exit_code}"
+                + (f" (killed: {res.killed})" if res.killed else ""))
+        tail, bounded = bound(res.output, MAX_RESULT_CHARS - 200)
+        return ToolResult(True, f"{head}\n{tail}", bounded=bounded, sandbox={**self._facts(res), "ok": ok, **counts})
+
+    def _finish(self, summary: str) -> ToolResult:
+        return ToolResult(True, "finished", finished=True)
+
+
+def _finds(text: str, needle: str):
+    at = text.find(needle)
+    while at != -1:
+        yield at
+        at = text.find(needle, at + 1)
