@@ -35,9 +35,21 @@ def poet():
     return sdk.Agent(name="poet", instructions="Answer in one line.")
 
 
+def sleeper():
+    sdk = import_openai_agents()
+
+    @sdk.function_tool
+    def wait_forever() -> str:
+        """Wait for something that never comes."""
+        time.sleep(3600)
+        return "never"
+
+    return sdk.Agent(name="sleeper", instructions="Wait.", tools=[wait_forever])
+
+
 class Calc(OpenAIAgentsRole):
     agent = calculator
-    agents = {"poet": poet}
+    agents = {"poet": poet, "sleeper": sleeper}
     settings = {"max_turns": 4}
 
 

@@ -2,13 +2,16 @@
 sandbox on the task's copy and its model on the task's model config (a local
 OpenAI-compatible server over real HTTP)."""
 
+import os
+
+import psutil
 import pytest
 from adapters_roles import Swe
 from adapters_server import ScriptedServer
-from conftest import pool_settings
+from conftest import eventually, pool_settings
 
 from threadbound.agents.adapters._common import MINI_SWE_AGENT
-from threadbound.runtime import AgentPool, RuntimeConfig, Task, TaskFailed
+from threadbound.runtime import AgentPool, RuntimeConfig, Task, TaskFailed, TaskTimedOut
 
 pytestmark = [
     pytest.mark.skipif(MINI_SWE_AGENT.problem("swe") is not None,
@@ -119,3 +122,31 @@ def test_mini_swe_agent_stops_at_the_tasks_cost_budget(pool_name, tmp_path):
     assert sum(e.data.get("tokens", 0) for e in ended) <= 100
     assert sum(e.data.get("cost", 0) for e in events if e.kind in ("step_finished", "step_failed")) <= 0.1 + 1e-9
     assert [e.kind for e in events].count("tool_call") >= 2  # it did work until then
+
+
+def sleepers(marker):
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_command_that_never_ends_is_stopped_with_its_step_at_the_deadline_and_leaves_no_process(
+        pool_name, tmp_path):
+    # Given: a model whose command would run for an hour (longer than its own command limit too)
+    ws = workspace(tmp_path)
+    marker = f"{3000 + os.getpid() % 500}.25"
+    with ScriptedServer([bash("wait", f"sleep {marker}")]) as srv:
+        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=25,
+                 retry={"max_attempts": 1})
+        try:
+            handle = p.submit(Task(goal="wait", workspace=ws, agents=["swe"], max_rounds=1,
+                                   inputs={"swe": {"command_timeout_s": 3600}}))
+            assert eventually(lambda: sleepers("sleep " + marker), 60)  # the command runs, in the sandbox
+            # When / Then: the step deadline ends the step, its actor and the command with it
+            with pytest.raises((TaskFailed, TaskTimedOut)):
+                handle.result(timeout=150)
+            events = list(handle.stream())
+        finally:
+            p.shutdown()
+    kinds = [e.kind for e in events]
+    assert kinds.index("tokens") < kinds.index("tool_call") < kinds.index("step_timed_out")
+    assert "sleep " + marker in next(e.data["partial"] for e in events if e.kind == "step_timed_out")
+    assert eventually(lambda: not sleepers("sleep " + marker), 30)

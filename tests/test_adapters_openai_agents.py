@@ -8,7 +8,7 @@ from adapters_server import ScriptedServer
 from conftest import pool_settings
 
 from threadbound.agents.adapters._common import OPENAI_AGENTS
-from threadbound.runtime import AgentPool, RuntimeConfig, Task, TaskFailed
+from threadbound.runtime import AgentPool, RuntimeConfig, Task, TaskFailed, TaskTimedOut
 
 pytestmark = [
     pytest.mark.skipif(OPENAI_AGENTS.problem("calc") is not None,
@@ -86,6 +86,50 @@ def test_any_threadbound_backend_drives_an_agents_sdk_agent_and_a_task_picks_the
     assert result.outputs["calc"]["last_agent"] == "poet"
     assert result.outputs["calc"]["final_output"] == "roses are red, tests are green"
     assert "".join(e.data["text"] for e in events if e.kind == "tokens") == "roses are red, tests are green"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_agent_stuck_in_a_tool_is_stopped_at_the_step_deadline_with_its_tokens_kept(pool_name):
+    turns = [{"text": "let me wait", "tool_calls": [{"name": "wait_forever", "arguments": {}}]}]
+    with ScriptedServer(turns) as srv:
+        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=20,
+                 retry={"max_attempts": 1})
+        try:
+            handle = p.submit(Task(goal="wait", agents=["calc"], max_rounds=1, inputs={"calc": {"agent": "sleeper"}}))
+            with pytest.raises((TaskFailed, TaskTimedOut)):
+                handle.result(timeout=120)
+            events = list(handle.stream())
+        finally:
+            p.shutdown()
+    kinds = [e.kind for e in events]
+    assert kinds.index("tokens") < kinds.index("tool_call") < kinds.index("step_timed_out")
+    assert "tool_result" not in kinds
+    assert "let me wait" in next(e.data["partial"] for e in events if e.kind == "step_timed_out")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_run_that_would_spend_more_than_the_tasks_budget_is_stopped_within_it(pool_name):
+    # Given: a budget of 20 tokens at level 1 (at most 15 an answer), and a two-turn run whose
+    # answers are 10 and (cut to) 15 tokens long
+    first = " ".join(f"a{i}" for i in range(10))
+    second = " ".join(f"b{i}" for i in range(60))
+    turns = [{"text": first, "tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}, {"text": second}]
+    with ScriptedServer(turns) as srv:
+        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, retry={"max_attempts": 1},
+                 reasoning={"level": 1, "levels": {1: {"max_tokens": 15, "price_per_1k_tokens": 1.0}}})
+        try:
+            handle = p.submit(Task(goal="add", agents=["calc"], max_rounds=1, cost_budget=0.02))
+            # When / Then: the step stops when the budget is spent, mid-answer; the task fails saying so
+            with pytest.raises(TaskFailed, match="cost budget"):
+                handle.result(timeout=120)
+            events = list(handle.stream())
+        finally:
+            p.shutdown()
+    assert srv.requests[0]["max_tokens"] == 15 and len(srv.requests) == 2
+    failed = next(e.data for e in events if e.kind == "step_failed")
+    assert "BudgetExhausted" in failed["error"] and failed["tokens"] <= 20 and failed["cost"] <= 0.02
+    streamed = "".join(e.data["text"] for e in events if e.kind == "tokens").split()
+    assert streamed[:10] == first.split() and 0 < len(streamed) - 10 <= 10
 
 
 def test_the_sdks_tracing_is_off_so_nothing_is_exported():
