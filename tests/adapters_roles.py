@@ -130,6 +130,20 @@ def stuck(model):
     return g.compile()
 
 
+def chatty(model):
+    """Three nodes in a row, each asking the task's model."""
+    from langgraph.graph import END, START, StateGraph
+
+    g = StateGraph(Steps)
+    previous = START
+    for name in ("one", "two", "three"):
+        g.add_node(name, lambda s, name=name: {"messages": [model.invoke(s["messages"])], "log": [name]})
+        g.add_edge(previous, name)
+        previous = name
+    g.add_edge(previous, END)
+    return g.compile()
+
+
 class Talk(LangGraphRole):
     graph = talker
 
@@ -140,4 +154,4 @@ class ThreeRounds(LangGraphRole):
 
 class Stuck(LangGraphRole):
     graph = stuck
-    graphs = {"talker": talker}
+    graphs = {"talker": talker, "chatty": chatty}

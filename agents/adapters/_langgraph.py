@@ -169,12 +169,13 @@ class LangGraphRole(AdapterRole):
                 text = message.content if isinstance(message.content, str) else ""
                 if not text or getattr(message, "type", "") not in ("AIMessageChunk", "ai"):
                     continue
-                ctx.tokens_used += 1 if ctx.streaming else count_tokens(text)
-                yield text
-                if ctx.tokens_left is not None and ctx.tokens_used >= ctx.tokens_left:
+                n = 1 if ctx.streaming else count_tokens(text)
+                if ctx.tokens_left is not None and ctx.tokens_used + n > ctx.tokens_left:  # a model of the graph's own
                     raise BudgetExhausted(
                         f"task {ctx.task_id} has spent its cost budget ({ctx.tokens_used} tokens this step); "
                         "raise the task's cost_budget to let it go on", task_id=ctx.task_id, agent=ctx.role)
+                ctx.tokens_used += n
+                yield text
             elif mode == "updates" and isinstance(chunk, dict):
                 for node, update in chunk.items():
                     updates += 1

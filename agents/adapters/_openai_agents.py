@@ -231,14 +231,15 @@ class OpenAIAgentsRole(AdapterRole):
                 if event.type == "raw_response_event":
                     data = event.data
                     if getattr(data, "type", "") == "response.output_text.delta" and data.delta:
-                        counts["deltas"] += 1
-                        ctx.tokens_used += 1 if ctx.streaming else count_tokens(data.delta)
-                        say(data.delta)
-                        if ctx.tokens_left is not None and ctx.tokens_used >= ctx.tokens_left:
+                        n = 1 if ctx.streaming else count_tokens(data.delta)
+                        if ctx.tokens_left is not None and ctx.tokens_used + n > ctx.tokens_left:
                             raise BudgetExhausted(
                                 f"task {ctx.task_id} has spent its cost budget ({ctx.tokens_used} tokens this "
                                 "step); raise the task's cost_budget to let it go on",
                                 task_id=ctx.task_id, agent=ctx.role)
+                        counts["deltas"] += 1
+                        ctx.tokens_used += n
+                        say(data.delta)
                 elif event.type == "agent_updated_stream_event":
                     ctx.emit(AGENT_UPDATED, {"agent": event.new_agent.name})
                 elif event.type == "run_item_stream_event":
