@@ -150,3 +150,40 @@ def test_the_graphs_model_calls_are_cut_to_the_tasks_budget_and_stop_when_it_is_
     assert [e.data["node"] for e in events if e.kind == "node_update"] == ["one", "two"]
     failed = next(e.data for e in events if e.kind == "step_failed")
     assert "BudgetExhausted" in failed["error"] and failed["tokens"] == 20 and failed["cost"] <= 0.02
+
+
+def test_the_committed_graph_state_is_plain_data_and_a_fresh_role_continues_from_it():
+    # Given: a graph step whose state holds chat messages, run on its own (no pool)
+    import pickle
+
+
+    from threadbound.agents import SimulatedModel, StepContext
+
+    def run(role, ctx):
+        gen = role.step(ctx)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+    first = Talk()
+    run(first, StepContext(task_id="t-plain", role="talk", goal="hi", model=SimulatedModel()))
+    state = first.get_state()
+
+    # Then: the committed state is LangGraph's serialized checkpoint (bytes), nothing of LangChain
+    def kinds(value):
+        if isinstance(value, dict):
+            return set().union(*(kinds(v) for v in value.values())) | {dict}
+        if isinstance(value, list):
+            return set().union(*(kinds(v) for v in value)) | {list}
+        return {type(value)}
+
+    assert kinds(state) <= {dict, list, str, bytes}
+    # ... and a new instance given it (as after a resume) continues the same thread
+    again = Talk()
+    again.set_state(pickle.loads(pickle.dumps(state)))
+    out = run(again, StepContext(task_id="t-plain", role="talk", goal="hi", round=2, feedback=["more"],
+                                 model=SimulatedModel()))
+    assert out["values"]["log"] == ["think", "done", "think", "done"]
+    assert [m["content"] for m in out["values"]["messages"] if m["role"] == "user"] == ["hi", "more"]

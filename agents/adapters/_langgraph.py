@@ -125,7 +125,9 @@ class LangGraphRole(AdapterRole):
     settings: dict[str, Any] = {}
 
     def __init__(self) -> None:
-        self.checkpoint: dict[str, Any] | None = None  # {"checkpoint", "metadata"}: the committed graph state
+        # The committed graph state: {"checkpoint", "metadata"}, each [type, bytes] as the
+        # checkpointer's serializer writes them (what LangGraph's own savers store).
+        self.checkpoint: dict[str, Any] | None = None
 
     def get_state(self) -> Any:
         return self.checkpoint
@@ -158,8 +160,9 @@ class LangGraphRole(AdapterRole):
                   "recursion_limit": limit}
         fresh = self.checkpoint is None
         if not fresh:
-            cp = self.checkpoint
-            saver.put(config, cp["checkpoint"], cp["metadata"], cp["checkpoint"].get("channel_versions", {}))
+            checkpoint = saver.serde.loads_typed(tuple(self.checkpoint["checkpoint"]))
+            metadata = saver.serde.loads_typed(tuple(self.checkpoint["metadata"]))
+            saver.put(config, checkpoint, metadata, checkpoint.get("channel_versions", {}))
         paused = bool(not fresh and graph.get_state(config).next)
         stream_input = None if paused else self.make_input(ctx, conf, fresh)
         updates = 0
@@ -182,8 +185,9 @@ class LangGraphRole(AdapterRole):
                     ctx.emit(NODE_UPDATE, {"node": str(node), "update": plain(update)})
         snap = graph.get_state(config)
         tup = saver.get_tuple(config)
-        if tup is not None:
-            self.checkpoint = {"checkpoint": tup.checkpoint, "metadata": tup.metadata}
+        if tup is not None:  # in LangGraph's own serialized form: the supervisor needs no LangGraph to hold it
+            self.checkpoint = {"checkpoint": list(saver.serde.dumps_typed(tup.checkpoint)),
+                               "metadata": list(saver.serde.dumps_typed(tup.metadata))}
         if snap.next and conf["continue_paused"]:
             ctx.request_round(f"the graph paused before {', '.join(snap.next)}; the next round continues it")
         return {"values": plain(snap.values), "next": list(snap.next), "updates": updates}
