@@ -9,7 +9,7 @@ import cloudpickle
 
 from threadbound.agents.base import Agent
 
-from .errors import AgentNotLoadable
+from .errors import AgentNotLoadable, ConfigError
 
 BUILTIN_ROLES: dict[str, str] = {
     "coder": "threadbound.agents.tool_coder:Coder",  # the tool-using loop
@@ -42,6 +42,12 @@ def load_agent_class(role: str, spec: Any) -> type:
         raise AgentNotLoadable(
             f"agents.{role}: {spec!r} is not a subclass of threadbound.agents.Agent; "
             "subclass it and implement step(ctx)", agent=role)
+    # An adapter role (threadbound.agents.adapters) says when its framework, an optional
+    # extra, is not installed: refused here, before Ray starts, naming the pip line.
+    check = getattr(cls, "installation_problem", None)
+    problem = check(role) if callable(check) else None
+    if problem:
+        raise ConfigError(f"agents.{role}", [(f"agents.{role}", problem)])
     return cls
 
 
