@@ -62,6 +62,8 @@ HEALTH_MODES = (NORMAL, DEGRADED, PAUSED)
 SANDBOX = "sandbox"                # one sandboxed command run: isolation, layers, ``killed`` (the limit), exit
 TOOL_CALL = "tool_call"            # a tool-using agent calls a tool: n, id, name, arguments (bounded)
 TOOL_RESULT = "tool_result"        # its result: n, id, name, ok, output (bounded), refused_path, bounded, sandbox
+NODE_UPDATE = "node_update"        # a LangGraph graph's node updated its state: node, update (bounded)
+AGENT_UPDATED = "agent_updated"    # an OpenAI Agents SDK run handed over to another agent: agent
 
 # Step-end events: their ``cost`` and ``tokens`` add up to what a task has spent.
 STEP_ENDS = frozenset({STEP_FINISHED, STEP_FAILED, STEP_TIMED_OUT, AGENT_CRASHED, STREAM_FAILED})

@@ -40,8 +40,8 @@ def test_an_agents_sdk_agent_calls_its_tool_and_streams_its_answer_through_the_p
     kinds = [e.kind for e in events]
     call = next(e.data for e in events if e.kind == "tool_call")
     output = next(e.data for e in events if e.kind == "tool_result")
-    assert (call["tool"], call["arguments"]) == ("add", {"a": 2, "b": 3})
-    assert (output["tool"], output["call_id"], output["output"]) == ("add", call["call_id"], "5")
+    assert (call["name"], call["arguments"]) == ("add", {"a": 2, "b": 3})
+    assert (output["name"], output["id"], output["output"]) == ("add", call["id"], "5")
     assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("tokens")
     assert "".join(e.data["text"] for e in events if e.kind == "tokens") == "the sum is 5 "
     out = result.outputs["calc"]

@@ -19,15 +19,10 @@ from typing import Any, Callable, Generator
 from .. import sandbox
 from ..base import Agent, StepContext
 from ..errors import AgentError, BudgetExhausted, TaskInputError
+from ..events import AGENT_UPDATED, NODE_UPDATE, TOOL_CALL, TOOL_RESULT
 from ..workspace import Workspace, WorkspaceError, workspaces_root
 
-# -- event kinds the adapters emit (an agent's own events; none is reserved) --------------
-# Kept here, not in ``events.py``, while the built-in coder's tool-call kind is being added
-# there: the names are the same, so a client reads both alike.
-TOOL_CALL = "tool_call"        # tool, arguments, call_id: a framework's agent called a tool
-TOOL_RESULT = "tool_result"    # tool, call_id, output (trimmed), ok
-NODE_UPDATE = "node_update"    # node, update: one LangGraph node's update to the graph's state
-AGENT_UPDATED = "agent_updated"  # agent: an Agents SDK run handed over to another agent
+# The event kinds the adapters emit (an agent's own events; none is reserved).
 ADAPTER_KINDS = (TOOL_CALL, TOOL_RESULT, NODE_UPDATE, AGENT_UPDATED)
 
 MAX_EVENT_TEXT = 4000  # characters of a tool's output or a node's update shown in an event

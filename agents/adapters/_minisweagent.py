@@ -122,7 +122,7 @@ class SandboxEnvironment:
         command = str(action.get("command", ""))
         self.runs += 1
         call_id = f"bash-{self.runs}"
-        self.ctx.emit(TOOL_CALL, {"tool": "bash", "arguments": {"command": trimmed(command)}, "call_id": call_id})
+        self.ctx.emit(TOOL_CALL, {"name": "bash", "arguments": {"command": trimmed(command)}, "id": call_id})
         try:
             res = sandbox.run(["bash", "-c", command], cwd=str(self.ws.path), limits=self.limits,
                               env=COMMAND_ENV, max_output=self.max_output, settings=self.settings)
@@ -132,7 +132,7 @@ class SandboxEnvironment:
         self.ctx.emit(ev.SANDBOX, sandbox_event(res))
         output = {"output": res.output, "returncode": res.exit_code,
                   "exception_info": f"the command was killed: {res.killed} limit" if res.killed else ""}
-        self.ctx.emit(TOOL_RESULT, {"tool": "bash", "call_id": call_id, "ok": res.exit_code == 0 and not res.killed,
+        self.ctx.emit(TOOL_RESULT, {"name": "bash", "id": call_id, "ok": res.exit_code == 0 and not res.killed,
                                     "exit_code": res.exit_code, "killed": res.killed, "output": trimmed(res.output)})
         lines = res.output.lstrip().splitlines(keepends=True)
         if lines and lines[0].strip() == SUBMIT_MARKER and res.exit_code == 0:

@@ -247,11 +247,11 @@ class OpenAIAgentsRole(AdapterRole):
                     if event.name == "tool_called":
                         counts["tool_calls"] += 1
                         names[_field(raw, "call_id")] = _field(raw, "name")
-                        ctx.emit(TOOL_CALL, {"tool": _field(raw, "name"), "call_id": _field(raw, "call_id"),
+                        ctx.emit(TOOL_CALL, {"name": _field(raw, "name"), "id": _field(raw, "call_id"),
                                              "arguments": _arguments(_field(raw, "arguments"))})
                     elif event.name == "tool_output":
                         call_id = _field(raw, "call_id")
-                        ctx.emit(TOOL_RESULT, {"tool": names.get(call_id), "call_id": call_id, "ok": True,
+                        ctx.emit(TOOL_RESULT, {"name": names.get(call_id), "id": call_id, "ok": True,
                                                "output": trimmed(getattr(event.item, "output", ""))})
         except BaseException:
             result.cancel()
