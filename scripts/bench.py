@@ -401,7 +401,7 @@ def main() -> int:
     import ray
 
     t_ray = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray_start_s = time.perf_counter() - t_ray
     bench = Bench(scratch)
     lg = base.langgraph_available()

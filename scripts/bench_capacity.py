@@ -462,7 +462,7 @@ def main() -> int:
     scratch = isolate("bench-capacity")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         run(args, scratch)
     finally:
