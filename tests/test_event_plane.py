@@ -162,3 +162,46 @@ def test_the_structured_log_writes_a_batchs_lines_together_leaving_tokens_out(tm
     assert calls == [2]
     kinds = [json.loads(line)["kind"] for line in open(hook.path)]
     assert kinds == ["step_started", "step_finished"]
+
+
+def test_while_the_journal_is_busy_events_wait_for_its_next_frame_and_an_idle_one_writes_soon(tmp_path):
+    from threadbound.runtime.supervisor import durability
+    from threadbound.runtime.supervisor.clock import FakeClock
+
+    cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600})
+    gather, gap = durability.GATHER_S, durability.BUSY_GAP_S
+
+    async def main():
+        clock = FakeClock(rate=0)  # time moves only when the test moves it
+        seen: list[dict] = []
+        durable = durability.Durability(cfg, durability.open_location(cfg), lambda m: seen.append(dict(m)), clock)
+        export = lambda: ({}, {}, [])  # noqa: E731
+        durable.write_now(0, export)
+        durable.start(export)
+        frames = lambda: durable.stats["journal_frames"]  # noqa: E731
+        # Given an idle journal: an event is written once the gathering window passes
+        durable.record(["event", 0], {"t1": 1})
+        await clock.elapse(gather)
+        assert frames() == 1
+        # When events keep coming right after that frame
+        order = []
+        for i in range(1, 4):
+            durable.record(["event", i], {"t1": i + 1})
+            await clock.elapse(gather)
+            order.append(frames())
+        # Then they wait for the busy window to end and go out together in one frame
+        await clock.elapse(gap)
+        order.append(frames())
+        assert order == [1, 1, 1, 2] and seen[-1] == {"t1": 4}
+        # And a commit does not wait for any window
+        durable.record(["commit"], {"t1": 5})
+        await durable.flush()
+        assert frames() == 3
+        # And once the journal has been idle a while, an event is written after the short window again
+        await clock.elapse(10 * gap)
+        durable.record(["event", 5], {"t1": 6})
+        await clock.elapse(gather)
+        assert frames() == 4
+        await durable.close(export)
+
+    asyncio.run(main())
