@@ -199,7 +199,9 @@ def run_level(scratch: str, n: int, *, seconds: float, rate: float = RATE, k: in
             return out
 
         rss_agents = 0
+        reads0 = pool.stats()["reads"]
         got = asyncio.run(main())
+        reads = pool.stats()["reads"] - reads0  # long-polls the client made for all its tasks
         for p in procs["agents"].values():
             try:
                 rss_agents += p.memory_info().rss
@@ -240,6 +242,7 @@ def run_level(scratch: str, n: int, *, seconds: float, rate: float = RATE, k: in
         "agent_rss_mb": rss_agents / 2**20,
         "agent_rss_mb_per_process": rss_agents / 2**20 / max(1, len(procs["agents"])),
         "ray_processes": len(procs["ray"]),
+        "reads": reads, "reads_per_s": reads / max(1e-6, marks["end"][0] - marks["start"][0]),
         "succeeded": ok_status, "in_order": in_order, "no_repeat": no_repeat,
         "tokens_expected": n * tokens, "tokens_delivered": sum(len(r["order"]) for r in got),
     }
@@ -264,7 +267,7 @@ def describe(row: dict[str, Any]) -> str:
               f"{row['no_repeat']} without gap or repeat, {row['tokens_delivered']}/{row['tokens_expected']} tokens")
     return (f"  {row['agents']:>5} agents k={row['k']:<3} delay p50 {row['p50_ms']:7.1f} ms p95 {row['p95_ms']:7.1f} ms "
             f"(agent stamp p50 {row['agent_p50_ms']:7.1f} ms); {row['events_per_s']:7.0f} events/s "
-            f"{row['tokens_per_s']:7.0f} tokens/s\n"
+            f"{row['tokens_per_s']:7.0f} tokens/s; {row['reads_per_s']:.0f} long-polls/s for all {row['agents']} tasks\n"
             f"        CPU (% of a core): supervisor {c['supervisor']:.0%}, client {c['client']:.0%}, "
             f"agents {c['agents']:.0%} ({row['processes']} processes), ray {c['ray']:.0%} "
             f"({row['ray_processes']} processes), all {row['total_cpu']:.0%}\n"

@@ -65,7 +65,8 @@ def test_capacity_level_delivers_every_token_once_in_order_and_prints_every_fiel
     assert set(row["cpu"]) == {"supervisor", "client", "agents", "ray"} and row["cpu"]["supervisor"] > 0
     # And the level's line names every figure
     out = capsys.readouterr().out
-    for field in ("delay p50", "p95", "events/s", "tokens/s", "CPU (% of a core): supervisor", "client",
+    assert 0 < row["reads"]  # the client's long-polls, for all 8 tasks at once
+    for field in ("delay p50", "p95", "events/s", "tokens/s", "long-polls/s", "CPU (% of a core): supervisor", "client",
                   "agents", "ray", "CPU per event: supervisor", "all", "agent RSS",
                   "all succeeded, every token once and in order"):
         assert field in out, field
