@@ -45,6 +45,7 @@ RATE = 20.0  # tokens per second per agent
 LIMIT_MS = 250.0  # p95 client delay a level may reach
 MEMORY_GIB = 20.0  # agent processes of one level may take at most this much (projected)
 DEFAULT_K = 50  # agents per actor when the field exists and --agents-per-actor is not given
+LAGGING_MS = 1000.0  # agent stamp p50 beyond which a level says the agents fell behind
 AGENT_MB_GUESS = 110.0  # resident MB of one agent process before one has been measured
 
 
@@ -276,7 +277,10 @@ def describe(row: dict[str, Any]) -> str:
             f"{row['ray_us_per_event']:.0f} us, all {row['all_us_per_event']:.0f} us; agent RSS "
             f"{row['agent_rss_mb']:.0f} MB ({row['agent_rss_mb_per_process']:.0f} MB/process)\n"
             f"        {checks}" + ("" if row["together"] else
-                                   "; the agents never all streamed at once (the machine is short): whole run counted"))
+                                   "; the agents never all streamed at once (the machine is short): whole run counted")
+            + ("" if not row["agent_p50_ms"] > LAGGING_MS else
+               f"; the agents themselves fell behind their schedule (their stamps lag {row['agent_p50_ms'] / 1000:.1f} s "
+               "at p50: the machine is short of CPU for them)"))
 
 
 def series(scratch: str, levels: tuple[int, ...], *, seconds: float, k: int | None, limit_ms: float = LIMIT_MS,
