@@ -226,6 +226,7 @@ class _Follower:
         self.client = client
         self.loop = asyncio.get_running_loop()
         self.streams: dict[_Stream, None] = {}  # insertion-ordered set
+        self.by_task: dict[str, list[_Stream]] = {}  # task id -> its open streams (an answer is read by task)
         self._woken = asyncio.Event()
         self._poller: asyncio.Task | None = None
         self._on_idle = on_idle
@@ -233,6 +234,7 @@ class _Follower:
     def open(self, task_id: str, offset: int) -> _Stream:
         stream = _Stream(self, task_id, offset)
         self.streams[stream] = None
+        self.by_task.setdefault(task_id, []).append(stream)
         self.wake()
         if self._poller is None:
             self._poller = self.loop.create_task(self._poll(), name=f"threadbound/follow/{self.client.key}")
@@ -241,6 +243,11 @@ class _Follower:
     def forget(self, stream: _Stream) -> None:
         if stream in self.streams:
             del self.streams[stream]
+            same = self.by_task.get(stream.task_id)
+            if same is not None:
+                same.remove(stream)
+                if not same:
+                    del self.by_task[stream.task_id]
             if not self.streams:
                 self.wake()  # the poller drops its call and stops
 
@@ -313,17 +320,20 @@ class _Follower:
 
     async def _deliver(self, polled: list[_Stream], answer: dict[str, tuple[list[Row], str]]) -> None:
         """Hand each polled stream the rows from its own offset on (rows start at the
-        lowest cursor of their task, so nothing is skipped)."""
+        lowest cursor of their task, so nothing is skipped). Only the tasks in the answer
+        are looked at: a poll that follows a thousand tasks costs what changed."""
         ended = []
-        for s in polled:
-            if s not in self.streams:
-                continue  # closed while the call was out
-            rows, status = answer.get(s.task_id, ((), None))
-            events = [_event(s.task_id, row) for row in rows if row.offset >= s.offset]
-            if events:
-                s.put(events)
-            elif status in TERMINAL:
-                ended.append(s)
+        for task_id, (rows, status) in answer.items():
+            for s in list(self.by_task.get(task_id, ())):
+                if s.full or (rows and s.offset < rows[0][0]):
+                    # left out of this poll (a stream opened since, from an earlier
+                    # offset, or one too full): the next poll serves it
+                    continue
+                events = [_event(task_id, row) for row in rows if row[0] >= s.offset]
+                if events:
+                    s.put(events)
+                elif status in TERMINAL:
+                    ended.append(s)
         for s in ended:
             # Ended with nothing new: either its last events are not yet durable (they
             # come), or the stream asked past the end (nothing ever comes: stop it).
@@ -447,8 +457,11 @@ async def _aopen_stream(client: _Client, task_id: str, offset: int) -> _Stream:
     return _open_stream(client, task_id, offset)
 
 
-def _event(task_id: str, row: Row) -> Event:
-    return Event(task_id=task_id, offset=row.offset, kind=row.kind, agent=row.agent, data=row.data, ts=row.ts)
+def _event(task_id: str, row: Row | tuple) -> Event:
+    """An event of the task from a row as the supervisor sends it: ``(offset, kind,
+    agent, data, ts)``, a plain tuple or a Row."""
+    offset, kind, agent, data, ts = row
+    return Event(task_id=task_id, offset=offset, kind=kind, agent=agent, data=data, ts=ts)
 
 
 _result = result_or_raise  # (the pool's name for it)

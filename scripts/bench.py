@@ -4,6 +4,7 @@
     python scripts/bench.py                    # the full run (under 15 minutes)
     python scripts/bench.py --quick --write    # also BENCHMARKS.md, bench-results/bench.json (+ .png)
     python scripts/bench.py --cluster          # the throughput workload on 1, 2 and 3 local nodes
+    python scripts/bench.py --capacity         # only the capacity levels (--levels, --seconds, --agents-per-actor)
 
 The workload: N tasks, each code -> test -> review in sequence (an explicit
 ``after`` chain, the same in every system), each step one call of the same simulated
@@ -22,8 +23,10 @@ and answers long-polls, nothing else), so threadbound's own cost is the gap abov
 
 Figures of threadbound alone: tasks/s with agent processes recycled every few tasks
 against recycling off; a round of code, then test and review in parallel, with 200 ms
-steps, against two steps' time; and the capacity of one supervisor: the most agents
-streaming 50 tokens/s each it carries before the delay a client sees passes 100 ms.
+steps, against two steps' time; and capacity (``--capacity`` runs only that part;
+scripts/bench_capacity.py): agents streaming 20 tokens/s each, 64 -> 2000 of them,
+until the p95 delay a client sees passes 250 ms, with the CPU of one event in each
+process and the memory of the agent processes.
 
 LangGraph rows need ``pip install -e '.[bench]'``; without it they are skipped.
 """
@@ -44,6 +47,7 @@ import time
 from typing import Any, Callable
 
 import bench_baselines as base
+import bench_capacity
 from local_ray import SCRIPTS as HERE
 from local_ray import isolate
 
@@ -151,6 +155,7 @@ def resume_time(bench: Bench, tasks: int) -> dict[str, float]:
     name = "bench-resume"
     code = textwrap.dedent(f"""
         import bench_baselines as base
+import bench_capacity
         from threadbound.runtime import AgentPool, RuntimeConfig, Task
         from threadbound.runtime.task import sequential
         cfg = RuntimeConfig.from_mapping({{"name": {name!r}, "max_agents": 12, "max_agents_per_task": 3,
@@ -321,97 +326,6 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def capacity(bench: Bench, levels: tuple[int, ...], stream_s: float, rate: float = 50.0,
-             limit_ms: float = 100.0) -> dict[str, Any]:
-    """Step up the number of agents streaming ``rate`` tokens/s each (default token
-    batching) until the delay a client sees passes ``limit_ms`` at p50 or p95.
-
-    Each level runs that many one-agent tasks at once, each streaming for ``stream_s``;
-    delay = arrival at the client minus the event's ``ts`` (stamped by the supervisor
-    when it appended the event); measured while every agent of the level streams.
-    ``agent_p50_ms``: arrival minus the agent's own stamp on the newest token of the
-    event (adds the agent -> supervisor hop; the token batching wait is not counted).
-    """
-    import psutil
-
-    from threadbound.runtime import Task
-
-    top = max(levels)
-    pool = bench.pool(1, 1, 0.0, roles=("code",), name="bench-capacity", agent=base.PacedAgent,
-                      max_agents=top, max_agents_per_task=1, prewarm=False)
-    sup = psutil.Process(pool.info()["pid"])
-    me = psutil.Process()
-    rows: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"rate": rate, "limit_ms": limit_ms, "stream_s": stream_s, "levels": rows}
-    try:
-        for n in levels:
-            headroom = psutil.virtual_memory().available / 2**20
-            if headroom < 2048 + 150 * n:
-                out["stopped"] = f"{headroom:.0f} MB of memory left: not enough for {n} agent processes"
-                break
-            # Start the level's agent processes first (warm slots are reused level to level):
-            # n tasks that hold their slots at once make the pool start n processes.
-            async def warm(n: int = n) -> None:
-                held = await asyncio.gather(*(pool.asubmit(Task(goal=f"warm {n}/{i}", agents=["code"],
-                                                                inputs={"hold_s": 2.0})) for i in range(n)))
-                await asyncio.gather(*(h.aresult(timeout=600) for h in held))
-
-            asyncio.run(warm())
-            tokens = int(rate * stream_s)
-
-            async def level(n: int = n, tokens: int = tokens) -> list[list[tuple[float, float, float, int]]]:
-                async def one(i: int) -> list[tuple[float, float, float, int]]:
-                    h = await pool.asubmit(Task(goal=f"stream {n}/{i}", agents=["code"],
-                                                inputs={"tokens": tokens, "rate": rate}))
-                    seen = []
-                    async for ev in h.astream():
-                        if ev.kind == "tokens":
-                            now = time.time()
-                            seen.append((ev.ts, now, float(ev.data["text"].split()[-1]), ev.data["n"]))
-                    return seen
-
-                return await asyncio.gather(*(one(i) for i in range(n)))
-
-            c_sup, c_me, t0 = sup.cpu_times(), me.cpu_times(), time.perf_counter()
-            per_agent = asyncio.run(level())
-            wall = time.perf_counter() - t0
-            c_sup2, c_me2 = sup.cpu_times(), me.cpu_times()
-            start = max(ev[0][0] for ev in per_agent if ev)  # every agent streams from here...
-            end = min(ev[-1][0] for ev in per_agent if ev)  # ...to here
-            together = end > start
-            if not together:  # the agents never all streamed at once: count every event
-                start = min(ev[0][0] for ev in per_agent if ev)
-                end = max(ev[-1][0] for ev in per_agent if ev)
-            inside = [e for evs in per_agent for e in evs if start <= e[0] <= end]
-            span = max(end - start, 1e-6)
-            delays = [(now - ts) * 1000 for ts, now, _, _ in inside]
-            row = {"agents": n, "p50_ms": _pct(delays, 0.5), "p95_ms": _pct(delays, 0.95),
-                   "agent_p50_ms": _pct([(now - stamp) * 1000 for _, now, stamp, _ in inside], 0.5),
-                   "events_per_s": len(inside) / span, "tokens_per_s": sum(e[3] for e in inside) / span,
-                   "together": together,
-                   "supervisor_cpu": ((c_sup2.user + c_sup2.system) - (c_sup.user + c_sup.system)) / wall,
-                   "client_cpu": ((c_me2.user + c_me2.system) - (c_me.user + c_me.system)) / wall}
-            rows.append(row)
-            print(f"  {n:>4} agents: delay p50 {row['p50_ms']:6.1f} ms, p95 {row['p95_ms']:6.1f} ms "
-                  f"(from the agent's stamp: p50 {row['agent_p50_ms']:6.1f} ms); {row['events_per_s']:7.0f} events/s, "
-                  f"{row['tokens_per_s']:7.0f} tokens/s; CPU: supervisor {row['supervisor_cpu']:.0%}, "
-                  f"client {row['client_cpu']:.0%} of a core"
-                  + ("" if together else " (the agents did not all stream at once: the machine is short)"),
-                  flush=True)
-            if row["p50_ms"] > limit_ms or row["p95_ms"] > limit_ms:
-                out["stopped"] = f"at {n} agents the delay passed {limit_ms:g} ms"
-                break
-        else:
-            out["stopped"] = f"no level up to {top} agents passed {limit_ms:g} ms"
-    finally:
-        pool.shutdown(grace_s=0)
-    ok = [r for r in rows if r["p50_ms"] <= limit_ms and r["p95_ms"] <= limit_ms]
-    out["agents"] = ok[-1]["agents"] if ok else 0
-    out["events_per_s"] = ok[-1]["events_per_s"] if ok else float("nan")
-    out["capped"] = not rows or rows[-1] is (ok[-1] if ok else None)  # never passed: the figure is a floor
-    return out
-
-
 def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int) -> dict[str, Any]:
     """The issue's three speed ratios, each the median of ``repeats`` runs in which the
     systems compared take turns (a machine that slows down for a while slows both sides
@@ -476,14 +390,18 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md and bench-results/")
     ap.add_argument("--cluster", action="store_true",
                     help="only the throughput workload on 1, 2 and 3 local nodes (ray.cluster_utils.Cluster)")
+    ap.add_argument("--capacity", action="store_true",
+                    help="only the capacity levels (agents streaming 20 tokens/s, one client following all)")
+    bench_capacity.add_arguments(ap)
     args = ap.parse_args()
+    bench_capacity.check_arguments(args)  # before Ray starts
     if args.cluster:
         return cluster_throughput(args.quick, args.tokens)
     scratch = isolate("bench")
     import ray
 
     t_ray = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray_start_s = time.perf_counter() - t_ray
     bench = Bench(scratch)
     lg = base.langgraph_available()
@@ -493,6 +411,14 @@ def main() -> int:
     n = 40 if q else 200
     conc = (1, 4) if q else (1, 4, 10)
     results: dict[str, Any] = {"ray_start_s": ray_start_s}
+    if args.capacity:
+        try:
+            results["capacity"] = bench_capacity.run(args, scratch)
+        finally:
+            ray.shutdown()
+        if args.write:  # BENCHMARKS.md is the full run's: this part alone goes to a file of its own
+            bench_capacity.write_json(results["capacity"], os.path.join(HERE, "..", "bench-results"))
+        return 0
     try:
         print(f"\n[throughput] {args.tokens} tokens per step, no CPU work")
         for c in conc:
@@ -553,9 +479,11 @@ def main() -> int:
               f"= {g['ratio']:.2f}x two steps; the same three in a chain {g['chain_ms']:.0f} ms "
               f"= {g['chain_ratio']:.2f}x")
 
-        print("\n[capacity] one supervisor: agents streaming 50 tokens/s each, until the delay passes 100 ms")
-        results["capacity"] = capacity(bench, (8, 16, 32) if q else (8, 16, 32, 64, 128), 3.0 if q else 5.0)
-        print(f"  {results['capacity']['stopped']}")
+        if q and args.levels is None:
+            args.levels = (16, 64)
+        if q and args.seconds is None:
+            args.seconds = 5.0
+        results["capacity"] = bench_capacity.run(args, scratch)
 
         print("\n[tokens] one step streaming many tokens to one client")
         nt = 20_000 if q else 100_000
@@ -680,16 +608,8 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
         out.append(f"round of code, then test + review in parallel, 200 ms steps: {g['round_ms']:.0f} ms = "
                    f"{g['ratio']:.2f}x two steps ({g['step_ms']:.0f} ms each; target <= 1.15x); as a chain "
                    f"{g['chain_ratio']:.2f}x")
-    if "capacity" in results:
-        cap = results["capacity"]
-        top = cap["levels"][-1] if cap["levels"] else None
-        line = (f"capacity of one supervisor: {'at least ' if cap['capped'] else ''}{cap['agents']} agents "
-                f"streaming {cap['rate']:g} tokens/s each with client delay p50/p95 <= {cap['limit_ms']:g} ms "
-                f"({cap['events_per_s']:,.0f} events/s)")
-        if top and not cap["capped"]:
-            line += (f"; at {top['agents']} agents p50 {top['p50_ms']:.1f} ms, p95 {top['p95_ms']:.1f} ms "
-                     f"with the supervisor at {top['supervisor_cpu']:.0%} of a core")
-        out.append(line)
+    for cap in results.get("capacity", {}).get("series", ()):
+        out.extend(bench_capacity.ratio_lines(cap))
     a, b = _get(rows, "cpu-bound", "threadbound"), _get(rows, "cpu-bound", "langgraph + sqlite (sync)")
     if a and b:
         out.append(f"cpu-bound tasks/s at c=4: threadbound {a['tasks_per_s']:.1f} vs langgraph "
@@ -744,14 +664,8 @@ def write(rows: list[dict], results: dict[str, Any], lines: list[str], command: 
         md.append(f"| {r['figure']} | {r['system']} | {r['n']} | {r['concurrency']} | {r['tasks_per_s']:.1f} "
                   f"| {r['step_ms']:.2f} |")
     md += ["", "Ratios and targets:", ""] + [f"- {line}" for line in lines]
-    cap = results.get("capacity")
-    if cap and cap["levels"]:
-        md += ["", f"Capacity of one supervisor: agents streaming {cap['rate']:g} tokens/s each, default token "
-               f"batching; delay = arrival at the client minus the supervisor's stamp ({cap['stopped']}).", "",
-               "| agents | delay p50 ms | delay p95 ms | events/s | tokens/s | supervisor CPU | client CPU |",
-               "|---|---|---|---|---|---|---|"]
-        md += [f"| {r['agents']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['events_per_s']:.0f} | "
-               f"{r['tokens_per_s']:.0f} | {r['supervisor_cpu']:.0%} | {r['client_cpu']:.0%} |" for r in cap["levels"]]
+    if results.get("capacity"):
+        md += [""] + bench_capacity.markdown(results["capacity"])
     with open(os.path.join(root, "BENCHMARKS.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     try:

@@ -16,6 +16,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([SCRIPTS, os.environ["PYTHONPATH"]])
 
 import bench  # noqa: E402
 import bench_baselines as base  # noqa: E402
+import bench_capacity  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(120)]
 
@@ -51,10 +52,43 @@ def test_recycling_runner_delivers_every_token_while_processes_are_replaced(tmp_
     assert res["tokens"] == EXPECTED and res["recycles"] >= 1
 
 
-def test_capacity_figure_reads_the_delay_of_every_agent(tmp_path):
-    b = bench.Bench(str(tmp_path))
-    cap = bench.capacity(b, (2,), stream_s=0.6, limit_ms=10_000)
-    (level,) = cap["levels"]
-    assert level["agents"] == 2 and cap["agents"] == 2 and cap["capped"]
-    assert level["events_per_s"] > 0 and level["tokens_per_s"] >= level["events_per_s"]
-    assert level["p50_ms"] <= level["p95_ms"]
+def test_capacity_level_delivers_every_token_once_in_order_and_prints_every_field(tmp_path, capsys):
+    # Given a tiny capacity level: 8 one-agent tasks streaming 20 tokens/s for 1 s
+    cap = bench_capacity.series(str(tmp_path), (8,), seconds=1.0, k=None, limit_ms=1e9)
+    # Then every task succeeded and every token reached the client once, in order
+    (row,) = cap["levels"]
+    assert row["checks_ok"], row
+    assert row["succeeded"] == row["in_order"] == row["no_repeat"] == 8
+    assert row["tokens_delivered"] == row["tokens_expected"] == 8 * 20
+    assert row["events_per_s"] > 0 and row["p50_ms"] <= row["p95_ms"]
+    assert row["processes"] == 8 and row["agent_rss_mb"] > 0
+    assert set(row["cpu"]) == {"supervisor", "client", "agents", "ray"} and row["cpu"]["supervisor"] > 0
+    # And the level's line names every figure
+    out = capsys.readouterr().out
+    assert 0 < row["reads"]  # the client's long-polls, for all 8 tasks at once
+    for field in ("delay p50", "p95", "events/s", "tokens/s", "long-polls/s", "CPU (% of a core): supervisor", "client",
+                  "agents", "ray", "CPU per event: supervisor", "all", "agent RSS",
+                  "all succeeded, every token once and in order"):
+        assert field in out, field
+
+
+@pytest.mark.parametrize("got, broken", [
+    ({"status": "failed", "order": [0, 1, 2], "offsets": [0, 1, 2]}, "succeeded"),
+    ({"status": "succeeded", "order": [0, 2, 1], "offsets": [0, 1, 2]}, "in_order"),
+    ({"status": "succeeded", "order": [0, 1, 1, 2], "offsets": [0, 1, 2]}, "in_order"),
+    ({"status": "succeeded", "order": [0, 1], "offsets": [0, 1, 2]}, "in_order"),
+    ({"status": "succeeded", "order": [0, 1, 2], "offsets": [0, 1, 1, 2]}, "no_repeat"),
+    ({"status": "succeeded", "order": [0, 1, 2], "offsets": [0, 2, 3]}, "no_repeat"),
+])
+def test_capacity_checks_catch_a_failed_task_a_lost_repeated_or_reordered_token(got, broken):
+    checks = bench_capacity.check_stream(got, 3)
+    assert not checks[broken] and all(v for k, v in checks.items() if k != broken)
+
+
+def test_capacity_refuses_agents_per_actor_where_the_config_has_no_such_field(monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(bench_capacity, "has_agents_per_actor", lambda: False)
+    args = argparse.Namespace(seconds=None, agents_per_actor=4)
+    with pytest.raises(SystemExit, match="agents_per_actor"):
+        bench_capacity.check_arguments(args)

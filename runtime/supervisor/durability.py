@@ -10,7 +10,8 @@ a hook's failure is logged and passed over, a journal that cannot be written fai
 every flush from then on (nothing more counts as committed). One flusher appends batches to the journal (group commit: all records
 gathered while the previous write ran go in one signed frame, one fdatasync; a record
 nobody waits for lets ``GATHER_S`` pass first, so the events of a burst share a frame,
-while a flush writes at once); small
+and no less than ``BUSY_GAP_S`` since the previous frame, so a steady stream of events
+makes a bounded number of frames a second; a flush writes at once); small
 frames to a local disk are written on the loop itself (~0.1 ms, cheaper than two
 thread hops), large ones and remote stores on a writer thread.
 Events become visible to clients only once written, so a client never sees an
@@ -50,6 +51,10 @@ _INLINE_BYTES = 64 << 10  # journal frames up to this size are written on the ev
 # A record nobody waits for (an event a client will read) is written within this long,
 # with whatever else comes in meanwhile; a flush (a commit) writes at once.
 GATHER_S = 0.001
+# ... and, while the journal is busy, no sooner than this long after the previous frame:
+# under a stream of events the frames (each a signed write and an fdatasync) come at
+# most ~1/BUSY_GAP_S a second however many events there are, each carrying more of them.
+BUSY_GAP_S = 0.005
 
 
 def open_location(cfg: RuntimeConfig) -> SnapshotLocation:
@@ -79,6 +84,7 @@ class Durability:
         self._writing: list[asyncio.Future] | None = None  # waiters of the batch being written
         self._wake = asyncio.Event()
         self._timer: Any = None  # a write due GATHER_S after a record (a clock timer)
+        self._written_at: float | None = None  # the clock's monotonic time the last frame was written
         self._journal = ThreadPoolExecutor(1, thread_name_prefix="threadbound-journal")
         self._snapper = ThreadPoolExecutor(1, thread_name_prefix="threadbound-snapshot")
         self._tasks: list[asyncio.Task] = []
@@ -126,8 +132,11 @@ class Durability:
         if marks:
             pending.update(marks)
         if self._timer is None and not self._wake.is_set():
+            delay = GATHER_S
+            if self._written_at is not None:  # busy: let the events of the next few ms join this frame
+                delay = max(delay, self._written_at + BUSY_GAP_S - self.clock.monotonic())
             try:
-                self._timer = self.clock.call_later(GATHER_S, self._wake.set)
+                self._timer = self.clock.call_later(delay, self._wake.set)
             except RuntimeError:  # no loop running (start-up): the flusher sees it at its next turn
                 self._wake.set()
 
@@ -174,6 +183,7 @@ class Durability:
                     self._writing, self._waiters = None, []
                     return
                 waiters, self._writing = self._writing, None
+                self._written_at = self.clock.monotonic()
                 marks: dict[str, int] = {}
                 for _, _, m in groups:
                     marks.update(m)

@@ -6,7 +6,10 @@ for any number of tasks): the rows are made and tracked, the observers hear of t
 batch once, and the journal gets one record for it. A task's events become readable
 once that record is written (:meth:`TaskShard.durable_upto`), so a client never reads
 an event a resume would not have. Readers long-poll: :meth:`TaskShard.read_many` waits
-until any of the tasks it follows has news and answers for all of them at once.
+until any of the tasks it follows has news and answers for all of them at once. Waiting
+readers are kept by task (the way Ray Serve's long-poll host keys its listeners), so
+news of one task wakes the readers that follow it and no one else; rows go out as
+plain tuples.
 
 Task ids are ``t<seq>-<run>`` for shard 0 and ``t<seq>-<run>-s<n>`` for shard ``n``
 (:func:`shard_of` reads the number back), so a pool of several shards can route a
@@ -66,7 +69,9 @@ class TaskShard:
         self.journal: Callable[[list[tuple[str, Row]]], None] | None = None
         self.finished = 0  # terminal tasks remembered (forgotten beyond keep_finished_tasks)
         self.reads = 0  # read calls served (a client following many tasks makes few)
-        self._news = asyncio.Event()  # set (and replaced) whenever any task has news
+        # Who waits for news of a task (read_many, wait_settled): task id -> futures,
+        # so news of one task wakes its readers only.
+        self._waiters: dict[str, list[asyncio.Future]] = {}
 
     # -- the table --------------------------------------------------------------------
 
@@ -162,56 +167,75 @@ class TaskShard:
             ts = self.tasks.get(task_id)
             if ts is not None and n > ts.visible:
                 ts.visible = n
-                self.notify(ts, wake=False)
-        self.wake()
+                self.notify(ts)
 
-    def notify(self, ts: TaskRecord, *, wake: bool = True) -> None:
-        """The task has news: wake whoever waits on it."""
-        ts.run.changed.set()
-        ts.run.changed = asyncio.Event()
-        if wake:
-            self.wake()
+    def notify(self, ts: TaskRecord) -> None:
+        """The task has news: wake whoever waits on it (and only them)."""
+        waiters = self._waiters.pop(ts.id, None)
+        if waiters:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
-    def wake(self) -> None:
-        self._news.set()  # readers of many tasks wait on this one
-        self._news = asyncio.Event()
+    def watchers(self, task_id: str) -> int:
+        """Reads and waits now waiting for news of ``task_id``."""
+        return len(self._waiters.get(task_id, ()))
+
+    def _watch(self, task_ids: Iterable[str]) -> asyncio.Future:
+        """A future set at the next news of any of ``task_ids``; :meth:`_unwatch` it after."""
+        fut = asyncio.get_running_loop().create_future()
+        for task_id in task_ids:
+            self._waiters.setdefault(task_id, []).append(fut)
+        return fut
+
+    def _unwatch(self, fut: asyncio.Future, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            waiters = self._waiters.get(task_id)
+            if waiters:
+                try:
+                    waiters.remove(fut)
+                except ValueError:
+                    continue  # popped by the news that woke it
+                if not waiters:
+                    del self._waiters[task_id]
 
     # -- reads --------------------------------------------------------------------------
 
     async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[Row], str]]:
-        """For each ``task id -> offset`` that has news: its events from that offset on, and
-        its status. A task with nothing new (and not ended) is left out of the answer.
+        """For each ``task id -> offset`` that has news: its events from that offset on (as
+        plain ``(offset, kind, agent, data, ts)`` tuples, the fields of a Row), and its status. A task with nothing new (and not ended) is left out of the answer.
 
         Waits up to ``wait_s`` until at least one of the tasks has something new (or has
         ended), then answers for all of them at once: a client following many tasks makes
-        one long-poll per burst, not one per task."""
+        one long-poll per burst, not one per task. A waiting read is woken only by news of
+        its own tasks (waiters are kept by task), never by the rest of the pool."""
         self.reads += 1
         states = []
+        news = False
         for task_id, offset in cursors.items():
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
                 raise InvalidTask("from_offset", f"must be an integer >= 0, got {offset!r}")
-            states.append((task_id, offset, self.get(task_id)))
+            ts = self.get(task_id)
+            states.append((task_id, offset, ts))
+            if offset < ts.visible or ts.settled:
+                news = True
 
-        def news() -> bool:
-            return any(off < ts.visible or ts.settled for _, off, ts in states)
-
-        if wait_s > 0 and not news():
-            deadline = self.clock.monotonic() + wait_s
-            while True:  # one pool-wide wake-up, not one waiter per followed task
-                remaining = deadline - self.clock.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await self.clock.wait_for(self._news.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                if news():
-                    if not all(ts.settled for _, _, ts in states):
-                        # Events come in bursts (a step's end, the next one's start): let
-                        # the burst land so one round trip carries it, not one per event.
-                        await self.clock.sleep(READ_LINGER_S)
-                    break
-        return {task_id: (ts.events[off:min(ts.visible, off + READ_BATCH)], ts.status)
+        if wait_s > 0 and not news:
+            fut = self._watch(cursors)
+            try:
+                await self.clock.wait_for(fut, wait_s)
+                woke = True
+            except asyncio.TimeoutError:
+                woke = False
+            finally:
+                self._unwatch(fut, cursors)
+            if woke and not all(ts.settled for _, _, ts in states):
+                # Events come in bursts (a step's end, the next one's start; many agents'
+                # tokens): let the burst land so one round trip carries it.
+                await self.clock.sleep(READ_LINGER_S)
+        # Rows go out as plain tuples: Ray pickles a namedtuple through cloudpickle's
+        # per-object hook and rebuilds it with a call, ~10x the cost of a tuple.
+        return {task_id: ([tuple(r) for r in ts.events[off:min(ts.visible, off + READ_BATCH)]], ts.status)
                 for task_id, off, ts in states if off < ts.visible or ts.settled}
 
     async def wait_settled(self, task_id: str, timeout_s: float | None) -> TaskRecord | None:
@@ -223,10 +247,13 @@ class TaskShard:
             remaining = None if deadline is None else deadline - self.clock.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
+            fut = self._watch((task_id,))
             try:
-                await self.clock.wait_for(ts.run.changed.wait(), remaining)
+                await self.clock.wait_for(fut, remaining)
             except asyncio.TimeoutError:
                 return None
+            finally:
+                self._unwatch(fut, (task_id,))
         return ts
 
     # -- what clients are told ------------------------------------------------------------

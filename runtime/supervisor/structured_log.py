@@ -72,9 +72,12 @@ class _RotatingLines:
         self.failed: OSError | None = None
 
     def add(self, line: bytes) -> None:
+        self.add_many((line,))
+
+    def add_many(self, lines: "list[bytes] | tuple[bytes, ...]") -> None:
         if self.failed is not None:
             return
-        self._pending.append(line)
+        self._pending.extend(lines)
         if self._scheduled:
             return
         try:
@@ -162,10 +165,26 @@ class StructuredLog(Hook):
             human.propagate = False
         self._actors: dict[tuple[str, str], str] = {}  # (task, role) -> the actor of its last step
 
+    def on_events(self, batch: list[tuple[Any, ev.Row]]) -> None:
+        """A batch's lines go to the file in one add; token events (most of a batch) are
+        passed over with one comparison each unless ``log.tokens``."""
+        lines = []
+        for task, row in batch:
+            if row[1] == ev.TOKENS and not self.tokens:
+                continue
+            lines.append(self._line(task, row))
+        if lines:
+            self._file.add_many(lines)
+
     def on_event(self, task: Any, row: ev.Row) -> None:
+        line = self._line(task, row)
+        if line:
+            self._file.add(line)
+
+    def _line(self, task: Any, row: ev.Row) -> bytes:
         offset, kind, agent, data, ts = row
         if kind == ev.TOKENS and not self.tokens:
-            return
+            return b""
         data = data if isinstance(data, dict) else {"value": data}
         if kind == ev.STEP_STARTED and agent is not None:
             self._actors[(task.id, agent)] = data.get("slot")
@@ -179,11 +198,11 @@ class StructuredLog(Hook):
             "level": data.get("level", task.level), "kind": kind, "attempt": data.get("attempt"),
             "offset": offset, "data": _cut(data),
         }
-        self._file.add(json.dumps(line, default=repr).encode() + b"\n")  # ASCII: ensure_ascii
         if self.stderr:
             where = f"{task.id}/{agent}" if agent else task.id
             brief = data.get("error") or data.get("reason") or data.get("mode") or ""
             human.info("%s %s%s", where, kind, f": {str(brief)[:200]}" if brief else "")
+        return json.dumps(line, default=repr).encode() + b"\n"  # ASCII: ensure_ascii
 
     def close(self) -> None:
         self._file.close()

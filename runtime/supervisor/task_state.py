@@ -72,7 +72,6 @@ class TaskRun:
     cancel_reason: str | None = None
     started_at: float | None = None  # the clock's monotonic time its current run began
     wait_timer: "Timer | None" = None  # ends it timed_out when its wait_timeout_s passes
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on news
 
 
 @dataclass(eq=False)
@@ -106,6 +105,10 @@ class TaskRecord:
     finished_at: float | None = None
     version: int = 0  # bumps on every change of what a snapshot holds of the task
     frozen: tuple[int, bytes] | None = None  # (version, pickled snapshot record) cache
+    # Its events as snapshots pickled them, in chunks (events[:chunked]); a task's log
+    # only grows, so each snapshot pickles the events that came since the last one.
+    event_chunks: list[bytes] = field(default_factory=list, repr=False)
+    chunked: int = 0
     # A person in the loop (all rebuilt from events on resume):
     asked: int = 0  # input requests made so far (their numbers are 1, 2, ...)
     asks: dict[int, dict[str, Any]] = field(default_factory=dict)  # open request -> {role, round, index}
@@ -146,6 +149,8 @@ class TaskEnds(Exception):
 def track(ts: TaskRecord, row: Row) -> None:
     """What an event changes in a task."""
     _, kind, agent, data, at = row
+    if kind == ev.TOKENS:  # most events by far, and they change nothing here
+        return
     if kind in STATUSES:
         ts.status = kind
         if kind in TERMINAL:
@@ -210,7 +215,13 @@ def tasks_from_snapshot(state: dict[str, Any]) -> dict[str, TaskRecord]:
         if "committed" not in rec:  # format 1: the first `done` roles of a sequential round
             ts.committed = list(ts.spec.agents[:rec.get("done", 0)])
             ts.round_outputs = dict(ts.outputs)
-        ts.events = [r if type(r) is Row else Row(*r) for r in rec["events"]]  # older snapshots: tuples
+        chunks = list(rec.get("event_chunks", ()))
+        events: list[Any] = []
+        for chunk in chunks:  # (inside the verified payload, like the record)
+            events.extend(cloudpickle.loads(chunk))
+        ts.event_chunks, ts.chunked = chunks, len(events)  # the next snapshot pickles only what follows
+        events.extend(rec["events"])  # older snapshots: every event here, as Rows or tuples
+        ts.events = [r if type(r) is Row else Row(*r) for r in events]
         ts.visible = len(ts.events)
         tasks[ts.id] = ts
     return tasks
@@ -269,7 +280,9 @@ def export_tasks(tasks: dict[str, TaskRecord]) -> tuple[list[Any], list[Callable
     that pickle them on the snapshot thread, and the agent blobs they use.
 
     A task's pickle is cached with the version it shows, so a task that has not changed
-    since the last snapshot (a queued or finished one) costs nothing."""
+    since the last snapshot (a queued or finished one) costs nothing; of one that has,
+    only the events since the last snapshot are copied and pickled (as a new chunk of
+    plain tuples: ``event_chunks``), the earlier ones go in as the bytes they were."""
     entries: list[Any] = []
     jobs: list[Callable[[], None]] = []
     used: set[str] = set()
@@ -283,15 +296,28 @@ def export_tasks(tasks: dict[str, TaskRecord]) -> tuple[list[Any], list[Callable
             rec[f] = dict(rec[f])
         for f in _LISTS:
             rec[f] = list(rec[f])
-        rec["events"] = list(ts.events)
+        upto = len(ts.events)
+        rec["events"] = ts.events[ts.chunked:upto]  # the events no chunk holds yet (a copy)
+        rec["event_chunks"] = list(ts.event_chunks)
         entries.append(rec)
-        jobs.append(_pickle_job(entries, len(entries) - 1, ts, ts.version))
+        jobs.append(_pickle_job(entries, len(entries) - 1, ts, ts.version, upto))
     return entries, jobs, used
 
 
-def _pickle_job(entries: list[Any], i: int, ts: TaskRecord, version: int) -> Callable[[], None]:
+def _pickle_job(entries: list[Any], i: int, ts: TaskRecord, version: int, upto: int) -> Callable[[], None]:
     def job() -> None:
-        entries[i] = cloudpickle.dumps(entries[i])
+        rec = entries[i]
+        new = rec["events"]
+        if new:
+            # Rows as plain tuples: a namedtuple pickles through cloudpickle's per-object
+            # hook and a call per row, ~10x a tuple; tasks_from_snapshot makes Rows again.
+            chunk = cloudpickle.dumps([tuple(r) for r in new])
+            rec["event_chunks"].append(chunk)
+            if ts.chunked == upto - len(new):  # (snapshots take turns: always so)
+                ts.event_chunks.append(chunk)
+                ts.chunked = upto
+        rec["events"] = []
+        entries[i] = cloudpickle.dumps(rec)
         ts.frozen = (version, entries[i])  # tagged: a later change makes it stale, not wrong
 
     return job

@@ -1,0 +1,207 @@
+"""The event path's costs, by what it does rather than by the clock: a waiting read is
+woken by its own tasks' news only, a read answers with the tasks that changed, rows go
+to clients and into snapshots as plain tuples, token events change nothing in a task's
+record, and the structured log writes a batch's lines together.
+
+No Ray and no timing: the task shard runs on a plain asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import cloudpickle
+import pytest
+
+from threadbound.agents.events import Row
+from threadbound.runtime.config import RuntimeConfig
+from threadbound.runtime.supervisor.clock import SystemClock
+from threadbound.runtime.supervisor.hooks import Hooks
+from threadbound.runtime.supervisor.shard import TaskShard
+from threadbound.runtime.supervisor.structured_log import StructuredLog
+from threadbound.runtime.supervisor.task_state import DURABLE_FIELDS, export_tasks, tasks_from_snapshot
+from threadbound.runtime.task import Task
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def shard_with(n: int) -> tuple[TaskShard, list]:
+    shard = TaskShard("p", SystemClock(), Hooks())
+    return shard, [shard.new(Task(goal=f"g{i}", agents=["x"]), {}) for i in range(n)]
+
+
+def test_a_waiting_read_is_woken_by_news_of_its_own_tasks_only():
+    async def main():
+        shard, (a, b) = shard_with(2)
+        # Given a read that waits on task a
+        reader = asyncio.ensure_future(shard.read_many({a.id: 0}, wait_s=60))
+        await asyncio.sleep(0)
+        assert shard.watchers(a.id) == 1 and shard.watchers(b.id) == 0
+        # When task b streams
+        for i in range(50):
+            shard.emit(b, "tokens", "x", text=f"b{i}", n=1)
+        await asyncio.sleep(0)
+        # Then the read still waits: nothing woke it
+        assert not reader.done()
+        # and news of its own task answers it, with that task alone
+        shard.emit(a, "tokens", "x", text="a0", n=1)
+        got = await reader
+        assert list(got) == [a.id]
+        rows, status = got[a.id]
+        assert [r[:4] for r in rows] == [(0, "tokens", "x", {"text": "a0", "n": 1})]
+        assert shard.watchers(a.id) == 0  # nothing left behind
+
+    asyncio.run(main())
+
+
+def test_a_read_of_a_thousand_tasks_answers_with_the_ones_that_changed():
+    async def main():
+        shard, tasks = shard_with(1000)
+        cursors = {ts.id: 0 for ts in tasks}
+        reader = asyncio.ensure_future(shard.read_many(cursors, wait_s=60))
+        await asyncio.sleep(0)
+        shard.append_many([(tasks[7], "tokens", "x", {"text": "t", "n": 1}),
+                           (tasks[900], "tokens", "x", {"text": "u", "n": 1})])
+        got = await reader
+        assert sorted(got) == sorted([tasks[7].id, tasks[900].id])
+        assert sum(shard.watchers(ts.id) for ts in tasks) == 0
+
+    asyncio.run(main())
+
+
+def test_rows_reach_clients_as_plain_tuples_in_the_order_of_the_log():
+    async def main():
+        shard, (a,) = shard_with(1)
+        for i in range(3):
+            shard.emit(a, "tokens", "x", text=f"t{i}", n=1)
+        got = await shard.read_many({a.id: 1})
+        rows, _ = got[a.id]
+        assert [type(r) for r in rows] == [tuple, tuple]
+        assert [r[0] for r in rows] == [1, 2] and rows[0] == tuple(a.events[1])
+
+    asyncio.run(main())
+
+
+def test_wait_settled_is_woken_when_its_task_ends():
+    async def main():
+        shard, (a, b) = shard_with(2)
+        waiter = asyncio.ensure_future(shard.wait_settled(a.id, 60))
+        await asyncio.sleep(0)
+        shard.emit(b, "succeeded", None)
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        shard.emit(a, "succeeded", None)
+        assert (await waiter) is a
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_holds_events_as_plain_tuples_and_resume_reads_them_back_as_rows():
+    shard, (a,) = shard_with(1)
+    for i in range(3):
+        shard.emit(a, "tokens", "x", text=f"t{i}", n=1)
+    entries, jobs, _ = export_tasks(shard.tasks)
+    for job in jobs:  # (on the snapshot thread in a pool)
+        job()
+    rec = cloudpickle.loads(entries[0])
+    (chunk,) = rec["event_chunks"]
+    assert {type(r) for r in cloudpickle.loads(chunk)} == {tuple}
+    back = tasks_from_snapshot({"tasks": entries})[a.id]
+    assert [type(r) for r in back.events] == [Row] * 3 and back.events == a.events
+
+
+def test_a_snapshot_pickles_only_the_events_since_the_last_one_and_resume_reads_them_all():
+    shard, (a, b) = shard_with(2)
+    for i in range(3):
+        shard.emit(a, "tokens", "x", text=f"t{i}", n=1)
+    for snap in range(2):
+        entries, jobs, _ = export_tasks(shard.tasks)
+        for job in jobs:
+            job()
+        if snap == 0:
+            for i in range(3, 5):  # a streams on between the two snapshots; b does not change
+                shard.emit(a, "tokens", "x", text=f"t{i}", n=1)
+    rec = cloudpickle.loads(entries[0])
+    # the second snapshot carries the first one's chunk as it was, and a new one for the two that followed
+    assert [len(cloudpickle.loads(c)) for c in rec["event_chunks"]] == [3, 2]
+    back = tasks_from_snapshot({"tasks": entries})
+    assert back[a.id].events == a.events and back[b.id].events == b.events
+    # and a resumed task's next snapshot goes on from the chunks it was resumed with
+    assert back[a.id].chunked == 5
+
+
+def test_a_snapshot_of_an_older_format_with_every_event_in_the_record_still_resumes():
+    shard, (a,) = shard_with(1)
+    shard.emit(a, "tokens", "x", text="t0", n=1)
+    rec = {f: getattr(a, f) for f in DURABLE_FIELDS}
+    rec["events"] = list(a.events)  # as snapshots before event chunks held them
+    back = tasks_from_snapshot({"tasks": [cloudpickle.dumps(rec)]})[a.id]
+    assert back.events == a.events and back.chunked == 0
+
+
+def test_token_events_change_nothing_in_the_task_and_others_still_do():
+    shard, (a,) = shard_with(1)
+    shard.emit(a, "tokens", "x", text="t", n=1)
+    assert a.status == "pending" and a.inflight == {}
+    shard.emit(a, "step_started", "x", attempt=1)
+    assert a.inflight == {"x": 1}
+
+
+def test_the_structured_log_writes_a_batchs_lines_together_leaving_tokens_out(tmp_path):
+    cfg = RuntimeConfig(name="p", log={"dir": str(tmp_path)})
+    hook = StructuredLog(cfg)
+    shard, (a,) = shard_with(1)
+    calls = []
+    add_many = hook._file.add_many
+    hook._file.add_many = lambda lines: (calls.append(len(lines)), add_many(lines))
+    shard.observers.add(hook)
+    shard.append_many([(a, "step_started", "x", {"attempt": 1}), (a, "tokens", "x", {"text": "t", "n": 1}),
+                       (a, "tokens", "x", {"text": "u", "n": 1}), (a, "step_finished", "x", {"attempt": 1})])
+    hook.close()
+    assert calls == [2]
+    kinds = [json.loads(line)["kind"] for line in open(hook.path)]
+    assert kinds == ["step_started", "step_finished"]
+
+
+def test_while_the_journal_is_busy_events_wait_for_its_next_frame_and_an_idle_one_writes_soon(tmp_path):
+    from threadbound.runtime.supervisor import durability
+    from threadbound.runtime.supervisor.clock import FakeClock
+
+    cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600})
+    gather, gap = durability.GATHER_S, durability.BUSY_GAP_S
+
+    async def main():
+        clock = FakeClock(rate=0)  # time moves only when the test moves it
+        seen: list[dict] = []
+        durable = durability.Durability(cfg, durability.open_location(cfg), lambda m: seen.append(dict(m)), clock)
+        export = lambda: ({}, {}, [])  # noqa: E731
+        durable.write_now(0, export)
+        durable.start(export)
+        frames = lambda: durable.stats["journal_frames"]  # noqa: E731
+        # Given an idle journal: an event is written once the gathering window passes
+        durable.record(["event", 0], {"t1": 1})
+        await clock.elapse(gather)
+        assert frames() == 1
+        # When events keep coming right after that frame
+        order = []
+        for i in range(1, 4):
+            durable.record(["event", i], {"t1": i + 1})
+            await clock.elapse(gather)
+            order.append(frames())
+        # Then they wait for the busy window to end and go out together in one frame
+        await clock.elapse(gap)
+        order.append(frames())
+        assert order == [1, 1, 1, 2] and seen[-1] == {"t1": 4}
+        # And a commit does not wait for any window
+        durable.record(["commit"], {"t1": 5})
+        await durable.flush()
+        assert frames() == 3
+        # And once the journal has been idle a while, an event is written after the short window again
+        await clock.elapse(10 * gap)
+        durable.record(["event", 5], {"t1": 6})
+        await clock.elapse(gather)
+        assert frames() == 4
+        await durable.close(export)
+
+    asyncio.run(main())
