@@ -202,7 +202,7 @@ class Live:
         self.out = out
         self.tty = out.isatty() if tty is None else tty
         self.clock = clock
-        self.speaker: str | None = None  # the agent whose text (or header) was printed last
+        self.speaker: str | None = None  # the agent whose header or text is the last line printed
         self.running: dict[str, _Status] = {}
         self.partial: dict[str, str] = {}  # per agent: the line being streamed, not yet printed
         self.status_shown = False
@@ -210,6 +210,7 @@ class Live:
         self.final: Event | None = None
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._paused = False  # a question is asked below the stream: no status line over it
 
     # -- the status line (terminals only) ------------------------------------------
 
@@ -228,13 +229,20 @@ class Live:
             self.out.flush()
 
     def settle(self) -> None:
-        """Print every agent's unfinished line and take the status line down: before
-        anything else is shown below the stream (the approval diff and prompt)."""
+        """Print every agent's unfinished line and take the status line down until
+        :meth:`resume`: before anything else is shown below the stream (the approval diff
+        and prompt), which nothing of the stream may then draw over."""
         with self.lock:
+            self._paused = True
             for agent in list(self.partial):
                 self._flush_partial(agent)
             self._hide_status()
             self.out.flush()
+
+    def resume(self) -> None:
+        """The question is answered: the status line may show again."""
+        with self.lock:
+            self._paused = False
 
     def _tick(self) -> None:
         while not self._stop.wait(0.5):
@@ -247,7 +255,7 @@ class Live:
             self.status_shown = False
 
     def _show_status(self) -> None:
-        if not self.tty or not self.running or self._stop.is_set():
+        if not self.tty or not self.running or self._stop.is_set() or self._paused:
             return
         now = self.clock()
         line = "  " + " │ ".join(st.text(a, now) for a, st in self.running.items())
@@ -266,23 +274,23 @@ class Live:
 
     # -- events ----------------------------------------------------------------------
 
-    def _line(self, text: str, *, layout: bool = False) -> None:
+    def _line(self, text: str, *, layout: bool = False, speaker: str | None = None) -> None:
         self._hide_status()
         self.out.write(visible(text, layout=layout) + "\n")
+        self.speaker = speaker
 
     def _header(self, agent: str, round_: int, extra: str = "") -> None:
-        self._line(f"── round {round_} · {agent}{extra} ──")
-        self.speaker = agent
+        self._line(f"── round {round_} · {agent}{extra} ──", speaker=agent)
 
     def _text(self, agent: str, line: str) -> None:
         """One whole line of an agent's text."""
         if len(self.running) > 1:  # agents at work at once: say whose line it is
             self._line(f"{agent} │ {line}", layout=True)
             return
-        if self.speaker != agent:  # another agent spoke since this one's header
+        if self.speaker != agent:  # something else was printed since this agent's last line
             status = self.running.get(agent)
             self._header(agent, status.round if status else 0, " (continued)")
-        self._line(line, layout=True)
+        self._line(line, layout=True, speaker=agent)
 
     def __call__(self, ev: Event) -> None:
         with self.lock:

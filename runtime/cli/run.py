@@ -172,7 +172,10 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
             if answering and ev.kind == "input_requested" and not any(
                     e.kind == "input_received" and e.data.get("request") == ev.data.get("request") for e in seen):
                 live.settle()  # every line streamed so far is out, the status line down
-                answer_in_terminal(handle, ev)
+                try:
+                    answer_in_terminal(handle, ev)
+                finally:
+                    live.resume()
     finally:
         live.stop()
     return live.final

@@ -92,14 +92,14 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
     head.append("   mode ")
     head.append(plain(mode, style=_MODE_STYLE.get(str(mode), "bold")))
     if health.get("since_s") is not None:
-        head.append(f" for {health['since_s']:.0f}s")
+        head.append(plain(f" for {health['since_s']:.0f}s"))
     if health.get("recovers_in_s"):
-        head.append(f" (recovers after {health['recovers_in_s']:.0f}s more without trouble)")
-    head.append(f"   queue {stats.get('queue_depth', 0)}")
-    head.append(f"   agents busy {stats.get('busy', 0)}/{stats.get('max_agents', '?')} (bound {bound})")
-    head.append(f"   tokens/s {'-' if tps is None else f'{tps:.1f}'}")
+        head.append(plain(f" (recovers after {health['recovers_in_s']:.0f}s more without trouble)"))
+    head.append(plain(f"   queue {stats.get('queue_depth', 0)}"))
+    head.append(plain(f"   agents busy {stats.get('busy', 0)}/{stats.get('max_agents', '?')} (bound {bound})"))
+    head.append(plain(f"   tokens/s {'-' if tps is None else f'{tps:.1f}'}"))
     if updated_at is not None:
-        head.append(f"   updated {_clock(updated_at)}", style="dim")
+        head.append(plain(f"   updated {_clock(updated_at)}", style="dim"))
     parts.append(head)
     counts = stats.get("tasks") or {}
     parts.append(plain("tasks: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
@@ -131,7 +131,7 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
                                                                     GOAL_CHARS)), style=style)
     parts.append(table)
     if left_out:
-        parts.append(Text(f"... {left_out} more finished task(s) not shown", style="dim"))
+        parts.append(plain(f"... {left_out} more finished task(s) not shown", style="dim"))
     if not tasks:
         parts.append(Text("no tasks", style="dim"))
 
