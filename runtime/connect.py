@@ -46,7 +46,8 @@ def connect_ray(config: RuntimeConfig, *, log_file: str | None = None) -> bool:
             _use_token_if_found()
             _check_answers(target)
         try:
-            ray.init(**kwargs)
+            with _no_token_notice():
+                ray.init(**kwargs)
         except ConnectionError as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "this machine"
             raise _no_cluster(where, str(exc).splitlines()[0]) from None
@@ -102,7 +103,30 @@ def _use_token_if_found() -> None:
         )
     except ImportError:  # another Ray: leave it to Ray
         return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    with _no_token_notice():
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's one notice that token authentication is on ("Token authentication is
+    enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"): it says that the
+    safe default holds, as a WARNING on every start of a script. Every other line of Ray's,
+    its warning that authentication is *disabled* among them, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _no_token_notice() -> Iterator[None]:
+    """While our own ray.init runs: without Ray's notice that token authentication is on."""
+    notice = _TokenNotice()
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _check_answers(address: str) -> None:
