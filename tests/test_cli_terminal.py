@@ -455,15 +455,14 @@ def test_top_shows_a_hostile_goal_as_text_in_a_real_terminal_and_quits_cleanly(t
     term = Terminal(env)
     pool = make_pool(pool_name, ray={"namespace": "threadbound"})
     try:
-        goal = "[/] [link=http://evil.example]y[/link] \x1b]0;pwned\x07\x1b[2J\u202ertl"
+        goal = "[/][link=http://x]y[/link]\u202e\x1b]0;pwned\x07"  # shortened to 45 characters in the column
         handle = pool.submit(Task(goal=goal, agents=["a"], inputs={"a": {"tokens": 1}}))
         handle.result(timeout=60)
         terminal_env = top_command(pool_name)
         term.type(terminal_env)
         shown = term.wait_for("the task with its goal", lambda t: handle.task_id in t, timeout_s=40)
         row = task_row(shown, handle.task_id)
-        assert "[/] [link=http://evil.example]y[/link]" in row and "\\x1b]0;pwned" in row, row
-        assert "<U+202E>rtl" in row, row
+        assert "[/][link=http://x]y[/link]<U+202E>\\x1b]0;" in row, row
         assert "pwned" not in term.tmux("display-message", "-p", "-t", "view", "#{pane_title}")
         term.keys("q")
         after = term.wait_for("the shell prompt after top", lambda t: "top exited" in t and prompt_is_back(t))
