@@ -381,7 +381,7 @@ def test_a_model_cannot_forge_the_approval_screen_in_a_real_terminal(tmp_path, p
     term = Pty(argv, {**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"})
     try:
         # When: the task asks for approval in the terminal
-        screen = term.wait_for("the approval prompt", lambda t: "approve? y = approve" in t, timeout_s=180)
+        screen = term.wait_for("the approval prompt", lambda t: "approve? y =" in t, timeout_s=180)
         flat = "".join(term.screen.display)  # the screen's rows as one text: wrapped lines whole again
         # Then: what the person sees at the prompt is the real change: its key line, below
         # the streamed text and not inside a region it set, and the files it writes
