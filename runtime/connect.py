@@ -108,18 +108,22 @@ def _use_token_if_found() -> None:
 
 
 class _TokenNotice(logging.Filter):
-    """Drops Ray's one notice that token authentication is on ("Token authentication is
-    enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"): it says that the
-    safe default holds, as a WARNING on every start of a script. Every other line of Ray's,
-    its warning that authentication is *disabled* among them, passes."""
+    """Ray's notice that token authentication is on ("Token authentication is enabled for
+    this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out") says that the safe default
+    holds, yet comes as a WARNING on every start of a script or `-v` command: it is kept
+    where Ray's lines go to a file (the CLI's log, see _ray_logs_to) and not shown on a
+    terminal. Every other line of Ray's, its warning that authentication is *disabled*
+    among them, passes as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+        if not str(record.msg).startswith("Token authentication is enabled for this Ray cluster"):
+            return True
+        return any(isinstance(h, logging.FileHandler) for h in logging.getLogger("ray").handlers)
 
 
 @contextlib.contextmanager
 def _no_token_notice() -> Iterator[None]:
-    """While our own ray.init runs: without Ray's notice that token authentication is on."""
+    """While our own ray.init runs: Ray's notice that token authentication is on stays off the terminal."""
     notice = _TokenNotice()
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     logger.addFilter(notice)
