@@ -7,11 +7,18 @@ Accepted forms:
 * a path alone on the line before a fence (``src/fizz.py``, `` `src/fizz.py` ``,
   ``**src/fizz.py**``, ``File: src/fizz.py``, ``# src/fizz.py``)
 * unified diffs (``--- a/x`` / ``+++ b/x`` / ``@@`` hunks), fenced as ``diff`` or bare.
+
+A file name with a control character (an escape sequence among them) or invisible
+Unicode (bidi controls, zero-width characters) is refused, as one that leaves the
+workspace is: such a name would be written into the workspace with ``--apply`` and
+rewrite the terminal, or read as another name, wherever it is shown. A refused edit is
+reported in :attr:`Edits.refused` (the coder's feedback), never applied.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 _FENCE = re.compile(r"^(`{3,}|~{3,})[ \t]*([^\n`]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
@@ -25,9 +32,41 @@ class Edits:
     files: dict[str, str] = field(default_factory=dict)  # path -> whole new text
     patches: list[tuple[str, list[tuple[int, list[str]]]]] = field(default_factory=list)  # path, hunks
     deletes: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # why an edit was not taken (its name, shown safely)
 
     def __bool__(self) -> bool:
-        return bool(self.files or self.patches or self.deletes)
+        return bool(self.files or self.patches or self.deletes or self.refused)
+
+
+# Control characters (C0, DEL, C1), format characters (bidi controls, zero-width ones),
+# line/paragraph separators and lone surrogates.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def unsafe_name(path: str) -> str | None:
+    r"""Why ``path`` cannot name a file the coder writes, or None when it can.
+
+    Examples:
+        >>> unsafe_name("src/fizz.py") is None
+        True
+        >>> print(unsafe_name("evil" + chr(27) + "[2K.py"))
+        'evil\x1b[2K.py': refused: its name has a control character (U+001B); name files with printable characters
+    """
+    for ch in path:
+        category = unicodedata.category(ch)
+        if category in _UNSAFE_CATEGORIES:
+            what = ("a control character" if category == "Cc" else
+                    "an invisible Unicode character (a bidi control, zero-width or separator)")
+            return f"{path!r}: refused: its name has {what} (U+{ord(ch):04X}); name files with printable characters"
+    return None
+
+
+def _take(path: str, edits: Edits) -> bool:
+    """True if ``path`` may be edited; otherwise records why not in ``edits.refused``."""
+    why = unsafe_name(path)
+    if why is not None:
+        edits.refused.append(why)
+    return why is None
 
 
 def _looks_like_path(s: str) -> bool:
@@ -49,15 +88,23 @@ def parse(reply: str) -> Edits:
             label = _LABEL.match(before)
             if label and _looks_like_path(label.group(1)):
                 path = label.group(1)
-        if path:
+        if path and _take(path, edits):
             edits.files[path] = body
     if not edits:  # a bare diff with no fences
         _parse_diff(reply, edits)
     return edits
 
 
+def _lines(text: str) -> list[str]:
+    """``text``'s lines split at newlines only (and CRLF), not at the other characters
+    ``str.splitlines`` breaks at (CR alone, form feed, U+2028...): those stay in the line,
+    so a file name that carries one is seen whole and refused."""
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def _parse_diff(text: str, edits: Edits) -> None:
-    lines = text.splitlines()
+    lines = _lines(text)
     i = 0
     while i < len(lines):
         if lines[i].startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
@@ -79,7 +126,11 @@ def _parse_diff(text: str, edits: Edits) -> None:
                     i += 1
             target = new[2:] if new.startswith("b/") else new
             if new == "/dev/null":
-                edits.deletes.append(old[2:] if old.startswith("a/") else old)
+                gone = old[2:] if old.startswith("a/") else old
+                if _take(gone, edits):
+                    edits.deletes.append(gone)
+            elif not _take(target, edits):
+                pass
             elif old == "/dev/null":
                 edits.files[target] = "".join(l[1:] + "\n" for h in hunks for l in h[1] if l.startswith("+"))
             else:

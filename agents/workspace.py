@@ -343,7 +343,7 @@ class Workspace:
         ops += [(rel, functools.partial(self.write, rel, text)) for rel, text in edits.files.items()]
         ops += [(rel, functools.partial(self._patch, rel, hunks)) for rel, hunks in edits.patches]
         ops += [(rel, functools.partial(self.delete, rel)) for rel in edits.deletes]
-        changed, problems = [], []
+        changed, problems = [], list(edits.refused)  # names the parser refused (edits.unsafe_name)
         for rel, op in ops:
             try:
                 op()

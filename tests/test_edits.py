@@ -55,3 +55,30 @@ def test_verdicts_are_parsed_robustly(text, verdict):
 def test_pytest_summary_counts():
     out = "....F\nFAILED test_x.py::t - assert 1 == 2\n1 failed, 4 passed, 1 error in 0.12s\n"
     assert parse_pytest(out) == {"passed": 4, "failed": 1, "errors": 1, "skipped": 0}
+
+
+@pytest.mark.parametrize("name", [
+    "evil\x1b[2K\x1b[1A\x1b[31mname.py",   # an escape sequence: it would rewrite the terminal that shows it
+    "a\rb.py", "form\x0cfeed.py", "del\x7f.py", "c1\x9b2J.py",
+    "access\u202e\u2066.py",                # bidi controls: the name reads as another one
+    "zero\u200bwidth.py", "rtl\u200f.py", "sep\u2028.py",
+])
+def test_a_file_name_with_control_characters_or_bidi_controls_is_refused_as_dotdot_is(tmp_path, name):
+    from threadbound.agents.workspace import Workspace
+
+    # Given: a coder's reply whose diff creates, patches and deletes files with such names
+    reply = (f"--- /dev/null\n+++ b/{name}\n@@ -0,0 +1 @@\n+x = 1\n"
+             f"--- a/{name}\n+++ b/{name}\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+             f"--- a/{name}\n+++ /dev/null\n@@ -1 +0,0 @@\n-x = 1\n"
+             "--- /dev/null\n+++ b/fine.py\n@@ -0,0 +1 @@\n+y = 1\n")
+    # When: it is parsed and applied to a copy
+    edits = parse(reply)
+    (tmp_path / "src").mkdir()
+    ws = Workspace.for_task("t-names", str(tmp_path / "src"), root=str(tmp_path / "copies"))
+    changed, problems = ws.apply(edits)
+    # Then: only the good file is written; each refusal names the file safely and says why
+    assert changed == ["fine.py"] and sorted(p.name for p in ws.path.iterdir()) == ["fine.py"]
+    assert len(problems) == 3 and all("refused: its name has" in p for p in problems)
+    assert all(p.isprintable() for p in problems), problems
+    assert name not in edits.files and not edits.patches and not edits.deletes
+

@@ -20,6 +20,7 @@ import json
 from typing import Any, Callable
 
 from .common import BadInput, attach
+from .render import out
 
 
 def _parse(text: str, as_text: bool, what: str) -> Any:
@@ -46,7 +47,7 @@ def _answer(args: argparse.Namespace, what: str, call: Callable[[Any], int]) -> 
         return 2
     offset = call(handle)
     kind = "message_received" if what == "sent" else "input_received"
-    print(f"task {handle.task_id}: {what} ({kind}, offset {offset})")
+    out(f"task {handle.task_id}: {what} ({kind}, offset {offset})")
     return 0
 
 

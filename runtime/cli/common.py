@@ -13,12 +13,13 @@ import contextlib
 import os
 import shlex
 import signal
-import sys
 from typing import Any, Iterator
 
 from threadbound.agents.errors import ThreadboundError
 
 from ..config import RuntimeConfig, state_dir
+from ..errors import ConfigError
+from .render import say  # noqa: F401 (commands say things through common, as before)
 
 DEFAULT_GOAL = "Make the failing tests pass."
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
@@ -35,10 +36,6 @@ class BadInput(ThreadboundError, ValueError):
 def log_file() -> str:
     """Where the CLI sends Ray's own log lines: ``<state_dir>/logs/threadbound.log``."""
     return os.path.join(state_dir(), "logs", "threadbound.log")
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- config and task inputs, before Ray ------------------------------------------------
@@ -58,7 +55,19 @@ def base_config(args: argparse.Namespace) -> RuntimeConfig:
         changes["workspace"] = {**cfg.workspace.model_dump(), "keep_copies": True}
     if getattr(args, "verbose", False):  # the events as short lines too, shown with Ray's own
         changes["log"] = {**cfg.log.model_dump(), "stderr": True}
-    return cfg.replace(**changes) if changes else cfg
+    for key in ("max_agents", "max_agents_per_task"):  # the caps, as flags of `run`
+        if getattr(args, key, None) is not None:
+            changes[key] = getattr(args, key)
+    if not changes:
+        return cfg
+    try:
+        return cfg.replace(**changes)
+    except ConfigError as exc:  # the caps the flags set can disagree with each other or the file: name the flag
+        given = [key for key in ("max_agents_per_task", "max_agents") if getattr(args, key, None) is not None]
+        if not given:
+            raise
+        problem = "; ".join(msg if not path or path in given else f"{path}: {msg}" for path, msg in exc.problems)
+        raise BadInput("--" + given[0].replace("_", "-"), problem) from None
 
 
 def task_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,9 +156,9 @@ def attach(args: argparse.Namespace) -> Any:
     cfg = base_config(args)
     address = cfg.ray.address or "auto"
     if address == "auto" and not ray.is_initialized() and _bootstrap(address) is None:
-        print("threadbound: no Ray is running on this machine, so no pool to ask. A pool can be inspected "
-              "while it runs on a Ray that stays up: `ray start --head`, then `threadbound run ... --address "
-              "auto` (README, \"Ray\"); or pass --address of a cluster", file=sys.stderr)
+        say("threadbound: no Ray is running on this machine, so no pool to ask. A pool can be inspected "
+            "while it runs on a Ray that stays up: `ray start --head`, then `threadbound run ... --address "
+            "auto` (README, \"Ray\"); or pass --address of a cluster")
         return None
     # Joined here, not by attach: Ray's own lines go to the log file unless -v.
     connect_ray(cfg.replace(ray={**cfg.ray.model_dump(), "address": address}),
@@ -157,8 +166,24 @@ def attach(args: argparse.Namespace) -> Any:
     try:
         return AgentPool.attach(cfg.name, namespace=cfg.ray.namespace)
     except PoolClosed:
-        print(f"no pool named {cfg.name!r} in namespace {cfg.ray.namespace!r}", file=sys.stderr)
+        say(no_pool_line(cfg.name, cfg.ray.namespace))
         return None
+
+
+def no_pool_line(name: str, namespace: str) -> str:
+    """What to say when no pool of that name runs: which pools do, and how to name or start one."""
+    import ray
+
+    try:
+        names = sorted({a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a.get("namespace") == namespace and "/" not in a.get("name", "")})
+    except Exception:  # noqa: BLE001 (the hint is a courtesy; the error is said either way)
+        names = []
+    running = (f"pools running there: {', '.join(names)} (pick one with --name)" if names
+               else "no pool runs there")
+    return (f"threadbound: no pool named {name!r} in namespace {namespace!r} on this Ray; {running}. "
+            "Start one that stays up with `threadbound serve --address auto` (or `threadbound run WORKSPACE "
+            "--address auto` while it runs), or name another with --name or `name:` in --config")
 
 
 NO_POOL = object()

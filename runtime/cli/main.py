@@ -12,7 +12,7 @@ from typing import Any
 from threadbound.agents.errors import ThreadboundError
 
 from .answers import cmd_approve, cmd_reject, cmd_respond, cmd_send
-from .common import DEFAULT_GOAL, INTERRUPTED, BadInput, log_file
+from .common import DEFAULT_GOAL, INTERRUPTED, BadInput, log_file, say
 from .offline import cmd_alerts, cmd_config, cmd_doctor, cmd_snapshots
 from .run import cmd_resume, cmd_run
 from .serve import DEFAULT_PORT, cmd_run_gateway, cmd_serve
@@ -94,6 +94,16 @@ def _positive(kind: type, what: str) -> Any:
     return parse
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help text wrapped at spaces only: a path or a flag is never broken inside a word
+    (argparse's default breaks long words and at hyphens, which cut the log path in two)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -111,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     sets ``func``, the function that runs it."""
     p = argparse.ArgumentParser(
         prog="threadbound", description="Run coding agents on Ray: each agent on its own actor, streaming.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+        formatter_class=_Formatter, epilog="""examples:
   threadbound run examples/fizzbuzz --config examples/scripted/fizzbuzz.yaml
   threadbound doctor
   threadbound run --help""")
@@ -129,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, parents: list = ()) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                               parents=list(parents), epilog=_EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_Formatter)
 
     run = command("run", "run one task on a workspace and stream what the agents do", [ray_flags])
     run.add_argument("workspace", nargs="?", default=None, metavar="WORKSPACE",
@@ -139,7 +149,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="who answers: local (offline), openai[:NAME] (OPENAI_BASE_URL, "
                                      "OPENAI_API_KEY), simulated (default: the config's model, else local "
                                      "if installed)")
-    run.add_argument("--max-rounds", type=_positive(int, "a whole number of rounds above 0"), default=None)
+    run.add_argument("--max-rounds", type=_positive(int, "a whole number of rounds above 0"), default=None,
+                     metavar="N", help="the most rounds (the coder, then the tests and the review) the task "
+                                       "may run (default: the config's max_rounds, 3 unless set)")
+    run.add_argument("--max-agents", type=_positive(int, "a whole number of agents above 0"), default=None,
+                     metavar="N", help="the most agents at work at once in the pool this run starts (default: "
+                                       "the config's max_agents, 10 unless set)")
+    run.add_argument("--max-agents-per-task", type=_positive(int, "a whole number of agents above 0"),
+                     default=None, metavar="N",
+                     help="the most agents of one task at work at once (default: the config's "
+                          "max_agents_per_task, 3 unless set)")
     run.add_argument("--test-command", help="how the tester runs the tests, e.g. 'python -m pytest -x' "
                                             "(default: python -m pytest -q); it runs in the sandbox")
     run.add_argument("--apply", action="store_true", help="write the approved change back to the workspace")
@@ -247,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     request_flag(respond)
     respond.set_defaults(func=cmd_respond)
 
-    approve = task_command("approve", "approve the change a task waits with (run --approve): it is applied")
+    approve = task_command("approve", "approve the change a task waits with (run --approve): the task finishes; "
+                                      "the change is written to its workspace only if it was run with --apply")
     request_flag(approve)
     approve.set_defaults(func=cmd_approve)
 
@@ -282,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BadInput as exc:
-        print(f"threadbound {args.command}: {exc}", file=sys.stderr)
+        say(f"threadbound {args.command}: {exc}")
         return 2
     except ThreadboundError as exc:
-        print(f"threadbound: {exc}", file=sys.stderr)
+        say(f"threadbound: {exc}")
         return 2
     except KeyboardInterrupt:  # anywhere a command does not handle it itself (e.g. while Ray starts)
-        print(f"threadbound: interrupted ({args.command}); nothing was left running", file=sys.stderr)
+        say(f"threadbound: interrupted ({args.command}); nothing was left running")
         return INTERRUPTED
 

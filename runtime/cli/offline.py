@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from ..config import RuntimeConfig
 from .common import base_config
+from .render import out, say
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -39,27 +39,27 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
     seqs = loc.snapshots()
     if args.action == "ls":
-        print(f"{where}: {len(seqs)} snapshot(s), journal segments {loc.segments()}")
+        out(f"{where}: {len(seqs)} snapshot(s), journal segments {loc.segments()}")
         for seq in seqs:
             try:
                 m, verdict = manifest(seq)
             except SnapshotError as exc:
-                print(f"  {seq:>6}  unreadable: {exc.reason}")
+                out(f"  {seq:>6}  unreadable: {exc.reason}")
                 continue
             by: dict[str, int] = {}
             for st in (m.get("tasks") or {}).values():
                 by[st] = by.get(st, 0) + 1
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created_at"]))
-            print(f"  {seq:>6}  {when}  {m['payload_size']:>10} B  "
+            out(f"  {seq:>6}  {when}  {m['payload_size']:>10} B  "
                   f"{' '.join(f'{k}={v}' for k, v in sorted(by.items())) or 'no tasks':<40} "
                   f"{'clean ' if m.get('clean') else ''}{verdict}")
         return 0
     seq = args.seq if args.seq is not None else (seqs[-1] if seqs else None)
     if seq is None or seq not in seqs:
-        print(f"threadbound: {where}: no snapshot {seq}; have {seqs}", file=sys.stderr)
+        say(f"threadbound: {where}: no snapshot {seq}; have {seqs}")
         return 2
     m, verdict = manifest(seq)
-    print(json.dumps({**m, "verification": verdict}, indent=2, default=str))
+    out(json.dumps({**m, "verification": verdict}, indent=2, default=str))
     return 0
 
 
@@ -68,16 +68,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         import yaml
 
-        print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        out(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     else:
-        print(f"{args.file}: ok")
+        out(f"{args.file}: ok")
     return 0
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     from ..metrics.alerts import render
 
-    sys.stdout.write(render(base_config(args), source=args.config or "<config>"))
+    out(render(base_config(args), source=args.config or "<config>").rstrip("\n"))
     return 0
 
 
@@ -89,14 +89,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = base_config(args)
     settings = sandbox_settings(cfg)
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-    print(f"sandbox layers on this machine (pool running as {who}); each proved by a probe run inside:")
+    out(f"sandbox layers on this machine (pool running as {who}); each proved by a probe run inside:")
     rows, can_run = check(settings)
     for row in rows:
-        print(f"  {row.layer:<12} {'ok ' if row.ok else 'NO '} {row.detail}")
+        out(f"  {row.layer:<12} {'ok ' if row.ok else 'NO '} {row.detail}")
     if can_run:
-        print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will run"
+        out(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will run"
               + ("" if settings.isolation == "required" else " WITHOUT the full sandbox (see the rows marked NO)"))
         return 0
-    print(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: "
-          + refusal(settings, rows))
+    out(f"sandbox.isolation: {settings.isolation} -> sandboxed commands will be REFUSED here: "
+        + refusal(settings, rows))
     return 1

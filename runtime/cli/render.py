@@ -1,6 +1,18 @@
-"""How ``threadbound run`` and ``resume`` show a task to a person.
+"""How the CLI shows what it did not write itself to a person, and how ``threadbound
+run`` and ``resume`` show a task.
 
-Model tokens stream inline under a header naming the round and the agent; structured
+One rule for text that reaches a terminal: everything that did not come from
+threadbound itself (streamed tokens, model answers, diffs, file names, goals, reasons,
+errors, events of any kind) passes through :func:`visible`, which shows control
+characters and invisible Unicode (bidi controls among them) instead of letting them act,
+and is printed with :func:`out` / :func:`say` or drawn by Rich as :func:`plain` text,
+never as markup. The only escape sequences the CLI writes are its own (the status line
+below, and the reset before an approval prompt). tests/test_cli_terminal.py checks that
+no module of the CLI writes to a stream any other way.
+
+Model tokens stream under a header naming the round and the agent, whole lines at a time
+(each agent's text is buffered until a newline, so agents that run at once never
+interleave mid-sentence; while several run, each line is prefixed with its role); structured
 events (test results, the sandbox, the level, a resume) become one short sentence each;
 the final status and error are printed once. On a terminal a status line at the bottom
 shows every running agent's round, tokens, tokens/s and elapsed time; it is redrawn
@@ -12,41 +24,106 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import threading
+import unicodedata
 import time
 from typing import Any, Callable, TextIO
 
 from threadbound.agents import events
+from threadbound.agents.workspace import TRIAL_SUFFIX
 
 from ..task import Event
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Candidates: everything outside printable ASCII; which of them are marked is decided
+# per character by its Unicode category (see :func:`visible`).
+_SUSPECT = re.compile(r"[^\x20-\x7e]")
+_MARKED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def visible(text: str) -> str:
-    r"""``text`` with every control character but newline and tab shown as ``\xNN``: what
-    a person is asked to approve or answer was written by the model, and an escape
-    sequence in it could otherwise erase or rewrite lines of the terminal (hide part of
-    a diff).
+def _mark(ch: str, layout: bool) -> str:
+    code = ord(ch)
+    if layout and ch in "\n\t":
+        return ch
+    if code < 0xA0:  # C0, DEL, C1: the terminal's own control codes, ESC among them
+        return f"\\x{code:02x}"
+    if unicodedata.category(ch) in _MARKED_CATEGORIES:
+        return f"<U+{code:04X}>"  # bidi controls, zero-width and other invisible format characters
+    return ch
+
+
+def visible(text: object, *, layout: bool = True) -> str:
+    r"""THE function every text that did not come from threadbound itself passes through
+    on its way to a terminal (tokens, model answers, diffs, file names, goals, reasons,
+    errors, events): nothing in it can drive the terminal, and nothing in it is hidden.
+
+    * C0 controls, DEL and C1 controls (ESC, CSI, OSC and BEL among them) are shown as
+      ``\xNN``: an escape sequence in a model's answer could otherwise clear the screen,
+      move the cursor and draw a fake diff over the real one, set a scroll region that
+      swallows it, hide text, retitle the window or write the clipboard.
+    * Unicode format characters, the bidirectional controls among them (U+202A-202E,
+      U+2066-2069, U+200E, U+200F, U+061C), zero-width characters, line and paragraph
+      separators and lone surrogates are shown as ``<U+202E>``: "Trojan Source" code
+      reads differently from how it runs, and a person must see that before approving it.
+    * Newline and tab are kept where they are layout (``layout=True``: streamed text,
+      diffs) and marked too in one-line fields (``layout=False``: file names, goals,
+      reasons, table cells).
+
+    The result is plain text. Where Rich draws it (``top``) it goes in a
+    ``rich.text.Text`` (:func:`plain`), never through Rich markup, so ``[/]`` or
+    ``[link=...]`` in a goal stay text.
 
     Examples:
         >>> visible("ok" + chr(27) + "[1A")
         'ok\\x1b[1A'
+        >>> visible("if admin" + chr(0x202E) + " {")
+        'if admin<U+202E> {'
+        >>> visible("two" + chr(10) + "lines", layout=False)
+        'two\\x0alines'
     """
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = text if isinstance(text, str) else str(text)
+    return _SUSPECT.sub(lambda m: _mark(m.group(), layout), text)
+
+
+def plain(text: object, style: str | None = None) -> Any:
+    """A ``rich.text.Text`` of :func:`visible` (one line): shown as it is, never read as markup."""
+    from rich.text import Text
+
+    return Text(visible(text, layout=False), style=style or "")
+
+
+def out(text: object = "", *, layout: bool = True) -> None:
+    """Print a line on stdout through :func:`visible` (the CLI's ``print``); ``layout=False``
+    for a line that must stay one line (a row of a listing)."""
+    sys.stdout.write(visible(text, layout=layout) + "\n")
+    sys.stdout.flush()
+
+
+def say(text: object) -> None:
+    """Print a line on stderr through :func:`visible`: what threadbound tells the person
+    beside a command's output (errors, what it starts, where its log is)."""
+    sys.stderr.write(visible(text) + "\n")
+    sys.stderr.flush()
+
 
 _CLEAR = "\r\x1b[K"
 
 
 def sentence(ev: Event) -> str | None:
-    """One line for a structured event, or None for events shown another way.
+    """One line for a structured event (through :func:`visible`), or None for events shown
+    another way.
 
     Examples:
         >>> sentence(Event("t1", 7, "test_result", "tester",
         ...                {"ok": False, "summary": "2 passed, 1 failed, 0 errors"}, 0))
         'tests failed: 2 passed, 1 failed, 0 errors'
     """
+    text = _sentence(ev)
+    return None if text is None else visible(text, layout=False)
+
+
+def _sentence(ev: Event) -> str | None:
     d, kind = ev.data, ev.kind
     if kind == "test_result":
         return f"tests {'passed' if d.get('ok') else 'failed'}: {d.get('summary')}"
@@ -104,7 +181,6 @@ class _Status:
 
     def __init__(self, round_: int, started: float) -> None:
         self.round, self.started, self.tokens = round_, started, 0
-        self.partial = ""  # the line being streamed, not yet printed (terminals only)
 
     def text(self, agent: str, now: float) -> str:
         elapsed = max(now - self.started, 1e-6)
@@ -113,20 +189,28 @@ class _Status:
 
 
 class Live:
-    """Renders one task's events for a person on ``out``."""
+    """Renders one task's events for a person on ``out``.
+
+    Everything an agent or the pool said goes through :func:`visible` on its way out;
+    the only escape sequences written are this class's own (the status line, on a
+    terminal). An agent's streamed text is kept whole per line: each agent's text is
+    buffered until a newline or the end of its step, so agents that run at the same
+    time never interleave mid-sentence; while several run, each of their lines is
+    prefixed with the agent's role."""
 
     def __init__(self, out: TextIO, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.tty = out.isatty() if tty is None else tty
         self.clock = clock
-        self.at_line_start = True
-        self.speaker: str | None = None  # the agent whose tokens are being printed
+        self.speaker: str | None = None  # the agent whose header or text is the last line printed
         self.running: dict[str, _Status] = {}
+        self.partial: dict[str, str] = {}  # per agent: the line being streamed, not yet printed
         self.status_shown = False
         self.lock = threading.RLock()
         self.final: Event | None = None
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._paused = False  # a question is asked below the stream: no status line over it
 
     # -- the status line (terminals only) ------------------------------------------
 
@@ -139,13 +223,26 @@ class Live:
     def stop(self) -> None:
         self._stop.set()
         with self.lock:
-            for agent in list(self.running):  # a stream cut short (Ctrl-C): keep what was said
+            for agent in list(self.partial):  # a stream cut short (Ctrl-C): keep what was said
                 self._flush_partial(agent)
             self._hide_status()
-            if not self.at_line_start:
-                self.out.write("\n")
-                self.at_line_start = True
             self.out.flush()
+
+    def settle(self) -> None:
+        """Print every agent's unfinished line and take the status line down until
+        :meth:`resume`: before anything else is shown below the stream (the approval diff
+        and prompt), which nothing of the stream may then draw over."""
+        with self.lock:
+            self._paused = True
+            for agent in list(self.partial):
+                self._flush_partial(agent)
+            self._hide_status()
+            self.out.flush()
+
+    def resume(self) -> None:
+        """The question is answered: the status line may show again."""
+        with self.lock:
+            self._paused = False
 
     def _tick(self) -> None:
         while not self._stop.wait(0.5):
@@ -158,36 +255,42 @@ class Live:
             self.status_shown = False
 
     def _show_status(self) -> None:
-        if not self.tty or not self.running or not self.at_line_start:
+        if not self.tty or not self.running or self._stop.is_set() or self._paused:
             return
         now = self.clock()
         line = "  " + " │ ".join(st.text(a, now) for a, st in self.running.items())
-        speaking = self.running.get(self.speaker or "")
-        if speaking is not None and speaking.partial:
-            line += " │ " + speaking.partial[-60:]
+        speaking = self.partial.get(self.speaker or "")
+        if speaking:
+            line += " │ " + speaking[-60:]
         width = shutil.get_terminal_size((100, 24)).columns - 1  # one row, or \r cannot clear it
-        self.out.write(_CLEAR + "\x1b[2m" + line[:width] + "\x1b[0m")
+        self.out.write(_CLEAR + "\x1b[2m" + visible(line, layout=False)[:width] + "\x1b[0m")
         self.out.flush()
         self.status_shown = True
 
     def _flush_partial(self, agent: str) -> None:
-        st = self.running.get(agent)
-        if st is not None and st.partial:
-            self._line(st.partial)
-            st.partial = ""
+        text = self.partial.pop(agent, "")
+        if text:
+            self._text(agent, text)
 
     # -- events ----------------------------------------------------------------------
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, *, layout: bool = False, speaker: str | None = None) -> None:
         self._hide_status()
-        if not self.at_line_start:
-            self.out.write("\n")
-        self.out.write(text + "\n")
-        self.at_line_start = True
+        self.out.write(visible(text, layout=layout) + "\n")
+        self.speaker = speaker
 
     def _header(self, agent: str, round_: int, extra: str = "") -> None:
-        self._line(f"── round {round_} · {agent}{extra} ──")
-        self.speaker = agent
+        self._line(f"── round {round_} · {agent}{extra} ──", speaker=agent)
+
+    def _text(self, agent: str, line: str) -> None:
+        """One whole line of an agent's text."""
+        if len(self.running) > 1:  # agents at work at once: say whose line it is
+            self._line(f"{agent} │ {line}", layout=True)
+            return
+        if self.speaker != agent:  # something else was printed since this agent's last line
+            status = self.running.get(agent)
+            self._header(agent, status.round if status else 0, " (continued)")
+        self._line(line, layout=True, speaker=agent)
 
     def __call__(self, ev: Event) -> None:
         with self.lock:
@@ -201,16 +304,11 @@ class Live:
             status = self.running.get(agent)
             if status is not None:
                 status.tokens += int(d.get("n") or 0) or 1
-            if self.speaker != agent:  # another agent was speaking (steps run in parallel)
-                self._header(agent, status.round if status else 0, " (continued)")
-            if self.tty and status is not None:  # whole lines above, the line in progress in the status
-                *done, status.partial = (status.partial + d["text"]).split("\n")
-                for line in done:
-                    self._line(line)
-                return
-            self._hide_status()
-            self.out.write(d["text"])
-            self.at_line_start = d["text"].endswith("\n")
+            *done, self.partial[agent] = (self.partial.get(agent, "") + str(d.get("text", ""))).split("\n")
+            for line in done:
+                self._text(agent, line)
+            if not self.partial[agent]:
+                del self.partial[agent]
         elif ev.kind == "step_started":
             self.running[agent] = _Status(d.get("round", 0), self.clock())
             retry = f", attempt {d['attempt']}" if d.get("attempt", 1) > 1 else ""
@@ -234,10 +332,15 @@ class Live:
         elif ev.kind in ("pending", "admitted", "running", "round_started"):
             pass
         elif ev.terminal:
+            for who in list(self.partial):
+                self._flush_partial(who)
             self.running.clear()
             self.final = ev  # the summary prints it, once
         else:
-            text = sentence(ev)
+            try:
+                text = sentence(ev)
+            except (TypeError, ValueError, KeyError, AttributeError):  # an agent's event of an odd shape
+                text = None
             if text is None:
                 text = f"{ev.kind}: {json.dumps(d, default=str)[:200]}"
             self._line(f"   · {agent + ': ' if agent else ''}{text}")
@@ -245,7 +348,11 @@ class Live:
 
 def summary_lines(res: Any, final: Event | None) -> list[str]:
     """The closing summary of a task: status, rounds, tests, each round, the change, the copy,
-    and the error (once)."""
+    and the error (once); every line through :func:`visible`."""
+    return [visible(line, layout=False) for line in _summary_lines(res, final)]
+
+
+def _summary_lines(res: Any, final: Event | None) -> list[str]:
     outputs = res.outputs if res is not None else {}
     review = outputs.get("reviewer") if isinstance(outputs.get("reviewer"), dict) else {}
     tests = outputs.get("tester") if isinstance(outputs.get("tester"), dict) else {}
@@ -267,8 +374,14 @@ def summary_lines(res: Any, final: Event | None) -> list[str]:
         lines.append(f"  NOT applied: {line}")
     copy = data.get("workspace_copy")
     if copy:
-        lines.append(f"  copy:     {copy} (kept)" if data.get("workspace_copy_kept") else
-                     f"  copy:     deleted ({copy}); --keep-workspace keeps it")
+        trial = f"{copy}{TRIAL_SUFFIX}"
+        tested = "tester" in outputs
+        if data.get("workspace_copy_kept"):
+            lines.append(f"  copy:     {copy} (kept)" + (f"; the tests last ran in {trial}, kept beside it"
+                                                          if tested else ""))
+        else:
+            lines.append(f"  copy:     deleted ({copy}" + (f" and {trial}, where the tests ran" if tested else "")
+                         + "); --keep-workspace keeps it")
     error = (res.error if res is not None else None) or data.get("error")
     if error:
         first, *rest = str(error).splitlines() or [""]

@@ -27,7 +27,7 @@ from ..registry import BUILTIN_ROLES, role_blobs
 from ..task import Event, Task, sequential
 from .common import (DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, no_interrupts, ray_was_up, say, start_ray,
                      stop_ray, task_inputs)
-from .render import Live, summary_lines, visible
+from .render import Live, out, summary_lines, visible
 
 # InvalidTask.field -> how the command line spells it
 _FLAGS = {
@@ -161,7 +161,7 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
     answering = not as_json and sys.stdin is not None and sys.stdin.isatty()
     if as_json:
         for ev in handle.stream():
-            print(json.dumps(ev.to_dict(), default=str), flush=True)
+            out(json.dumps(ev.to_dict(), default=str))
             seen.append(ev)
         return seen[-1] if seen and seen[-1].terminal else None
     live = Live(sys.stdout).start()
@@ -171,7 +171,11 @@ def follow(handle: Any, as_json: bool, seen: list[Event] | None = None) -> Event
             live(ev)
             if answering and ev.kind == "input_requested" and not any(
                     e.kind == "input_received" and e.data.get("request") == ev.data.get("request") for e in seen):
-                answer_in_terminal(handle, ev)
+                live.settle()  # every line streamed so far is out, the status line down
+                try:
+                    answer_in_terminal(handle, ev)
+                finally:
+                    live.resume()
     finally:
         live.stop()
     return live.final
@@ -184,7 +188,7 @@ def print_summary(handle: Any, final: Event | None) -> None:
         res = exc.result
     except ThreadboundError:
         res = None
-    print("\n" + "\n".join(summary_lines(res, final)), flush=True)
+    out("\n" + "\n".join(summary_lines(res, final)))
 
 
 def interrupted_line(handle: Any, final: Event | None, what: str) -> str:
@@ -314,7 +318,42 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 # -- run --approve: answering in the terminal that follows the task ------------------------
 
-APPROVAL_PROMPT = "approve? y = apply and finish, n [reason] = reject, anything else = feedback for another round > "
+def approval_prompt(apply: bool) -> str:
+    """The question under the diff: what ``y`` really does depends on ``--apply``."""
+    yes = ("y = approve: write the change to your workspace and finish" if apply else
+           "y = approve and finish (nothing is written to your workspace without --apply; "
+           "the change stays in the task's copy)")
+    return f"approve? {yes}, n [reason] = reject, anything else = feedback for another round > "
+
+
+# Threadbound's own reset before the diff, on a terminal: attributes off (hidden or
+# invisible text shows again), the whole screen as scroll region (cursor saved and restored
+# around it). Nothing the model wrote can change them (it all goes through ``visible``);
+# this undoes what anything else on the terminal (Ray's log lines with -v) may have left.
+TERMINAL_RESET = "\x1b[0m\x1b7\x1b[r\x1b8"
+
+
+def show_approval(payload: dict, stream: TextIO | None = None) -> None:
+    """The change a person is asked to approve, whole, below everything streamed: the
+    diff (control characters and invisible Unicode marked by ``visible``), the files it
+    writes, what would be refused, and a warning when anything was marked."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        stream.write(TERMINAL_RESET)
+    diff = str(payload.get("diff") or "").rstrip("\n")
+    files = [str(f) for f in payload.get("files") or []]
+    lines = ["", "── the change to approve " + "─" * 40, visible(diff) or "(no diff: the change has no text to show)",
+             "─" * 65,
+             "files: " + (", ".join(visible(f, layout=False) for f in files) or "none")
+             + ("" if payload.get("apply") else " (approving writes none of them to your workspace: that takes "
+                                                 "--apply)")]
+    lines += [f"would NOT be applied: {visible(why, layout=False)}" for why in payload.get("refused") or []]
+    if any(visible(text, layout=layout) != text for text, layout in [(diff, True)] + [(f, False) for f in files]):
+        lines.append("WARNING: the change contains control characters or invisible Unicode (bidi controls, "
+                     "zero-width characters), shown above as \\xNN or <U+XXXX>: the code may read "
+                     "differently from how it runs")
+    stream.write(visible("\n".join(lines)) + "\n")  # each part is visible() already; the whole too
+    stream.flush()
 
 
 def read_answer(ev: Event, stdin: TextIO = sys.stdin) -> Any | None:
@@ -322,9 +361,9 @@ def read_answer(ev: Event, stdin: TextIO = sys.stdin) -> Any | None:
     there is none (an empty line, or end of input)."""
     payload = ev.data.get("payload")
     approval = isinstance(payload, dict) and payload.get("kind") == "approval"
-    if approval and payload.get("diff"):
-        say(visible(str(payload["diff"]).rstrip("\n")))
-    say(APPROVAL_PROMPT if approval else "your answer (JSON, or text) > ")
+    if approval:
+        show_approval(payload)
+    say(approval_prompt(bool(payload.get("apply"))) if approval else "your answer (JSON, or text) > ")
     line = stdin.readline()
     text = line.strip()
     if not text:

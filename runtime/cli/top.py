@@ -26,6 +26,7 @@ from rich.text import Text
 
 from ..task import TERMINAL
 from .common import attach, log_file
+from .render import plain, visible
 
 GOAL_CHARS = 48
 TASK_ROWS = 20
@@ -73,8 +74,10 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
         'pool nightly   mode normal   queue 2   agents busy 0/4 (bound 0)   tokens/s -'
     """
     parts: list[RenderableType] = []
+    # Everything below that the pool or a submitter wrote (names, goals, roles, reasons,
+    # errors) is drawn as plain(): visible() in a Text, never Rich markup.
     if problem:
-        parts.append(Text(problem, style="bold red"))
+        parts.append(plain(problem, style="bold red"))
     if stats is None or health is None or tasks is None:
         parts.append(Text("waiting for the pool to answer...", style="dim"))
         return Group(*parts)
@@ -85,22 +88,22 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
     tps = stats.get("tokens_per_s")
     mode = health.get("mode", "?")
     head = Text()
-    head.append(f"pool {stats.get('name') or health.get('pool', '?')}", style="bold")
+    head.append(plain(f"pool {stats.get('name') or health.get('pool', '?')}", style="bold"))
     head.append("   mode ")
-    head.append(mode, style=_MODE_STYLE.get(mode, "bold"))
+    head.append(plain(mode, style=_MODE_STYLE.get(str(mode), "bold")))
     if health.get("since_s") is not None:
-        head.append(f" for {health['since_s']:.0f}s")
+        head.append(plain(f" for {health['since_s']:.0f}s"))
     if health.get("recovers_in_s"):
-        head.append(f" (recovers after {health['recovers_in_s']:.0f}s more without trouble)")
-    head.append(f"   queue {stats.get('queue_depth', 0)}")
-    head.append(f"   agents busy {stats.get('busy', 0)}/{stats.get('max_agents', '?')} (bound {bound})")
-    head.append(f"   tokens/s {'-' if tps is None else f'{tps:.1f}'}")
+        head.append(plain(f" (recovers after {health['recovers_in_s']:.0f}s more without trouble)"))
+    head.append(plain(f"   queue {stats.get('queue_depth', 0)}"))
+    head.append(plain(f"   agents busy {stats.get('busy', 0)}/{stats.get('max_agents', '?')} (bound {bound})"))
+    head.append(plain(f"   tokens/s {'-' if tps is None else f'{tps:.1f}'}"))
     if updated_at is not None:
-        head.append(f"   updated {_clock(updated_at)}", style="dim")
+        head.append(plain(f"   updated {_clock(updated_at)}", style="dim"))
     parts.append(head)
     counts = stats.get("tasks") or {}
-    parts.append(Text("tasks: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
-                      style="dim"))
+    parts.append(plain("tasks: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+                       style="dim"))
 
     # -- tasks, with which of their agents run now
     running: dict[str, list[str]] = stats.get("running") or {}
@@ -121,13 +124,14 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
         for i, role in enumerate(_field(t, "agents", ()) or ()):
             if i:
                 agents.append(" ")
-            agents.append(f"{role}*" if role in now else role, style="bold green" if role in now else "dim")
+            agents.append(plain(f"{role}*" if role in now else role, style="bold green" if role in now else "dim"))
         style = "dim" if status in TERMINAL else None
-        table.add_row(task_id, status, str(_field(t, "round", 0)), agents, str(per_task.get(task_id, 0)),
-                      _short(_field(t, "goal", "") or "", GOAL_CHARS), style=style)
+        table.add_row(plain(task_id), plain(status), plain(_field(t, "round", 0)), agents,
+                      plain(per_task.get(task_id, 0)), plain(_short(visible(_field(t, "goal", "") or "", layout=False),
+                                                                    GOAL_CHARS)), style=style)
     parts.append(table)
     if left_out:
-        parts.append(Text(f"... {left_out} more finished task(s) not shown", style="dim"))
+        parts.append(plain(f"... {left_out} more finished task(s) not shown", style="dim"))
     if not tasks:
         parts.append(Text("no tasks", style="dim"))
 
@@ -139,20 +143,21 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
     for s in slots:
         state = ("no actor" if not s.get("alive", True) else "replacing" if s.get("replacing")
                  else "busy" if s.get("busy") else "bound" if s.get("owner") else "idle")
-        agents_table.add_row(str(s.get("name", "?")), s.get("owner") or "-", state,
-                             str(s.get("pid") or "-"), str(s.get("uses", 0)),
+        agents_table.add_row(plain(s.get("name", "?")), plain(s.get("owner") or "-"), plain(state),
+                             plain(s.get("pid") or "-"), plain(s.get("uses", 0)),
                              style="bold green" if state == "busy" else "dim" if state == "idle" else None)
     parts.append(agents_table)
 
     # -- health: signals over their threshold, recent transitions
     over = [f"{name} {s['value']:g} >= {s['threshold']:g}"
             for name, s in (health.get("signals") or {}).items() if s.get("over")]
-    parts.append(Text("health: " + ("; ".join(over) if over else "no signal over its threshold")
-                      + ("" if health.get("enabled", True) else " (monitoring off)")))
+    parts.append(plain("health: " + ("; ".join(over) if over else "no signal over its threshold")
+                       + ("" if health.get("enabled", True) else " (monitoring off)")))
     transitions = (health.get("transitions") or [])[-TRANSITIONS:]
     if transitions:
         for t in transitions:
-            parts.append(Text(f"  {_clock(t['at'])} {t['from']} -> {t['to']}: {'; '.join(t.get('reasons') or [])}"))
+            parts.append(plain(f"  {_clock(t['at'])} {t['from']} -> {t['to']}: "
+                               f"{'; '.join(map(str, t.get('reasons') or []))}"))
     else:
         parts.append(Text("  no transitions", style="dim"))
     parts.append(Text("q quits", style="dim"))
