@@ -118,6 +118,11 @@ def sentence(ev: Event) -> str | None:
         >>> sentence(Event("t1", 7, "test_result", "tester",
         ...                {"ok": False, "summary": "2 passed, 1 failed, 0 errors"}, 0))
         'tests failed: 2 passed, 1 failed, 0 errors'
+        >>> sentence(Event("t1", 8, "tool_call", "coder", {"name": "read_file", "arguments": {"path": "a.py"}}, 0))
+        'calls read_file({"path": "a.py"})'
+        >>> sentence(Event("t1", 9, "tool_result", "coder", {"name": "read_file", "ok": True,
+        ...                "output": "1\\tdef f():\\x1b[2J\\n2\\t..."}, 0))
+        'read_file ok: 1\\\\x09def f():\\\\x1b[2J'
     """
     text = _sentence(ev)
     return None if text is None else visible(text, layout=False)
@@ -169,6 +174,18 @@ def _sentence(ev: Event) -> str | None:
         which = ", ".join(f"#{r}" for r in d.get("requests") or [])
         return (f"waiting for a person ({which}); its agent actors are free meanwhile; it gives up after "
                 f"{d.get('wait_timeout_s', 0):g}s (wait_timeout_s)")
+    if kind == events.TOOL_CALL:
+        args = d.get("arguments")
+        shown = args if isinstance(args, str) else json.dumps(args, default=str, ensure_ascii=False)
+        return f"calls {d.get('name')}({shown[:160]})"
+    if kind == events.TOOL_RESULT:
+        outcome = "ok" if d.get("ok") else "failed"
+        if d.get("refused_path"):
+            outcome = "refused: the path is outside the task's copy"
+        first = str(d.get("output") or "").strip().splitlines()[:1]
+        return f"{d.get('name')} {outcome}" + (f": {first[0][:160]}" if first else "")
+    if kind == events.NODE_UPDATE:
+        return f"graph node {d.get('node')} updated the state"
     if kind == "health":
         reasons = "; ".join(d.get("reasons", []))
         return f"the pool is {d.get('mode')}" + (f" ({reasons})" if reasons else "") + (
