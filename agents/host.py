@@ -1,12 +1,21 @@
-"""The inside of an agent actor ("slot"): binds an agent, runs its steps, batches tokens.
+"""The inside of an agent actor ("slot"): binds agents, runs their steps, batches tokens.
 
-:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``
-(``max_concurrency=1``: one step at a time, in its own process; the agent's code
-runs on one helper thread so tokens are flushed on time). One binding = one fresh agent
-instance for one role of one task; its state is restored from the committed state
-the supervisor sends. :meth:`SlotWorker.run_step` is a generator: every item it
-yields is a list of ``(kind, data)`` events, and the last item carries the step's
-outcome (``__result__`` or ``__error__``), so partial output is never lost.
+:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``.
+With ``agents_per_actor: 1`` it has one *place* (``max_concurrency=1``: one step at a
+time, in its own process); with k it has k places, one agent each, and Ray's threaded
+actor runs up to k step calls at once (plus a few control calls: ``ping``, ``stop``).
+Each step's agent code runs on a helper thread of its own, so tokens are flushed on time.
+One binding = one fresh agent instance for one role of one task, on one place; its state
+is restored from the committed state the supervisor sends. :meth:`SlotWorker.run_step`
+is a generator: every item it yields is a list of ``(kind, data)`` events, and the last
+item carries the step's outcome (``__result__`` or ``__error__``), so partial output is
+never lost.
+
+What the places of one process share (the agent classes unpickled, the model clients)
+sits behind a lock; what an agent owns (its instance, its context) is its place's alone.
+:meth:`SlotWorker.stop` asks a place's running step to stop (its deadline passed): the
+agent's thread raises :class:`~threadbound.agents.base.Stopped` at its next token,
+``ctx.ask`` or ``ctx.emit``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from threadbound.agents.base import Agent, Interrupt, StepContext
+from threadbound.agents.base import Agent, Interrupt, StepContext, Stopped
 from threadbound.agents.errors import RateLimitError, TaskInputError, TransientError
 from threadbound.agents.models import build_model
 
@@ -60,6 +69,7 @@ class StepRequest:
     sandbox: Any = None  # SandboxSettings: how the pool isolates commands the agent runs
     answers: list[Any] = field(default_factory=list)  # answers to this step's interrupts so far
     inbox: list[Any] = field(default_factory=list)  # messages since the role's last committed step
+    place: int = 0  # which of the actor's places (agents_per_actor > 1) the step runs on
 
 
 class _TokenBatcher:
@@ -106,6 +116,7 @@ class _Sink(deque):
     def __init__(self) -> None:
         super().__init__()
         self.wake = threading.Event()
+        self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
         super().append(item)
@@ -124,6 +135,10 @@ def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any])
                 except StopIteration as stop:
                     outcome["output"] = stop.value
                     break
+                if sink.stop.is_set():  # checked at every token: the step's deadline passed
+                    result.close()  # its finally blocks run here, on its own thread
+                    raise Stopped(f"step of {ctx.role!r} in task {ctx.task_id} was asked to stop "
+                                  "(its deadline passed)")
                 if isinstance(item, str):
                     sink.append(item)
                 elif item is not None:
@@ -143,62 +158,95 @@ def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any])
 
 
 class SlotWorker:
-    """One agent actor's worth of logic. Not thread-safe: one step at a time, by design."""
+    """One agent actor's worth of logic: ``places`` agents at most, one step per place at
+    a time (the supervisor sends no second step to a busy place)."""
 
-    def __init__(self, slot_name: str) -> None:
+    def __init__(self, slot_name: str, places: int = 1) -> None:
         self.slot_name = slot_name
-        self.binding: str | None = None
-        self.agent: Agent | None = None
+        self.places = places
+        self._bound: dict[int, tuple[str, Agent]] = {}  # place -> (binding, its agent)
+        self._running: dict[int, tuple[str, _Sink]] = {}  # place -> (idempotency key, sink) of its step now
         self.bindings = 0
+        self._lock = threading.Lock()  # guards what the places share: the caches, the counters
         self._classes: dict[bytes, type] = {}
         self._models: dict[str, Any] = {}
 
-    def ping(self) -> dict[str, Any]:
-        return {"slot": self.slot_name, "pid": os.getpid(), "binding": self.binding, "bindings": self.bindings}
+    @property
+    def binding(self) -> str | None:
+        """The binding on place 0 (what a one-agent actor reports)."""
+        got = self._bound.get(0)
+        return got[0] if got else None
 
-    def release(self) -> int:
-        """Drop the bound agent so the slot is clean for its next binding.
+    @property
+    def agent(self) -> Agent | None:
+        got = self._bound.get(0)
+        return got[1] if got else None
+
+    def ping(self) -> dict[str, Any]:
+        return {"slot": self.slot_name, "pid": os.getpid(), "binding": self.binding, "bindings": self.bindings,
+                "places": self.places, "bound": len(self._bound)}
+
+    def release(self, place: int | None = None) -> int:
+        """Drop the bound agent of ``place`` (all places: None) so it is clean for its next binding.
 
         No ``gc.collect()`` here: a full collection in a Ray worker costs tens of
         milliseconds, which would be paid on every binding. Reference counting frees an
         agent at once; cycles go with the process when it is recycled."""
-        self.agent = None
-        self.binding = None
+        if place is None:
+            self._bound.clear()
+        else:
+            self._bound.pop(place, None)
         return self.bindings
 
+    def stop(self, place: int, key: str) -> bool:
+        """Ask the step running on ``place`` with idempotency key ``key`` to stop (its
+        deadline passed); False if no such step runs (it ended meanwhile)."""
+        running = self._running.get(place)
+        if running is None or running[0] != key:
+            return False
+        running[1].stop.set()
+        running[1].wake.set()
+        return True
+
+    def _class(self, blob: bytes) -> type:
+        with self._lock:
+            cls = self._classes.get(blob)
+            if cls is None:
+                cls = self._classes[blob] = cloudpickle.loads(blob)
+            return cls
+
     def _bind(self, req: StepRequest) -> Agent:
-        if self.binding == req.binding and self.agent is not None:
-            return self.agent
-        self.release()
+        got = self._bound.get(req.place)
+        if got is not None and got[0] == req.binding:
+            return got[1]
+        self.release(req.place)
         if req.agent_blob is None:  # the supervisor believed this process had the binding
             raise RuntimeError(f"actor {self.slot_name} has no agent for binding {req.binding} and was sent "
                                "no agent class; the step runs again on a fresh binding")
-        cls = self._classes.get(req.agent_blob)
-        if cls is None:
-            cls = cloudpickle.loads(req.agent_blob)
-            self._classes[req.agent_blob] = cls
-        agent = cls()
+        agent = self._class(req.agent_blob)()
         if req.has_state:
             agent.set_state(req.state)
-        self.agent, self.binding = agent, req.binding
-        self.bindings += 1
+        self._bound[req.place] = (req.binding, agent)
+        with self._lock:
+            self.bindings += 1
         return agent
 
     def _model(self, config: Any):
         if config is None:
             return None
         key = config.model_dump_json() if hasattr(config, "model_dump_json") else repr(config)
-        model = self._models.get(key)
-        if model is None:
-            model = self._models[key] = build_model(config)
-        return model
+        with self._lock:  # one client per config in the process, built once even when places race
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = build_model(config)
+            return model
 
     def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
         """Run one step of the bound agent, yielding batches of events, outcome last.
 
-        The agent runs on a helper thread (one at a time: this actor has one step in
-        flight at most) so that pending tokens are flushed on time even while the
-        agent is busy or stuck; a stuck agent's tokens so far are thus never lost.
+        The agent runs on a helper thread (one per place with a step in flight) so that
+        pending tokens are flushed on time even while the agent is busy or stuck; a
+        stuck agent's tokens so far are thus never lost.
         """
         started = time.monotonic()
         batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
@@ -218,6 +266,15 @@ class SlotWorker:
         except BaseException as exc:
             yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
             return
+        self._running[req.place] = (req.idempotency_key, sink)
+        try:
+            yield from self._relay(req, ctx, agent, sink, outcome, batcher, collected, started)
+        finally:
+            if self._running.get(req.place, (None,))[0] == req.idempotency_key:
+                del self._running[req.place]
+
+    def _relay(self, req: StepRequest, ctx: StepContext, agent: Agent, sink: _Sink, outcome: dict[str, Any],
+               batcher: _TokenBatcher, collected: list[str], started: float) -> Iterator[list[tuple[str, Any]]]:
         threading.Thread(target=_drive, args=(agent, ctx, sink, outcome),
                          name=f"{req.role}/{req.task_id}", daemon=True).start()
         done = False

@@ -83,7 +83,8 @@ class Supervisor:
         prefix = "" if config.name == "threadbound" else f"{config.name}/"
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
-                               on_free=lambda: self.life.pump(), clock=self.clock)
+                               on_free=lambda: self.life.pump(), clock=self.clock,
+                               per_actor=config.agents_per_actor)
         self.capacity = Capacity(self.slots, config.max_agents_per_task,
                                  on_grant=lambda task_id, slots: self.life.launch(task_id, slots))
         self.life = TaskLife(config, self.shard, self.capacity, self.health, self.hooks)
@@ -366,7 +367,8 @@ class Supervisor:
                 levels[ts.level] = levels.get(ts.level, 0) + 1
         return View(active=sum(len(ts.run.running) for ts in self.tasks.values()),
                     bound=sum(1 for s in self.slots.slots if s.owner is not None),
-                    size=self.cfg.max_agents, queue_depth=self.shard.queued(self.capacity.waiting()),
+                    size=self.cfg.max_agents, actors=sum(1 for p in self.slots.procs if p.handle is not None),
+                    actors_size=len(self.slots.procs), queue_depth=self.shard.queued(self.capacity.waiting()),
                     tasks=self.shard.by_status(), levels=levels, mode=self.health.mode,
                     snapshot_interval_s=self.cfg.snapshot_interval_s if self.durable is not None else 0.0)
 
