@@ -113,9 +113,9 @@ _DONE = object()
 class _Sink(deque):
     """Where the agent's thread puts tokens and events; wakes the streaming side."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: threading.Event | None = None) -> None:
         super().__init__()
-        self.wake = threading.Event()
+        self.wake = wake if wake is not None else threading.Event()  # shared by an actor's places: events()
         self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
@@ -170,6 +170,8 @@ class SlotWorker:
         self._lock = threading.Lock()  # guards what the places share: the caches, the counters
         self._classes: dict[bytes, type] = {}
         self._models: dict[str, Any] = {}
+        self._steps: dict[str, _Step] = {}  # idempotency key -> a step started by start_step
+        self._wake: threading.Event | None = None  # wakes events(): some step has something
 
     @property
     def binding(self) -> str | None:
@@ -241,6 +243,32 @@ class SlotWorker:
                 model = self._models[key] = build_model(config)
             return model
 
+    def _open(self, req: StepRequest, wake: threading.Event | None = None) -> "_Step":
+        """Bind the step's agent and build its context; a failure becomes the step's error."""
+        step = _Step(req, _Sink(wake))
+        try:
+            agent = self._bind(req)
+            step.ctx = StepContext(
+                task_id=req.task_id, role=req.role, goal=req.goal, workspace=req.workspace,
+                round=req.round, attempt=req.attempt, idempotency_key=req.idempotency_key,
+                inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
+                level=req.level, streaming=req.streaming, model=self._model(req.model_config),
+                model_options=dict(req.model_options), tokens_left=req.tokens_left,
+                sandbox=req.sandbox, sink=step.sink, answers=list(req.answers), inbox=list(req.inbox),
+            )
+        except BaseException as exc:
+            step.outcome.update(error=exc, traceback=traceback.format_exc(limit=20))
+            step.sink.append(_DONE)
+            return step
+        self._running[req.place] = (req.idempotency_key, step.sink)
+        threading.Thread(target=_drive, args=(agent, step.ctx, step.sink, step.outcome),
+                         name=f"{req.role}/{req.task_id}", daemon=True).start()
+        return step
+
+    def _close(self, step: "_Step") -> None:
+        if self._running.get(step.req.place, (None,))[0] == step.req.idempotency_key:
+            del self._running[step.req.place]
+
     def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
         """Run one step of the bound agent, yielding batches of events, outcome last.
 
@@ -248,77 +276,118 @@ class SlotWorker:
         pending tokens are flushed on time even while the agent is busy or stuck; a
         stuck agent's tokens so far are thus never lost.
         """
-        started = time.monotonic()
-        batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
-        collected: list[str] = []  # non-streaming: tokens become one final message
-        sink = _Sink()
-        outcome: dict[str, Any] = {}
+        step = self._open(req)
         try:
-            agent = self._bind(req)
-            ctx = StepContext(
-                task_id=req.task_id, role=req.role, goal=req.goal, workspace=req.workspace,
-                round=req.round, attempt=req.attempt, idempotency_key=req.idempotency_key,
-                inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
-                level=req.level, streaming=req.streaming, model=self._model(req.model_config),
-                model_options=dict(req.model_options), tokens_left=req.tokens_left,
-                sandbox=req.sandbox, sink=sink, answers=list(req.answers), inbox=list(req.inbox),
-            )
-        except BaseException as exc:
-            yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
-            return
-        self._running[req.place] = (req.idempotency_key, sink)
-        try:
-            yield from self._relay(req, ctx, agent, sink, outcome, batcher, collected, started)
+            while not step.done:
+                step.sink.wake.wait(step.batcher.wait_s())
+                step.sink.wake.clear()
+                out = step.pump()
+                if out:
+                    yield out
         finally:
-            if self._running.get(req.place, (None,))[0] == req.idempotency_key:
-                del self._running[req.place]
+            self._close(step)
 
-    def _relay(self, req: StepRequest, ctx: StepContext, agent: Agent, sink: _Sink, outcome: dict[str, Any],
-               batcher: _TokenBatcher, collected: list[str], started: float) -> Iterator[list[tuple[str, Any]]]:
-        threading.Thread(target=_drive, args=(agent, ctx, sink, outcome),
-                         name=f"{req.role}/{req.task_id}", daemon=True).start()
+    # -- one event stream for all the places (agents_per_actor > 1) ------------------------
+
+    def start_step(self, req: StepRequest) -> bool:
+        """Start a step on its place and return at once; its events come through
+        :meth:`events`, with those of the other places, in one message per flush."""
+        with self._lock:
+            if self._wake is None:
+                self._wake = threading.Event()
+        step = self._open(req, self._wake)
+        with self._lock:
+            self._steps[req.idempotency_key] = step
+        self._wake.set()
+        return "error" not in step.outcome
+
+    def events(self) -> Iterator[list[tuple[str, list[tuple[str, Any]]]]]:
+        """The actor's one event stream: each item is ``[(idempotency key, batch), ...]``
+        with the pending events of every step that has some, flushed together (a step's
+        batches keep their order; its last batch carries its outcome, as with
+        :meth:`run_step`). Runs as long as the actor does."""
+        with self._lock:
+            if self._wake is None:
+                self._wake = threading.Event()
+        wake = self._wake
+        while True:
+            with self._lock:
+                steps = list(self._steps.items())
+            waits = [w for _, st in steps if (w := st.batcher.wait_s()) is not None]
+            if not waits or min(waits) > 0:
+                wake.wait(min(waits) if waits else None)
+            wake.clear()
+            with self._lock:
+                steps = list(self._steps.items())
+            out = []
+            for key, st in steps:
+                got = st.pump()
+                if got:
+                    out.append((key, got))
+                if st.done:
+                    with self._lock:
+                        self._steps.pop(key, None)
+                    self._close(st)
+            if out:
+                yield out
+
+
+class _Step:
+    """One step's pending events on the host: its sink, batcher and outcome."""
+
+    def __init__(self, req: StepRequest, sink: "_Sink") -> None:
+        self.req = req
+        self.sink = sink
+        self.batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
+        self.collected: list[str] = []  # non-streaming: tokens become one final message
+        self.outcome: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.ctx: StepContext | None = None
+        self.done = False
+
+    def pump(self) -> list[tuple[str, Any]]:
+        """What is due to go out now: token batches and events in order, the outcome last."""
+        req, batcher, sink, outcome, started = self.req, self.batcher, self.sink, self.outcome, self.started
+        out: list[tuple[str, Any]] = []
         done = False
-        while not done:
-            sink.wake.wait(batcher.wait_s())
-            sink.wake.clear()
-            out: list[tuple[str, Any]] = []
-            while sink:
-                item = sink.popleft()
-                if item is _DONE:
-                    done = True
-                elif not isinstance(item, str):  # a custom event: tokens before it go first
-                    tok = batcher.take()
-                    if tok:
-                        out.append(tok)
-                    out.append(item)
-                elif not req.streaming:
-                    collected.append(item)
-                else:
-                    batcher.add(item)
-                    if len(batcher.parts) >= batcher.batch_size:
-                        out.append(batcher.take())
-            if batcher.due() or done:
+        while sink:
+            item = sink.popleft()
+            if item is _DONE:
+                done = True
+            elif not isinstance(item, str):  # a custom event: tokens before it go first
                 tok = batcher.take()
                 if tok:
                     out.append(tok)
-            if done:
-                if collected:
-                    out.append(("message", {"text": "".join(collected)}))
-                if "interrupt" in outcome:
-                    stop = outcome["interrupt"]
-                    out.append((INTERRUPT, {"payload": stop.payload, "index": stop.index,
-                                            "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used}))
-                elif "error" in outcome:
-                    out.append((ERROR, {**_error_data(outcome["error"], outcome["traceback"], started),
-                                        "tokens": ctx.tokens_used}))
-                else:
-                    out.append((RESULT, {
-                        "output": outcome.get("output"), "state": outcome.get("state"),
-                        "round_requests": list(ctx._round_requests),
-                        "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used,
-                    }))
-            if out:
-                yield out
+                out.append(item)
+            elif not req.streaming:
+                self.collected.append(item)
+            else:
+                batcher.add(item)
+                if len(batcher.parts) >= batcher.batch_size:
+                    out.append(batcher.take())
+        if batcher.due() or done:
+            tok = batcher.take()
+            if tok:
+                out.append(tok)
+        if done:
+            self.done = True
+            tokens = self.ctx.tokens_used if self.ctx is not None else 0
+            if self.collected:
+                out.append(("message", {"text": "".join(self.collected)}))
+            if "interrupt" in outcome:
+                stop = outcome["interrupt"]
+                out.append((INTERRUPT, {"payload": stop.payload, "index": stop.index,
+                                        "elapsed_s": time.monotonic() - started, "tokens": tokens}))
+            elif "error" in outcome:
+                data = _error_data(outcome["error"], outcome["traceback"], started)
+                out.append((ERROR, {**data, "tokens": tokens} if self.ctx is not None else data))
+            else:
+                out.append((RESULT, {
+                    "output": outcome.get("output"), "state": outcome.get("state"),
+                    "round_requests": list(self.ctx._round_requests),
+                    "elapsed_s": time.monotonic() - started, "tokens": tokens,
+                }))
+        return out
 
 
 def _error_data(exc: BaseException, tb: str, started: float) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ..config import RuntimeConfig
 from ..task import FAILED, TIMED_OUT, ancestors
 from .binding import Binder, SlotLost
 from .budget import Budget
+from .channel import Listener
 from .clock import Clock
 from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT, Health
 from .hooks import Hooks, Outcome, StepInfo, Transition
@@ -175,7 +176,10 @@ class StepAttempt:
         why_ended = "cancelled"  # what ends the step if it does not end by itself
         gen = None
         try:
-            gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
+            if slot.proc.channel is not None:  # several agents per actor: its one event stream
+                gen = slot.proc.channel.start(req, f"{role}/{ts.id}")
+            else:
+                gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
             if req.agent_blob is not None:
                 slot.sent = (req.binding, slot.generation)
             while True:
@@ -252,8 +256,11 @@ class StepAttempt:
                          "cancelled": f"killed when the step of {role}/{ts.id} was cancelled"}.get(why_ended)
                 if env.slots.per_actor > 1 and gen is not None and why_ended != "stream":
                     env.slots.stop_or_kill(slot, gen, req.idempotency_key, cause)  # co-tenants: stop first
+                    gen = None  # its stream is the slot table's now
                 else:
                     env.slots.replace(slot, kill=True, cause=cause)
+            if isinstance(gen, Listener):
+                gen.close()  # stop listening on the actor's stream
 
     def _flush(self, relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]]) -> None:
         if relayed:

@@ -39,6 +39,7 @@ from .attempt import StepEnv
 from .binding import Binder
 from .budget import Budget
 from .capacity import Capacity
+from .channel import ActorChannel
 from .clock import Clock, SystemClock
 from .durability import Durability, open_location
 from .health import NORMAL, Health, HealthMonitor
@@ -84,7 +85,7 @@ class Supervisor:
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
                                on_free=lambda: self.life.pump(), clock=self.clock,
-                               per_actor=config.agents_per_actor)
+                               per_actor=config.agents_per_actor, on_start=self._on_actor_start)
         self.capacity = Capacity(self.slots, config.max_agents_per_task,
                                  on_grant=lambda task_id, slots: self.life.launch(task_id, slots))
         self.life = TaskLife(config, self.shard, self.capacity, self.health, self.hooks)
@@ -123,6 +124,12 @@ class Supervisor:
         except RuntimeError:
             return  # started by the first call instead
         self._start()
+
+    @staticmethod
+    def _on_actor_start(proc: Any) -> None:
+        """An actor hosting several agents sends all their events on one stream (``channel``)."""
+        if len(proc.places) > 1 and hasattr(proc.handle, "events"):
+            proc.channel = ActorChannel(proc.handle, proc.name)
 
     @property
     def tasks(self) -> dict[str, TaskRecord]:

@@ -49,6 +49,7 @@ from ray.exceptions import RayError
 
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT
 
+from .channel import Listener
 from .clock import Clock, SystemClock
 
 log = logging.getLogger("threadbound.slots")
@@ -442,6 +443,9 @@ class SlotTable:
             ended = True
         except (RayError, asyncio.TimeoutError):
             pass
+        finally:
+            if isinstance(stream, Listener):  # stop listening on the actor's one stream
+                stream.close()
         if not ended and proc.generation == generation and not proc.replacing and not self._closed:
             log.warning("the step %s on %s did not stop within %.1fs: its actor is killed (%s)",
                         key, slot.name, STOP_GRACE_S, cause)
