@@ -191,3 +191,31 @@ def test_one_event_stream_carries_every_places_tokens_in_order_in_shared_message
     assert ends == {f"t{i}:1:x:1": (RESULT, f"t{i}") for i in range(4)}
     assert shared > 0 and messages < 4 * (50 // 8 + 2)
     assert worker._steps == {} and worker._running == {}
+
+
+class AsksForever(Agent):
+    """A plain step that consumes model answers itself (no token reaches the host) forever."""
+
+    def step(self, ctx):
+        while True:
+            for _ in ctx.ask([{"role": "user", "content": "go"}]):
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_a_step_asked_to_stop_ends_inside_ctx_ask():
+    from threadbound.agents.models.simulated import SimulatedModelConfig
+
+    worker = SlotWorker("agent/0", places=2)
+    model = SimulatedModelConfig(tokens_per_s=200, tokens=1000)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(worker.run_step(request(AsksForever, 0, "t1",
+                                                                                model_config=model))))
+    reader.start()
+    deadline = time.monotonic() + 30
+    while 0 not in worker._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.stop(0, "t1:1:x:1") is True
+    reader.join(30)
+    kind, data = outcome(got)
+    assert kind == ERROR and data["type"] == "Stopped" and "ask" in data["traceback"]

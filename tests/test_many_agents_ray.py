@@ -13,7 +13,7 @@ from conftest import eventually, make_pool
 
 from threadbound.runtime import Task
 
-TOKENS = 30
+TOKENS = 120  # 12 s of streaming each: the 200 tasks overlap while they are submitted
 
 
 def _restarted(pool, old_pid) -> bool:
@@ -51,7 +51,7 @@ def test_200_streaming_agents_on_4_actors_survive_a_supervisor_sigkill(ray_sessi
                                     inputs={"a": {"tokens": TOKENS, "token_sleep_s": 0.1}}))
                    for i in range(200)]
         live = follow(handles[:10])  # a few clients follow their tasks live, across the crash
-        assert eventually(lambda: pool.stats()["agents"]["busy"] >= 100, 240, 0.5), pool.stats()["agents"]
+        assert eventually(lambda: pool.stats()["agents"]["busy"] >= 80, 240, 0.2), pool.stats()["agents"]
         stats = pool.stats()
         assert stats["actors"]["total"] == 4 and stats["actors"]["alive"] <= 4
         assert stats["agents"]["total"] == 200
