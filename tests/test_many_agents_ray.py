@@ -29,14 +29,20 @@ def _check_log(events, expected: str) -> None:
     finished = [e for e in events if e.kind == "step_finished"]
     assert len(finished) == 1
     attempt = finished[0].data["attempt"]
-    # the attempt that committed streamed every token once, in order; an attempt the crash
-    # interrupted streamed a prefix of them (each attempt's tokens are its own)
-    by_attempt: dict[int, str] = {}
+    # a run of a step is its attempt's tokens between two `resumed` events: the run the
+    # crash cut short streamed a prefix, and the step restarted from its beginning after it
+    runs: dict[tuple[int, int], str] = {}
+    segment = 0
     for e in events:
-        if e.kind == "tokens":
-            by_attempt[e.data["attempt"]] = by_attempt.get(e.data["attempt"], "") + e.data["text"]
-    assert by_attempt[attempt] == expected
-    assert all(expected.startswith(text) for text in by_attempt.values())
+        if e.kind == "resumed":
+            segment += 1
+        elif e.kind == "tokens":
+            key = (segment, e.data["attempt"])
+            runs[key] = runs.get(key, "") + e.data["text"]
+    committed = [text for (seg, att), text in runs.items() if att == attempt]
+    assert committed[-1] == expected  # the run that committed: every token once, in order
+    assert all(expected.startswith(text) for text in runs.values())
+    assert finished[0].offset > max(i for i, e in enumerate(events) if e.kind == "tokens")
 
 
 @pytest.mark.slow
