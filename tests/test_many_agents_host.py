@@ -136,6 +136,7 @@ def test_two_concurrent_sandboxed_runs_in_one_actor_get_different_uids(ray_sessi
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
+    (b / "go").write_text("")  # the second run does not wait
     host = Host.remote()
     try:
         # Given a run in the actor that waits until told to go
