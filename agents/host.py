@@ -266,8 +266,15 @@ class SlotWorker:
         return step
 
     def _close(self, step: "_Step") -> None:
-        if self._running.get(step.req.place, (None,))[0] == step.req.idempotency_key:
-            del self._running[step.req.place]
+        place = step.req.place
+        if self._running.get(place, (None,))[0] == step.req.idempotency_key:
+            del self._running[place]
+        if isinstance(step.outcome.get("error"), Stopped):
+            # Stopped midway, its agent may hold half-done state: the next step of the role
+            # gets a fresh instance from the committed state, as a killed actor's would.
+            got = self._bound.get(place)
+            if got is not None and got[0] == step.req.binding:
+                del self._bound[place]
 
     def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
         """Run one step of the bound agent, yielding batches of events, outcome last.

@@ -75,6 +75,7 @@ def test_a_step_asked_to_stop_ends_at_its_next_check_and_the_other_place_goes_on
     kind, data = outcome([first, *stuck])
     # Then it ends as a Stopped error, and place 1 runs a step of its own meanwhile
     assert kind == ERROR and data["type"] == "Stopped"
+    assert 0 not in worker._bound  # its next step gets a fresh agent from the committed state
     kind, data = outcome(list(worker.run_step(request(Quick, 1, "t2"))))
     assert kind == RESULT and data["output"] == "done"
     assert worker.stop(0, "t1:1:x:1") is False  # it is over
