@@ -31,6 +31,14 @@ class Interrupt(BaseException):
         self.index = index
 
 
+class Stopped(BaseException):
+    """Raised inside a step the pool asked to stop (its deadline passed), at the step's next
+    token, :meth:`StepContext.ask` or :meth:`StepContext.emit`.
+
+    A ``BaseException``, so an agent's ``except Exception`` does not swallow it. An agent
+    that does not stop within the grace period has its actor killed."""
+
+
 @dataclass
 class StepContext:
     """Everything one step of one agent may see, plus the ways it talks back.
@@ -132,6 +140,7 @@ class StepContext:
             >>> ctx = StepContext(task_id="t1", role="coder", goal="g")
             >>> ctx.emit("tool_output", {"cmd": "ls", "stdout": "a.py"})
         """
+        self._check_stop()
         if not isinstance(kind, str) or not kind:
             raise ValueError("event kind must be a non-empty string")
         if kind in RESERVED_KINDS:
@@ -148,6 +157,7 @@ class StepContext:
         When the pool runs non-streaming the model is called without streaming and the
         whole answer is yielded once.
         """
+        self._check_stop()
         if self.model is None:
             raise RuntimeError("this step has no model configured")
         opts = {
@@ -169,10 +179,18 @@ class StepContext:
             return text
         parts: list[str] = []
         for tok in self.model.stream(messages, **opts):
+            self._check_stop()
             parts.append(tok)
             self.tokens_used += 1
             yield tok
         return "".join(parts)
+
+    def _check_stop(self) -> None:
+        """Raise :class:`Stopped` once the pool asked this step to stop (the runtime's sink
+        carries the flag; a plain list, as in tests, never stops)."""
+        stop = getattr(self.sink, "stop", None)
+        if stop is not None and stop.is_set():
+            raise Stopped(f"step of {self.role!r} in task {self.task_id} was asked to stop (its deadline passed)")
 
     def request_round(self, feedback: str) -> None:
         """Ask for another round (e.g. tests failed), with feedback for the next one.

@@ -1,12 +1,21 @@
-"""The inside of an agent actor ("slot"): binds an agent, runs its steps, batches tokens.
+"""The inside of an agent actor ("slot"): binds agents, runs their steps, batches tokens.
 
-:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``
-(``max_concurrency=1``: one step at a time, in its own process; the agent's code
-runs on one helper thread so tokens are flushed on time). One binding = one fresh agent
-instance for one role of one task; its state is restored from the committed state
-the supervisor sends. :meth:`SlotWorker.run_step` is a generator: every item it
-yields is a list of ``(kind, data)`` events, and the last item carries the step's
-outcome (``__result__`` or ``__error__``), so partial output is never lost.
+:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``.
+With ``agents_per_actor: 1`` it has one *place* (``max_concurrency=1``: one step at a
+time, in its own process); with k it has k places, one agent each, and Ray's threaded
+actor runs up to k step calls at once (plus a few control calls: ``ping``, ``stop``).
+Each step's agent code runs on a helper thread of its own, so tokens are flushed on time.
+One binding = one fresh agent instance for one role of one task, on one place; its state
+is restored from the committed state the supervisor sends. :meth:`SlotWorker.run_step`
+is a generator: every item it yields is a list of ``(kind, data)`` events, and the last
+item carries the step's outcome (``__result__`` or ``__error__``), so partial output is
+never lost.
+
+What the places of one process share (the agent classes unpickled, the model clients)
+sits behind a lock; what an agent owns (its instance, its context) is its place's alone.
+:meth:`SlotWorker.stop` asks a place's running step to stop (its deadline passed): the
+agent's thread raises :class:`~threadbound.agents.base.Stopped` at its next token,
+``ctx.ask`` or ``ctx.emit``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from threadbound.agents.base import Agent, Interrupt, StepContext
+from threadbound.agents.base import Agent, Interrupt, StepContext, Stopped
 from threadbound.agents.errors import RateLimitError, TaskInputError, TransientError
 from threadbound.agents.models import build_model
 
@@ -60,6 +69,7 @@ class StepRequest:
     sandbox: Any = None  # SandboxSettings: how the pool isolates commands the agent runs
     answers: list[Any] = field(default_factory=list)  # answers to this step's interrupts so far
     inbox: list[Any] = field(default_factory=list)  # messages since the role's last committed step
+    place: int = 0  # which of the actor's places (agents_per_actor > 1) the step runs on
 
 
 class _TokenBatcher:
@@ -103,9 +113,10 @@ _DONE = object()
 class _Sink(deque):
     """Where the agent's thread puts tokens and events; wakes the streaming side."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: threading.Event | None = None) -> None:
         super().__init__()
-        self.wake = threading.Event()
+        self.wake = wake if wake is not None else threading.Event()  # shared by an actor's places: events()
+        self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
         super().append(item)
@@ -124,6 +135,10 @@ def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any])
                 except StopIteration as stop:
                     outcome["output"] = stop.value
                     break
+                if sink.stop.is_set():  # checked at every token: the step's deadline passed
+                    result.close()  # its finally blocks run here, on its own thread
+                    raise Stopped(f"step of {ctx.role!r} in task {ctx.task_id} was asked to stop "
+                                  "(its deadline passed)")
                 if isinstance(item, str):
                     sink.append(item)
                 elif item is not None:
@@ -143,125 +158,243 @@ def _drive(agent: Agent, ctx: StepContext, sink: _Sink, outcome: dict[str, Any])
 
 
 class SlotWorker:
-    """One agent actor's worth of logic. Not thread-safe: one step at a time, by design."""
+    """One agent actor's worth of logic: ``places`` agents at most, one step per place at
+    a time (the supervisor sends no second step to a busy place)."""
 
-    def __init__(self, slot_name: str) -> None:
+    def __init__(self, slot_name: str, places: int = 1) -> None:
         self.slot_name = slot_name
-        self.binding: str | None = None
-        self.agent: Agent | None = None
+        self.places = places
+        self._bound: dict[int, tuple[str, Agent]] = {}  # place -> (binding, its agent)
+        self._running: dict[int, tuple[str, _Sink]] = {}  # place -> (idempotency key, sink) of its step now
         self.bindings = 0
+        self._lock = threading.Lock()  # guards what the places share: the caches, the counters
         self._classes: dict[bytes, type] = {}
         self._models: dict[str, Any] = {}
+        self._steps: dict[str, _Step] = {}  # idempotency key -> a step started by start_step
+        self._wake: threading.Event | None = None  # wakes events(): some step has something
+
+    @property
+    def binding(self) -> str | None:
+        """The binding on place 0 (what a one-agent actor reports)."""
+        got = self._bound.get(0)
+        return got[0] if got else None
+
+    @property
+    def agent(self) -> Agent | None:
+        got = self._bound.get(0)
+        return got[1] if got else None
 
     def ping(self) -> dict[str, Any]:
-        return {"slot": self.slot_name, "pid": os.getpid(), "binding": self.binding, "bindings": self.bindings}
+        return {"slot": self.slot_name, "pid": os.getpid(), "binding": self.binding, "bindings": self.bindings,
+                "places": self.places, "bound": len(self._bound)}
 
-    def release(self) -> int:
-        """Drop the bound agent so the slot is clean for its next binding.
+    def release(self, place: int | None = None) -> int:
+        """Drop the bound agent of ``place`` (all places: None) so it is clean for its next binding.
 
         No ``gc.collect()`` here: a full collection in a Ray worker costs tens of
         milliseconds, which would be paid on every binding. Reference counting frees an
         agent at once; cycles go with the process when it is recycled."""
-        self.agent = None
-        self.binding = None
+        if place is None:
+            self._bound.clear()
+        else:
+            self._bound.pop(place, None)
         return self.bindings
 
+    def stop(self, place: int, key: str) -> bool:
+        """Ask the step running on ``place`` with idempotency key ``key`` to stop (its
+        deadline passed); False if no such step runs (it ended meanwhile)."""
+        running = self._running.get(place)
+        if running is None or running[0] != key:
+            return False
+        running[1].stop.set()
+        running[1].wake.set()
+        return True
+
+    def _class(self, blob: bytes) -> type:
+        with self._lock:
+            cls = self._classes.get(blob)
+            if cls is None:
+                cls = self._classes[blob] = cloudpickle.loads(blob)
+            return cls
+
     def _bind(self, req: StepRequest) -> Agent:
-        if self.binding == req.binding and self.agent is not None:
-            return self.agent
-        self.release()
+        got = self._bound.get(req.place)
+        if got is not None and got[0] == req.binding:
+            return got[1]
+        self.release(req.place)
         if req.agent_blob is None:  # the supervisor believed this process had the binding
             raise RuntimeError(f"actor {self.slot_name} has no agent for binding {req.binding} and was sent "
                                "no agent class; the step runs again on a fresh binding")
-        cls = self._classes.get(req.agent_blob)
-        if cls is None:
-            cls = cloudpickle.loads(req.agent_blob)
-            self._classes[req.agent_blob] = cls
-        agent = cls()
+        agent = self._class(req.agent_blob)()
         if req.has_state:
             agent.set_state(req.state)
-        self.agent, self.binding = agent, req.binding
-        self.bindings += 1
+        self._bound[req.place] = (req.binding, agent)
+        with self._lock:
+            self.bindings += 1
         return agent
 
     def _model(self, config: Any):
         if config is None:
             return None
         key = config.model_dump_json() if hasattr(config, "model_dump_json") else repr(config)
-        model = self._models.get(key)
-        if model is None:
-            model = self._models[key] = build_model(config)
-        return model
+        with self._lock:  # one client per config in the process, built once even when places race
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = build_model(config)
+            return model
 
-    def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
-        """Run one step of the bound agent, yielding batches of events, outcome last.
-
-        The agent runs on a helper thread (one at a time: this actor has one step in
-        flight at most) so that pending tokens are flushed on time even while the
-        agent is busy or stuck; a stuck agent's tokens so far are thus never lost.
-        """
-        started = time.monotonic()
-        batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
-        collected: list[str] = []  # non-streaming: tokens become one final message
-        sink = _Sink()
-        outcome: dict[str, Any] = {}
+    def _open(self, req: StepRequest, wake: threading.Event | None = None) -> "_Step":
+        """Bind the step's agent and build its context; a failure becomes the step's error."""
+        step = _Step(req, _Sink(wake))
         try:
             agent = self._bind(req)
-            ctx = StepContext(
+            step.ctx = StepContext(
                 task_id=req.task_id, role=req.role, goal=req.goal, workspace=req.workspace,
                 round=req.round, attempt=req.attempt, idempotency_key=req.idempotency_key,
                 inputs=req.inputs, outputs=req.outputs, feedback=list(req.feedback),
                 level=req.level, streaming=req.streaming, model=self._model(req.model_config),
                 model_options=dict(req.model_options), tokens_left=req.tokens_left,
-                sandbox=req.sandbox, sink=sink, answers=list(req.answers), inbox=list(req.inbox),
+                sandbox=req.sandbox, sink=step.sink, answers=list(req.answers), inbox=list(req.inbox),
             )
         except BaseException as exc:
-            yield [(ERROR, _error_data(exc, traceback.format_exc(limit=20), started))]
-            return
-        threading.Thread(target=_drive, args=(agent, ctx, sink, outcome),
+            step.outcome.update(error=exc, traceback=traceback.format_exc(limit=20))
+            step.sink.append(_DONE)
+            return step
+        self._running[req.place] = (req.idempotency_key, step.sink)
+        threading.Thread(target=_drive, args=(agent, step.ctx, step.sink, step.outcome),
                          name=f"{req.role}/{req.task_id}", daemon=True).start()
+        return step
+
+    def _close(self, step: "_Step") -> None:
+        place = step.req.place
+        if self._running.get(place, (None,))[0] == step.req.idempotency_key:
+            del self._running[place]
+        if isinstance(step.outcome.get("error"), Stopped):
+            # Stopped midway, its agent may hold half-done state: the next step of the role
+            # gets a fresh instance from the committed state, as a killed actor's would.
+            got = self._bound.get(place)
+            if got is not None and got[0] == step.req.binding:
+                del self._bound[place]
+
+    def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
+        """Run one step of the bound agent, yielding batches of events, outcome last.
+
+        The agent runs on a helper thread (one per place with a step in flight) so that
+        pending tokens are flushed on time even while the agent is busy or stuck; a
+        stuck agent's tokens so far are thus never lost.
+        """
+        step = self._open(req)
+        try:
+            while not step.done:
+                step.sink.wake.wait(step.batcher.wait_s())
+                step.sink.wake.clear()
+                out = step.pump()
+                if out:
+                    yield out
+        finally:
+            self._close(step)
+
+    # -- one event stream for all the places (agents_per_actor > 1) ------------------------
+
+    def start_step(self, req: StepRequest) -> bool:
+        """Start a step on its place and return at once; its events come through
+        :meth:`events`, with those of the other places, in one message per flush."""
+        with self._lock:
+            if self._wake is None:
+                self._wake = threading.Event()
+        step = self._open(req, self._wake)
+        with self._lock:
+            self._steps[req.idempotency_key] = step
+        self._wake.set()
+        return "error" not in step.outcome
+
+    def events(self) -> Iterator[list[tuple[str, list[tuple[str, Any]]]]]:
+        """The actor's one event stream: each item is ``[(idempotency key, batch), ...]``
+        with the pending events of every step that has some, flushed together (a step's
+        batches keep their order; its last batch carries its outcome, as with
+        :meth:`run_step`). Runs as long as the actor does."""
+        with self._lock:
+            if self._wake is None:
+                self._wake = threading.Event()
+        wake = self._wake
+        while True:
+            with self._lock:
+                steps = list(self._steps.items())
+            waits = [w for _, st in steps if (w := st.batcher.wait_s()) is not None]
+            if not waits or min(waits) > 0:
+                wake.wait(min(waits) if waits else None)
+            wake.clear()
+            with self._lock:
+                steps = list(self._steps.items())
+            out = []
+            for key, st in steps:
+                got = st.pump()
+                if got:
+                    out.append((key, got))
+                if st.done:
+                    with self._lock:
+                        self._steps.pop(key, None)
+                    self._close(st)
+            if out:
+                yield out
+
+
+class _Step:
+    """One step's pending events on the host: its sink, batcher and outcome."""
+
+    def __init__(self, req: StepRequest, sink: "_Sink") -> None:
+        self.req = req
+        self.sink = sink
+        self.batcher = _TokenBatcher(req.token_batch_size, req.token_interval_s)
+        self.collected: list[str] = []  # non-streaming: tokens become one final message
+        self.outcome: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.ctx: StepContext | None = None
+        self.done = False
+
+    def pump(self) -> list[tuple[str, Any]]:
+        """What is due to go out now: token batches and events in order, the outcome last."""
+        req, batcher, sink, outcome, started = self.req, self.batcher, self.sink, self.outcome, self.started
+        out: list[tuple[str, Any]] = []
         done = False
-        while not done:
-            sink.wake.wait(batcher.wait_s())
-            sink.wake.clear()
-            out: list[tuple[str, Any]] = []
-            while sink:
-                item = sink.popleft()
-                if item is _DONE:
-                    done = True
-                elif not isinstance(item, str):  # a custom event: tokens before it go first
-                    tok = batcher.take()
-                    if tok:
-                        out.append(tok)
-                    out.append(item)
-                elif not req.streaming:
-                    collected.append(item)
-                else:
-                    batcher.add(item)
-                    if len(batcher.parts) >= batcher.batch_size:
-                        out.append(batcher.take())
-            if batcher.due() or done:
+        while sink:
+            item = sink.popleft()
+            if item is _DONE:
+                done = True
+            elif not isinstance(item, str):  # a custom event: tokens before it go first
                 tok = batcher.take()
                 if tok:
                     out.append(tok)
-            if done:
-                if collected:
-                    out.append(("message", {"text": "".join(collected)}))
-                if "interrupt" in outcome:
-                    stop = outcome["interrupt"]
-                    out.append((INTERRUPT, {"payload": stop.payload, "index": stop.index,
-                                            "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used}))
-                elif "error" in outcome:
-                    out.append((ERROR, {**_error_data(outcome["error"], outcome["traceback"], started),
-                                        "tokens": ctx.tokens_used}))
-                else:
-                    out.append((RESULT, {
-                        "output": outcome.get("output"), "state": outcome.get("state"),
-                        "round_requests": list(ctx._round_requests),
-                        "elapsed_s": time.monotonic() - started, "tokens": ctx.tokens_used,
-                    }))
-            if out:
-                yield out
+                out.append(item)
+            elif not req.streaming:
+                self.collected.append(item)
+            else:
+                batcher.add(item)
+                if len(batcher.parts) >= batcher.batch_size:
+                    out.append(batcher.take())
+        if batcher.due() or done:
+            tok = batcher.take()
+            if tok:
+                out.append(tok)
+        if done:
+            self.done = True
+            tokens = self.ctx.tokens_used if self.ctx is not None else 0
+            if self.collected:
+                out.append(("message", {"text": "".join(self.collected)}))
+            if "interrupt" in outcome:
+                stop = outcome["interrupt"]
+                out.append((INTERRUPT, {"payload": stop.payload, "index": stop.index,
+                                        "elapsed_s": time.monotonic() - started, "tokens": tokens}))
+            elif "error" in outcome:
+                data = _error_data(outcome["error"], outcome["traceback"], started)
+                out.append((ERROR, {**data, "tokens": tokens} if self.ctx is not None else data))
+            else:
+                out.append((RESULT, {
+                    "output": outcome.get("output"), "state": outcome.get("state"),
+                    "round_requests": list(self.ctx._round_requests),
+                    "elapsed_s": time.monotonic() - started, "tokens": tokens,
+                }))
+        return out
 
 
 def _error_data(exc: BaseException, tb: str, started: float) -> dict[str, Any]:

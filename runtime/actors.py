@@ -23,14 +23,16 @@ log = logging.getLogger("threadbound.supervisor")
 class _SlotWorker(SlotWorker):
     """An agent actor that names the model actors its agents start in its pool's namespace."""
 
-    def __init__(self, slot_name: str, namespace: str | None = None, prefix: str = "") -> None:
-        super().__init__(slot_name)
+    def __init__(self, slot_name: str, namespace: str | None = None, prefix: str = "", places: int = 1) -> None:
+        super().__init__(slot_name, places)
         serve_models_in(namespace, prefix)
 
 
 # One thread, own process; never restarted by Ray: the supervisor replaces slots itself
-# so that the agent cap holds while it does.
+# so that the agent cap holds while it does. With agents_per_actor k > 1 it is a threaded
+# actor (SlotFactory sets max_concurrency): k step calls at once, plus CONTROL_CALLS.
 SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(_SlotWorker)
+CONTROL_CALLS = 4  # ping and stop calls that must get through while every place runs a step
 
 
 def _prefix(config: RuntimeConfig) -> str:
@@ -105,11 +107,14 @@ class SlotFactory:
             self.opts["lifetime"] = "detached"
         self.namespace = config.ray.namespace
         self.prefix = _prefix(config)
+        self.places = config.agents_per_actor
+        if self.places > 1:
+            self.opts["max_concurrency"] = self.places + CONTROL_CALLS
         self.placement = Placement(config.ray.agent_num_cpus, namespace=self.namespace, models_prefix=self.prefix)
 
     def __call__(self, name: str, node: str | None = None) -> Any:
         opts = self.opts if node is None else {**self.opts, **self.placement.options(node)}
-        return SlotActor.options(name=name, **opts).remote(name, self.namespace, self.prefix)
+        return SlotActor.options(name=name, **opts).remote(name, self.namespace, self.prefix, self.places)
 
 
 def slot_actor_factory(config: RuntimeConfig) -> Callable[..., Any]:

@@ -13,7 +13,8 @@ config is built, never at import.
 
 Environment overrides (applied by ``from_yaml`` and ``from_env``, never at import):
 
-    THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_STEP_TIMEOUT_S,
+    THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_AGENTS_PER_ACTOR,
+    THREADBOUND_STEP_TIMEOUT_S,
     THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
     THREADBOUND_SNAPSHOT_KEY_FILE,
     THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
@@ -30,7 +31,8 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 import yaml
 from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo,
+    field_validator, model_validator,
 )
 
 from threadbound.agents.models import ModelConfig, SimulatedModelConfig
@@ -85,6 +87,12 @@ def _snapshot_dir(value: Any) -> Any:
 
 def _key_file(value: Any) -> Any:
     return default_key_file() if value is None else value
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would take true as 1
+        raise ValueError(f"must be a whole number of agents, not a boolean (got {value!r})")
+    return value
 
 
 def _to_ms(value: Any) -> Any:
@@ -363,6 +371,9 @@ class RuntimeConfig(_Section):
     max_agents: int = Field(default=10, ge=1)
     max_agents_per_task: int = Field(default=3, ge=1)
     recycle_after: int = Field(default=100, ge=1)
+    # Agents one slot actor (one process) hosts at once, each on a thread of its own
+    # (docs/many-agents.md); 1 = a process per agent.
+    agents_per_actor: Annotated[int, BeforeValidator(_not_bool)] = Field(default=1, ge=1)
     prewarm: bool = False
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
@@ -393,6 +404,15 @@ class RuntimeConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("agents_per_actor")
+    @classmethod
+    def _per_actor_fits(cls, value: int, info: ValidationInfo) -> int:
+        most = info.data.get("max_agents")
+        if most is not None and value > most:
+            raise ValueError(f"cannot exceed max_agents ({most}): an actor hosts at most max_agents agents; "
+                             f"lower agents_per_actor or raise max_agents")
+        return value
 
     def task_graph_defaults(self) -> tuple[tuple[str, ...], dict[str, list[str]] | None]:
         """``(default_agents, default_after)`` as a task without its own fills them in."""
@@ -510,6 +530,7 @@ class RuntimeConfig(_Section):
 ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_MAX_AGENTS": ("max_agents",),
     "THREADBOUND_MAX_AGENTS_PER_TASK": ("max_agents_per_task",),
+    "THREADBOUND_AGENTS_PER_ACTOR": ("agents_per_actor",),
     "THREADBOUND_STEP_TIMEOUT_S": ("step_timeout_s",),
     "THREADBOUND_TASK_TIMEOUT_S": ("task_timeout_s",),
     "THREADBOUND_WAIT_TIMEOUT_S": ("wait_timeout_s",),

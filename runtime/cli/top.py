@@ -97,6 +97,10 @@ def render(stats: dict[str, Any] | None, health: dict[str, Any] | None, tasks: S
         head.append(plain(f" (recovers after {health['recovers_in_s']:.0f}s more without trouble)"))
     head.append(plain(f"   queue {stats.get('queue_depth', 0)}"))
     head.append(plain(f"   agents busy {stats.get('busy', 0)}/{stats.get('max_agents', '?')} (bound {bound})"))
+    actors = stats.get("actors")
+    if actors and actors.get("agents_per_actor", 1) > 1:  # several agents per process: show the processes
+        head.append(plain(f"   actors {actors.get('alive', 0)}/{actors.get('total', '?')}"
+                          f" ({actors['agents_per_actor']} agents each)"))
     head.append(plain(f"   tokens/s {'-' if tps is None else f'{tps:.1f}'}"))
     if updated_at is not None:
         head.append(plain(f"   updated {_clock(updated_at)}", style="dim"))

@@ -34,9 +34,13 @@ METRICS: tuple[Spec, ...] = (
          "Time from a step's request to its first token, by role", ("role",), FIRST_TOKEN_BUCKETS),
     Spec("threadbound_tokens_total", COUNTER, "Model tokens streamed by agents"),
     Spec("threadbound_tokens_per_second", GAUGE, "Tokens per second, pool-wide, over the last metrics.tokens_window_s"),
-    Spec("threadbound_thread_pool_active", GAUGE, "Agent actors running a step now"),
-    Spec("threadbound_thread_pool_bound", GAUGE, "Agent actors bound to a task"),
-    Spec("threadbound_thread_pool_size", GAUGE, "The most agent actors the pool may have (max_agents)"),
+    Spec("threadbound_thread_pool_active", GAUGE, "Agents running a step now"),
+    Spec("threadbound_thread_pool_bound", GAUGE, "Agents bound to a task"),
+    Spec("threadbound_thread_pool_size", GAUGE, "The most agents the pool may run at once (max_agents)"),
+    Spec("threadbound_agent_actors", GAUGE, "Agent actors (processes) alive now; each hosts up to "
+         "agents_per_actor agents"),
+    Spec("threadbound_agent_actors_size", GAUGE, "The most agent actors the pool may have "
+         "(ceil(max_agents / agents_per_actor))"),
     Spec("threadbound_reasoning_level", GAUGE, "Unfinished admitted tasks by their current reasoning level",
          ("level",)),
     Spec("threadbound_level_choices_total", COUNTER, "Reasoning levels chosen for steps", ("level",)),

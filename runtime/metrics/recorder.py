@@ -38,6 +38,8 @@ class View:
     active: int = 0
     bound: int = 0
     size: int = 0
+    actors: int = 0  # agent processes alive
+    actors_size: int = 0  # ceil(max_agents / agents_per_actor)
     queue_depth: int = 0
     tasks: dict[str, int] = field(default_factory=dict)  # status -> count
     levels: dict[int, int] = field(default_factory=dict)  # level -> unfinished admitted tasks
@@ -141,6 +143,8 @@ class PoolMetrics:
         self.child("threadbound_thread_pool_active").set(view.active)
         self.child("threadbound_thread_pool_bound").set(view.bound)
         self.child("threadbound_thread_pool_size").set(view.size)
+        self.child("threadbound_agent_actors").set(view.actors)
+        self.child("threadbound_agent_actors_size").set(view.actors_size)
         self.child("threadbound_queue_depth").set(view.queue_depth)
         self.child("threadbound_health_mode").set(MODES.index(view.mode) if view.mode in MODES else 0)
         self.child("threadbound_snapshot_interval_seconds").set(view.snapshot_interval_s)

@@ -5,8 +5,11 @@ policy gives up.
 the actor's event stream into the task's log (every event tagged with the attempt),
 and turns how the stream ended into an :class:`Outcome`. Whether its actor goes back
 to the task or is killed is decided in one place, its ``finally``: an attempt that did
-not hear its step's end (deadline, crash, broken stream, cancellation) kills the actor,
-since a running step cannot be interrupted any other way.
+not hear its step's end (deadline, crash, broken stream, cancellation) kills the actor
+when it hosts this agent alone; an actor shared with other agents (``agents_per_actor``
+> 1) is first asked to stop the step and killed only if it does not within a grace
+period (``SlotTable.stop_or_kill``), naming this step as the cause to the co-tenants
+whose steps die with it.
 
 :func:`run_step` is the retry loop around it and the commit of a step's result.
 """
@@ -27,6 +30,7 @@ from ..config import RuntimeConfig
 from ..task import FAILED, TIMED_OUT, ancestors
 from .binding import Binder, SlotLost
 from .budget import Budget
+from .channel import Listener
 from .clock import Clock
 from .health import ACTOR_DEATH, STREAM_FAILURE, TIMEOUT, Health
 from .hooks import Hooks, Outcome, StepInfo, Transition
@@ -145,6 +149,7 @@ class StepAttempt:
             state=ts.states.get(role), has_state=role in ts.states,
             tokens_left=env.budget.tokens_left(ts, info.level), sandbox=env.sandbox,
             answers=list(ts.answers.get(role, ())), inbox=ts.inbox[self.inbox[0]:self.inbox[1]],
+            place=slot.place,
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -167,8 +172,14 @@ class StepAttempt:
         deadline = started + timeout
         heard_end = False  # the actor reported the step's end: it may serve the task again
         slot.busy = True  # for stats(); this attempt is the only writer
+        generation = slot.generation  # the process this step runs on
+        why_ended = "cancelled"  # what ends the step if it does not end by itself
+        gen = None
         try:
-            gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
+            if slot.proc.channel is not None:  # several agents per actor: its one event stream
+                gen = slot.proc.channel.start(req, f"{role}/{ts.id}")
+            else:
+                gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
             if req.agent_blob is not None:
                 slot.sent = (req.binding, slot.generation)
             while True:
@@ -211,6 +222,7 @@ class StepAttempt:
                 finally:
                     self._flush(relayed)  # one append for the whole batch the actor sent
         except asyncio.TimeoutError:
+            why_ended = "deadline"
             elapsed = clock.monotonic() - started
             self._release_held()
             self._emit(ev.STEP_TIMED_OUT, round=info.round, limit_s=timeout, elapsed_s=round(elapsed, 3),
@@ -222,20 +234,33 @@ class StepAttempt:
             return Outcome("crash", {"why": "ended its step without a result"})
         except RayError as exc:
             died = isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
+            why_ended = "stream"
+            cause = env.slots.cause(slot, generation) if died else None  # a co-tenant's step killed it
             self._release_held()
+            extra = {"cause": cause} if cause else {}
             self._emit(ev.AGENT_CRASHED if died else ev.STREAM_FAILED, round=info.round, slot=slot.name,
                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
-                       **env.budget.cost(self.streamed, level))
+                       **extra, **env.budget.cost(self.streamed, level))
             if died:
-                return Outcome("crash", {"why": f"crashed (its actor {slot.name} died)"}, signal=ACTOR_DEATH)
+                actor = slot.proc.name
+                return Outcome("crash", {"why": f"crashed (its actor {actor} was {cause})" if cause else
+                                         f"crashed (its actor {actor} died)"}, signal=ACTOR_DEATH)
             return Outcome("crash", {"why": f"lost its event stream ({type(exc).__name__}); its actor "
                                             f"{slot.name} was replaced"}, signal=STREAM_FAILURE)
         finally:
             slot.busy = False
             self._release_held()
-            if not heard_end:  # the step may still be running in there: end its process
+            if not heard_end:  # the step may still be running in there: end it
                 slot.sent = None
-                env.slots.replace(slot, kill=True)
+                cause = {"deadline": f"killed at the step deadline of {role}/{ts.id}",
+                         "cancelled": f"killed when the step of {role}/{ts.id} was cancelled"}.get(why_ended)
+                if env.slots.per_actor > 1 and gen is not None and why_ended != "stream":
+                    env.slots.stop_or_kill(slot, gen, req.idempotency_key, cause)  # co-tenants: stop first
+                    gen = None  # its stream is the slot table's now
+                else:
+                    env.slots.replace(slot, kill=True, cause=cause)
+            if isinstance(gen, Listener):
+                gen.close()  # stop listening on the actor's stream
 
     def _flush(self, relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]]) -> None:
         if relayed:

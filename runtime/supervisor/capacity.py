@@ -55,7 +55,7 @@ class Capacity:
         """How many slots a task of ``roles`` distinct roles holds (so how many run at once)."""
         width = min(roles, self.max_per_task)
         if self.slots.placement is not None:  # all on one node: no more than the largest node holds
-            width = min(width, max(1, self.slots.placement.largest()))
+            width = min(width, max(1, self.slots.placement.largest() * self.slots.per_actor))
         return width
 
     def request(self, task_id: str, roles: int, priority: int, order: int, home: str | None = None) -> None:

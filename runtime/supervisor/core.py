@@ -39,6 +39,7 @@ from .attempt import StepEnv
 from .binding import Binder
 from .budget import Budget
 from .capacity import Capacity
+from .channel import ActorChannel
 from .clock import Clock, SystemClock
 from .durability import Durability, open_location
 from .health import NORMAL, Health, HealthMonitor
@@ -83,7 +84,8 @@ class Supervisor:
         prefix = "" if config.name == "threadbound" else f"{config.name}/"
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
-                               on_free=lambda: self.life.pump(), clock=self.clock)
+                               on_free=lambda: self.life.pump(), clock=self.clock,
+                               per_actor=config.agents_per_actor, on_start=self._on_actor_start)
         self.capacity = Capacity(self.slots, config.max_agents_per_task,
                                  on_grant=lambda task_id, slots: self.life.launch(task_id, slots))
         self.life = TaskLife(config, self.shard, self.capacity, self.health, self.hooks)
@@ -122,6 +124,12 @@ class Supervisor:
         except RuntimeError:
             return  # started by the first call instead
         self._start()
+
+    @staticmethod
+    def _on_actor_start(proc: Any) -> None:
+        """An actor hosting several agents sends all their events on one stream (``channel``)."""
+        if len(proc.places) > 1 and hasattr(proc.handle, "events"):
+            proc.channel = ActorChannel(proc.handle, proc.name)
 
     @property
     def tasks(self) -> dict[str, TaskRecord]:
@@ -366,7 +374,8 @@ class Supervisor:
                 levels[ts.level] = levels.get(ts.level, 0) + 1
         return View(active=sum(len(ts.run.running) for ts in self.tasks.values()),
                     bound=sum(1 for s in self.slots.slots if s.owner is not None),
-                    size=self.cfg.max_agents, queue_depth=self.shard.queued(self.capacity.waiting()),
+                    size=self.cfg.max_agents, actors=sum(1 for p in self.slots.procs if p.handle is not None),
+                    actors_size=len(self.slots.procs), queue_depth=self.shard.queued(self.capacity.waiting()),
                     tasks=self.shard.by_status(), levels=levels, mode=self.health.mode,
                     snapshot_interval_s=self.cfg.snapshot_interval_s if self.durable is not None else 0.0)
 

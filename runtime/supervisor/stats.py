@@ -16,6 +16,8 @@ def pool_stats(sup: "Supervisor") -> dict[str, Any]:
         # processes replaced (counted once the old one is gone), and recycles of due
         # slots begun (counted when begun: a recycle runs in the background)
         "slots": slots.describe(), "replacements": slots.replacements, "recycles": slots.recycles,
+        # agents (places: busy of total) and actors (processes) separately
+        **slots.counts(),
         "max_agents": sup.cfg.max_agents, "max_agents_per_task": sup.cfg.max_agents_per_task,
         # which agents of each running task work at this moment
         "running": {ts.id: sorted(ts.run.running) for ts in tasks.values() if ts.run.running},
