@@ -178,6 +178,7 @@ def test_one_event_stream_carries_every_places_tokens_in_order_in_shared_message
     # When it is read until every step has ended
     while len(ends) < 4:
         item = next(stream)
+        time.sleep(0.02)  # a busy reader: what the places stream meanwhile must ride together
         messages += 1
         shared += len(item) > 1
         for key, batch in item:
