@@ -46,6 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..gateway.auth import ENV, Tokens, TokenError, load
     from ..pool import AgentPool
 
+    # Everything that can be wrong with the flags is said before Ray starts.
+    if not isinstance(args.port, int) or not 1 <= args.port <= 65535:
+        raise BadInput("--port", f"must be a TCP port from 1 to 65535, got {args.port!r}; e.g. --port {DEFAULT_PORT}")
     cfg = base_config(args)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise BadInput("--ssl-certfile" if not args.ssl_certfile else "--ssl-keyfile",
@@ -58,11 +61,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokens, made = load(args.tokens_file or token_file())
     except (TokenError, OSError) as exc:
         raise BadInput("--tokens-file" if not os.environ.get(ENV) else ENV, str(exc)) from None
+    where = args.tokens_file or token_file()
     if made:
-        where = args.tokens_file or token_file()
         say(f"created {where} (mode 0600) with two tokens; they are shown this once:")
         say(f"  submit (may submit and cancel): {made['submit']}")
         say(f"  read-only:                      {made['read']}")
+    elif os.environ.get(ENV):
+        say(f"tokens: from {ENV} (the token file is not read)")
+    else:
+        say(f"tokens: {where} (submit and read-only tokens, one per line; delete it to make new ones)")
     if not _loopback(args.host) and not args.ssl_certfile:
         say(f"threadbound serve: WARNING: serving on {args.host} without TLS: tokens and task data cross the "
             "network in clear text; pass --ssl-certfile and --ssl-keyfile, or bind 127.0.0.1 behind a TLS proxy")

@@ -245,7 +245,8 @@ class Gateway:
                             201 if handle.created else 200,
                             headers={"Location": f"/v1/tasks/{handle.task_id}", "Cache-Control": "no-store"})
 
-    async def _json_body(self, request: Request) -> Any:
+    async def _json_body(self, request: Request, empty: Any = None) -> Any:
+        """The request's JSON body; ``empty`` (when not None) stands for a body with nothing in it."""
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -257,6 +258,8 @@ class Gateway:
                 raise Problem(413, f"body: larger than this gateway accepts ({limit} bytes)", "body", "too_large")
             chunks.append(chunk)
         raw = b"".join(chunks)
+        if empty is not None and not raw.strip():
+            return empty
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -365,11 +368,9 @@ class Gateway:
     # -- a person in the loop ---------------------------------------------------------
 
     async def _input_body(self, request: Request, allowed: dict[str, bool]) -> dict[str, Any]:
-        """A JSON object with only the ``allowed`` fields (name -> required); an empty body is {}."""
-        if request.headers.get("content-length") == "0":
-            body: Any = {}
-        else:
-            body = await self._json_body(request)
+        """A JSON object with only the ``allowed`` fields (name -> required); an empty body
+        (no body at all, or only white space) is {}: approve and reject with no reason."""
+        body = await self._json_body(request, empty={})
         if not isinstance(body, dict):
             raise Problem(422, f"body: must be a JSON object with {', '.join(allowed)}", "body", "InvalidInput")
         for name in body:
