@@ -20,7 +20,9 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable
 
@@ -83,7 +85,7 @@ class Problem(Exception):
 
     def response(self) -> JSONResponse:
         body = {"error": {"type": self.type, "message": self.message, "field": self.field}}
-        return JSONResponse(body, self.status, headers={**self.headers, "Cache-Control": "no-store"})
+        return SafeJSON(body, self.status, headers={**self.headers, "Cache-Control": "no-store"})
 
 
 def _from_error(exc: ThreadboundError) -> Problem:
@@ -103,8 +105,7 @@ def _from_error(exc: ThreadboundError) -> Problem:
 
 def event_json(ev: Event) -> str:
     """The wire form of an event (SSE ``data:`` and WebSocket frames)."""
-    return json.dumps({"offset": ev.offset, "kind": ev.kind, "agent": ev.agent, "data": ev.data, "ts": ev.ts},
-                      default=str, separators=(",", ":"))
+    return dumps({"offset": ev.offset, "kind": ev.kind, "agent": ev.agent, "data": ev.data, "ts": ev.ts})
 
 
 def _sse_frame(ev: Event) -> bytes:
@@ -112,13 +113,46 @@ def _sse_frame(ev: Event) -> bytes:
     return f"id: {ev.offset}\nevent: {kind}\ndata: {event_json(ev)}\n\n".encode()
 
 
-def _int_param(text: str, name: str, lowest: int) -> int:
-    if len(text) > 20 or not text.lstrip("-").isdigit():
+_INT = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() passes "²", int() then fails
+
+
+def _int_param(text: str, name: str, lowest: int, highest: int = 10**18) -> int:
+    """``text`` as an integer from ``lowest`` to ``highest``, or a 400 naming ``name``."""
+    if not _INT.fullmatch(text):
         raise Problem(400, f"{name}: must be an integer >= {lowest}, got {text[:40]!r}", name)
     value = int(text)
-    if value < lowest:
-        raise Problem(400, f"{name}: must be an integer >= {lowest}, got {value}", name)
+    if not lowest <= value <= highest:
+        raise Problem(400, f"{name}: must be an integer from {lowest} to {highest}, got {value}", name)
     return value
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    """``value`` with every float that is not finite as None, for JSON (which has no
+    Infinity or NaN; a browser's JSON.parse refuses them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 100:
+        return str(value)[:200]
+    if isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON of ``value`` (what is not JSON becomes its text; no Infinity or NaN)."""
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), default=str, separators=(",", ":"), allow_nan=False)
+
+
+class SafeJSON(JSONResponse):
+    """A JSON answer that is always strict JSON (Starlette's raises on a float that is not finite)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
 
 
 class Gateway:
@@ -215,13 +249,13 @@ class Gateway:
         try:
             report = await asyncio.wait_for(self.pool.ahealth(), 5)
         except Exception as exc:  # noqa: BLE001  -- any failure means "not healthy", said plainly
-            return JSONResponse({"status": "unavailable", "error": f"the pool does not answer: {type(exc).__name__}"},
+            return SafeJSON({"status": "unavailable", "error": f"the pool does not answer: {type(exc).__name__}"},
                                 503)
-        return JSONResponse({"status": "ok", "mode": report.get("mode")})
+        return SafeJSON({"status": "ok", "mode": report.get("mode")})
 
     async def openapi(self, request: Request) -> Response:
         self.who(request)
-        return JSONResponse(document())
+        return SafeJSON(document())
 
     async def metrics(self, request: Request) -> Response:
         self.who(request)
@@ -241,7 +275,7 @@ class Gateway:
         except ThreadboundError as exc:
             raise _from_error(exc) from None
         summary = await self.answer(self.pool.asummary(handle.task_id))
-        return JSONResponse({"task_id": handle.task_id, "status": summary.status, "created": handle.created},
+        return SafeJSON({"task_id": handle.task_id, "status": summary.status, "created": handle.created},
                             201 if handle.created else 200,
                             headers={"Location": f"/v1/tasks/{handle.task_id}", "Cache-Control": "no-store"})
 
@@ -269,7 +303,7 @@ class Gateway:
             raise ValueError(f"{name} is not JSON")
 
         try:
-            return json.loads(text, parse_constant=refuse)
+            return json.loads(text, parse_constant=refuse)  # 1e400 is inf: the fields' checks name it
         except json.JSONDecodeError as exc:
             raise Problem(400, f"body: malformed JSON at line {exc.lineno}, column {exc.colno} "
                                f"(char {exc.pos}): {exc.msg}", "body") from None
@@ -327,9 +361,7 @@ class Gateway:
             if bad:
                 raise Problem(400, f"status: unknown status {bad[0][:40]!r}; one or more of {', '.join(STATUSES)}, "
                                    "comma-separated", "status")
-        limit = _int_param(q["limit"], "limit", 1) if "limit" in q else 50
-        if limit > MAX_PAGE:
-            raise Problem(400, f"limit: at most {MAX_PAGE}, got {limit}", "limit")
+        limit = _int_param(q["limit"], "limit", 1, MAX_PAGE) if "limit" in q else 50
         rows = [t for t in await self.answer(self.pool.atasks()) if statuses is None or t.status in statuses]
         if q.get("after"):
             ids = [t.task_id for t in rows]
@@ -339,7 +371,7 @@ class Gateway:
             rows = rows[ids.index(q["after"]) + 1:]
         page = rows[:limit]
         more = len(rows) > limit
-        return JSONResponse({"tasks": [_summary(t) for t in page], "next": page[-1].task_id if more else None},
+        return SafeJSON({"tasks": [_summary(t) for t in page], "next": page[-1].task_id if more else None},
                             headers={"Cache-Control": "no-store"})
 
     async def get_task(self, request: Request) -> Response:
@@ -356,14 +388,14 @@ class Gateway:
                 raise Problem(400, f"wait: seconds from 0 to {MAX_WAIT_S:g}, got {text[:40]!r}", "wait")
         result = await self.answer(self.pool.await_result(task_id, wait))
         summary = await self.answer(self.pool.asummary(task_id))  # after the wait: its status is the result's
-        return JSONResponse(json.loads(json.dumps({**_summary(summary), "result": _result(result)}, default=str)),
+        return SafeJSON({**_summary(summary), "result": _result(result)},
                             headers={"Cache-Control": "no-store"})
 
     async def cancel(self, request: Request) -> Response:
         self.who(request, SUBMIT)
         task_id = request.path_params["task_id"]
         status = await self.answer(self.pool.acancel(task_id))
-        return JSONResponse({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
+        return SafeJSON({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
 
     # -- a person in the loop ---------------------------------------------------------
 
@@ -390,7 +422,7 @@ class Gateway:
         task_id = request.path_params["task_id"]
         # Through the task's handle: an answer is not sent twice across a supervisor restart.
         offset = await self.answer(self.pool.handle(task_id).arespond(value, req))
-        return JSONResponse({"task_id": task_id, "offset": offset, "answer": what},
+        return SafeJSON({"task_id": task_id, "offset": offset, "answer": what},
                             headers={"Cache-Control": "no-store"})
 
     async def respond(self, request: Request) -> Response:
@@ -418,7 +450,7 @@ class Gateway:
         body = await self._input_body(request, {"message": True})
         task_id = request.path_params["task_id"]
         offset = await self.answer(self.pool.handle(task_id).asend(body["message"]))  # (not sent twice either)
-        return JSONResponse({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
+        return SafeJSON({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
 
     async def _start(self, task_id: str, after_text: str | None, name: str) -> int:
         """The offset a stream starts at, from ``after`` (the last offset the client has,
