@@ -33,9 +33,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from threadbound.agents.errors import ThreadboundError
+from threadbound.agents.hostile_fs import SECRET_DIRS
 from threadbound.agents import events as kinds
 from threadbound.agents.events import STATUSES
 
+from ..config import state_dir
 from ..errors import InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound
 from ..task import Event, Task, TaskResult
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
@@ -63,8 +65,12 @@ class GatewaySettings:
             ``rate_per_s=0`` turns the limit off.
         keepalive_s: an idle SSE stream gets a comment line this often.
         workspace_roots: a submitted ``workspace`` must lie under one of these
-            directories (relative ones are resolved against the first); empty: no
-            workspace may be named over HTTP.
+            directories (relative ones are resolved against the first), and not be one
+            of them; empty: no workspace may be named over HTTP.
+        protected: directories a workspace may neither be, lie in, nor contain (the
+            pool's snapshot store, its key file's folder); threadbound's state
+            directory, ``~/.threadbound``, ``~/.ray``, ``~/.ssh`` and the home directory
+            itself are always protected.
     """
 
     max_body_bytes: int = 1 << 20
@@ -72,6 +78,20 @@ class GatewaySettings:
     rate_burst: int = 100
     keepalive_s: float = 15.0
     workspace_roots: tuple[str, ...] = field(default_factory=tuple)
+    protected: tuple[str, ...] = field(default_factory=tuple)
+
+
+def protected_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The real paths no workspace served over HTTP may be, lie in or contain."""
+    home = os.path.expanduser("~")
+    paths = (state_dir(), os.path.join(home, ".threadbound"), os.path.join(home, ".ray"),
+             os.path.join(home, ".ssh"), *extra, home)
+    real = (os.path.realpath(os.path.expanduser(p)) for p in paths if p and "://" not in p)
+    return tuple(dict.fromkeys(p for p in real if p != "/"))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class Problem(Exception):
@@ -169,6 +189,7 @@ class Gateway:
         self.settings = settings or GatewaySettings()
         self.limit = RateLimit(self.settings.rate_per_s, self.settings.rate_burst)
         self.roots = tuple(os.path.realpath(r) for r in self.settings.workspace_roots)
+        self.protected = protected_dirs(self.settings.protected)
         routes = [
             Route("/healthz", self.healthz),
             Route("/openapi.json", self.openapi),
@@ -346,9 +367,21 @@ class Gateway:
             raise _from_error(InvalidTask("workspace", "this gateway serves no workspace directories; start it "
                                                        "with --workspace-root DIR to allow some"))
         path = os.path.realpath(os.path.join(self.roots[0], ws))
-        if not any(os.path.commonpath([path, root]) == root for root in self.roots):
+        if not any(_within(path, root) for root in self.roots):
             raise _from_error(InvalidTask("workspace", f"{ws!r} is outside the directories this gateway serves "
                                                        f"({', '.join(self.roots)})"))
+        if path in self.roots:
+            raise _from_error(InvalidTask("workspace", f"{ws!r} is the served directory itself; name a project "
+                                                       "directory under it"))
+        root = next(r for r in self.roots if _within(path, r))
+        secret_dir = next((p for p in os.path.relpath(path, root).split(os.sep) if p in SECRET_DIRS), None)
+        if secret_dir:
+            raise _from_error(InvalidTask("workspace", f"{ws!r} lies in a {secret_dir} directory, which holds "
+                                                       "secrets; name a project directory"))
+        for secret in self.protected:
+            if _within(path, secret) or _within(secret, path):
+                raise _from_error(InvalidTask("workspace", f"{ws!r} is, lies in or contains {secret}, which holds "
+                                                           "secrets of the pool's user; name a project directory"))
         return path
 
     async def list_tasks(self, request: Request) -> Response:
