@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheme = "https" if args.ssl_certfile else "http"
         say(f"serving on {scheme}://{args.host}:{args.port}/ (API under /v1, web page at /, Ctrl-C stops)")
         server = uvicorn.Server(server_config(
-            app, args.host, args.port, log_level="info" if args.verbose else "warning",
+            app, args.host, args.port, settings, log_level="info" if args.verbose else "warning",
             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=2))
         server.run()
         return 0

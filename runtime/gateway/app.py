@@ -71,6 +71,13 @@ class GatewaySettings:
             pool's snapshot store, its key file's folder); threadbound's state
             directory, ``~/.threadbound``, ``~/.ray``, ``~/.ssh`` and the home directory
             itself are always protected.
+        header_timeout_s: a connection whose request headers are not complete this long
+            after it opened (or after the first byte of its next request) is closed.
+        idle_timeout_s: an idle keep-alive connection is closed after this long.
+        max_connections: the whole gateway's open connections and streams; past it, 503.
+        max_connections_per_client: one client address's open HTTP connections; past it a
+            new one is closed at once (0: no cap).
+        max_header_bytes: the largest request line and headers taken (431/400 past it).
     """
 
     max_body_bytes: int = 1 << 20
@@ -79,6 +86,11 @@ class GatewaySettings:
     keepalive_s: float = 15.0
     workspace_roots: tuple[str, ...] = field(default_factory=tuple)
     protected: tuple[str, ...] = field(default_factory=tuple)
+    header_timeout_s: float = 10.0
+    idle_timeout_s: int = 5
+    max_connections: int = 2048
+    max_connections_per_client: int = 256
+    max_header_bytes: int = 16_384
 
 
 def protected_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -626,14 +638,23 @@ def _result(r: TaskResult | None) -> dict[str, Any] | None:
     return None if r is None else {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
 
 
-def server_config(app: Starlette, host: str, port: int, **options: Any) -> Any:
+def server_config(app: Starlette, host: str, port: int, settings: GatewaySettings | None = None,
+                  **options: Any) -> Any:
     """The ``uvicorn.Config`` the gateway is served with (``options``: TLS, log level, ...):
-    asyncio, the sans-I/O WebSocket implementation, and no client message over
+    asyncio, h11 with the connection limits of ``settings`` (header and idle timeouts,
+    a cap per client address and for the whole server, bounded headers: see
+    :mod:`.guard`), the sans-I/O WebSocket implementation, and no client message over
     ``WS_MAX_BYTES`` (the only one a client sends is ``{"cancel": true}``)."""
     import uvicorn
 
+    from .guard import guarded_http
+
+    s = settings or GatewaySettings()
     return uvicorn.Config(app, host=host, port=port, loop="asyncio", ws="websockets-sansio", lifespan="off",
-                          ws_max_size=WS_MAX_BYTES, **options)
+                          ws_max_size=WS_MAX_BYTES,
+                          http=guarded_http(s.header_timeout_s, s.max_connections_per_client),
+                          timeout_keep_alive=s.idle_timeout_s, limit_concurrency=s.max_connections,
+                          h11_max_incomplete_event_size=s.max_header_bytes, **options)
 
 
 def create_app(pool: Any, tokens: Tokens, settings: GatewaySettings | None = None) -> Starlette:
