@@ -50,6 +50,8 @@ WS_PROTOCOL = "threadbound.v1"  # the subprotocol a WebSocket client offers ...
 WS_BEARER = "bearer."  # ... with "bearer.<token>" when it cannot send an Authorization header
 MAX_WAIT_S = 60.0  # longest GET /v1/tasks/{id}?wait=S holds a request
 MAX_PAGE = 500
+MAX_PAGE_BYTES = 256 * 1024  # a page of GET /v1/tasks ends past this many bytes (its `next` goes on)
+PREVIEW_CHARS = 500  # of a goal or an error, in a page of GET /v1/tasks
 CLOSE_NORMAL, CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST = 1000, 4401, 4404, 4400
 WS_MAX_BYTES = 4096  # the largest message a WebSocket client may send (its only one is {"cancel": true})
 CLOSE_TRY_AGAIN = 1013
@@ -414,10 +416,18 @@ class Gateway:
                 raise Problem(400, f"after: no task {q['after'][:80]!r} among these (forgotten, or another "
                                    "status); start from the first page", "after")
             rows = rows[ids.index(q["after"]) + 1:]
-        page = rows[:limit]
-        more = len(rows) > limit
-        return SafeJSON({"tasks": [_summary(t) for t in page], "next": page[-1].task_id if more else None},
-                            headers={"Cache-Control": "no-store"})
+        # Bounded by bytes as well as by count: each goal and error is cut to a preview
+        # (GET /v1/tasks/{id} has them whole), and a page ends at MAX_PAGE_BYTES with a cursor.
+        page, size = [], 0
+        for t in rows[:limit]:
+            row = _summary(t, preview=True)
+            size += len(dumps(row))
+            if page and size > MAX_PAGE_BYTES:
+                break
+            page.append(row)
+        more = len(rows) > len(page)
+        return SafeJSON({"tasks": page, "next": page[-1]["task_id"] if more else None},
+                        headers={"Cache-Control": "no-store"})
 
     async def get_task(self, request: Request) -> Response:
         self.who(request)
@@ -626,9 +636,18 @@ class Gateway:
                                                                 "message": p.message}}))
 
 
-def _summary(t: Any) -> dict[str, Any]:
+def _summary(t: Any, preview: bool = False) -> dict[str, Any]:
+    """A task's summary as JSON; with ``preview`` (a page of the list) its goal and error
+    are cut to PREVIEW_CHARS characters, and ``truncated`` says whether they were."""
     d = dataclasses.asdict(t)
     d["agents"] = list(d["agents"])
+    if preview:
+        cut = False
+        for name in ("goal", "error"):
+            text = d.get(name)
+            if isinstance(text, str) and len(text) > PREVIEW_CHARS:
+                d[name], cut = text[:PREVIEW_CHARS] + "…", True
+        d["truncated"] = cut
     return d
 
 

@@ -88,6 +88,8 @@ def document() -> dict[str, Any]:
             "round": {"type": "integer"}, "events": {"type": "integer"}, "submitted_at": {"type": "number"},
             "finished_at": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]},
             "idempotency_key": {"type": ["string", "null"]},
+            "truncated": {"type": "boolean", "description": "in a page of GET /v1/tasks: the goal or error is "
+                                                            "cut to a preview (GET /v1/tasks/{task_id} has it whole)"},
         },
     }
     accepted = {"type": "object", "required": ["task_id", "status", "created"],
@@ -133,7 +135,8 @@ def document() -> dict[str, Any]:
                         "413": _err("the body is too large"), "422": _err("an invalid task"),
                         "503": _err("the pool is shutting down"), **_COMMON}},
                 "get": {
-                    "summary": "List tasks, oldest first",
+                    "summary": "List tasks, oldest first, in pages bounded by count (limit) and by bytes; goals "
+                               "and errors cut to a preview",
                     "parameters": [
                         {"name": "status", "in": "query", "schema": {"type": "string"},
                          "description": "comma-separated statuses"},
