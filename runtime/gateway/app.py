@@ -55,6 +55,7 @@ PREVIEW_CHARS = 500  # of a goal or an error, in a page of GET /v1/tasks
 CLOSE_NORMAL, CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST = 1000, 4401, 4404, 4400
 WS_MAX_BYTES = 4096  # the largest message a WebSocket client may send (its only one is {"cancel": true})
 CLOSE_TRY_AGAIN = 1013
+TEST_RESULT = "test_result"  # the built-in tester's own event (agents/builtin.py): counts, ok, summary
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,8 @@ class Gateway:
         known = {"TOKENS": kinds.TOKENS, "MESSAGE": kinds.MESSAGE, "STATUSES": list(kinds.STATUSES),
                  "TERMINAL": sorted(kinds.TERMINAL), "WAITING": kinds.WAITING,
                  "INPUT_REQUESTED": kinds.INPUT_REQUESTED, "INPUT_RECEIVED": kinds.INPUT_RECEIVED,
-                 "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED}
+                 "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED, "STEP_STARTED": kinds.STEP_STARTED,
+                 "TEST_RESULT": TEST_RESULT}
         return Response(f"window.THREADBOUND_KINDS = Object.freeze({json.dumps(known)});\n",
                         media_type="text/javascript; charset=utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
