@@ -63,8 +63,11 @@ def sizes(task: Task, policy: PolicyConfig) -> None:
     """Raise :class:`InvalidTask` when ``task`` is larger than ``policy`` lets a task be:
     its ``max_rounds``, goal, inputs (size and depth) and ``inputs.sandbox`` limits."""
     if task.max_rounds is not None:
-        number("max_rounds", task.max_rounds, most=min(policy.max_rounds, 10_000), integer=True, least=1,
-               inclusive=True)
+        number("max_rounds", task.max_rounds, most=10_000, integer=True, least=1, inclusive=True)
+        if task.max_rounds > policy.max_rounds:
+            raise InvalidTask("max_rounds", f"{task.max_rounds} is more rounds than the pool's policy lets a task "
+                              f"ask for ({policy.max_rounds}, policy.max_rounds); ask for fewer, or raise "
+                              "policy.max_rounds in the runtime config")
     if isinstance(task.goal, str):
         size = len(task.goal.encode("utf-8", "surrogatepass"))
         if size > policy.max_goal_bytes:
@@ -98,4 +101,7 @@ def sizes(task: Task, policy: PolicyConfig) -> None:
             continue
         most = policy.sandbox_limits.get(key, math.inf)
         integer = isinstance(getattr(SandboxLimits, key), int)
-        number(f"inputs.sandbox.{key}", value, most=most if math.isfinite(most) else 1e15, integer=integer)
+        number(f"inputs.sandbox.{key}", value, most=1e15, integer=integer)
+        if math.isfinite(most) and value > most:
+            raise InvalidTask(f"inputs.sandbox.{key}", f"{value!r:.40} is above what the pool's policy lets a task "
+                              f"ask for ({most:g}, policy.sandbox_limits.{key}); ask for less")
