@@ -45,7 +45,9 @@ def workspace_of(ctx: StepContext) -> Workspace:
         raise TaskInputError(f"workspace {ctx.workspace!r} does not exist or is not a directory",
                              task_id=ctx.task_id, agent=ctx.role)
     try:
-        return Workspace.for_task(ctx.task_id, ctx.workspace)
+        # the pool's snapshot store and key file (what its sandbox hides) stay out of the copy too
+        return Workspace.for_task(ctx.task_id, ctx.workspace,
+                                  protect=ctx.sandbox.hide if ctx.sandbox is not None else ())
     except WorkspaceError as exc:
         raise AgentError(str(exc), task_id=ctx.task_id, agent=ctx.role) from None
 

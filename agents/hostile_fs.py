@@ -19,6 +19,14 @@ from pathlib import Path
 
 IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_modules", ".mypy_cache",
            ".ruff_cache", ".sandbox-home", ".threadbound"}
+# Secrets never copied into a task's copy, never read into a prompt or a diff, wherever
+# they lie in a workspace: Ray's and SSH's directories, threadbound's own key and token
+# files, SSH private keys. (The state and snapshot directories are left out by path too:
+# see workspace.protected_paths.)
+SECRET_DIRS = frozenset({".ray", ".ssh", ".gnupg", ".threadbound"})
+SECRET_FILES = frozenset({"snapshot.key", "gateway_tokens", "auth_token", "ray_auth_token", ".netrc", ".pgpass",
+                          "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk",
+                          "identity"})
 MAX_TEXT_BYTES = 200_000  # one file; a larger one is left out of texts and changes
 MAX_TOTAL_TEXT_BYTES = 20_000_000  # one tree's files read in one walk
 MAX_WALK_ENTRIES = 20_000  # directory entries one walk looks at (ignored ones count too)
@@ -46,8 +54,17 @@ class _LeftOut(WorkspaceError):
         return type(self), (self.reason, self.fingerprint)
 
 
+def _is_secret(name: str) -> bool:
+    return name in SECRET_DIRS or name in SECRET_FILES
+
+
 def _is_ignored(name: str) -> bool:
-    return name in IGNORED or name.endswith((".pyc", ".egg-info"))
+    return name in IGNORED or name.endswith((".pyc", ".egg-info")) or _is_secret(name)
+
+
+def _excluded(path: str, exclude: frozenset[str]) -> bool:
+    """``path`` (absolute, its parent resolved) is one of ``exclude`` (real paths)."""
+    return bool(exclude) and os.path.normpath(path) in exclude
 
 
 def _kind(mode: int) -> str:
@@ -322,8 +339,10 @@ class Scan:
 
 
 class _Walk:
-    def __init__(self, hostile: bool) -> None:
+    def __init__(self, hostile: bool, exclude: frozenset[str] = frozenset()) -> None:
         self.hostile = hostile
+        self.exclude = exclude  # real paths never entered or read (the state directory, ...)
+        self.root = ""
         self.texts: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
         self.fingerprints: dict[str, tuple] = {}
@@ -331,6 +350,7 @@ class _Walk:
         self.truncated: str | None = None
 
     def scan(self, root: Path) -> Scan:
+        self.root = os.path.realpath(root)
         fd = _open_root(root)
         try:
             self.walk(fd, "", 0)
@@ -350,7 +370,8 @@ class _Walk:
                 if self.entries > MAX_WALK_ENTRIES:
                     self.truncated = f"more than {MAX_WALK_ENTRIES} entries"
                     return
-                if not _is_ignored(entry.name):
+                if not _is_ignored(entry.name) and not _excluded(os.path.join(self.root, prefix + entry.name),
+                                                                   self.exclude):
                     found.append(entry)
         for entry in sorted(found, key=lambda e: e.name):
             if self.truncated:

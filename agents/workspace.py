@@ -40,15 +40,15 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .edits import Edits, PatchError, apply_hunks
 
 log = logging.getLogger("threadbound.workspace")
 
 from .hostile_fs import (  # noqa: F401  (IGNORED and the bounds are part of this module's API)
-    IGNORED, MAX_TEXT_BYTES, MAX_TOTAL_TEXT_BYTES, MAX_WALK_DEPTH, MAX_WALK_ENTRIES, Scan, WorkspaceError,
-    _decode, _is_ignored, _kind, _LeftOut, _lstat_at, _open_dirs, _open_root, _parts, _private_root, _put,
+    IGNORED, MAX_TEXT_BYTES, SECRET_DIRS, SECRET_FILES, MAX_TOTAL_TEXT_BYTES, MAX_WALK_DEPTH, MAX_WALK_ENTRIES, Scan, WorkspaceError,
+    _decode, _excluded, _is_ignored, _kind, _LeftOut, _lstat_at, _open_dirs, _open_root, _parts, _private_root, _put,
     _read_regular, _remove, _remove_tree, _Walk,
 )
 
@@ -58,18 +58,38 @@ def workspaces_root() -> Path:
     return Path(os.environ.get("THREADBOUND_WORKSPACES") or Path(tempfile.gettempdir()) / "threadbound-workspaces")
 
 
-def _copy_ignore(dirpath: str, names: list[str]) -> set[str]:
-    """For copytree: ignored names, and anything but directories, regular files and links."""
-    out = set()
-    for name in names:
-        try:
-            mode = os.lstat(os.path.join(dirpath, name)).st_mode
-        except OSError:
-            out.add(name)
-            continue
-        if _is_ignored(name) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            out.add(name)
-    return out
+def protected_paths(extra: Iterable[str | os.PathLike | None] = ()) -> frozenset[str]:
+    """Real paths a copy never contains and a walk never enters, wherever the workspace is:
+    the places that hold the pool user's secrets (threadbound's state directory, with its
+    snapshot key and gateway tokens, ``~/.threadbound``, ``~/.ray``, ``~/.ssh``, Ray's
+    session directory and token folder), ``$THREADBOUND_SNAPSHOT_DIR``, and ``extra``
+    (the pool's configured snapshot store and key file: ``ctx.sandbox.hide``).
+    Names that are secrets anywhere (``.ssh``, ``snapshot.key``, ``id_ed25519``, ...) are
+    left out as well: ``hostile_fs.SECRET_DIRS`` and ``SECRET_FILES``."""
+    from .sandbox.mounts import default_hidden
+
+    paths = [*default_hidden(), os.environ.get("THREADBOUND_SNAPSHOT_DIR"), *extra]
+    return frozenset(os.path.normpath(os.path.realpath(os.path.expanduser(os.fspath(p))))
+                     for p in paths if p and "://" not in os.fspath(p))
+
+
+def _copy_ignore(exclude: frozenset[str]) -> Callable[[str, list[str]], set[str]]:
+    """For copytree: ignored and secret names, protected paths, and anything but
+    directories, regular files and links."""
+    def ignore(dirpath: str, names: list[str]) -> set[str]:
+        out = set()
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                out.add(name)
+                continue
+            if (_is_ignored(name) or _excluded(path, exclude)
+                    or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode))):
+                out.add(name)
+        return out
+    return ignore
 
 
 def copy_path(task_id: str, root: str | os.PathLike | None = None) -> Path:
@@ -133,20 +153,24 @@ class Workspace:
         True
     """
 
-    def __init__(self, original: Path, path: Path) -> None:
+    def __init__(self, original: Path, path: Path, exclude: frozenset[str] | None = None) -> None:
         self.original = original
         self.path = path
+        self.exclude = protected_paths() if exclude is None else exclude
 
     @classmethod
-    def for_task(cls, task_id: str, original: str, root: str | os.PathLike | None = None) -> "Workspace":
+    def for_task(cls, task_id: str, original: str, root: str | os.PathLike | None = None,
+                 protect: Iterable[str | os.PathLike | None] = ()) -> "Workspace":
         """Open the task's copy, making it on first use (atomically: copy, then rename).
 
         The workspaces directory (``root``, default :func:`workspaces_root`) and each
         copy are private (0700); a root that is a symbolic link or another user's is
         refused. Symbolic links in the original are copied as links (the sandboxed
         tests see the project as it is; nothing outside the sandbox follows them);
-        FIFOs, sockets and devices are not copied.
+        FIFOs, sockets and devices are not copied, nor are the user's secrets
+        (:func:`protected_paths`, plus ``protect``: the pool's snapshot store and key).
         """
+        exclude = protected_paths(protect)
         src = Path(original).resolve()
         if not src.is_dir():
             raise WorkspaceError(f"workspace {original!r} does not exist or is not a directory")
@@ -156,7 +180,7 @@ class Workspace:
         if not os.path.lexists(dest):
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=base))
             try:
-                shutil.copytree(src, tmp / "w", symlinks=True, ignore=_copy_ignore)
+                shutil.copytree(src, tmp / "w", symlinks=True, ignore=_copy_ignore(exclude))
                 os.chmod(tmp / "w", 0o700)
                 try:
                     os.rename(tmp / "w", dest)
@@ -173,7 +197,7 @@ class Workspace:
                 os.fchmod(fd, 0o700)
         finally:
             os.close(fd)
-        return cls(src, dest)
+        return cls(src, dest, exclude)
 
     @classmethod
     def discard(cls, task_id: str, root: str | os.PathLike | None = None) -> bool:
@@ -208,7 +232,7 @@ class Workspace:
         _discard_tree(dest.parent, dest.name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
-            shutil.copytree(self.path, tmp / "w", symlinks=True, ignore=_copy_ignore)
+            shutil.copytree(self.path, tmp / "w", symlinks=True, ignore=_copy_ignore(self.exclude))
             os.chmod(tmp / "w", 0o700)
             os.rename(tmp / "w", dest)
         except OSError as exc:
@@ -279,7 +303,7 @@ class Workspace:
         """One bounded walk of the copy (or of ``base``): texts, what was left out and why,
         and whether the walk stopped early. Never raises for what it finds."""
         root = Path(base) if base is not None else self.path
-        return _Walk(hostile=root == self.path).scan(root)
+        return _Walk(hostile=root == self.path, exclude=self.exclude).scan(root)
 
     def texts(self, base: Path | None = None) -> dict[str, str]:
         """The text files of the copy (or of ``base``): relative path -> content, by path.

@@ -293,6 +293,10 @@ class SandboxConfig(_Section):
                                       "passed into the sandbox (default none)")
 
 
+SANDBOX_CEILINGS = {"wall_s": 3600.0, "cpu_s": 3600, "memory_mb": 16_384, "max_procs": 1024, "file_mb": 4096,
+                    "disk_mb": 16_384, "max_files": 1_000_000}
+
+
 class PolicyConfig(_Section):
     """Which powers a task's submitter may use. A refused request is an InvalidTask naming the
     field and the policy key."""
@@ -304,6 +308,15 @@ class PolicyConfig(_Section):
                         "own workspace (inputs.apply)")
     workspace_roots: tuple[str, ...] = Field(default=(), description="a task's workspace must lie under one of "
                                              "these directories; empty = anywhere")
+    max_rounds: int = Field(default=50, ge=1, le=10_000, description="the most rounds a task may ask for "
+                            "(its max_rounds)")
+    max_goal_bytes: int = Field(default=65_536, ge=1, description="the longest goal a task may have, in UTF-8 bytes")
+    max_inputs_bytes: int = Field(default=262_144, ge=2, description="the largest inputs a task may carry, as JSON")
+    max_inputs_depth: int = Field(default=32, ge=1, le=64, description="how deep a task's inputs may nest "
+                                  "lists and maps")
+    sandbox_limits: dict[str, float] = Field(
+        default_factory=lambda: dict(SANDBOX_CEILINGS), description="the highest value a task may ask for each "
+        "sandbox limit in inputs.sandbox (wall_s, cpu_s, memory_mb, max_procs, file_mb, disk_mb, max_files)")
 
 
 class WorkspaceConfig(_Section):

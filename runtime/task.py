@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -13,6 +14,65 @@ from threadbound.agents.events import (  # noqa: F401  (re-exported: the statuse
 from .errors import InvalidTask
 
 MAX_KEY_LEN = 255  # an idempotency key: a UUID or a request id fits with room to spare
+# Bounds of what a Task may say at all, whatever the pool's policy (which may set lower ones):
+MAX_SECONDS = 366 * 86400.0  # a timeout: a year; a larger one is a mistake or an attack (float overflow)
+MAX_ROUNDS = 10_000
+MAX_PRIORITY = 1_000_000
+MAX_COST_BUDGET = 1e12
+MAX_INPUTS_DEPTH = 64  # nested lists/maps in inputs (deeper ones cannot even be pickled)
+
+
+def number(name: str, value: Any, *, most: float, integer: bool = False, least: float = 0.0,
+           inclusive: bool = False) -> None:
+    """Raise :class:`InvalidTask` naming ``name`` unless ``value`` is a finite number
+    (an integer if ``integer``) above ``least`` (or equal, if ``inclusive``) and at most
+    ``most``. Never converts a huge integer to float (that overflows).
+
+    Examples:
+        >>> number("max_rounds", 3, most=10, integer=True)
+        >>> number("wait_timeout_s", 10**400, most=60.0)
+        Traceback (most recent call last):
+        ...
+        threadbound.runtime.errors.InvalidTask: invalid task: wait_timeout_s: must be a number above 0 and at most 60, got an integer of about 401 digits
+    """
+    kind = "an integer" if integer else "a number"
+    bound = f"{'at least' if inclusive else 'above'} {_num(least)} and at most {_num(most)}"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise InvalidTask(name, f"must be {kind} {bound}, got {value!r:.40}")
+    if isinstance(value, int) and abs(value) > 10**30:  # (its text may be too long for str() to make)
+        raise InvalidTask(name, f"must be {kind} {bound}, got an integer of about "
+                                f"{int(value.bit_length() * 0.30103) + 1} digits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidTask(name, f"must be {kind} {bound}, got {value!r}")
+    if value > most or value < least or (value == least and not inclusive):
+        raise InvalidTask(name, f"must be {kind} {bound}, got {value!r:.40}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_inputs(inputs: dict, most_depth: int = MAX_INPUTS_DEPTH) -> None:
+    """Raise :class:`InvalidTask` naming the place in ``inputs`` that nests deeper than
+    ``most_depth``, has a map key that is not a text, or holds a number that is not
+    finite (JSON has no Infinity or NaN). Walks without recursion, however deep."""
+    todo: list[tuple[Any, int, str]] = [(inputs, 1, "inputs")]
+    while todo:
+        value, depth, where = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidTask(where, f"must be a finite number, got {value!r}")
+        if isinstance(value, (dict, list, tuple)):
+            if depth > most_depth:
+                raise InvalidTask("inputs", f"nests lists and maps more than {most_depth} deep (at {where[:120]}); "
+                                  "send flatter data")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        raise InvalidTask(where, f"map keys must be texts, got {k!r:.40}")
+                    todo.append((v, depth + 1, f"{where}.{k[:40]}"))
+            else:
+                todo.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -105,24 +165,25 @@ class Task:
             if not os.path.isdir(ws):
                 raise InvalidTask("workspace", f"{self.workspace!r} is not an existing directory; "
                                   "pass the path of the code to work on, or None")
-        for name in ("max_rounds", "step_timeout_s", "task_timeout_s", "wait_timeout_s"):
+        if self.max_rounds is not None:
+            number("max_rounds", self.max_rounds, most=MAX_ROUNDS, integer=True, least=1, inclusive=True)
+        for name in ("step_timeout_s", "task_timeout_s", "wait_timeout_s"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-                raise InvalidTask(name, f"must be a positive number or None, got {v!r}")
+            if v is not None:
+                number(name, v, most=MAX_SECONDS)
         level = self.level
         if isinstance(level, str) and level.strip().lower() == "auto":
             level = "auto"
         elif level is not None and (isinstance(level, bool) or level not in (1, 2, 3, 4)):
             raise InvalidTask("level", f"must be 1, 2, 3, 4, 'auto' or None, got {self.level!r}")
-        b = self.cost_budget
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0):
-            raise InvalidTask("cost_budget", f"must be a positive number (price units) or None, got {b!r}")
+        if self.cost_budget is not None:
+            number("cost_budget", self.cost_budget, most=MAX_COST_BUDGET)
         if not isinstance(self.degrade, bool):
             raise InvalidTask("degrade", f"must be true or false, got {self.degrade!r}")
-        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            raise InvalidTask("priority", f"must be an integer, got {self.priority!r}")
+        number("priority", self.priority, most=MAX_PRIORITY, least=-MAX_PRIORITY, integer=True, inclusive=True)
         if not isinstance(self.inputs, dict):
             raise InvalidTask("inputs", f"must be a dict, got {type(self.inputs).__name__}")
+        check_inputs(self.inputs)
         key = self.idempotency_key
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LEN
                                 or not key.isprintable()):

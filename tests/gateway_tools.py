@@ -50,7 +50,8 @@ class InProcessGateway:
         self.gateway = Gateway(pool, Tokens(tokens or parse_env(TOKENS_ENV)), settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(self.gateway.app, "127.0.0.1", self.port, log_level="error",
+        self.server = uvicorn.Server(server_config(self.gateway.app, "127.0.0.1", self.port, self.gateway.settings,
+                                                   log_level="error",
                                                    timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True,
                                        name=f"gateway:{self.port}")

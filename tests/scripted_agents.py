@@ -141,3 +141,22 @@ class Listener(Agent):
         if ctx.round == 1 and "again" in ctx.inbox:
             ctx.request_round("a person said again")
         return {"inbox": list(ctx.inbox), "round": ctx.round}
+
+
+class Reviewing(Agent):
+    """Two rounds, as a tester and reviewer would: round 1 streams a verdict, reports
+    failing test counts (a ``test_result`` event, as the built-in tester emits) and asks
+    for another round; round 2 streams another text, reports passing tests and returns a
+    ``diff`` (``inputs["diff"]``) and an ``apply`` map (``inputs["proposal"]``)."""
+
+    def step(self, ctx):
+        if ctx.round == 1:
+            yield "VERDICT: REQUEST_CHANGES"
+            ctx.emit("test_result", {"ok": False, "passed": 2, "failed": 1, "errors": 0, "killed": None,
+                                     "summary": "2 passed, 1 failed"})
+            ctx.request_round("one test fails")
+            return {"round": 1}
+        yield "The change is small"
+        ctx.emit("test_result", {"ok": True, "passed": 3, "failed": 0, "errors": 0, "killed": None,
+                                 "summary": "3 passed"})
+        return {"diff": ctx.inputs.get("diff", ""), "apply": dict(ctx.inputs.get("proposal", {}))}

@@ -102,3 +102,49 @@ def test_approve_and_reject_over_http_and_through_the_python_client(gw, pool, tm
         assert no.value.result.reason == "rejected" and "keep the old text" in no.value.result.error
     assert (tmp_path / "yes" / "f.txt").read_text() == "new\n"
     assert (tmp_path / "no" / "f.txt").read_text() == "old\n"
+
+
+def _bare_post(gw, path: str, body: bytes | None) -> tuple[int, dict]:
+    """A POST as curl -X POST sends it: no Content-Length, no body (or ``body`` as sent)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Authorization", f"Bearer {SUBMIT}")
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_approve_and_reject_without_a_body_mean_no_reason_and_an_unknown_task_is_404(gw, pool, tmp_path):
+    # Given: two tasks waiting for approval
+    handles = []
+    for name in ("yes", "no"):
+        ws = tmp_path / name
+        ws.mkdir()
+        (ws / "f.txt").write_text("old\n")
+        handles.append(pool.submit(Task(goal="g", workspace=str(ws), agents=["ok"],
+                                        inputs={"approve": True, "proposal": {"f.txt": "new\n"}})))
+    for h in handles:
+        waiting(pool, h.task_id)
+    # When: approve and reject are posted with no body at all, or only white space
+    for verb in ("approve", "reject"):
+        status, body = _bare_post(gw, f"/v1/tasks/t99999-none/{verb}", None)
+        assert status == 404 and body["error"]["type"] == "TaskNotFound", body
+    status, body = _bare_post(gw, f"/v1/tasks/{handles[0].task_id}/approve", None)
+    assert status == 200 and body["answer"] == "approve", body
+    status, body = _bare_post(gw, f"/v1/tasks/{handles[1].task_id}/reject", b" \n")
+    assert status == 200 and body["answer"] == "reject", body
+    # Then: the first succeeds, the second fails as rejected with no reason given
+    assert handles[0].result(timeout=60).ok
+    from threadbound.runtime import TaskFailed
+
+    with pytest.raises(TaskFailed) as no:
+        handles[1].result(timeout=60)
+    assert no.value.result.reason == "rejected" and "no reason given" in no.value.result.error

@@ -55,7 +55,8 @@ def test_a_client_following_through_a_gateway_restart_gets_every_event_exactly_o
         killed_at = len(got)
         serve = ServeProcess(pool.name, port=serve.port, env=no_env, args=["--tokens-file", str(tokens_file)])
         serve.start()
-        assert token not in serve.stderr()  # the existing file is used, nothing printed
+        assert token not in serve.stderr()  # the existing file is used, nothing printed ...
+        assert f"tokens: {tokens_file}" in serve.stderr()  # ... but where it is, is said
         assert done.wait(60)
     finally:
         serve.stop()
@@ -110,3 +111,19 @@ def test_serve_refuses_short_tokens_and_warns_when_bound_beyond_loopback_without
     finally:
         serve.stop()
     assert free_port()  # the loopback still has ports: nothing was left bound
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("port", ["99999", "0", "-5", "65536"])
+def test_serve_refuses_a_port_out_of_range_naming_the_flag_before_ray_starts(port, tmp_path):
+    import subprocess
+    import sys
+
+    # An address nothing listens on: had it tried to reach Ray, it would say so instead.
+    proc = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "serve", "--port", port,
+                           "--address", "127.0.0.1:1", "--tokens-file", str(tmp_path / "tokens")],
+                          env={**os.environ, "THREADBOUND_GATEWAY_TOKENS": ""}, capture_output=True, text=True,
+                          timeout=50)
+    assert proc.returncode == 2, proc.stderr
+    assert "--port" in proc.stderr and "1 to 65535" in proc.stderr and "Traceback" not in proc.stderr
+    assert "serving on" not in proc.stderr and not (tmp_path / "tokens").exists()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import make_pool, pool_settings
 from gateway_tools import SUBMIT, InProcessGateway, auth, scripted
-from scripted_agents import Approver, Questioner
+from scripted_agents import Approver, Questioner, Reviewing
 
 from threadbound.agents.events import CANCELLED, FAILED, SUCCEEDED, WAITING
 from threadbound.runtime import AgentPool, RuntimeConfig
@@ -138,7 +138,7 @@ def test_the_web_page_submits_a_task_streams_its_tokens_in_lanes_and_cancels_ano
 @pytest.fixture(scope="module")
 def person_pool(ray_session):
     p = AgentPool(RuntimeConfig.from_mapping(pool_settings(f"gwwebp{time.monotonic_ns() % 100000}")),
-                  agents={"q": Questioner, "ok": Approver})
+                  agents={"q": Questioner, "ok": Approver, "rv": Reviewing})
     yield p
     p.shutdown(grace_s=1)
 
@@ -318,3 +318,61 @@ def test_a_hostile_question_is_shown_as_text_and_runs_no_script(browser, person_
     wait_for(lambda: not browser.find_element(By.ID, "input-panel").is_displayed())
     assert not browser.find_element(By.ID, "cancel").is_displayed()
     assert browser.execute_script("return window.pwned") is None
+
+
+TROJAN = 'if access != "user\u202e \u2066# admin only\u2069 \u2066":\n'
+
+
+@pytest.mark.timeout(150)
+def test_the_page_shows_rounds_apart_test_results_bidi_controls_marked_and_the_final_reason(browser, person_gw):
+    from selenium.webdriver.common.by import By
+
+    # Given: a task whose agent runs two rounds, reports tests, and asks to approve a Trojan Source diff
+    diff = "--- a/auth.py\n+++ b/auth.py\n@@ -1 +1 @@\n-pass\n+" + TROJAN
+    task_id = submit(person_gw, {"goal": "g\u202e\u0007", "agents": ["rv"],
+                                 "inputs": {"approve": True, "diff": diff, "proposal": {}}})
+    follow_on_page(browser, person_gw, task_id)
+    wait_for(lambda: request_block(browser, 1) is not None)
+    block = request_block(browser, 1)
+    # Then: the diff marks the bidi controls the way the terminal does, and hides none
+    shown_diff = block.find_element(By.CSS_SELECTOR, "pre.diff").text
+    assert "<U+202E>" in shown_diff and "<U+2066>" in shown_diff and "<U+2069>" in shown_diff, shown_diff
+    assert "\u202e" not in shown_diff and "\u2066" not in shown_diff
+    # the approval panel shows the latest test results as results
+    tests = block.find_element(By.CSS_SELECTOR, ".approval-tests").text
+    assert "3 passed · 0 failed · 0 errors" in tests and "PASS" in tests, tests
+    # the agent's rounds are apart, each with its own text and its test counts
+    steps = browser.find_elements(By.CSS_SELECTOR, '.lane[data-agent="rv"] .step')
+    assert len(steps) == 2, [s.text for s in steps]
+    assert steps[0].find_element(By.CSS_SELECTOR, ".tokens").text == "VERDICT: REQUEST_CHANGES"
+    assert steps[1].find_element(By.CSS_SELECTOR, ".tokens").text == "The change is small"
+    assert "round 1" in steps[0].text and "round 2" in steps[1].text
+    assert "2 passed · 1 failed" in steps[0].find_element(By.CSS_SELECTOR, ".test-result").text
+    assert "FAIL" in steps[0].find_element(By.CSS_SELECTOR, ".test-result").text
+    # the goal in the list is marked too
+    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"]').text
+    assert "<U+202E>" in row and "<U+0007>" in row, row
+    # When: the person rejects with a reason; Then: the final status and reason are shown
+    block.find_element(By.CSS_SELECTOR, "input.reason").send_keys("hidden admin check")
+    block.find_element(By.CSS_SELECTOR, "button.reject").click()
+    wait_for(lambda: shown(browser, "final").startswith("Final: failed"))
+    final = shown(browser, "final")
+    assert "reason: rejected" in final and "hidden admin check" in final, final
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_token_shows_the_login_form_saying_so_not_the_app(browser, person_gw):
+    from selenium.webdriver.common.by import By
+
+    browser.get(person_gw.url + "/")
+    browser.find_element(By.ID, "token").send_keys("not-a-token-this-gateway-knows")
+    browser.find_element(By.ID, "save-token").click()
+    wait_for(lambda: "refused" in shown(browser, "login-error"))
+    assert browser.find_element(By.ID, "login").is_displayed()
+    assert not browser.find_element(By.ID, "app").is_displayed()
+    # and the right token gets in
+    browser.find_element(By.ID, "token").clear()
+    browser.find_element(By.ID, "token").send_keys(SUBMIT)
+    browser.find_element(By.ID, "save-token").click()
+    wait_for(lambda: browser.find_element(By.ID, "app").is_displayed())
+    assert shown(browser, "login-error") == ""

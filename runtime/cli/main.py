@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
                             "THREADBOUND_GATEWAY_TOKENS=TOKEN[:read|:submit],... replaces it")
     serve.add_argument("--workspace-root", action="append", default=None, metavar="DIR",
                        help="a directory whose subdirectories tasks may name as workspace (repeatable; "
-                            "default: the current directory)")
+                            "default: none, tasks name no workspace)")
     serve.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM), with --ssl-keyfile")
     serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
     serve.add_argument("--max-body-bytes", type=_positive(int, "a size in bytes above 0"), default=1 << 20,

@@ -38,31 +38,63 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def secret_places(cfg: Any) -> tuple[str, ...]:
+    """The pool's own secrets no served workspace may hold: its local snapshot store and
+    its key file's folder (threadbound's state directory, ``~/.ray``, ``~/.ssh`` are added
+    by the gateway)."""
+    out = []
+    snaps = cfg.snapshot_dir
+    if snaps and "://" not in snaps:
+        out.append(os.path.abspath(os.path.expanduser(snaps)))
+    key = getattr(getattr(cfg, "snapshots", None), "key_file", None)
+    if key:
+        out.append(os.path.dirname(os.path.abspath(os.path.expanduser(key))))
+    return tuple(out)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..errors import PoolClosed
-    from ..gateway.app import Gateway, GatewaySettings, server_config
+    from ..gateway.app import Gateway, GatewaySettings, protected_dirs, server_config
     from ..gateway.auth import ENV, Tokens, TokenError, load
     from ..pool import AgentPool
 
+    # Everything that can be wrong with the flags is said before Ray starts.
+    if not isinstance(args.port, int) or not 1 <= args.port <= 65535:
+        raise BadInput("--port", f"must be a TCP port from 1 to 65535, got {args.port!r}; e.g. --port {DEFAULT_PORT}")
     cfg = base_config(args)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise BadInput("--ssl-certfile" if not args.ssl_certfile else "--ssl-keyfile",
                        "TLS needs both --ssl-certfile and --ssl-keyfile")
-    roots = [os.path.abspath(r) for r in (args.workspace_root or [os.getcwd()])]
+    roots = [os.path.realpath(r) for r in (args.workspace_root or [])]
+    protected = protected_dirs(secret_places(cfg))
     for root in roots:
         if not os.path.isdir(root):
             raise BadInput("--workspace-root", f"{root!r} is not a directory")
+        for secret in protected:
+            if root == "/" or secret == root or secret.startswith(root.rstrip("/") + "/"):
+                raise BadInput("--workspace-root", f"{root!r} is or contains {secret}, which holds secrets of "
+                                                   "this user (tokens, keys, snapshots); serve a directory of "
+                                                   "projects instead, e.g. --workspace-root ~/src")
+    if roots:
+        say(f"workspaces: tasks may name project directories under {', '.join(roots)}")
+    else:
+        say("workspaces: none served (no --workspace-root): tasks may not name a workspace; pass "
+            "--workspace-root DIR to serve the projects under DIR")
     try:
         tokens, made = load(args.tokens_file or token_file())
     except (TokenError, OSError) as exc:
         raise BadInput("--tokens-file" if not os.environ.get(ENV) else ENV, str(exc)) from None
+    where = args.tokens_file or token_file()
     if made:
-        where = args.tokens_file or token_file()
         say(f"created {where} (mode 0600) with two tokens; they are shown this once:")
         say(f"  submit (may submit and cancel): {made['submit']}")
         say(f"  read-only:                      {made['read']}")
+    elif os.environ.get(ENV):
+        say(f"tokens: from {ENV} (the token file is not read)")
+    else:
+        say(f"tokens: {where} (submit and read-only tokens, one per line; delete it to make new ones)")
     if not _loopback(args.host) and not args.ssl_certfile:
         say(f"threadbound serve: WARNING: serving on {args.host} without TLS: tokens and task data cross the "
             "network in clear text; pass --ssl-certfile and --ssl-keyfile, or bind 127.0.0.1 behind a TLS proxy")
@@ -78,12 +110,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool, started = AgentPool(cfg), True
             say(f"started pool {cfg.name!r}; it stops when this command ends")
         settings = GatewaySettings(max_body_bytes=args.max_body_bytes, rate_per_s=args.rate,
-                                   rate_burst=args.burst, workspace_roots=tuple(roots))
+                                   rate_burst=args.burst, workspace_roots=tuple(roots),
+                                   protected=secret_places(cfg))
         app = Gateway(pool, Tokens(tokens), settings).app
         scheme = "https" if args.ssl_certfile else "http"
         say(f"serving on {scheme}://{args.host}:{args.port}/ (API under /v1, web page at /, Ctrl-C stops)")
         server = uvicorn.Server(server_config(
-            app, args.host, args.port, log_level="info" if args.verbose else "warning",
+            app, args.host, args.port, settings, log_level="info" if args.verbose else "warning",
             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, timeout_graceful_shutdown=2))
         server.run()
         return 0

@@ -20,7 +20,9 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable
 
@@ -31,9 +33,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from threadbound.agents.errors import ThreadboundError
+from threadbound.agents.hostile_fs import SECRET_DIRS
 from threadbound.agents import events as kinds
 from threadbound.agents.events import STATUSES
 
+from ..config import state_dir
 from ..errors import InputNotExpected, InvalidInput, InvalidTask, PoolClosed, TaskNotFound
 from ..task import Event, Task, TaskResult
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
@@ -46,9 +50,12 @@ WS_PROTOCOL = "threadbound.v1"  # the subprotocol a WebSocket client offers ...
 WS_BEARER = "bearer."  # ... with "bearer.<token>" when it cannot send an Authorization header
 MAX_WAIT_S = 60.0  # longest GET /v1/tasks/{id}?wait=S holds a request
 MAX_PAGE = 500
+MAX_PAGE_BYTES = 256 * 1024  # a page of GET /v1/tasks ends past this many bytes (its `next` goes on)
+PREVIEW_CHARS = 500  # of a goal or an error, in a page of GET /v1/tasks
 CLOSE_NORMAL, CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST = 1000, 4401, 4404, 4400
 WS_MAX_BYTES = 4096  # the largest message a WebSocket client may send (its only one is {"cancel": true})
 CLOSE_TRY_AGAIN = 1013
+TEST_RESULT = "test_result"  # the built-in tester's own event (agents/builtin.py): counts, ok, summary
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,19 @@ class GatewaySettings:
             ``rate_per_s=0`` turns the limit off.
         keepalive_s: an idle SSE stream gets a comment line this often.
         workspace_roots: a submitted ``workspace`` must lie under one of these
-            directories (relative ones are resolved against the first); empty: no
-            workspace may be named over HTTP.
+            directories (relative ones are resolved against the first), and not be one
+            of them; empty: no workspace may be named over HTTP.
+        protected: directories a workspace may neither be, lie in, nor contain (the
+            pool's snapshot store, its key file's folder); threadbound's state
+            directory, ``~/.threadbound``, ``~/.ray``, ``~/.ssh`` and the home directory
+            itself are always protected.
+        header_timeout_s: a connection whose request headers are not complete this long
+            after it opened (or after the first byte of its next request) is closed.
+        idle_timeout_s: an idle keep-alive connection is closed after this long.
+        max_connections: the whole gateway's open connections and streams; past it, 503.
+        max_connections_per_client: one client address's open HTTP connections; past it a
+            new one is closed at once (0: no cap).
+        max_header_bytes: the largest request line and headers taken (431/400 past it).
     """
 
     max_body_bytes: int = 1 << 20
@@ -70,6 +88,25 @@ class GatewaySettings:
     rate_burst: int = 100
     keepalive_s: float = 15.0
     workspace_roots: tuple[str, ...] = field(default_factory=tuple)
+    protected: tuple[str, ...] = field(default_factory=tuple)
+    header_timeout_s: float = 10.0
+    idle_timeout_s: int = 5
+    max_connections: int = 2048
+    max_connections_per_client: int = 256
+    max_header_bytes: int = 16_384
+
+
+def protected_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The real paths no workspace served over HTTP may be, lie in or contain."""
+    home = os.path.expanduser("~")
+    paths = (state_dir(), os.path.join(home, ".threadbound"), os.path.join(home, ".ray"),
+             os.path.join(home, ".ssh"), *extra, home)
+    real = (os.path.realpath(os.path.expanduser(p)) for p in paths if p and "://" not in p)
+    return tuple(dict.fromkeys(p for p in real if p != "/"))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class Problem(Exception):
@@ -83,7 +120,7 @@ class Problem(Exception):
 
     def response(self) -> JSONResponse:
         body = {"error": {"type": self.type, "message": self.message, "field": self.field}}
-        return JSONResponse(body, self.status, headers={**self.headers, "Cache-Control": "no-store"})
+        return SafeJSON(body, self.status, headers={**self.headers, "Cache-Control": "no-store"})
 
 
 def _from_error(exc: ThreadboundError) -> Problem:
@@ -103,8 +140,7 @@ def _from_error(exc: ThreadboundError) -> Problem:
 
 def event_json(ev: Event) -> str:
     """The wire form of an event (SSE ``data:`` and WebSocket frames)."""
-    return json.dumps({"offset": ev.offset, "kind": ev.kind, "agent": ev.agent, "data": ev.data, "ts": ev.ts},
-                      default=str, separators=(",", ":"))
+    return dumps({"offset": ev.offset, "kind": ev.kind, "agent": ev.agent, "data": ev.data, "ts": ev.ts})
 
 
 def _sse_frame(ev: Event) -> bytes:
@@ -112,13 +148,46 @@ def _sse_frame(ev: Event) -> bytes:
     return f"id: {ev.offset}\nevent: {kind}\ndata: {event_json(ev)}\n\n".encode()
 
 
-def _int_param(text: str, name: str, lowest: int) -> int:
-    if len(text) > 20 or not text.lstrip("-").isdigit():
+_INT = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() passes "²", int() then fails
+
+
+def _int_param(text: str, name: str, lowest: int, highest: int = 10**18) -> int:
+    """``text`` as an integer from ``lowest`` to ``highest``, or a 400 naming ``name``."""
+    if not _INT.fullmatch(text):
         raise Problem(400, f"{name}: must be an integer >= {lowest}, got {text[:40]!r}", name)
     value = int(text)
-    if value < lowest:
-        raise Problem(400, f"{name}: must be an integer >= {lowest}, got {value}", name)
+    if not lowest <= value <= highest:
+        raise Problem(400, f"{name}: must be an integer from {lowest} to {highest}, got {value}", name)
     return value
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    """``value`` with every float that is not finite as None, for JSON (which has no
+    Infinity or NaN; a browser's JSON.parse refuses them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 100:
+        return str(value)[:200]
+    if isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON of ``value`` (what is not JSON becomes its text; no Infinity or NaN)."""
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), default=str, separators=(",", ":"), allow_nan=False)
+
+
+class SafeJSON(JSONResponse):
+    """A JSON answer that is always strict JSON (Starlette's raises on a float that is not finite)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
 
 
 class Gateway:
@@ -135,6 +204,7 @@ class Gateway:
         self.settings = settings or GatewaySettings()
         self.limit = RateLimit(self.settings.rate_per_s, self.settings.rate_burst)
         self.roots = tuple(os.path.realpath(r) for r in self.settings.workspace_roots)
+        self.protected = protected_dirs(self.settings.protected)
         routes = [
             Route("/healthz", self.healthz),
             Route("/openapi.json", self.openapi),
@@ -205,7 +275,8 @@ class Gateway:
         known = {"TOKENS": kinds.TOKENS, "MESSAGE": kinds.MESSAGE, "STATUSES": list(kinds.STATUSES),
                  "TERMINAL": sorted(kinds.TERMINAL), "WAITING": kinds.WAITING,
                  "INPUT_REQUESTED": kinds.INPUT_REQUESTED, "INPUT_RECEIVED": kinds.INPUT_RECEIVED,
-                 "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED}
+                 "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED, "STEP_STARTED": kinds.STEP_STARTED,
+                 "TEST_RESULT": TEST_RESULT}
         return Response(f"window.THREADBOUND_KINDS = Object.freeze({json.dumps(known)});\n",
                         media_type="text/javascript; charset=utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
@@ -215,13 +286,13 @@ class Gateway:
         try:
             report = await asyncio.wait_for(self.pool.ahealth(), 5)
         except Exception as exc:  # noqa: BLE001  -- any failure means "not healthy", said plainly
-            return JSONResponse({"status": "unavailable", "error": f"the pool does not answer: {type(exc).__name__}"},
+            return SafeJSON({"status": "unavailable", "error": f"the pool does not answer: {type(exc).__name__}"},
                                 503)
-        return JSONResponse({"status": "ok", "mode": report.get("mode")})
+        return SafeJSON({"status": "ok", "mode": report.get("mode")})
 
     async def openapi(self, request: Request) -> Response:
         self.who(request)
-        return JSONResponse(document())
+        return SafeJSON(document())
 
     async def metrics(self, request: Request) -> Response:
         self.who(request)
@@ -241,11 +312,12 @@ class Gateway:
         except ThreadboundError as exc:
             raise _from_error(exc) from None
         summary = await self.answer(self.pool.asummary(handle.task_id))
-        return JSONResponse({"task_id": handle.task_id, "status": summary.status, "created": handle.created},
+        return SafeJSON({"task_id": handle.task_id, "status": summary.status, "created": handle.created},
                             201 if handle.created else 200,
                             headers={"Location": f"/v1/tasks/{handle.task_id}", "Cache-Control": "no-store"})
 
-    async def _json_body(self, request: Request) -> Any:
+    async def _json_body(self, request: Request, empty: Any = None) -> Any:
+        """The request's JSON body; ``empty`` (when not None) stands for a body with nothing in it."""
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -257,6 +329,8 @@ class Gateway:
                 raise Problem(413, f"body: larger than this gateway accepts ({limit} bytes)", "body", "too_large")
             chunks.append(chunk)
         raw = b"".join(chunks)
+        if empty is not None and not raw.strip():
+            return empty
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -266,7 +340,7 @@ class Gateway:
             raise ValueError(f"{name} is not JSON")
 
         try:
-            return json.loads(text, parse_constant=refuse)
+            return json.loads(text, parse_constant=refuse)  # 1e400 is inf: the fields' checks name it
         except json.JSONDecodeError as exc:
             raise Problem(400, f"body: malformed JSON at line {exc.lineno}, column {exc.colno} "
                                f"(char {exc.pos}): {exc.msg}", "body") from None
@@ -309,9 +383,21 @@ class Gateway:
             raise _from_error(InvalidTask("workspace", "this gateway serves no workspace directories; start it "
                                                        "with --workspace-root DIR to allow some"))
         path = os.path.realpath(os.path.join(self.roots[0], ws))
-        if not any(os.path.commonpath([path, root]) == root for root in self.roots):
+        if not any(_within(path, root) for root in self.roots):
             raise _from_error(InvalidTask("workspace", f"{ws!r} is outside the directories this gateway serves "
                                                        f"({', '.join(self.roots)})"))
+        if path in self.roots:
+            raise _from_error(InvalidTask("workspace", f"{ws!r} is the served directory itself; name a project "
+                                                       "directory under it"))
+        root = next(r for r in self.roots if _within(path, r))
+        secret_dir = next((p for p in os.path.relpath(path, root).split(os.sep) if p in SECRET_DIRS), None)
+        if secret_dir:
+            raise _from_error(InvalidTask("workspace", f"{ws!r} lies in a {secret_dir} directory, which holds "
+                                                       "secrets; name a project directory"))
+        for secret in self.protected:
+            if _within(path, secret) or _within(secret, path):
+                raise _from_error(InvalidTask("workspace", f"{ws!r} is, lies in or contains {secret}, which holds "
+                                                           "secrets of the pool's user; name a project directory"))
         return path
 
     async def list_tasks(self, request: Request) -> Response:
@@ -324,9 +410,7 @@ class Gateway:
             if bad:
                 raise Problem(400, f"status: unknown status {bad[0][:40]!r}; one or more of {', '.join(STATUSES)}, "
                                    "comma-separated", "status")
-        limit = _int_param(q["limit"], "limit", 1) if "limit" in q else 50
-        if limit > MAX_PAGE:
-            raise Problem(400, f"limit: at most {MAX_PAGE}, got {limit}", "limit")
+        limit = _int_param(q["limit"], "limit", 1, MAX_PAGE) if "limit" in q else 50
         rows = [t for t in await self.answer(self.pool.atasks()) if statuses is None or t.status in statuses]
         if q.get("after"):
             ids = [t.task_id for t in rows]
@@ -334,10 +418,18 @@ class Gateway:
                 raise Problem(400, f"after: no task {q['after'][:80]!r} among these (forgotten, or another "
                                    "status); start from the first page", "after")
             rows = rows[ids.index(q["after"]) + 1:]
-        page = rows[:limit]
-        more = len(rows) > limit
-        return JSONResponse({"tasks": [_summary(t) for t in page], "next": page[-1].task_id if more else None},
-                            headers={"Cache-Control": "no-store"})
+        # Bounded by bytes as well as by count: each goal and error is cut to a preview
+        # (GET /v1/tasks/{id} has them whole), and a page ends at MAX_PAGE_BYTES with a cursor.
+        page, size = [], 0
+        for t in rows[:limit]:
+            row = _summary(t, preview=True)
+            size += len(dumps(row))
+            if page and size > MAX_PAGE_BYTES:
+                break
+            page.append(row)
+        more = len(rows) > len(page)
+        return SafeJSON({"tasks": page, "next": page[-1]["task_id"] if more else None},
+                        headers={"Cache-Control": "no-store"})
 
     async def get_task(self, request: Request) -> Response:
         self.who(request)
@@ -353,23 +445,21 @@ class Gateway:
                 raise Problem(400, f"wait: seconds from 0 to {MAX_WAIT_S:g}, got {text[:40]!r}", "wait")
         result = await self.answer(self.pool.await_result(task_id, wait))
         summary = await self.answer(self.pool.asummary(task_id))  # after the wait: its status is the result's
-        return JSONResponse(json.loads(json.dumps({**_summary(summary), "result": _result(result)}, default=str)),
+        return SafeJSON({**_summary(summary), "result": _result(result)},
                             headers={"Cache-Control": "no-store"})
 
     async def cancel(self, request: Request) -> Response:
         self.who(request, SUBMIT)
         task_id = request.path_params["task_id"]
         status = await self.answer(self.pool.acancel(task_id))
-        return JSONResponse({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
+        return SafeJSON({"task_id": task_id, "status": status}, 202, headers={"Cache-Control": "no-store"})
 
     # -- a person in the loop ---------------------------------------------------------
 
     async def _input_body(self, request: Request, allowed: dict[str, bool]) -> dict[str, Any]:
-        """A JSON object with only the ``allowed`` fields (name -> required); an empty body is {}."""
-        if request.headers.get("content-length") == "0":
-            body: Any = {}
-        else:
-            body = await self._json_body(request)
+        """A JSON object with only the ``allowed`` fields (name -> required); an empty body
+        (no body at all, or only white space) is {}: approve and reject with no reason."""
+        body = await self._json_body(request, empty={})
         if not isinstance(body, dict):
             raise Problem(422, f"body: must be a JSON object with {', '.join(allowed)}", "body", "InvalidInput")
         for name in body:
@@ -389,7 +479,7 @@ class Gateway:
         task_id = request.path_params["task_id"]
         # Through the task's handle: an answer is not sent twice across a supervisor restart.
         offset = await self.answer(self.pool.handle(task_id).arespond(value, req))
-        return JSONResponse({"task_id": task_id, "offset": offset, "answer": what},
+        return SafeJSON({"task_id": task_id, "offset": offset, "answer": what},
                             headers={"Cache-Control": "no-store"})
 
     async def respond(self, request: Request) -> Response:
@@ -417,7 +507,7 @@ class Gateway:
         body = await self._input_body(request, {"message": True})
         task_id = request.path_params["task_id"]
         offset = await self.answer(self.pool.handle(task_id).asend(body["message"]))  # (not sent twice either)
-        return JSONResponse({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
+        return SafeJSON({"task_id": task_id, "offset": offset}, 202, headers={"Cache-Control": "no-store"})
 
     async def _start(self, task_id: str, after_text: str | None, name: str) -> int:
         """The offset a stream starts at, from ``after`` (the last offset the client has,
@@ -548,9 +638,18 @@ class Gateway:
                                                                 "message": p.message}}))
 
 
-def _summary(t: Any) -> dict[str, Any]:
+def _summary(t: Any, preview: bool = False) -> dict[str, Any]:
+    """A task's summary as JSON; with ``preview`` (a page of the list) its goal and error
+    are cut to PREVIEW_CHARS characters, and ``truncated`` says whether they were."""
     d = dataclasses.asdict(t)
     d["agents"] = list(d["agents"])
+    if preview:
+        cut = False
+        for name in ("goal", "error"):
+            text = d.get(name)
+            if isinstance(text, str) and len(text) > PREVIEW_CHARS:
+                d[name], cut = text[:PREVIEW_CHARS] + "…", True
+        d["truncated"] = cut
     return d
 
 
@@ -560,14 +659,23 @@ def _result(r: TaskResult | None) -> dict[str, Any] | None:
     return None if r is None else {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
 
 
-def server_config(app: Starlette, host: str, port: int, **options: Any) -> Any:
+def server_config(app: Starlette, host: str, port: int, settings: GatewaySettings | None = None,
+                  **options: Any) -> Any:
     """The ``uvicorn.Config`` the gateway is served with (``options``: TLS, log level, ...):
-    asyncio, the sans-I/O WebSocket implementation, and no client message over
+    asyncio, h11 with the connection limits of ``settings`` (header and idle timeouts,
+    a cap per client address and for the whole server, bounded headers: see
+    :mod:`.guard`), the sans-I/O WebSocket implementation, and no client message over
     ``WS_MAX_BYTES`` (the only one a client sends is ``{"cancel": true}``)."""
     import uvicorn
 
+    from .guard import guarded_http
+
+    s = settings or GatewaySettings()
     return uvicorn.Config(app, host=host, port=port, loop="asyncio", ws="websockets-sansio", lifespan="off",
-                          ws_max_size=WS_MAX_BYTES, **options)
+                          ws_max_size=WS_MAX_BYTES,
+                          http=guarded_http(s.header_timeout_s, s.max_connections_per_client),
+                          timeout_keep_alive=s.idle_timeout_s, limit_concurrency=s.max_connections,
+                          h11_max_incomplete_event_size=s.max_header_bytes, **options)
 
 
 def create_app(pool: Any, tokens: Tokens, settings: GatewaySettings | None = None) -> Starlette:

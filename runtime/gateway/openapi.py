@@ -7,6 +7,8 @@ from typing import Any
 
 from threadbound.agents.events import STATUSES
 
+from ..task import MAX_COST_BUDGET, MAX_INPUTS_DEPTH, MAX_PRIORITY, MAX_ROUNDS, MAX_SECONDS
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -49,19 +51,31 @@ a WebSocket client that cannot send headers offers the subprotocols `threadbound
 def document() -> dict[str, Any]:
     """The OpenAPI document served at ``/openapi.json``."""
     task_props: dict[str, Any] = {
-        "goal": {"type": "string", "description": "what to achieve, in words"},
+        "goal": {"type": "string", "description": "what to achieve, in words (at most policy.max_goal_bytes)"},
         "workspace": {"type": ["string", "null"],
                       "description": "a directory under one of the gateway's --workspace-root directories"},
         "agents": {"type": ["array", "null"], "items": {"type": "string"}},
         "after": {"type": ["object", "null"], "additionalProperties": {"type": "array", "items": {"type": "string"}}},
-        "inputs": {"type": "object"},
-        "priority": {"type": "integer"},
-        "max_rounds": {"type": ["integer", "null"], "minimum": 1},
-        "step_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
-        "task_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "inputs": {"type": "object", "description": f"plain data for the agents, nested at most {MAX_INPUTS_DEPTH} "
+                   "deep (the pool's policy may say less: policy.max_inputs_depth, policy.max_inputs_bytes)",
+                   "properties": {"sandbox": {"type": "object", "additionalProperties": False, "properties": {
+                       "wall_s": {"type": "number", "exclusiveMinimum": 0},
+                       "cpu_s": {"type": "integer", "exclusiveMinimum": 0},
+                       "memory_mb": {"type": "integer", "exclusiveMinimum": 0},
+                       "max_procs": {"type": "integer", "exclusiveMinimum": 0},
+                       "file_mb": {"type": "integer", "exclusiveMinimum": 0},
+                       "disk_mb": {"type": "integer", "exclusiveMinimum": 0},
+                       "max_files": {"type": "integer", "exclusiveMinimum": 0},
+                       "network": {"type": "boolean"}}}}},
+        "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY},
+        "max_rounds": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_ROUNDS,
+                       "description": "the pool's policy may allow fewer (policy.max_rounds)"},
+        "step_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+        "task_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+        "wait_timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
         "level": {"oneOf": [{"type": "integer", "enum": [1, 2, 3, 4]}, {"type": "string", "enum": ["auto"]},
                             {"type": "null"}]},
-        "cost_budget": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "cost_budget": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_COST_BUDGET},
         "degrade": {"type": "boolean"},
         "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
     }
@@ -74,6 +88,8 @@ def document() -> dict[str, Any]:
             "round": {"type": "integer"}, "events": {"type": "integer"}, "submitted_at": {"type": "number"},
             "finished_at": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]},
             "idempotency_key": {"type": ["string", "null"]},
+            "truncated": {"type": "boolean", "description": "in a page of GET /v1/tasks: the goal or error is "
+                                                            "cut to a preview (GET /v1/tasks/{task_id} has it whole)"},
         },
     }
     accepted = {"type": "object", "required": ["task_id", "status", "created"],
@@ -119,7 +135,8 @@ def document() -> dict[str, Any]:
                         "413": _err("the body is too large"), "422": _err("an invalid task"),
                         "503": _err("the pool is shutting down"), **_COMMON}},
                 "get": {
-                    "summary": "List tasks, oldest first",
+                    "summary": "List tasks, oldest first, in pages bounded by count (limit) and by bytes; goals "
+                               "and errors cut to a preview",
                     "parameters": [
                         {"name": "status", "in": "query", "schema": {"type": "string"},
                          "description": "comma-separated statuses"},

@@ -13,13 +13,14 @@ the wall clock, so the wait goes on across a restart of the supervisor), then en
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Awaitable, Callable
 
 from threadbound.agents import events as ev
 
 from ..config import RuntimeConfig
 from ..errors import InputNotExpected, InvalidInput
-from ..task import TERMINAL, TIMED_OUT, WAITING
+from ..task import MAX_SECONDS, TERMINAL, TIMED_OUT, WAITING
 from .attempt import plain
 from .clock import Clock
 from .rounds import decision
@@ -34,7 +35,10 @@ def check_input(name: str, value: Any) -> None:
     if not plain(value):
         raise InvalidInput(name, f"must be plain data (text, numbers, true/false, null, lists, maps with "
                                  f"text keys), got {type(value).__name__}")
-    size = len(json.dumps(value))
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except ValueError:
+        raise InvalidInput(name, "holds a number that is not finite (Infinity or NaN); JSON has none") from None
     if size > MAX_INPUT_BYTES:
         raise InvalidInput(name, f"is {size} bytes as JSON; at most {MAX_INPUT_BYTES} are taken (send a path "
                                  "or a link for more)")
@@ -132,7 +136,14 @@ class PersonInTheLoop:
     # -- how long a task waits ------------------------------------------------------------
 
     def limit(self, ts: TaskRecord) -> float:
-        return float(ts.spec.wait_timeout_s or self.cfg.wait_timeout_s)
+        """The task's wait_timeout_s, in seconds; one it should never have been given (too
+        large for a float, not finite, past MAX_SECONDS) counts as the config's."""
+        fallback = float(self.cfg.wait_timeout_s)
+        try:
+            value = float(ts.spec.wait_timeout_s or fallback)
+        except (OverflowError, TypeError, ValueError):
+            return fallback
+        return value if math.isfinite(value) and 0 < value <= MAX_SECONDS else fallback
 
     def arm(self, ts: TaskRecord) -> None:
         """End the waiting task ``timed_out`` when its wait_timeout_s passes (wall clock:

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from threadbound.agents import events as ev
 from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
 
-from ..task import CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT
+from ..task import CANCELLED, FAILED, MAX_ROUNDS, RUNNING, SUCCEEDED, TIMED_OUT
 from .attempt import StepEnv, run_step
 from .binding import WorkspaceLost
 from .task_state import TaskEnds, TaskRecord, TaskWaits
@@ -43,14 +44,19 @@ log = logging.getLogger("threadbound.rounds")
 
 async def run_task(env: StepEnv, ts: TaskRecord) -> None:
     """The whole run of an admitted task, from ``running`` to its final status."""
-    timeout = ts.spec.task_timeout_s or env.cfg.task_timeout_s
+    timeout = _seconds(ts.spec.task_timeout_s, env.cfg.task_timeout_s)
     clock, run, life = env.clock, ts.run, env.life
     run.started_at = clock.monotonic()
     try:  # the time it waited for a person before does not count, the time it ran does
         await clock.wait_for(_rounds(env, ts), max(0.0, timeout - ts.ran_s))
     except TaskWaits:
         ts.ran_s += clock.monotonic() - run.started_at
-        life.task_waits(ts)
+        try:
+            life.task_waits(ts)
+        except Exception as exc:  # noqa: BLE001  -- a task that cannot wait must end, not hang deaf
+            log.exception("task %s could not begin to wait", ts.id)
+            life.finish(ts, FAILED, error=f"internal error while the task began to wait for a person: {exc!r}",
+                        reason="internal")
     except asyncio.TimeoutError:
         life.finish(ts, TIMED_OUT, limit_s=timeout, elapsed_s=ts.ran_s + clock.monotonic() - run.started_at,
                     reason="timeout", error=f"task {ts.id} exceeded its timeout of {timeout:.3f}s")
@@ -69,11 +75,24 @@ async def run_task(env: StepEnv, ts: TaskRecord) -> None:
         life.task_ended(ts)
 
 
+def _seconds(value: Any, fallback: float) -> float:
+    """A task's own timeout in seconds (validated at submit); one that is not a finite
+    number a float can hold counts as the config's ``fallback``, so the supervisor's
+    arithmetic with it can never raise."""
+    try:
+        seconds = float(value or fallback)
+    except (OverflowError, TypeError, ValueError):
+        return float(fallback)
+    return seconds if math.isfinite(seconds) and seconds > 0 else float(fallback)
+
+
 async def _rounds(env: StepEnv, ts: TaskRecord) -> None:
     env.emit(ts, RUNNING, None)
     if ts.level is None:
         await env.budget.choose_level(ts, env.emit)
     max_rounds = ts.spec.max_rounds or ts.max_rounds or env.cfg.max_rounds
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 0 < max_rounds <= MAX_ROUNDS:
+        max_rounds = env.cfg.max_rounds  # validated at submit; never a loop without end (e.g. 1e400 = inf)
     rnd = max(ts.round, 1)
     while rnd <= max_rounds:
         if ts.round != rnd:

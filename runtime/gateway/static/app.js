@@ -33,8 +33,18 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+// The one escaping function for text that did not come from the page itself: control
+// characters (C0 but newline and tab, DEL, C1), bidirectional controls (U+202A-202E,
+// U+2066-2069, U+200E/200F, U+061C) and invisible ones (zero-width, U+2060, U+FEFF) are
+// shown as <U+202E>, as the terminal shows them, so a diff cannot read as other code
+// than the code that runs (Trojan Source). Shown with textContent: never HTML.
+const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]/g;
+function visible(text) {
+  return String(text).replace(HIDDEN, (c) => "<U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + ">");
+}
+
 function shown(value) {
-  return typeof value === "string" ? value : JSON.stringify(value);
+  return visible(typeof value === "string" ? value : JSON.stringify(value));
 }
 
 function taskPath(suffix) {
@@ -56,6 +66,7 @@ $("token-form").addEventListener("submit", (e) => {
   e.preventDefault();
   token = $("token").value.trim();
   if (!token) return;
+  $("login-error").textContent = "";
   sessionStorage.setItem("threadbound-token", token);
   showApp();
 });
@@ -145,7 +156,7 @@ async function answer(block, path, body) {
 }
 
 function complain(block, text) {
-  $("input-error").textContent = "#" + block.dataset.request + ": " + text;
+  $("input-error").textContent = "#" + block.dataset.request + ": " + visible(text);
 }
 
 function approvalBlock(block, req, payload) {
@@ -161,7 +172,9 @@ function approvalBlock(block, req, payload) {
     block.append(el("p", { className: "muted", textContent: "The task was not asked to apply: approving ends it "
                                                             + "succeeded without writing the files." }));
   }
-  block.append(el("pre", { className: "diff", textContent: shown(payload.diff || "(no diff)") }));
+  const tests = el("div", { className: "approval-tests" });
+  showTests(tests);
+  block.append(tests, el("pre", { className: "diff", textContent: shown(payload.diff || "(no diff)") }));
   const reason = el("input", { className: "reason", placeholder: "why (optional)" });
   const feedback = el("input", { className: "feedback", placeholder: "what to change in another round" });
   const approve = el("button", { type: "button", className: "approve", textContent: "Approve" });
@@ -187,8 +200,8 @@ function questionBlock(block, req, agent, payload) {
   const question = typeof payload === "string" ? payload
     : (payload && typeof payload.question === "string" ? payload.question : "a question");
   block.append(
-    el("h4", { textContent: "#" + req + (agent ? " from " + agent : "") + ": " + question }),
-    el("pre", { className: "payload", textContent: JSON.stringify(payload, null, 2) }));
+    el("h4", { textContent: "#" + req + (agent ? " from " + visible(agent) : "") + ": " + visible(question) }),
+    el("pre", { className: "payload", textContent: visible(JSON.stringify(payload, null, 2)) }));
   const field = el("textarea", { className: "answer", rows: 2, placeholder: "your answer" });
   const respond = el("button", { type: "button", className: "respond", textContent: "Respond" });
   respond.addEventListener("click", () => {
@@ -255,7 +268,14 @@ async function refreshTasks() {
   if (!token) return;
   let resp;
   try { resp = await api("/v1/tasks?limit=500"); } catch (e) { $("pool-status").textContent = "gateway unreachable"; return; }
-  if (resp.status === 401) { $("pool-status").textContent = await errorText(resp); return; }
+  if (resp.status === 401) {  // a token this gateway does not know: back to the login form, saying so
+    const why = await errorText(resp);
+    sessionStorage.removeItem("threadbound-token");
+    token = null;
+    showApp();
+    $("login-error").textContent = "That token was refused: " + why;
+    return;
+  }
   if (!resp.ok) return;
   $("pool-status").textContent = "";
   const page = await resp.json();
@@ -265,8 +285,8 @@ async function refreshTasks() {
     const tr = document.createElement("tr");
     tr.dataset.taskId = t.task_id;
     if (following && following.taskId === t.task_id) tr.classList.add("selected");
-    for (const [text, cls] of [[t.task_id, ""], [t.status, "status " + t.status], [t.agents.join(", "), ""],
-                               [t.goal.slice(0, 60), ""]]) {
+    for (const [text, cls] of [[visible(t.task_id), ""], [t.status, "status " + t.status],
+                               [visible(t.agents.join(", ")), ""], [visible(t.goal.slice(0, 60)), ""]]) {
       const td = document.createElement("td");
       td.textContent = text;
       if (cls) td.className = cls;
@@ -281,8 +301,8 @@ function lane(agent) {
   let found = document.querySelector('.lane[data-agent="' + CSS.escape(agent) + '"]');
   if (!found) {
     found = el("div", { className: "lane" },
-               el("h3", {}, agent + " ", el("span", { className: "lane-status status " + WAITING })),
-               el("pre", { className: "tokens" }),
+               el("h3", {}, visible(agent) + " ", el("span", { className: "lane-status status " + WAITING })),
+               el("div", { className: "steps" }),
                el("ul", { className: "events" }));
     found.dataset.agent = agent;
     $("lanes").append(found);
@@ -290,14 +310,77 @@ function lane(agent) {
   return found;
 }
 
+// Each step of an agent (a round, or a retry's attempt) gets a block of its own in the
+// lane: its heading, its streamed text, and its test results as results.
+function step(laneEl, ev) {
+  const steps = laneEl.querySelector(".steps");
+  const d = (ev && ev.data) || {};
+  if (ev || !steps.lastElementChild) {
+    const title = "round " + shown(d.round === undefined ? "?" : d.round)
+      + (d.attempt && d.attempt > 1 ? " · attempt " + shown(d.attempt) : "");
+    steps.append(el("div", { className: "step" }, el("h4", { className: "step-title", textContent: title }),
+                    el("pre", { className: "tokens" })));
+  }
+  return steps.lastElementChild;
+}
+
+// "3 passed · 1 failed · 0 errors — FAIL", from a test_result event (or a tester's output)
+function testSummary(d) {
+  const n = (k) => (typeof d[k] === "number" ? d[k] : 0);
+  let text = n("passed") + " passed · " + n("failed") + " failed · " + n("errors") + " errors";
+  if (typeof d.skipped === "number") text += " · " + d.skipped + " skipped";
+  text += d.ok ? " — PASS" : " — FAIL";
+  if (d.killed) text += " (killed: " + shown(d.killed) + ")";
+  if (typeof d.summary === "string" && d.summary) text += " (" + visible(d.summary) + ")";
+  return text;
+}
+
+function testResult(laneEl, ev) {
+  const d = ev.data || {};
+  step(laneEl, null).append(el("p", { className: "test-result " + (d.ok ? "pass" : "fail"),
+                                      textContent: testSummary(d) }));
+  if (following) following.tests = Object.assign({}, following.tests, { [ev.agent]: d });
+  document.querySelectorAll("#input-panel .approval-tests").forEach(showTests);
+}
+
+function showTests(box) {
+  const tests = (following && following.tests) || {};
+  const names = Object.keys(tests);
+  box.replaceChildren(...(names.length
+    ? names.map((a) => el("p", { className: "test-result " + (tests[a].ok ? "pass" : "fail"),
+                                 textContent: "Tests (" + visible(a) + "): " + testSummary(tests[a]) }))
+    : [el("p", { className: "muted", textContent: "Tests: no results in this task's log" })]));
+}
+
+// The final status, its reason and error, under the task's heading.
+async function showFinal(ev) {
+  const mine = following;
+  const d = ev.data || {};
+  let reason = d.reason, error = d.error;
+  try {
+    const resp = await api("/v1/tasks/" + encodeURIComponent(mine.taskId));
+    if (resp.ok) {
+      const task = await resp.json();
+      const r = task.result || {};
+      reason = r.reason || reason;
+      error = r.error || task.error || error;
+    }
+  } catch (err) { /* the event's own data is shown */ }
+  if (following !== mine) return;
+  $("final").hidden = false;
+  $("final").className = "final status " + ev.kind;
+  $("final").textContent = "Final: " + ev.kind + (reason ? " — reason: " + shown(reason) : "")
+    + (error ? " — " + shown(error) : "");
+}
+
 function brief(ev) {
   const d = ev.data || {};
   const bits = [];
   for (const key of ["round", "attempt", "reason", "error", "limit_s",
                      "request", "requests", "n", "message", "value"]) {
-    if (d[key] !== undefined && d[key] !== null) bits.push(key + "=" + shown(d[key]).slice(0, 80));
+    if (d[key] !== undefined && d[key] !== null) bits.push(key + "=" + shown(d[key]).slice(0, 120));
   }
-  return "#" + ev.offset + " " + ev.kind + (bits.length ? " " + bits.join(" ") : "");
+  return "#" + ev.offset + " " + visible(ev.kind) + (bits.length ? " " + bits.join(" ") : "");
 }
 
 function render(ev) {
@@ -307,8 +390,13 @@ function render(ev) {
   }
   if (ev.agent) {
     const laneEl = lane(ev.agent);
-    if (ev.kind === K.TOKENS || ev.kind === K.MESSAGE) {
-      laneEl.querySelector(".tokens").append(document.createTextNode(ev.data.text || ""));
+    if (ev.kind === K.STEP_STARTED) {
+      step(laneEl, ev);
+      laneEl.querySelector(".events").append(line(brief(ev)));
+    } else if (ev.kind === K.TOKENS || ev.kind === K.MESSAGE) {
+      step(laneEl, null).querySelector(".tokens").append(document.createTextNode(visible(ev.data.text || "")));
+    } else if (ev.kind === K.TEST_RESULT) {
+      testResult(laneEl, ev);
     } else {
       laneEl.querySelector(".events").append(line(brief(ev)));
     }
@@ -317,16 +405,18 @@ function render(ev) {
   }
   if (ev.kind === INPUT_REQUESTED) opened(ev);
   else if (ev.kind === INPUT_RECEIVED) closed((ev.data || {}).request);
-  else if (K.TERMINAL.includes(ev.kind)) ended();
+  else if (K.TERMINAL.includes(ev.kind)) { ended(); showFinal(ev); }
 }
 
 async function follow(taskId) {
   if (following) following.abort.abort();
   const abort = new AbortController();
-  following = { taskId, abort, open: new Map(), ended: false };
+  following = { taskId, abort, open: new Map(), ended: false, tests: {} };
+  $("final").hidden = true;
+  $("final").textContent = "";
   $("no-task").hidden = true;
   $("task-view").hidden = false;
-  $("view-id").textContent = taskId;
+  $("view-id").textContent = visible(taskId);
   $("view-status").textContent = "";
   $("lanes").replaceChildren();
   $("task-events").replaceChildren();
@@ -343,7 +433,7 @@ async function follow(taskId) {
       const resp = await api("/v1/tasks/" + encodeURIComponent(taskId) + "/events",
                              { headers: { "Last-Event-ID": String(last) }, signal: abort.signal });
       if (resp.status >= 400 && resp.status < 500 && resp.status !== 429) {
-        $("task-events").append(line(await errorText(resp)));
+        $("task-events").append(line(visible(await errorText(resp))));
         return;
       }
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();

@@ -1,0 +1,102 @@
+"""Connection limits uvicorn does not have: a deadline for a request's headers, and a
+cap on the connections one client address holds.
+
+uvicorn closes an idle keep-alive connection (``timeout_keep_alive``) and bounds the
+size of an incomplete request (``h11_max_incomplete_event_size``) and the connections
+of the whole server (``limit_concurrency``, answered 503), but a connection that sends
+half a request line and then nothing is held for ever: 1,500 of them hold 1,500
+sockets, without a token. :func:`guarded_http` is uvicorn's own h11 protocol with a
+timer armed when a connection opens, or when bytes of a new request arrive, and
+disarmed when the request's headers are complete; when it fires the connection is
+closed. A client address past its cap of open connections has the new one closed at
+once. The WebSocket stream a connection upgrades to is not counted: its own frames
+and pings bound it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("threadbound.gateway")
+
+
+def guarded_http(header_timeout_s: float, max_per_client: int) -> type[asyncio.Protocol]:
+    """An h11 protocol class for ``uvicorn.Config(http=...)`` that closes a connection
+    whose request headers are not complete ``header_timeout_s`` after it opened (or after
+    the first byte of its next request), and refuses a client address's connection past
+    its ``max_per_client`` open ones (0: no cap)."""
+    held: dict[str, int] = {}  # client address -> open connections (one dict per server)
+
+    class Guarded(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _counted: str | None = None
+        _seen_cycle: Any = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            host = self.client[0] if self.client else "?"
+            if max_per_client and held.get(host, 0) >= max_per_client:
+                log.warning("gateway: %s holds %d connections, the most one client may; closing a new one",
+                            host, max_per_client)
+                transport.close()
+                return
+            held[host] = held.get(host, 0) + 1
+            self._counted = host
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None and header_timeout_s > 0:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and self.cycle is not self._seen_cycle and not self.cycle.response_complete
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self._in_request() or self.transport.is_closing():
+                return
+            log.info("gateway: %s sent no complete request headers in %gs; closing", self.client, header_timeout_s)
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._in_request():
+                self._arm()  # bytes of a new request: its headers have a deadline
+            super().data_received(data)
+            if self._in_request():  # its headers are complete
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._seen_cycle = self.cycle  # the next bytes start a new request
+            super().on_response_complete()
+            if not self._in_request() and self.conn.trailing_data[0]:
+                self._arm()  # part of the next request came while this one was answered
+
+        def _release(self) -> None:
+            self._disarm()
+            if self._counted is not None:
+                n = held.get(self._counted, 1) - 1
+                if n > 0:
+                    held[self._counted] = n
+                else:
+                    held.pop(self._counted, None)
+                self._counted = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._release()
+            super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._release()  # the WebSocket protocol takes the transport over
+            super().handle_websocket_upgrade(event)
+
+    Guarded.held = held  # for tests and for a look from a debugger
+    return Guarded
