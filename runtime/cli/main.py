@@ -151,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
                           "tester and the reviewer at the same time)")
     run.add_argument("--keep-workspace", action="store_true",
                      help="keep the task's copy of the workspace when it ends (workspace.keep_copies)")
+    run.add_argument("--name", default=None,
+                     help="pool name (default: the config's name; another run's pool here makes it <name>-2)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="port of the pool's /metrics (default: metrics.port, 9464, or a free one when another "
+                          "pool has it; 0 = none; THREADBOUND_METRICS_PORT)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines")
     run.add_argument("--no-stream", action="store_true", help="one message per step instead of tokens")
     run.add_argument("--level", choices=["1", "2", "3", "4", "auto"], default=None,
