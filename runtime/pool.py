@@ -323,7 +323,7 @@ class AgentPool:
         except ConfigError:
             _stop_ray(owns_ray)
             raise
-        self._connected(client, info, owns_ray, started=not existed and info.get("creator") == creator)
+        self._connected(client, info, owns_ray, started=info.get("creator") == creator)
         _sync(client.call("register_roles", blobs))
         if self.resumed and self.resumed.get("skipped"):
             log.error("resumed from an older snapshot; newer ones were refused: %s",

@@ -121,8 +121,8 @@ def parser() -> argparse.ArgumentParser:
     # Flags of every command that starts or joins Ray.
     ray_flags = argparse.ArgumentParser(add_help=False)
     ray_flags.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
-    ray_flags.add_argument("--address", help="Ray address to join, e.g. auto or 10.0.0.5:6379 (default: start a "
-                                             "local Ray, or join the one running on this machine)")
+    ray_flags.add_argument("--address", help="Ray address to join, e.g. auto (your Ray on this machine) or "
+                                             "10.0.0.5:6379 (default: RAY_ADDRESS, else a local Ray of its own)")
     ray_flags.add_argument("--verbose", "-v", action="store_true",
                            help=f"show Ray's own log lines and warnings (otherwise in {log_file()})")
 

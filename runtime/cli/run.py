@@ -262,7 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         start_ray(cfg, args.verbose)
         pool = AgentPool(cfg)
-        say(pool_line(pool, _bootstrap(requested_address(cfg))))
+        address = requested_address(cfg)
+        say(pool_line(pool, _bootstrap(address) if address == "auto" else address))
         handle = pool.submit(task)
         final = follow(handle, args.json, seen)
         if not args.json:
