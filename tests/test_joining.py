@@ -22,6 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -182,6 +183,21 @@ class Cmd:
         stop_tree(descendants(self.proc.pid), grace_s=10)
 
 
+def healthz(port: int, serve: "Cmd", timeout_s: float = 120) -> dict:
+    """The gateway's /healthz, once its server accepts connections ("serving on" is said
+    just before it binds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as reply:
+                return {"code": reply.status, **json.loads(reply.read())}
+        except urllib.error.HTTPError as exc:
+            return {"code": exc.code, **json.loads(exc.read() or b"{}")}
+        except (urllib.error.URLError, ConnectionError):
+            assert serve.proc.poll() is None and time.monotonic() < deadline, serve.err[-3000:]
+            time.sleep(0.2)
+
+
 def gated_run(user, *extra: str, gate: Path) -> Cmd:
     return Cmd(user["env"], "run", "--config", user["config"], "--goal", str(gate), *extra, cwd=user["root"])
 
@@ -302,8 +318,7 @@ def test_a_run_that_joins_a_served_pool_leaves_it_serving(user, head):
         assert f"joined pool 'threadbound' at {head.address}" in run.err
         assert "started pool" not in run.err
         # ...and the gateway's pool still answers
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as reply:
-            assert reply.status == 200 and json.loads(reply.read())["status"] == "ok"
+        assert healthz(port, serve) == {"code": 200, "status": "ok", "mode": "normal"}
     finally:
         serve.proc.send_signal(signal.SIGINT)
         try:
@@ -444,7 +459,7 @@ FRESH_DRIVER = textwrap.dedent("""
     if how == "attach":
         pool = AgentPool.attach(name, address=address)
     else:
-        settings = {"name": name, "max_agents": 2, "snapshot_dir": snapshots, "metrics": {"port": 0},
+        settings = {"name": name, "max_agents": 3, "snapshot_dir": snapshots, "metrics": {"port": 0},
                     "health": {"enabled": False}, "agents": {"a": "scripted_agents:Scripted"}}
         if how == "config":
             settings["ray"] = {"address": address}
@@ -528,8 +543,7 @@ def _cluster_child(out: str) -> None:
                     "--name", "by-serve", "--tokens-file", os.path.join(out, "tokens"), cwd=Path(out))
         try:
             serve.says("serving on")
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as reply:
-                found["serve"] = json.loads(reply.read())
+            found["serve"] = healthz(port, serve)
         except AssertionError as exc:
             found["serve"] = {"error": str(exc)}
         finally:
