@@ -488,7 +488,10 @@ def fresh_drivers_join(env: dict[str, str], address: str, snapshots: str) -> lis
          "joined", snapshots], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
-        first = json.loads(keeper.stdout.readline() or "{}")
+        line = keeper.stdout.readline()
+        if not line:  # it ended without a result: show why
+            keeper.wait(60)
+        first = json.loads(line or "{}")
         assert first.get("status") == "succeeded", keeper.stderr.read()[-4000:] if keeper.poll() is not None else first
         found = [first]
         found.append(fresh_driver(env, address, "attach", "joined", snapshots))
