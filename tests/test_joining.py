@@ -480,9 +480,11 @@ def fresh_driver(env: dict[str, str], address: str, how: str, name: str, snapsho
     return json.loads(lines[-1])
 
 
-def fresh_drivers_join(env: dict[str, str], address: str, snapshots: str) -> list[dict]:
+def fresh_drivers_join(env: dict[str, str], address: str, snapshots: str, *, tokens: bool = False) -> list[dict]:
     """A fresh driver starts a pool by ``ray.address`` in its config, and keeps it; fresh
-    drivers then attach to it, and join it with ``ray.init`` called first."""
+    drivers then attach to it, and join it with ``ray.init`` called first (which, given
+    an address, uses a token only when told: ``RAY_AUTH_MODE=token`` for a cluster
+    with ``tokens``)."""
     keeper = subprocess.Popen(
         [sys.executable, "-c", FRESH_DRIVER.replace("    pass\n", "    sys.stdin.read()\n"), address, "config",
          "joined", snapshots], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -495,7 +497,8 @@ def fresh_drivers_join(env: dict[str, str], address: str, snapshots: str) -> lis
         assert first.get("status") == "succeeded", keeper.stderr.read()[-4000:] if keeper.poll() is not None else first
         found = [first]
         found.append(fresh_driver(env, address, "attach", "joined", snapshots))
-        found.append(fresh_driver(env, address, "init-first", "joined", snapshots))
+        found.append(fresh_driver({**env, "RAY_AUTH_MODE": "token"} if tokens else env, address, "init-first",
+                                  "joined", snapshots))
         found.append(fresh_driver(env, address, "attach", "joined", snapshots))  # still there after both left
         keeper.stdin.close()
         assert keeper.wait(120) == 0, keeper.stderr.read()[-4000:]
@@ -517,7 +520,7 @@ def _joined_as_expected(found: list[dict]) -> None:
 @pytest.mark.timeout(600)
 def test_fresh_drivers_join_a_ray_start_head_by_config_by_attach_and_after_ray_init(user, head):
     env = {**user["env"], "PYTHONPATH": os.pathsep.join([str(HERE), user["env"].get("PYTHONPATH", "")])}
-    _joined_as_expected(fresh_drivers_join(env, head.address, str(user["root"] / "snapshots")))
+    _joined_as_expected(fresh_drivers_join(env, head.address, str(user["root"] / "snapshots"), tokens=True))
 
 
 # -- a Ray without token authentication, joined with a token at hand --------------------------
