@@ -523,6 +523,18 @@ def test_fresh_drivers_join_a_ray_start_head_by_config_by_attach_and_after_ray_i
     _joined_as_expected(fresh_drivers_join(env, head.address, str(user["root"] / "snapshots"), tokens=True))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_auto_finds_who_started_the_ray_on_this_machine(head):
+    from threadbound.runtime.connect import check_owner, gcs_owner
+
+    # The Ray this test started is this user's: `auto` may join it...
+    assert gcs_owner(head.address) == os.getuid()
+    check_owner(head.address)
+    # ...and an address no GCS of this machine serves has no owner to refuse
+    assert gcs_owner(f"127.0.0.1:{free_ports(1)[0]}") is None
+
+
 # -- a Ray without token authentication, joined with a token at hand --------------------------
 
 def _cluster_child(out: str) -> None:
