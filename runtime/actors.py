@@ -47,7 +47,11 @@ class _Supervisor(Supervisor):
     ``snapshot_dir`` some node cannot reach is refused (a restarted supervisor may run
     on another node, and resumes from there)."""
 
-    def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False) -> None:
+    def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False,
+                 creator: str | None = None) -> None:
+        # Which client created this pool (``AgentPool`` passes a fresh id): a client that
+        # finds another id in ``info`` joined a pool it did not start, and leaves it running.
+        self._creator = creator
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own property reads its deprecated actor_id: not the user's concern
             warnings.simplefilter("ignore")
@@ -62,6 +66,9 @@ class _Supervisor(Supervisor):
         if self._unreachable is not None:
             self.fatal = self._unreachable  # the ConfigError itself, not its wrapping
         self.health.monitor.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
+
+    async def info(self) -> dict[str, Any]:
+        return {**await super().info(), "creator": self._creator}
 
     # Clients long-poll these many times a second. Ray keeps a bounded number of tasks
     # in its task table (what the dashboard lists): left out of it, the polls no longer

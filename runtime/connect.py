@@ -16,16 +16,30 @@ from .errors import ConfigError
 log = logging.getLogger("threadbound.pool")
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def requested_address(config: RuntimeConfig) -> str | None:
+    """The Ray the user asked to join: ``ray.address`` (``--address``,
+    THREADBOUND_RAY_ADDRESS), else RAY_ADDRESS; None when they asked for none."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(config: RuntimeConfig, *, log_file: str | None = None) -> bool:
-    """Join ``config.ray.address`` (or start a local Ray) unless Ray is initialised here.
+    """Join the Ray the user asked for, or start a local Ray of this process's own,
+    unless Ray is initialised here.
 
     Returns True when this call started or joined Ray (the caller then owns it).
     An address nobody answers at is a :class:`ConfigError` naming ``ray.address``; so is
     one whose cluster refuses this client's token, with where the token is looked for.
 
-    A client joining an address finds the cluster's token as Ray's own CLI does: when
-    ``RAY_AUTH_MODE`` is unset and a token is at hand (``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), token authentication is turned on.
+    Without ``ray.address`` (or RAY_ADDRESS) a local Ray of its own is started, bound to
+    127.0.0.1, even when another Ray runs on this machine (``ray.init()`` would join the
+    one ``/tmp/ray/ray_current_cluster`` names, whoever started it). ``auto`` joins the
+    Ray running on this machine only when it is this user's.
+
+    A client joining a cluster uses a token only if the cluster asks for one, found as
+    Ray's own CLI does (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
 
     ``log_file``: send Ray's own log lines and warnings there instead of the terminal,
     and keep the agents' output out of this process (it stays in Ray's session logs).
@@ -33,27 +47,75 @@ def connect_ray(config: RuntimeConfig, *, log_file: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"namespace": config.ray.namespace, "logging_level": logging.WARNING}
-    address = config.ray.address
+    address = requested_address(config)
+    target = _bootstrap(address)
     if address:
-        kwargs["address"] = address
-    elif config.ray.num_cpus:
-        kwargs["num_cpus"] = config.ray.num_cpus
+        # The resolved address, so that ray.init neither looks for a Ray again nor turns
+        # token authentication on by itself (it does that for "auto").
+        kwargs["address"] = target or address
+        if address == "auto" and target is not None:
+            check_owner(target)
+    else:
+        kwargs.update(local_ray_options(config))
     with _ray_logs_to(log_file) as quiet:
         if quiet:
             kwargs.update(configure_logging=False, log_to_driver=False)
-        target = _bootstrap(address)
         if target is not None:  # joining a cluster, not starting one
-            _use_token_if_found()
             _check_answers(target)
         try:
             with _no_token_notice():
                 ray.init(**kwargs)
         except ConnectionError as exc:
-            where = address or os.environ.get("RAY_ADDRESS") or "this machine"
-            raise _no_cluster(where, str(exc).splitlines()[0]) from None
+            raise _no_cluster(address or "this machine", str(exc).splitlines()[0]) from None
         except ray.exceptions.AuthenticationError as exc:
-            raise _auth_failed(address or os.environ.get("RAY_ADDRESS") or "this machine", exc) from None
+            raise _auth_failed(address or "this machine", exc) from None
     return True
+
+
+def local_ray_options(config: RuntimeConfig) -> dict[str, Any]:
+    """``ray.init`` arguments of a local Ray of this process's own: never another Ray of the
+    machine, its node and dashboard on 127.0.0.1."""
+    opts: dict[str, Any] = {"address": "local", "_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
+    if config.ray.num_cpus:
+        opts["num_cpus"] = config.ray.num_cpus
+    return opts
+
+
+def gcs_owner(address: str) -> int | None:
+    """The uid of the process serving Ray's GCS at ``address`` on this machine (None if
+    no such process is seen here)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    port = address.rpartition(":")[2]
+    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if proc.info["name"] == "gcs_server" and f"--gcs_server_port={port}" in cmdline:
+                return proc.info["uids"].real
+        except (psutil.Error, TypeError, AttributeError):
+            continue
+    return None
+
+
+def check_owner(target: str, *, uid: int | None = None) -> None:
+    """``auto`` found ``target`` on this machine: refuse it unless this user started it
+    (another user's Ray would get the agents, the workspace copies and the model's keys)."""
+    owner = gcs_owner(target) if uid is None else uid
+    if owner is None or owner == os.getuid():
+        return
+    try:
+        import pwd
+
+        who = f"{pwd.getpwuid(owner).pw_name} (uid {owner})"
+    except (ImportError, KeyError):
+        who = f"uid {owner}"
+    raise ConfigError("Ray connection", [(
+        "ray.address",
+        f"'auto' found the Ray at {target}, which {who} started, not you: the agents, the workspace copies "
+        "and the model's credentials would go to it. Leave --address (ray.address, RAY_ADDRESS) out to start "
+        f"a Ray of your own, or give --address {target} if you mean to join it")])
 
 
 def _no_cluster(where: str, why: str) -> ConfigError:
@@ -78,9 +140,11 @@ def _auth_failed(where: str, exc: BaseException) -> ConfigError:
 
 
 def _bootstrap(address: str | None) -> str | None:
-    """The ``host:port`` ``ray.init(address)`` would join (RAY_ADDRESS, or a Ray started on
-    this machine with ``ray start``), or None when it would start a local Ray."""
-    if address and address.startswith("ray://"):
+    """The ``host:port`` ``ray.init(address)`` would join (``address``, else RAY_ADDRESS;
+    ``auto``: the Ray started on this machine with ``ray start``), or None when there is
+    nothing to join (no address asked for, a ``ray://`` one, or ``auto`` finding none)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address.startswith("ray://"):
         return None
     try:
         from ray._private.services import canonicalize_bootstrap_address
@@ -133,21 +197,48 @@ def _no_token_notice() -> Iterator[None]:
         logger.removeFilter(notice)
 
 
+def _turn_token_auth_off() -> None:
+    """This process joins a cluster without token authentication: say so to Ray, so that
+    ``ray.init`` does not turn it on because a token file happens to exist here."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except ImportError:
+        pass
+
+
 def _check_answers(address: str) -> None:
-    """Ask the cluster's GCS once, so a refused token is told as such (``ray.init`` would
-    retry for 20 s and then say only that nobody answers)."""
+    """Ask the cluster's GCS once, first without a token, and use one only if the cluster
+    asks for it. A refused token is told as such (``ray.init`` would retry for 20 s and then
+    say only that nobody answers).
+
+    Token authentication is turned on here only for a cluster that wants it: a client
+    with token authentication on, joining a cluster without it, refuses the calls its
+    own actors make back to it, so Ray cancels every actor it creates ("all references to
+    the actor were removed") and the pool never starts."""
     try:
         from ray._raylet import GcsClient
     except ImportError:
         return
+    mode = os.environ.get("RAY_AUTH_MODE")
     try:
         GcsClient(address=address)
     except ray.exceptions.AuthenticationError as exc:
-        raise _auth_failed(address, exc) from None
+        if mode is not None:  # the user chose the mode: say it failed
+            raise _auth_failed(address, exc) from None
+        _use_token_if_found()
+        if os.environ.get("RAY_AUTH_MODE") is None:  # no token at hand
+            raise _auth_failed(address, exc) from None
+        _check_answers(address)  # again, with the token
+        return
     except ray.exceptions.RpcError as exc:
         raise _no_cluster(address, str(exc).splitlines()[0]) from None
     except Exception:  # anything else: let ray.init say it
-        pass
+        return
+    if mode is None:
+        _turn_token_auth_off()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import ray
@@ -53,6 +54,15 @@ def _await_gone(name: str, namespace: str, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise PoolClosed(f"pool {name!r}: the crashed supervisor is still being reaped after {timeout_s:.0f}s")
         time.sleep(0.2)
+
+
+def _running(name: str, namespace: str) -> bool:
+    """A supervisor named ``name`` exists (alive or restarting)."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def _stop_ray(owned: bool) -> None:
@@ -294,13 +304,18 @@ class AgentPool:
             except PoolClosed:
                 _stop_ray(owns_ray)
                 raise
-        # get_if_exists: a pool of this name that already runs is attached to, not replaced
-        handle = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs, resume=_resume)
+        existed = _running(config.name, config.ray.namespace)
+        # get_if_exists: a pool of this name that already runs is attached to, not replaced.
+        # ``creator`` tells this client, in ``info``, whether it started the pool or joined it.
+        creator = uuid.uuid4().hex
+        handle = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs, resume=_resume,
+                                                                            creator=creator)
         client = _Client(handle, (config.name, config.ray.namespace))
         try:
             info = _sync(client.call("info"))
         except ThreadboundError:  # e.g. a snapshot location held by another supervisor
-            ray.kill(handle, no_restart=True)
+            if not existed:  # ours, and it cannot serve; one we found is not ours to kill
+                ray.kill(handle, no_restart=True)
             _stop_ray(owns_ray)
             raise
         try:
@@ -308,7 +323,7 @@ class AgentPool:
         except ConfigError:
             _stop_ray(owns_ray)
             raise
-        self._connected(client, info, owns_ray)
+        self._connected(client, info, owns_ray, started=info.get("creator") == creator)
         _sync(client.call("register_roles", blobs))
         if self.resumed and self.resumed.get("skipped"):
             log.error("resumed from an older snapshot; newer ones were refused: %s",
@@ -316,9 +331,13 @@ class AgentPool:
         if config.prewarm:
             _sync(client.call("prewarm"))
 
-    def _connected(self, client: _Client, info: dict[str, Any], owns_ray: bool) -> None:
+    def _connected(self, client: _Client, info: dict[str, Any], owns_ray: bool, *, started: bool) -> None:
         self._client = client
         self._owns_ray = owns_ray
+        #: True when this client started the pool; False when it joined one that ran already
+        #: (``attach``, or a pool of the same name and config): only the client that started
+        #: a pool stops it (:meth:`shutdown`), the others leave it running.
+        self.started = started
         self.config: RuntimeConfig = info["config"]
         self.name: str = info["name"]
         self.resumed: dict[str, Any] | None = info.get("resumed")
@@ -351,8 +370,9 @@ class AgentPool:
         Joins Ray as :func:`connect_ray` does unless Ray is initialised here: ``address``,
         else the Ray running on this machine (``RAY_ADDRESS`` or ``ray start``).
         ``namespace`` defaults to ``threadbound``. Raises :class:`PoolClosed` naming the
-        pool and the namespace when no such pool runs. ``close()`` detaches;
-        ``shutdown()`` stops the pool for all its clients.
+        pool and the namespace when no such pool runs. ``close()`` (and ``shutdown()``,
+        and leaving a ``with`` block) detaches and leaves the pool running: only the client
+        that started it stops it; ``shutdown(stop_joined=True)`` stops it for all its clients.
 
         Examples:
             >>> pool = AgentPool.attach("nightly", address="auto")   # doctest: +SKIP
@@ -381,7 +401,7 @@ class AgentPool:
             _stop_ray(owns_ray)
             raise
         pool = cls.__new__(cls)
-        pool._connected(client, info, owns_ray)
+        pool._connected(client, info, owns_ray, started=False)
         return pool
 
     @classmethod
@@ -426,7 +446,7 @@ class AgentPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
+        self.shutdown()  # stops the pool only if this client started it
 
     # -- tasks ------------------------------------------------------------------------
 
@@ -566,11 +586,27 @@ class AgentPool:
         """Detach this client; the supervisor and its tasks keep running."""
         self._closed = True
 
-    def shutdown(self, grace_s: float | None = None) -> None:
+    def shutdown(self, grace_s: float | None = None, *, stop_joined: bool = False) -> None:
         """Stop the pool: cancel queued tasks, give running ones ``grace_s`` to finish,
         cancel the rest, kill every agent actor and the supervisor. Stops Ray too if
-        this pool started it."""
+        this pool started it.
+
+        Only the client that started the pool stops it (``pool.started``). A client that
+        joined a running pool (:meth:`attach`, or ``AgentPool(config)`` finding the pool
+        running) only detaches, as :meth:`close`, and the pool's other clients and their
+        tasks go on; ``stop_joined=True`` stops it for every client all the same.
+
+        Examples:
+            >>> pool = AgentPool.attach("nightly", address="auto")   # doctest: +SKIP
+            >>> pool.shutdown()                          # detaches: nightly keeps running
+            >>> AgentPool.attach("nightly").shutdown(stop_joined=True)  # doctest: +SKIP
+        """
         if self._closed:
+            return
+        if not self.started and not stop_joined:
+            log.info("pool %r was started by another client: left running (shutdown(stop_joined=True) stops it)",
+                     self.name)
+            self.close()
             return
         self._closed = True
         limit = (grace_s or self.config.shutdown_grace_s) + 30

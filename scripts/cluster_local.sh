@@ -47,6 +47,16 @@ START_TIMEOUT_S="${CLUSTER_LOCAL_START_TIMEOUT_S:-120}"
 PYTHON="${PYTHON:-python3}"
 
 say() { printf '%s\n' "$*"; }
+
+# $1 quoted for a POSIX shell, as Python's shlex.quote does: bare if it holds only safe
+# characters, else in single quotes, each ' inside written as '"'"'.
+shell_quote() {
+    case "$1" in
+        '') printf "''" ;;
+        *[!A-Za-z0-9@%+=:,./_-]*) printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\"'\"'/g")" ;;
+        *) printf '%s' "$1" ;;
+    esac
+}
 die() { printf 'cluster_local.sh: %s\n' "$*" >&2; exit 1; }
 
 usage() {
@@ -315,10 +325,12 @@ print(*[s.getsockname()[1] for s in socks])')
     record_descendants
     trap - INT TERM
 
+    # Every value quoted as the shell reads it back (as Python's shlex.quote does), so that
+    # `eval "$(... env)"` sets exactly these variables whatever the token's path holds.
     {
-        printf 'export RAY_ADDRESS=%s' "$address"
+        printf 'export RAY_ADDRESS=%s' "$(shell_quote "$address")"
         [ "$auth" = token ] && printf ' RAY_AUTH_MODE=token'
-        [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && printf ' RAY_AUTH_TOKEN_PATH=%s' "$RAY_AUTH_TOKEN_PATH"
+        [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && printf ' RAY_AUTH_TOKEN_PATH=%s' "$(shell_quote "$RAY_AUTH_TOKEN_PATH")"
         printf '\n'
     } > "$ENV_FILE"
     printf 'address=%s\ndashboard=http://127.0.0.1:%s\nworkers=%s\nray_root=%s\n' \

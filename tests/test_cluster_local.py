@@ -188,3 +188,28 @@ def test_up_2_gives_three_named_nodes_and_down_stops_exactly_them(tmp_path):
         stop_by_pid(started + recorded(env))
         bystander.kill()
         bystander.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_env_quotes_what_it_prints_so_eval_sets_exactly_the_token_path(tmp_path):
+    # Given: a token path with a space, a quote and a command substitution in it
+    env = script_env(tmp_path)
+    odd = tmp_path / "a dir" / f"it's $(touch {tmp_path / 'pwned'})" / "auth_token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(odd)
+    started: list[tuple[int, str]] = []
+    try:
+        up = run(env, "up", "0")
+        started = recorded(env)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        # When: a shell evals what `env` prints, as the usage line says
+        shell = subprocess.run(["bash", "-c", f'eval "$({SCRIPT} env)" && printf "%s\\n%s" '
+                                              '"$RAY_AUTH_TOKEN_PATH" "$RAY_ADDRESS"'],
+                               env=env, capture_output=True, text=True, timeout=30)
+        # Then: it set the path exactly, and ran nothing of it
+        assert shell.returncode == 0, shell.stderr
+        assert shell.stdout.splitlines() == [str(odd), re.search(r"^RAY_ADDRESS=(\S+)$", up.stdout, re.M).group(1)]
+        assert not (tmp_path / "pwned").exists()
+        assert run(env, "down", timeout=90).returncode == 0
+    finally:
+        stop_by_pid(started + recorded(env))

@@ -29,13 +29,13 @@ def cluster_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
     env["THREADBOUND_WORKSPACES"] = str(out / "copies")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=str(out), env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=280)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1])
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_each_tasks_agents_run_on_one_node_and_tasks_spread_over_nodes(cluster_run):
     # Given three nodes and six tasks of two agents each
     spread = cluster_run["spread"]
@@ -51,7 +51,7 @@ def test_each_tasks_agents_run_on_one_node_and_tasks_spread_over_nodes(cluster_r
     assert spread["copies_left"] == []
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_a_lost_node_costs_retries_not_tasks(cluster_run):
     loss = cluster_run["loss"]
     # Given tasks running on a worker node that is removed mid-run
@@ -68,7 +68,7 @@ def test_a_lost_node_costs_retries_not_tasks(cluster_run):
     assert loss["max_per_task"] <= loss["max_agents_per_task"]
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_a_killed_supervisor_resumes_on_the_head_from_the_shared_store(cluster_run):
     kill = cluster_run["kill"]
     # Given a pool with snapshots on a store every node shares (a file:// URL), killed mid-run
@@ -330,14 +330,24 @@ def _child(out: str) -> None:
                                         inputs={"*": {"sleep_s": 0.4}})) for i in range(6)]
             results = [h.result(timeout=90) for h in handles]
             events = {h.task_id: list(h.stream()) for h in handles}
-            actor_node = {a.actor_id: a.node_id for a in list_actors(limit=10_000)}
+            # Ray's state API reports tasks and actors a while after they ran: read it until
+            # every step of every task and the actor it ran on are listed (bounded).
+            deadline = time.monotonic() + 90
+            while True:
+                actor_node = {a.actor_id: a.node_id for a in list_actors(limit=10_000)}
+                step_actors = {}
+                for h in handles:
+                    for role in ("w1", "w2"):
+                        tasks = list_tasks(filters=[("name", "=", f"{role}/{h.task_id}")], detail=True)
+                        step_actors[(h.task_id, role)] = {t.actor_id for t in tasks if t.actor_id}
+                listed = all(ids and ids <= actor_node.keys() for ids in step_actors.values())
+                if listed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             actor_nodes, step_nodes = {}, {}
             for h in handles:
-                ids = set()
-                for role in ("w1", "w2"):
-                    tasks = list_tasks(filters=[("name", "=", f"{role}/{h.task_id}")], detail=True)
-                    ids.update(t.actor_id for t in tasks)
-                actor_nodes[h.task_id] = sorted({actor_node[a] for a in ids})
+                ids = step_actors[(h.task_id, "w1")] | step_actors[(h.task_id, "w2")]
+                actor_nodes[h.task_id] = sorted({actor_node[a] for a in ids if a in actor_node})
                 step_nodes[h.task_id] = sorted({r.outputs[role]["node"] for r in results if r.task_id == h.task_id
                                                 for role in ("w1", "w2")})
             copies = os.path.join(out, "copies")

@@ -49,6 +49,8 @@ def base_config(args: argparse.Namespace) -> RuntimeConfig:
         changes["ray"] = {**cfg.ray.model_dump(), "address": args.address}
     if getattr(args, "name", None):
         changes["name"] = args.name
+    if getattr(args, "metrics_port", None) is not None:
+        changes["metrics"] = {**cfg.metrics.model_dump(), "port": args.metrics_port}
     if getattr(args, "no_stream", False):
         changes["streaming"] = False
     if getattr(args, "keep_workspace", False):
@@ -95,13 +97,22 @@ def start_ray(cfg: RuntimeConfig, verbose: bool) -> bool:
     log lines go to :func:`log_file` unless ``verbose``."""
     import ray
 
-    from ..pool import _bootstrap, connect_ray
+    from ..connect import LOOPBACK, _bootstrap, connect_ray, gcs_owner, requested_address
 
     if ray.is_initialized():
         return False
-    target = _bootstrap(cfg.ray.address)
-    say(f"joining the Ray at {target}" if target else
-        "starting a local Ray (about 10 s; it stops when this command ends)")
+    address = requested_address(cfg)
+    target = _bootstrap(address)
+    if address == "auto" and target is not None:
+        mine = gcs_owner(target) == os.getuid()  # another user's is refused by connect_ray
+        say(f"joining the Ray at {target} (found running on this machine{', started by you' if mine else ''})")
+    elif address:
+        say(f"joining the Ray at {target or address}")
+    else:
+        other = _bootstrap("auto")  # a Ray already on this machine: left alone unless asked for
+        say(f"starting a local Ray of this command's own on {LOOPBACK} (about 10 s; it stops when this command ends)"
+            + (f"; the Ray already running on this machine at {other} is not used (--address {other} joins it)"
+               if other else ""))
     return connect_ray(cfg, log_file=None if verbose else log_file())
 
 

@@ -131,8 +131,8 @@ def parser() -> argparse.ArgumentParser:
     # Flags of every command that starts or joins Ray.
     ray_flags = argparse.ArgumentParser(add_help=False)
     ray_flags.add_argument("--config", "-c", help="runtime YAML (default: built-in defaults + THREADBOUND_* env)")
-    ray_flags.add_argument("--address", help="Ray address to join, e.g. auto or 10.0.0.5:6379 (default: start a "
-                                             "local Ray, or join the one running on this machine)")
+    ray_flags.add_argument("--address", help="Ray address to join, e.g. auto (your Ray on this machine) or "
+                                             "10.0.0.5:6379 (default: RAY_ADDRESS, else a local Ray of its own)")
     ray_flags.add_argument("--verbose", "-v", action="store_true",
                            help=f"show Ray's own log lines and warnings (otherwise in {log_file()})")
 
@@ -170,6 +170,11 @@ def parser() -> argparse.ArgumentParser:
                           "tester and the reviewer at the same time)")
     run.add_argument("--keep-workspace", action="store_true",
                      help="keep the task's copy of the workspace when it ends (workspace.keep_copies)")
+    run.add_argument("--name", default=None,
+                     help="pool name (default: the config's name; another run's pool here makes it <name>-2)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="port of the pool's /metrics (default: metrics.port, 9464, or a free one when another "
+                          "pool has it; 0 = none; THREADBOUND_METRICS_PORT)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines")
     run.add_argument("--no-stream", action="store_true", help="one message per step instead of tokens")
     run.add_argument("--level", choices=["1", "2", "3", "4", "auto"], default=None,

@@ -21,12 +21,14 @@ from typing import Any, TextIO
 from threadbound.agents.errors import ThreadboundError
 
 from ..config import RuntimeConfig
+from ..connect import _bootstrap, requested_address
 from ..errors import InvalidTask, TaskError
 from ..policy import check as check_policy
 from ..registry import BUILTIN_ROLES, role_blobs
 from ..task import Event, Task, sequential
 from .common import (DEFAULT_GOAL, INTERRUPTED, BadInput, base_config, no_interrupts, ray_was_up, say, start_ray,
                      stop_ray, task_inputs)
+from .pools import own_pool, pool_line, port_was_chosen, wait_for_others
 from .render import Live, out, summary_lines, visible
 
 # InvalidTask.field -> how the command line spells it
@@ -142,11 +144,14 @@ def checked_task(args: argparse.Namespace, cfg: RuntimeConfig) -> Task:
     return task
 
 
-def _stop(pool: Any, was_up: bool) -> None:
-    """Stop the pool (if one was made) and the Ray this command started, whatever happened."""
+def _stop(pool: Any, was_up: bool, mine: str | None = None) -> None:
+    """Stop the pool if this command started it (a joined one is left running) and the
+    Ray this command started or joined, whatever happened."""
+    if pool is not None and pool.started:
+        wait_for_others(pool, mine)  # tasks of clients that joined it
     with no_interrupts("stopping the pool and Ray"):
         if pool is not None:
-            pool.shutdown(grace_s=1)
+            pool.shutdown(grace_s=1) if pool.started else pool.close()
         stop_ray(was_up)
 
 
@@ -245,16 +250,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = run_config(args)
     task = checked_task(args, cfg)  # bad input fails here, before Ray starts
+    was_up = ray_was_up()
+    fitted: list[str] = []
+    if not was_up and requested_address(cfg) is None:  # a Ray and a pool of its own: fit them next to others
+        cfg, fitted = own_pool(cfg, name_chosen=bool(getattr(args, "name", None)),
+                               port_chosen=port_was_chosen(cfg, args))
     if not args.json:
         say(model_line(cfg, args))
         for line in other_models(cfg, args):
             say(line)
-    was_up = ray_was_up()
+    for line in fitted:
+        say(line)
     pool = handle = None
     seen: list[Event] = []
     try:
         start_ray(cfg, args.verbose)
         pool = AgentPool(cfg)
+        address = requested_address(cfg)
+        say(pool_line(pool, _bootstrap(address) if address == "auto" else address))
         handle = pool.submit(task)
         final = follow(handle, args.json, seen)
         if not args.json:
@@ -268,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 say(_cancelled_by_ctrl_c(handle, seen))
         return INTERRUPTED
     finally:
-        _stop(pool, was_up)
+        _stop(pool, was_up, handle.task_id if handle is not None else None)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return INTERRUPTED
     finally:
         if pool is not None:
-            pool.shutdown(grace_s=1) if started else pool.close()
+            pool.shutdown(grace_s=1) if started and pool.started else pool.close()  # a pool it joined: left running
         stop_ray(was_up)
 
 

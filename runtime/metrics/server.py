@@ -56,6 +56,46 @@ def check_port(port: int, host: str) -> None:
             raise _in_use(port, host, exc) from None
 
 
+DEFAULT_PORT = 9464  # metrics.port's default (prometheus-client's usual exporter port)
+
+
+def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = None) -> tuple[int, str | None]:
+    """The port a pool about to start serves ``/metrics`` on, checked before Ray starts,
+    and a line to tell the user when it is not the one asked for.
+
+    ``port`` when it is free (or 0: no endpoint). When it is taken (or ``taken_by``
+    says who has it already): a port the user chose (``chosen``: ``--metrics-port``,
+    THREADBOUND_METRICS_PORT or a config file that sets another than the default) is a
+    :class:`ConfigError` naming ``metrics.port`` and who holds it; the default one, taken
+    by e.g. the pool of another ``threadbound run`` on this machine, gives way to a free
+    port the OS picks.
+
+    Examples:
+        >>> choose_port(0, "127.0.0.1", chosen=False)
+        (0, None)
+    """
+    if not port:
+        return 0, None
+    if taken_by is None:
+        try:
+            check_port(port, host)
+            return port, None
+        except ConfigError:
+            if chosen:
+                raise
+        taken_by = holder(port)
+    elif chosen:
+        raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is taken by {taken_by}; choose a "
+                                                        "free port, or 0 to turn the endpoint off")])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        free = s.getsockname()[1]
+    return free, (f"metrics: port {port} is in use by {taken_by}, so this pool serves /metrics on "
+                  f"http://{host}:{free}/metrics (--metrics-port or THREADBOUND_METRICS_PORT sets it; 0 turns "
+                  "it off)")
+
+
 class MetricsServer:
     """The endpoint, started and stopped with the supervisor."""
 
