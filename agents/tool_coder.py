@@ -86,6 +86,8 @@ def text_calls(text: str, turn: int) -> list[ToolCall]:
             obj = json.loads(body)
         except json.JSONDecodeError as exc:
             obj = {"name": "", "error": f"the tool block is not valid JSON ({exc.msg} at character {exc.pos})"}
+        except (ValueError, RecursionError) as exc:  # a number of 5,000 digits, arrays nested 100,000 deep
+            obj = {"name": "", "error": f"the tool block cannot be read: {str(exc)[:200]}"}
         if not isinstance(obj, dict):
             obj = {"name": "", "error": "the tool block must hold a JSON object with name and arguments"}
         args = obj.get("arguments", {})
@@ -189,7 +191,9 @@ class Coder(Agent):
                 messages.append({"role": "assistant", "content": text})
             results = []
             for call in calls:
-                if box.stats.tool_calls >= bounds.max_tool_calls:
+                if stopped == FINISH:  # calls after finish in the same reply: the step is over
+                    result = ToolResult(False, "not run: finish was called before it in this reply")
+                elif box.stats.tool_calls >= bounds.max_tool_calls:
                     result = ToolResult(False, f"not run: this step's bound of {bounds.max_tool_calls} tool "
                                                "calls is reached")
                 else:

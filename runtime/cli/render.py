@@ -203,14 +203,15 @@ class Live:
                 status.tokens += int(d.get("n") or 0) or 1
             if self.speaker != agent:  # another agent was speaking (steps run in parallel)
                 self._header(agent, status.round if status else 0, " (continued)")
+            text = visible(d["text"])  # the model's words: no escape sequence reaches the terminal
             if self.tty and status is not None:  # whole lines above, the line in progress in the status
-                *done, status.partial = (status.partial + d["text"]).split("\n")
+                *done, status.partial = (status.partial + text).split("\n")
                 for line in done:
                     self._line(line)
                 return
             self._hide_status()
-            self.out.write(d["text"])
-            self.at_line_start = d["text"].endswith("\n")
+            self.out.write(text)
+            self.at_line_start = text.endswith("\n")
         elif ev.kind == "step_started":
             self.running[agent] = _Status(d.get("round", 0), self.clock())
             retry = f", attempt {d['attempt']}" if d.get("attempt", 1) > 1 else ""
@@ -222,13 +223,13 @@ class Live:
             failed = out.get("ok") is False or out.get("approved") is False
             summary = out.get("summary")
             self._line(f"   {'✗' if failed else '✓'} {agent} done in {d['elapsed_s']:.1f}s"
-                       + (f": {summary}" if summary else ""))
+                       + (f": {visible(str(summary))}" if summary else ""))  # a model's finish summary
         elif ev.kind in ("step_timed_out", "agent_crashed", "step_failed", "stream_failed"):
             self._flush_partial(agent)
             self.running.pop(agent, None)
             detail = str(d.get("error") or d.get("reason") or f"after {d.get('elapsed_s')}s").splitlines()[0]
             detail = detail.removeprefix("AgentError: ")
-            self._line(f"   ! {agent}: {ev.kind.replace('_', ' ')}: {detail[:300]}")
+            self._line(f"   ! {agent}: {ev.kind.replace('_', ' ')}: {visible(detail[:300])}")
         elif ev.kind == "retrying":
             self._line(f"   ↻ {agent}: retrying in {d.get('delay_s', 0):.1f}s (attempt {d.get('attempt', '?')})")
         elif ev.kind in ("pending", "admitted", "running", "round_started"):
