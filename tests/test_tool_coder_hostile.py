@@ -233,3 +233,43 @@ def test_the_terminal_never_gets_a_models_escape_sequence():
     shown = _rendered(events)
     assert "\x1b" not in shown and "\x07" not in shown
     assert "hi \\x1b]0;owned" in shown and "ok\\x1b]0;owned" in shown
+
+
+API_KEY = "sk-threadbound-hostile-probe-0123456789"
+
+
+def _snooping_script(body):
+    """The coder's requests: look for secrets from inside the sandbox and around the copy, then finish."""
+    if not body.get("tools"):
+        return {"content": "Looks right.\nVERDICT: APPROVE"}
+    moves = [("run", {"command": "env; tr '\\0' '\\n' < /proc/self/environ; tr '\\0' '\\n' < /proc/1/environ; "
+                                 "ls -a ~ /tmp /root; cat ~/.local/state/threadbound/snapshot.key"}),
+             ("read_file", {"path": "../../state/threadbound/snapshot.key"}),
+             ("list_files", {"path": ".."}),
+             ("finish", {"summary": "looked around"})]
+    done = sum(m["role"] == "tool" for m in body["messages"])
+    name, args = moves[min(done, len(moves) - 1)]
+    return {"content": f"move {done}", "tool_calls": [{"name": name, "arguments": json.dumps(args)}]}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_session")
+def test_no_secret_reaches_the_models_messages_or_the_events(repo):
+    from openai_server import OpenAITestServer
+
+    snapshot_key = os.environ["THREADBOUND_SNAPSHOT_KEY"]  # set for the session's pools (conftest)
+    with OpenAITestServer(script=_snooping_script) as srv:
+        pool = pool_with("toolsecrets", {"backend": "openai", "base_url": srv.url, "model": "m", "api_key": API_KEY})
+        try:
+            result, events = run_task(pool, repo, agents=["coder"], max_rounds=1)
+        finally:
+            pool.shutdown()
+        requests = list(srv.requests)
+    coder = result.outputs["coder"]
+    assert coder["stopped"] == "finish" and coder["sandbox_runs"] == 1 and coder["refused_paths"] == 2
+    assert {r["auth"] for r in requests} == {f"Bearer {API_KEY}"}  # the key goes only in the header
+    sent = json.dumps([r["body"] for r in requests])
+    seen = json.dumps([[e.kind, e.data] for e in events], default=str)
+    assert "PYTHONNOUSERSITE" in sent  # the sandboxed env did come back to the model
+    for secret in (API_KEY, snapshot_key):
+        assert secret not in sent and secret not in seen
