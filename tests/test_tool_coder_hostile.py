@@ -273,3 +273,34 @@ def test_no_secret_reaches_the_models_messages_or_the_events(repo):
     assert "PYTHONNOUSERSITE" in sent  # the sandboxed env did come back to the model
     for secret in (API_KEY, snapshot_key):
         assert secret not in sent and secret not in seen
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_session")
+def test_a_command_sleeping_past_the_step_deadline_ends_with_the_step(repo):
+    import psutil
+    from conftest import eventually
+    from threadbound.runtime import Task
+    from threadbound.runtime.errors import TaskTimedOut
+
+    marker = f"hostile-sleeper-{os.getpid()}"
+    turns = [{"text": "wait", "tool_calls": [{"name": "run", "arguments": {"command": f"sleep 600; echo {marker}"}}]}]
+    pool = pool_with("toolsleep", {"backend": "simulated", "turns": {"coder": turns}}, step_timeout_s=8)
+    try:
+        handle = pool.submit(Task(goal="wait", workspace=repo, agents=["coder"], max_rounds=1,
+                                  inputs={"sandbox": {"wall_s": 600}}))
+        with pytest.raises(TaskTimedOut):
+            handle.result(timeout=240)
+        kinds = [e.kind for e in handle.stream() if e.agent == "coder"]
+    finally:
+        pool.shutdown()
+    assert kinds.index("tool_call") < kinds.index("step_timed_out") and "tool_result" not in kinds
+
+    def sleepers():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if any(marker in part for part in p.info["cmdline"] or ()):
+                found.append(p.pid)
+        return found
+
+    eventually(lambda: not sleepers(), timeout_s=30)
