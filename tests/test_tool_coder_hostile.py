@@ -304,3 +304,10 @@ def test_a_command_sleeping_past_the_step_deadline_ends_with_the_step(repo):
         return found
 
     eventually(lambda: not sleepers(), timeout_s=30)
+
+
+def test_a_tree_nested_too_deep_to_copy_for_the_tests_is_a_tool_error(box):
+    os.makedirs(os.path.join(box.ws.path, *["d"] * 700))  # shutil.copytree recurses once per level
+    result = box.call("run_tests", "{}")
+    assert not result.ok and "nest too deeply" in result.output
+    assert box.call("list_files", "{}").ok  # the walk stops at its own depth bound
