@@ -112,6 +112,18 @@ def step_bounds(ctx: StepContext) -> StepBounds:
     return StepBounds(**{"max_tool_calls": base.max_tool_calls, "max_tokens": base.max_tokens, **values})
 
 
+def _utf8(text: str) -> str:
+    """``text`` with each lone surrogate made U+FFFD: a model's JSON may say "\\ud800", which
+    decodes to one, and no UTF-8 encoder (the next request, the event log) takes it."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
 def _top_level(ws) -> str:
     try:
         names = sorted({rel.split("/", 1)[0] + ("/" if "/" in rel else "") for rel in ws.scan().texts})
@@ -208,7 +220,7 @@ class Coder(Agent):
                 if result.finished:
                     stopped = FINISH
                     try:
-                        summary = str(json.loads(call.arguments).get("summary", ""))[:4000]
+                        summary = _utf8(str(json.loads(call.arguments).get("summary", ""))[:4000])
                     except (json.JSONDecodeError, AttributeError):
                         summary = ""
             if native:
@@ -257,10 +269,11 @@ class Coder(Agent):
         streamed = 0
         for item in ctx.model.turn(messages, TOOLS if native else None, **opts):
             if isinstance(item, ToolCall):
-                calls.append(item)
+                calls.append(ToolCall(name=_utf8(item.name), arguments=_utf8(item.arguments), id=_utf8(item.id)))
             elif isinstance(item, Usage):
                 usage = item
             elif item:
+                item = _utf8(item)
                 parts.append(item)
                 if ctx.streaming:
                     streamed += 1

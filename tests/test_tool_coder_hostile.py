@@ -311,3 +311,35 @@ def test_a_tree_nested_too_deep_to_copy_for_the_tests_is_a_tool_error(box):
     result = box.call("run_tests", "{}")
     assert not result.ok and "nest too deeply" in result.output
     assert box.call("list_files", "{}").ok  # the walk stops at its own depth bound
+
+
+def _surrogate_script(body):
+    """A server whose JSON holds "\\ud800" escapes: the openai client decodes them to lone surrogates."""
+    if not body.get("tools"):
+        return {"content": "Looks right.\nVERDICT: APPROVE"}
+    moves = [("odd \ud800 text", "read\udfff", '{"path": "\\ud800"}'),
+             ("x", "create_file", '{"path": "s.txt", "content": "\\udc00"}'),
+             ("done", "finish", '{"summary": "ok \\ud800"}')]
+    done = sum(m["role"] == "tool" for m in body["messages"])
+    text, name, args = moves[min(done, len(moves) - 1)]
+    return {"content": text, "tool_calls": [{"name": name, "arguments": args}]}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_session")
+def test_lone_surrogates_from_the_model_do_not_crash_the_supervisor(repo):
+    from openai_server import OpenAITestServer
+
+    # UTF-8 (the journal's msgpack, the event log) cannot encode a lone surrogate.
+    with OpenAITestServer(script=_surrogate_script) as srv:
+        pool = pool_with("toolsurrogate", {"backend": "openai", "base_url": srv.url, "model": "m"})
+        try:
+            result, events = run_task(pool, repo, agents=["coder"], max_rounds=1)
+        finally:
+            pool.shutdown()
+    assert result.ok, result
+    coder = result.outputs["coder"]
+    assert coder["stopped"] == "finish" and coder["tool_errors"] == 2 and coder["changed"] == []
+    assert coder["summary"].startswith("ok \ufffd")
+    assert "odd \ufffd text" in "".join(e.data["text"] for e in events if e.kind == "tokens")
+    assert [e.data["name"] for e in events if e.kind == "tool_call"] == ["read\ufffd", "create_file", "finish"]
