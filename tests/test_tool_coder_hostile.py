@@ -327,7 +327,7 @@ def _surrogate_script(body):
 
 @pytest.mark.timeout(300)
 @pytest.mark.usefixtures("ray_session")
-def test_lone_surrogates_from_the_model_do_not_crash_the_supervisor(repo):
+def test_lone_surrogates_from_the_model_do_not_fail_the_task(repo):
     from openai_server import OpenAITestServer
 
     # UTF-8 (the journal's msgpack, the event log) cannot encode a lone surrogate.
