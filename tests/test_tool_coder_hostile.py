@@ -343,3 +343,12 @@ def test_lone_surrogates_from_the_model_do_not_fail_the_task(repo):
     assert coder["summary"].startswith("ok \ufffd")
     assert "odd \ufffd text" in "".join(e.data["text"] for e in events if e.kind == "tokens")
     assert [e.data["name"] for e in events if e.kind == "tool_call"] == ["read\ufffd", "create_file", "finish"]
+
+
+def test_the_closing_summary_escapes_what_the_model_named():
+    from threadbound.runtime.cli.render import summary_lines
+    from threadbound.runtime.task import Event
+
+    final = Event("t", 9, "failed", None, {"error": "cannot list the change: 'a" + ESC + ".py'"}, 0)
+    shown = "\n".join(summary_lines(None, final))
+    assert "\x1b" not in shown and "\x07" not in shown and "a\\x1b]0;owned" in shown

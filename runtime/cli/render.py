@@ -275,4 +275,4 @@ def summary_lines(res: Any, final: Event | None) -> list[str]:
         first, *rest = str(error).splitlines() or [""]
         lines.append(f"  error:    {first}" + (f" ({len(rest)} more line(s) in the task's final event: --json)"
                                                  if rest else ""))
-    return lines
+    return [visible(line) for line in lines]  # file names and errors come from the model's copy
