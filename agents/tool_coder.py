@@ -86,6 +86,8 @@ def text_calls(text: str, turn: int) -> list[ToolCall]:
             obj = json.loads(body)
         except json.JSONDecodeError as exc:
             obj = {"name": "", "error": f"the tool block is not valid JSON ({exc.msg} at character {exc.pos})"}
+        except (ValueError, RecursionError) as exc:  # a number of 5,000 digits, arrays nested 100,000 deep
+            obj = {"name": "", "error": f"the tool block cannot be read: {str(exc)[:200]}"}
         if not isinstance(obj, dict):
             obj = {"name": "", "error": "the tool block must hold a JSON object with name and arguments"}
         args = obj.get("arguments", {})
@@ -108,6 +110,18 @@ def step_bounds(ctx: StepContext) -> StepBounds:
                                  task_id=ctx.task_id, agent=ctx.role)
         values[field] = value
     return StepBounds(**{"max_tool_calls": base.max_tool_calls, "max_tokens": base.max_tokens, **values})
+
+
+def _utf8(text: str) -> str:
+    """``text`` with each lone surrogate made U+FFFD: a model's JSON may say "\\ud800", which
+    decodes to one, and no UTF-8 encoder (the next request, the event log) takes it."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def _top_level(ws) -> str:
@@ -189,7 +203,9 @@ class Coder(Agent):
                 messages.append({"role": "assistant", "content": text})
             results = []
             for call in calls:
-                if box.stats.tool_calls >= bounds.max_tool_calls:
+                if stopped == FINISH:  # calls after finish in the same reply: the step is over
+                    result = ToolResult(False, "not run: finish was called before it in this reply")
+                elif box.stats.tool_calls >= bounds.max_tool_calls:
                     result = ToolResult(False, f"not run: this step's bound of {bounds.max_tool_calls} tool "
                                                "calls is reached")
                 else:
@@ -204,7 +220,7 @@ class Coder(Agent):
                 if result.finished:
                     stopped = FINISH
                     try:
-                        summary = str(json.loads(call.arguments).get("summary", ""))[:4000]
+                        summary = _utf8(str(json.loads(call.arguments).get("summary", ""))[:4000])
                     except (json.JSONDecodeError, AttributeError):
                         summary = ""
             if native:
@@ -253,10 +269,11 @@ class Coder(Agent):
         streamed = 0
         for item in ctx.model.turn(messages, TOOLS if native else None, **opts):
             if isinstance(item, ToolCall):
-                calls.append(item)
+                calls.append(ToolCall(name=_utf8(item.name), arguments=_utf8(item.arguments), id=_utf8(item.id)))
             elif isinstance(item, Usage):
                 usage = item
             elif item:
+                item = _utf8(item)
                 parts.append(item)
                 if ctx.streaming:
                     streamed += 1

@@ -27,13 +27,14 @@ exactly once; a file is created only where none exists; output is cut in the mid
 from __future__ import annotations
 
 import json
-import re
+import subprocess
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import sandbox
-from .workspace import Workspace, WorkspaceError
+from .workspace import MAX_TEXT_BYTES, Workspace, WorkspaceError
 
 MAX_RESULT_CHARS = 10_000  # one tool result as the model sees it
 MAX_READ_LINES = 400  # one read_file call
@@ -41,6 +42,28 @@ MAX_LIST_ENTRIES = 400  # one list_files call
 MAX_MATCHES = 100  # one search call
 MAX_LINE_CHARS = 300  # one line of a search or listing
 MAX_PATTERN_CHARS = 500
+REGEX_SECONDS = 10.0  # one regular-expression search, in a child process killed past it
+MAX_REGEX_MB = 1024  # that child's address space
+
+# A regular expression runs in a child process: Python's ``re`` can backtrack for ever on
+# ``(a+)+$`` and no call interrupts it, so the child is killed past REGEX_SECONDS.
+_REGEX_CHILD = r"""
+import json, re, sys
+job = json.load(sys.stdin)
+try:
+    rx = re.compile(job["pattern"])
+except (re.error, ValueError, RecursionError, OverflowError) as exc:
+    print(json.dumps({"error": str(exc)})); sys.exit()
+hits, more = [], 0
+for rel, text in job["texts"]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if rx.search(line[:10_000]):
+            if len(hits) < job["max"]:
+                hits.append([rel, n])
+            else:
+                more += 1
+print(json.dumps({"hits": hits, "more": more}))
+"""
 
 FINISH = "finish"
 
@@ -152,6 +175,9 @@ def parse_arguments(name: str, arguments: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ToolCallError(f"the arguments of {name} are not valid JSON ({exc.msg} at character {exc.pos}): "
                             f"{text[:200]!r}; send a JSON object such as {json.dumps(_example(name))}") from None
+    except (ValueError, RecursionError) as exc:  # a number of 5,000 digits, arrays nested 100,000 deep
+        raise ToolCallError(f"the arguments of {name} cannot be read: {str(exc)[:200]}; send a plain JSON "
+                            f"object such as {json.dumps(_example(name))}") from None
     if not isinstance(args, dict):
         raise ToolCallError(f"the arguments of {name} must be a JSON object, got {type(args).__name__}")
     schema = _SCHEMAS[name]
@@ -261,26 +287,21 @@ class Toolbox:
         if not pattern or len(pattern) > MAX_PATTERN_CHARS:
             raise ToolCallError(f"pattern must be 1 to {MAX_PATTERN_CHARS} characters")
         top = self._path(path, directory=True)
-        if regex:
-            try:
-                rx = re.compile(pattern)
-            except re.error as exc:
-                raise ToolCallError(f"pattern is not a valid regular expression: {exc}") from None
-            hit = rx.search
-        else:
-            def hit(line: str) -> bool:
-                return pattern in line
-        texts = self.ws.scan().texts
+        texts = {rel: text for rel, text in self.ws.scan().texts.items()
+                 if not top or rel == top or rel.startswith(top + "/")}
         matches, more = [], 0
-        for rel, text in texts.items():
-            if top and rel != top and not rel.startswith(top + "/"):
-                continue
-            for n, line in enumerate(text.splitlines(), 1):
-                if hit(line[:10_000]):  # a regex runs on a bounded line
-                    if len(matches) < MAX_MATCHES:
-                        matches.append(f"{_shown(rel)}:{n}: {_shown(line.strip())}")
-                    else:
-                        more += 1
+        if regex:
+            hits, more = _regex_hits(pattern, texts)
+            lines = {rel: texts[rel].splitlines() for rel, _ in hits}
+            matches = [f"{_shown(rel)}:{n}: {_shown(lines[rel][n - 1].strip())}" for rel, n in hits]
+        else:
+            for rel, text in texts.items():
+                for n, line in enumerate(text.splitlines(), 1):
+                    if pattern in line[:10_000]:
+                        if len(matches) < MAX_MATCHES:
+                            matches.append(f"{_shown(rel)}:{n}: {_shown(line.strip())}")
+                        else:
+                            more += 1
         if more:
             matches.append(f"... {more} more matches (narrow the pattern or the path)")
         return ToolResult(True, "\n".join(matches) or f"no match for {pattern!r}", bounded=bool(more))
@@ -324,6 +345,7 @@ class Toolbox:
             raise ToolCallError(f"no replacement made: old_text occurs {count} times in {rel} (at lines "
                                 f"{', '.join(map(str, at))}); include more surrounding lines to make it unique")
         start = text.index(old_text)
+        _fits(rel, text[:start] + new_text + text[start + len(old_text):])
         self.ws.write(rel, text[:start] + new_text + text[start + len(old_text):])
         first = text[:start].count("\n") + 1
         after = (text[:start] + new_text).splitlines(keepends=True)
@@ -343,6 +365,7 @@ class Toolbox:
             exists = True  # something is there that is not a readable text file
         if exists:
             raise ToolCallError(f"{rel} exists; change it with replace (create_file never overwrites)")
+        _fits(rel, content)
         self.ws.write(rel, content)
         return ToolResult(True, f"created {rel} ({len(content.splitlines())} lines)")
 
@@ -383,6 +406,46 @@ class Toolbox:
 
     def _finish(self, summary: str) -> ToolResult:
         return ToolResult(True, "finished", finished=True)
+
+
+def _fits(rel: str, text: str) -> None:
+    """Refuse writing a file the tools could not read back (and a disk filled by the model's
+    arguments: the sandbox's disk limit does not see what the tools write)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise ToolCallError(f"no change made: {rel} would be {size} bytes, over the {MAX_TEXT_BYTES}-byte "
+                            "bound of a file the tools read and review; write less", bounded=True)
+
+
+def _regex_hits(pattern: str, texts: dict[str, str]) -> tuple[list[tuple[str, int]], int]:
+    """(path, line) of the first MAX_MATCHES lines ``pattern`` matches, and how many more,
+    from a child process that is killed past REGEX_SECONDS (a ToolCallError then)."""
+    job = json.dumps({"pattern": pattern, "texts": list(texts.items()), "max": MAX_MATCHES})
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REGEX_CHILD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        limit = MAX_REGEX_MB * 1024 * 1024
+        import resource
+
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    try:
+        out, _ = proc.communicate(job, timeout=REGEX_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise ToolCallError(f"the regular expression {pattern[:100]!r} ran past {REGEX_SECONDS:.0f} s and was "
+                            "stopped (it backtracks too much); search for a plain string, or a simpler "
+                            "pattern", bounded=True) from None
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        raise ToolCallError(f"the regular expression {pattern[:100]!r} could not be run (its search process "
+                            f"ended with code {proc.returncode}); search for a plain string") from None
+    if "error" in answer:
+        raise ToolCallError(f"pattern is not a valid regular expression: {answer['error'][:200]}")
+    return [(rel, n) for rel, n in answer["hits"]], answer["more"]
 
 
 def _finds(text: str, needle: str):

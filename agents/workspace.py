@@ -237,6 +237,9 @@ class Workspace:
             os.rename(tmp / "w", dest)
         except OSError as exc:
             raise WorkspaceError(f"could not make a copy of {self.path} for the tests: {exc}") from None
+        except RecursionError:  # copytree recurses: a tree a few hundred directories deep
+            raise WorkspaceError(f"could not make a copy of {self.path} for the tests: its directories nest "
+                                 "too deeply; remove the deep tree") from None
         finally:
             _discard_tree(tmp.parent, tmp.name)
         yield dest

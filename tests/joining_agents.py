@@ -16,7 +16,7 @@ class Gate(Agent):
     gate_s = 240.0
 
     def step(self, ctx):
-        yield "waiting "
+        yield "waiting\n"  # a whole line: run shows an agent's text a line at a time
         deadline = time.monotonic() + self.gate_s
         while not os.path.exists(ctx.goal) and time.monotonic() < deadline:
             time.sleep(0.1)
