@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import sandbox
+from .edits import unsafe_name
 from .workspace import MAX_TEXT_BYTES, Workspace, WorkspaceError
 
 MAX_RESULT_CHARS = 10_000  # one tool result as the model sees it
@@ -253,8 +254,9 @@ class Toolbox:
             if directory:
                 return ""
             raise ToolCallError("give the path of a file, e.g. src/app.py")
-        if any(unicodedata.category(c)[0] == "C" for c in rel):
-            raise ToolCallError(f"path {rel!r} has control characters; refused", refused_path=True)
+        why = unsafe_name(rel)  # the edit parser's rule: no control or invisible character in a name
+        if why is not None:
+            raise ToolCallError(why, refused_path=True)
         try:
             full = self.ws.resolve(rel)  # refuses leaving the copy, and a link on the way or at the end
         except WorkspaceError as exc:

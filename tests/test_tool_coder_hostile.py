@@ -85,8 +85,8 @@ def test_create_file_and_replace_cannot_write_past_the_readable_bound(box):
 # -- the hostile repository (already contained: regressions) ------------------------------------
 
 @pytest.mark.parametrize("path, says", [
-    ("//etc/passwd", "leaves the workspace"), ("pkg/\u202e.py", "control characters"),
-    ("a\x1b[2J.py", "control characters"), ("x" * 5000, "too long"), ("~/.ssh/id_rsa", "does not exist"),
+    ("//etc/passwd", "leaves the workspace"), ("pkg/\u202e.py", "invisible Unicode character"),
+    ("a\x1b[2J.py", "a control character"), ("x" * 5000, "too long"), ("~/.ssh/id_rsa", "does not exist"),
 ])
 def test_odd_paths_are_refused_or_stay_inside_the_copy(box, path, says):
     result = box.call("read_file", json.dumps({"path": path}))
