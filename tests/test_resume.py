@@ -54,7 +54,9 @@ def test_supervisor_killed_at_any_point_resumes_without_loss_or_rerun(pool_name,
     mark = tmp_path / "mark"
     mark.mkdir()
     extra = {"ballast": "x" * (8 << 20)} if when == "mid-snapshot-write" else {}
-    pool = make_pool(pool_name, snapshot_interval_s=0.2 if extra else 0.5, max_agents=3)
+    # (8 MiB of inputs make each snapshot slow to write; the policy lets this pool take them)
+    big = {"policy": {"max_inputs_bytes": 16 << 20}} if extra else {}
+    pool = make_pool(pool_name, snapshot_interval_s=0.2 if extra else 0.5, max_agents=3, **big)
     try:
         handles = [pool.submit(t) for t in workload(mark, n=4, **extra)]
         readers = follow(handles)
