@@ -19,7 +19,7 @@ from ._lazy import lazy_names
 # Loaded on first use (PEP 562): an agent actor imports this package for its own few
 # modules, and should not pay for the config and client ones (a third of its start).
 _WHERE = {
-    "RuntimeConfig": "config", "AgentPool": "pool", "TaskHandle": "pool",
+    "RuntimeConfig": "config", "AgentPool": "pool", "TaskHandle": "handle",
     "Event": "task", "Task": "task", "TaskResult": "task", "TaskSummary": "task",
     **{name: "errors" for name in (
         "AgentNotLoadable", "ConfigError", "InputNotExpected", "InvalidInput", "InvalidTask", "PoolClosed", "ResultTimeout", "TaskCancelled",
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
         AgentNotLoadable, ConfigError, InputNotExpected, InvalidInput, InvalidTask, PoolClosed, ResultTimeout, TaskCancelled,
         TaskError, TaskFailed, TaskNotFound, TaskTimedOut, ThreadboundError, UnknownRole,
     )
-    from .pool import AgentPool, TaskHandle
+    from .handle import TaskHandle
+    from .pool import AgentPool
     from .task import Event, Task, TaskResult, TaskSummary
 
 

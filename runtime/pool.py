@@ -3,267 +3,35 @@
 Several clients (this process, another process, the CLI, the gateway) attach to one
 supervisor by its name; all state lives in the supervisor. The calls themselves are
 made by ``runtime.client`` (one asyncio implementation; the sync methods run it on a
-private event loop), and Ray is joined by ``runtime.connect``.
+private event loop), and Ray is joined by ``runtime.connect``. ``TaskHandle`` lives in
+``runtime.handle``; finding, refusing and resuming a supervisor by name in
+``runtime.lifecycle``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import time
 import uuid
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, Mapping
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
 
 from threadbound.agents.errors import ThreadboundError
 
 from .config import RayConfig, RuntimeConfig
-from .client import _aopen_stream, _check_offset, _Client, _open_stream, _result, _sync, submit
+from .client import _Client, _sync, submit
 from .connect import _bootstrap, connect_ray  # noqa: F401  (connect_ray: part of this module's API)
-from .errors import ConfigError, PoolClosed, ResultTimeout
+from .errors import ConfigError, PoolClosed
+from .handle import TaskHandle
+from .lifecycle import _await_gone, _crashed_config, _refuse_another_config, _running, _stop_ray
 from .metrics.server import check_port
 from .policy import check as check_policy
 from .registry import role_blobs
-from .task import TERMINAL, Event, Task, TaskResult, TaskSummary
+from .task import TERMINAL, Task, TaskResult, TaskSummary
 
 log = logging.getLogger("threadbound.pool")
-
-def _await_gone(name: str, namespace: str, timeout_s: float = 30.0) -> None:
-    """Wait until no supervisor named ``name`` lives (a crashed one may take a moment
-    to be reaped); refuse if one is alive and answering."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            handle = ray.get_actor(name, namespace=namespace)
-        except ValueError:
-            return
-        try:
-            ray.get(handle.info.remote(), timeout=2)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            pass  # dying
-        except RayTaskError:
-            raise PoolClosed(f"pool {name!r} has a supervisor that cannot serve; stop it with "
-                             f"ray.kill(ray.get_actor({name!r}, namespace={namespace!r})) first") from None
-        else:
-            raise PoolClosed(f"pool {name!r} is running (Ray may have restarted and resumed it already); attach "
-                             f"to it with AgentPool.attach({name!r}, namespace={namespace!r}) instead of resuming")
-        if time.monotonic() > deadline:
-            raise PoolClosed(f"pool {name!r}: the crashed supervisor is still being reaped after {timeout_s:.0f}s")
-        time.sleep(0.2)
-
-
-def _running(name: str, namespace: str) -> bool:
-    """A supervisor named ``name`` exists (alive or restarting)."""
-    try:
-        ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        return False
-    return True
-
-
-def _stop_ray(owned: bool) -> None:
-    if owned:
-        ray.shutdown()
-
-
-# How a client reaches Ray, not how the pool runs: its clients may differ there.
-_CLIENT_SIDE = frozenset({"ray.address", "ray.num_cpus"})
-_UNSET = "(not set)"
-
-
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted.path, value)`` for every setting in a dumped config."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _leaves(item, f"{path}.{key}" if path else str(key))
-    else:
-        yield path, value
-
-
-def _refuse_another_config(config: RuntimeConfig, running: RuntimeConfig) -> None:
-    """Raise :class:`ConfigError` naming every setting in which ``config`` differs from
-    the config the pool of the same name already runs with."""
-    mine, theirs = dict(_leaves(config.model_dump())), dict(_leaves(running.model_dump()))
-    differ = [(path, mine.get(path, _UNSET), theirs.get(path, _UNSET)) for path in {**mine, **theirs}
-              if path not in _CLIENT_SIDE and mine.get(path, _UNSET) != theirs.get(path, _UNSET)]
-    if not differ:
-        return
-
-    def show(value: Any) -> str:
-        text = value if value is _UNSET else repr(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    name, namespace = config.name, config.ray.namespace
-    where = "" if namespace == RayConfig().namespace else f", namespace={namespace!r}"
-    problems = [(path, f"{show(a)} in this config, {show(b)} in the running pool") for path, a, b in differ]
-    problems.append(("name", f"a pool named {name!r} already runs in namespace {namespace!r} with the settings "
-                             f"above; use it as it is with AgentPool.attach({name!r}{where}), or stop it "
-                             "first, or choose another name"))
-    raise ConfigError(f"pool {name!r}", problems)
-
-
-def _crashed_config(location: str, key_file: str | None) -> RuntimeConfig:
-    """The config a crashed pool ran with (from its newest verified manifest), with
-    ``snapshot_dir`` and ``name`` pointing at ``location``."""
-    from threadbound.snapshots import NoSnapshot, SnapshotLocation, load_key, open_store
-
-    manifest = SnapshotLocation(open_store(location, create=False), load_key(key_file)).newest_verified()
-    cfg = RuntimeConfig.from_mapping(manifest.get("config") or {}, source=f"{location} (newest manifest)")
-    parent, _, base = location.rstrip("/").rpartition("/")
-    if base != cfg.name:
-        raise NoSnapshot(location, f"holds the snapshots of pool {cfg.name!r}, but the directory is "
-                                   f"named {base!r}; rename it back to {cfg.name!r}")
-    return cfg.replace(snapshot_dir=parent or "/")
-
-
-class TaskHandle:
-    """A submitted task: stream its events, wait for its result, cancel it.
-
-    ``stream``, ``result``, ``cancel``, ``respond`` and ``send`` have asyncio twins
-    (``astream``, ``aresult``, ``acancel``, ``arespond``, ``asend``); the sync methods
-    run the same coroutines on this process's client loop. A supervisor restart is ridden out: a stream continues at the offset after
-    the last event it yielded.
-
-    ``created`` is False when ``submit`` returned a task its idempotency key had
-    already made (True otherwise, and for handles from ``pool.task``).
-
-    Examples:
-        >>> handle = pool.submit(Task(goal="fix it", agents=["coder"]))   # doctest: +SKIP
-        >>> for event in handle.stream():                                # doctest: +SKIP
-        ...     print(event.offset, event.kind, event.agent, event.data)
-        >>> handle.result(timeout=60).outputs["coder"]                    # doctest: +SKIP
-    """
-
-    def __init__(self, supervisor: Any, task_id: str, name: tuple[str, str] | None = None) -> None:
-        # name = (pool name, namespace): lets calls ride out a supervisor restart
-        self._client = _Client(supervisor, name)
-        self.task_id = task_id
-        self.created = True
-
-    def __repr__(self) -> str:
-        return f"TaskHandle({self.task_id!r})"
-
-    @property
-    def status(self) -> str:
-        """pending, admitted, running, succeeded, failed, cancelled or timed_out."""
-        return self.summary().status
-
-    def summary(self) -> TaskSummary:
-        """The task's row of ``pool.tasks()``: status, round, event count, error."""
-        return _sync(self._client.call("task_summary", self.task_id))
-
-    def stream(self, from_offset: int = 0) -> Iterator[Event]:
-        """Every event from ``from_offset`` on, in order, following live until the task ends.
-
-        Reconnecting with the offset after the last one seen continues exactly there.
-        Events come from this process's client loop a batch at a time.
-
-        Examples:
-            >>> kinds = [e.kind for e in handle.stream()]                # doctest: +SKIP
-            >>> kinds[-1]                                                # doctest: +SKIP
-            'succeeded'
-        """
-        _check_offset(from_offset)
-        stream = _sync(_aopen_stream(self._client, self.task_id, from_offset))
-        try:
-            while (events := _sync(stream.take())) is not None:
-                for event in events:
-                    yield event
-                    if event.terminal:
-                        return
-        finally:
-            with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
-                stream.follower.loop.call_soon_threadsafe(stream.close)
-
-    async def astream(self, from_offset: int = 0) -> AsyncIterator[Event]:
-        """``stream`` for asyncio: ``async for event in handle.astream(): ...``
-
-        Streams of one pool on one event loop share a single long-poll.
-        """
-        _check_offset(from_offset)
-        stream = _open_stream(self._client, self.task_id, from_offset)
-        try:
-            while (events := await stream.take()) is not None:
-                for event in events:
-                    yield event
-                    if event.terminal:
-                        return
-        finally:
-            stream.close()
-
-    def result(self, timeout: float | None = None) -> TaskResult:
-        """Wait for the task to end and return its result.
-
-        Raises :class:`TaskFailed`, :class:`TaskTimedOut` or :class:`TaskCancelled`
-        (each with ``.result``; a cancellation's ``.reason`` says why) if it did not
-        succeed, and :class:`ResultTimeout` if ``timeout`` seconds pass first (the task
-        keeps running).
-        """
-        return _sync(self.aresult(timeout))
-
-    async def aresult(self, timeout: float | None = None) -> TaskResult:
-        """``result`` for asyncio: ``result = await handle.aresult(timeout=60)``."""
-        d = await self._client.call("wait", self.task_id, timeout)
-        if d is None:
-            raise ResultTimeout(f"task {self.task_id} did not finish within {timeout}s; "
-                                "it is still running: wait again or cancel it",
-                                task_id=self.task_id, limit=timeout)
-        return _result(d)
-
-    # -- a person in the loop ---------------------------------------------------------
-
-    def respond(self, value: Any, request: int | None = None) -> int:
-        """Answer the task's question (an agent's ``ctx.interrupt``, or the approval of
-        a task submitted with ``inputs={"approve": True}``); returns the offset of the
-        ``input_received`` event. The step that asked runs again from its beginning and
-        its ``ctx.interrupt`` returns ``value`` (plain data).
-
-        ``request`` names the request (its number, from the ``input_requested`` event)
-        when several are open. Raises :class:`InputNotExpected` when the task is not
-        waiting for input or the request was already answered (the first answer wins).
-
-        Examples:
-            >>> for event in handle.stream():                               # doctest: +SKIP
-            ...     if event.kind == "input_requested":
-            ...         handle.respond({"use_cache": True})
-        """
-        return _sync(self.arespond(value, request))
-
-    async def arespond(self, value: Any, request: int | None = None) -> int:
-        """``respond`` for asyncio."""
-        return await self._client.call("respond", self.task_id, value, request, retry=False)
-
-    def approve(self, request: int | None = None) -> int:
-        """Approve the change the task asks about (``inputs={"approve": True}``): it is
-        applied (with ``inputs.apply``) and the task succeeds."""
-        return self.respond({"approve": True}, request)
-
-    def reject(self, reason: str = "", request: int | None = None) -> int:
-        """Reject the change the task asks about: the task ends ``failed`` with ``reason``."""
-        return self.respond({"approve": False, "reason": reason}, request)
-
-    def send(self, message: Any) -> int:
-        """Send input to the running task: appended to its inbox (a ``message_received``
-        event, durable and in order); every later step of its agents sees the messages
-        that arrived since that role's previous step in ``ctx.inbox``. Returns the
-        event's offset. Raises :class:`InputNotExpected` if the task has ended."""
-        return _sync(self.asend(message))
-
-    async def asend(self, message: Any) -> int:
-        """``send`` for asyncio."""
-        return await self._client.call("send", self.task_id, message, retry=False)
-
-    def cancel(self) -> str:
-        """Cancel the task (a running step's actor is killed); returns the final status."""
-        return _sync(self.acancel())
-
-    async def acancel(self) -> str:
-        """``cancel`` for asyncio: ``status = await handle.acancel()``."""
-        return await self._client.call("cancel", self.task_id)
 
 
 class AgentPool:

@@ -21,7 +21,8 @@ from threadbound.agents.events import SUCCEEDED
 from threadbound.runtime import Task
 from threadbound.runtime.config import PolicyConfig, RuntimeConfig
 from threadbound.runtime.errors import InvalidTask
-from threadbound.runtime.gateway.app import GatewaySettings, dumps, event_json
+from threadbound.runtime.gateway.app import GatewaySettings
+from threadbound.runtime.gateway.wire import dumps, event_json
 from threadbound.runtime.policy import check
 from threadbound.runtime.task import Event
 

@@ -12,7 +12,8 @@ from conftest import make_pool
 from gateway_tools import READ, InProcessGateway, auth, read_sse, scripted
 
 from threadbound.agents.events import FAILED, HEALTH, SUCCEEDED
-from threadbound.runtime.gateway.app import MAX_PAGE_BYTES, PREVIEW_CHARS, GatewaySettings
+from threadbound.runtime.gateway.app import GatewaySettings
+from threadbound.runtime.gateway.tasks import MAX_PAGE_BYTES, PREVIEW_CHARS
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]
 

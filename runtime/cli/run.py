@@ -287,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from threadbound.snapshots.location import find_location
 
-    from ..pool import AgentPool, _crashed_config
+    from ..lifecycle import _crashed_config
+    from ..pool import AgentPool
 
     cfg = base_config(args)
     location = args.location or cfg.snapshot_dir
