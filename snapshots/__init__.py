@@ -7,7 +7,8 @@ from .errors import (
     HistoryExists, LeaseHeld, NoSnapshot, SnapshotCorrupt, SnapshotError, UnsupportedFormat,
 )
 from .keys import load_key
-from .location import Loaded, SnapshotLocation
+from .location import SnapshotLocation
+from .reading import Loaded
 from .stores import FsspecStore, LocalStore, Store, open_store
 
 __all__ = [
