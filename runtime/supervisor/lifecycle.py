@@ -23,7 +23,7 @@ from .health import NORMAL, PAUSED, Health
 from .hooks import Hooks, Transition
 from .rounds import run_task
 from .shard import TaskShard
-from .slots import Slot
+from .places import Slot
 from .task_state import RunState, TaskRecord
 
 if TYPE_CHECKING:
