@@ -22,7 +22,7 @@ IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_module
 # Secrets never copied into a task's copy, never read into a prompt or a diff, wherever
 # they lie in a workspace: Ray's and SSH's directories, threadbound's own key and token
 # files, SSH private keys. (The state and snapshot directories are left out by path too:
-# see workspace.protected_paths.)
+# see copies.protected_paths.)
 SECRET_DIRS = frozenset({".ray", ".ssh", ".gnupg", ".threadbound"})
 SECRET_FILES = frozenset({"snapshot.key", "gateway_tokens", "auth_token", "ray_auth_token", ".netrc", ".pgpass",
                           "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk",

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from threadbound.agents import events as ev
-from threadbound.agents.workspace import Workspace, copy_path
+from threadbound.agents.copies import copy_path
+from threadbound.agents.workspace import Workspace
 
 from ..config import RuntimeConfig
 from ..task import ADMITTED, FAILED, TERMINAL, WAITING
