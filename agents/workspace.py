@@ -28,7 +28,7 @@ So here:
 
 Where copies live, what a copy leaves out and how one is deleted is in ``copies``; the
 :class:`Change` between a workspace and its copy in ``change``; the reads, walks and
-writes that never follow a link in ``hostile_fs``.
+writes that never follow a link in ``hostile_fs`` and ``hostile_walk``.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ from .edits import Edits, PatchError, apply_hunks
 log = logging.getLogger("threadbound.workspace")
 
 from .hostile_fs import (  # noqa: F401  (IGNORED and the bounds are part of this module's API)
-    IGNORED, MAX_TEXT_BYTES, SECRET_DIRS, SECRET_FILES, MAX_TOTAL_TEXT_BYTES, MAX_WALK_DEPTH, MAX_WALK_ENTRIES, Scan, WorkspaceError,
+    IGNORED, MAX_TEXT_BYTES, SECRET_DIRS, SECRET_FILES, MAX_TOTAL_TEXT_BYTES, MAX_WALK_DEPTH, MAX_WALK_ENTRIES, WorkspaceError,
     _decode, _excluded, _is_ignored, _kind, _LeftOut, _lstat_at, _open_dirs, _open_root, _parts, _private_root, _put,
-    _read_regular, _remove, _remove_tree, _Walk,
+    _read_regular, _remove, _remove_tree,
 )
+from .hostile_walk import Scan, _Walk
 
 
 class Workspace:
