@@ -5,7 +5,8 @@ create anything inside it: symbolic links, FIFOs, hard links, huge files, deep
 trees), while the agents that read it run outside the sandbox. Everything here goes
 one path component at a time through directory descriptors with ``O_NOFOLLOW``,
 opens only regular files (non-blocking, checked again with ``fstat``), and bounds
-every read and walk. :mod:`threadbound.agents.workspace` builds the copy on it.
+every read and walk. :mod:`threadbound.agents.workspace` builds the copy on it; the bounded
+walk of a tree is in :mod:`threadbound.agents.hostile_walk`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import errno
 import os
 import secrets
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 
 IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_modules", ".mypy_cache",
@@ -22,7 +22,7 @@ IGNORED = {".git", "__pycache__", ".pytest_cache", ".venv", "venv", "node_module
 # Secrets never copied into a task's copy, never read into a prompt or a diff, wherever
 # they lie in a workspace: Ray's and SSH's directories, threadbound's own key and token
 # files, SSH private keys. (The state and snapshot directories are left out by path too:
-# see workspace.protected_paths.)
+# see copies.protected_paths.)
 SECRET_DIRS = frozenset({".ray", ".ssh", ".gnupg", ".threadbound"})
 SECRET_FILES = frozenset({"snapshot.key", "gateway_tokens", "auth_token", "ray_auth_token", ".netrc", ".pgpass",
                           "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk",
@@ -319,99 +319,3 @@ def _remove_tree(parent_fd: int, name: str) -> None:
     finally:
         os.close(top)
     os.rmdir(name, dir_fd=parent_fd)
-
-
-@dataclass(frozen=True)
-class Scan:
-    """One bounded walk of a tree.
-
-    ``texts``: relative path -> content of each UTF-8 regular file that was read.
-    ``skipped``: relative path -> why an entry is not in ``texts`` (a symbolic link, a
-    FIFO, larger than ``MAX_TEXT_BYTES``, past the tree's byte budget, not UTF-8, ...).
-    ``truncated``: why the walk stopped early (``MAX_WALK_ENTRIES`` or
-    ``MAX_WALK_DEPTH`` reached), or None when it saw the whole tree.
-    """
-
-    texts: dict[str, str]
-    skipped: dict[str, str] = field(default_factory=dict)
-    truncated: str | None = None
-    fingerprints: dict[str, tuple] = field(default_factory=dict, repr=False, compare=False)
-
-
-class _Walk:
-    def __init__(self, hostile: bool, exclude: frozenset[str] = frozenset()) -> None:
-        self.hostile = hostile
-        self.exclude = exclude  # real paths never entered or read (the state directory, ...)
-        self.root = ""
-        self.texts: dict[str, str] = {}
-        self.skipped: dict[str, str] = {}
-        self.fingerprints: dict[str, tuple] = {}
-        self.entries = self.bytes = 0
-        self.truncated: str | None = None
-
-    def scan(self, root: Path) -> Scan:
-        self.root = os.path.realpath(root)
-        fd = _open_root(root)
-        try:
-            self.walk(fd, "", 0)
-        finally:
-            os.close(fd)
-        return Scan(dict(sorted(self.texts.items())), dict(sorted(self.skipped.items())), self.truncated,
-                    self.fingerprints)
-
-    def leave(self, rel: str, reason: str, fingerprint: tuple) -> None:
-        self.skipped[rel], self.fingerprints[rel] = reason, fingerprint
-
-    def walk(self, dir_fd: int, prefix: str, level: int) -> None:
-        found = []
-        with os.scandir(dir_fd) as it:
-            for entry in it:
-                self.entries += 1
-                if self.entries > MAX_WALK_ENTRIES:
-                    self.truncated = f"more than {MAX_WALK_ENTRIES} entries"
-                    return
-                if not _is_ignored(entry.name) and not _excluded(os.path.join(self.root, prefix + entry.name),
-                                                                   self.exclude):
-                    found.append(entry)
-        for entry in sorted(found, key=lambda e: e.name):
-            if self.truncated:
-                return
-            rel = prefix + entry.name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:  # gone since the listing
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if level + 1 > MAX_WALK_DEPTH:
-                    self.truncated = f"more than {MAX_WALK_DEPTH} nested directories (at {rel!r})"
-                    return
-                try:
-                    sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-                except OSError as exc:
-                    self.leave(rel, f"a directory that cannot be opened ({exc.strerror})", ("unopenable", exc.errno))
-                    continue
-                try:
-                    self.walk(sub, rel + "/", level + 1)
-                finally:
-                    os.close(sub)
-            else:
-                self.file(dir_fd, entry.name, rel, st)
-
-    def file(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
-        fingerprint = ("file", st.st_size, st.st_mtime_ns)
-        if stat.S_ISREG(st.st_mode) and self.bytes + min(st.st_size, MAX_TEXT_BYTES + 1) > MAX_TOTAL_TEXT_BYTES:
-            return self.leave(rel, f"past the {MAX_TOTAL_TEXT_BYTES}-byte budget of one walk", fingerprint)
-        try:
-            data = _read_regular(dir_fd, name, st, single_link=self.hostile)
-        except _LeftOut as out:
-            return self.leave(rel, out.reason, out.fingerprint)
-        except OSError as exc:
-            return self.leave(rel, f"unreadable ({exc.strerror})", ("unreadable", exc.errno))
-        self.bytes += len(data)
-        try:
-            self.texts[rel] = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return self.leave(rel, "not UTF-8 text", fingerprint)
-        self.fingerprints[rel] = fingerprint
-
-

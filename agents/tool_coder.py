@@ -34,7 +34,8 @@ from .builtin import DEFAULT_TEST_ENV, _sandbox_limits, _test_command, workspace
 from .edits import parse
 from .errors import BudgetExhausted, TaskInputError
 from .models.base import ToolCall, Usage, count_tokens
-from .tools import FINISH, TOOLS, Toolbox, ToolResult, bound
+from .tool_calls import FINISH, TOOLS, ToolResult, bound
+from .tools import Toolbox
 from .workspace import WorkspaceError, workspaces_root
 
 

@@ -32,7 +32,9 @@ import time
 from threadbound.agents import sandbox
 from threadbound.agents.sandbox import mounts
 from threadbound.agents.sandbox.probe import capabilities
-from threadbound.agents.sandbox.runner import _LAUNCHER, _chown_tree, rlimits, sandbox_uid
+from threadbound.agents.sandbox.plan import _LAUNCHER
+from threadbound.agents.sandbox.seats import _chown_tree, sandbox_uid
+from threadbound.agents.sandbox.watchdog import rlimits
 
 COMMAND = [sys.executable, "-c", "pass"]
 

@@ -334,7 +334,7 @@ class FakeActor:
 
 
 class _FakeRay:
-    """Stands in for the ``ray`` module inside ``runtime/supervisor/slots.py`` (``kill``, ``get_actor``)."""
+    """Stands in for the ``ray`` module inside ``runtime/supervisor/slot_actors.py`` (``kill``, ``get_actor``)."""
 
     def __init__(self, owner: "FakeActors") -> None:
         self.owner = owner

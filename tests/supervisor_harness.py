@@ -15,7 +15,7 @@ from fake_actors import FakeActors
 from threadbound.agents import Agent
 from threadbound.runtime.config import RuntimeConfig
 from threadbound.runtime.registry import agent_blob
-from threadbound.runtime.supervisor import slots as slots_module
+from threadbound.runtime.supervisor import slot_actors as slots_module
 from threadbound.runtime.supervisor.core import Supervisor
 from threadbound.runtime.task import Task, TaskResult
 

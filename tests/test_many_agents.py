@@ -14,8 +14,9 @@ import pytest
 from supervisor_harness import fakes, first, kinds, result, run, submit, until  # noqa: F401  (fakes: a fixture)
 from test_slots import FakeRay, settle
 
-from threadbound.runtime.supervisor import slots as slots_mod
-from threadbound.runtime.supervisor.slots import STOP_GRACE_S, SlotTable
+from threadbound.runtime.supervisor import slot_actors as slots_mod
+from threadbound.runtime.supervisor.slot_actors import STOP_GRACE_S
+from threadbound.runtime.supervisor.slots import SlotTable
 
 
 def per_actor(fakes, k: int):

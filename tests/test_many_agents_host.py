@@ -1,5 +1,5 @@
 """The inside of an actor hosting several agents: places, stop requests, shared caches and
-a sandbox uid per run (``agents/host.py``, ``agents/sandbox/runner.py``)."""
+a sandbox uid per run (``agents/host.py``, ``agents/sandbox/seats.py``)."""
 
 from __future__ import annotations
 
@@ -104,13 +104,13 @@ def test_places_run_steps_at_once_and_share_one_unpickled_class():
 # -- a uid of its own for every sandboxed run ------------------------------------------------
 
 def test_two_runs_at_once_in_one_process_never_share_a_derived_uid():
-    from threadbound.agents.sandbox import runner
+    from threadbound.agents.sandbox import seats
     from threadbound.agents.sandbox.settings import SandboxSettings
 
-    with runner._seat() as a, runner._seat() as b:
-        ua, ub = runner.sandbox_uid(SandboxSettings(), a), runner.sandbox_uid(SandboxSettings(), b)
+    with seats._seat() as a, seats._seat() as b:
+        ua, ub = seats.sandbox_uid(SandboxSettings(), a), seats.sandbox_uid(SandboxSettings(), b)
     assert a != b and ua != ub and 0 < min(ua, ub) and max(ua, ub) < 2**32 - 1
-    with runner._seat() as c:  # a seat is free again once its run ended
+    with seats._seat() as c:  # a seat is free again once its run ended
         assert c == a
 
 

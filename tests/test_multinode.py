@@ -100,7 +100,7 @@ class _Nodes:
 def fake_ray(monkeypatch):
     from test_slots import FakeRay
 
-    from threadbound.runtime.supervisor import slots as slots_mod
+    from threadbound.runtime.supervisor import slot_actors as slots_mod
 
     world = FakeRay()
     monkeypatch.setattr(slots_mod.ray, "kill", world.kill)

@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError
 from ray.util.state import list_actors
 
 from threadbound.runtime import Task
-from threadbound.runtime.supervisor import slots as slots_mod
+from threadbound.runtime.supervisor import slot_actors as slots_mod
 from threadbound.runtime.supervisor.slots import SlotTable
 
 _pids = itertools.count(1000)

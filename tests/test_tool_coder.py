@@ -19,7 +19,8 @@ from threadbound.agents import builtin, tool_coder
 from threadbound.agents.base import StepContext
 from threadbound.agents.models import SimulatedModel, SimulatedModelConfig
 from threadbound.agents.sandbox import SandboxSettings
-from threadbound.agents.tools import MAX_READ_LINES, MAX_RESULT_CHARS, Toolbox, parse_arguments, ToolCallError
+from threadbound.agents.tool_calls import MAX_READ_LINES, MAX_RESULT_CHARS, ToolCallError, parse_arguments
+from threadbound.agents.tools import Toolbox
 from threadbound.agents.workspace import Workspace
 
 BUG_OLD = "    return price * qty * 2  # BUG: double charge\n"

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from threadbound.agents.sandbox import SandboxSettings
 
     from .durability import Durability
-    from .slots import Slot
+    from .places import Slot
 
 
 class Lifecycle(Protocol):

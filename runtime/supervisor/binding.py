@@ -15,7 +15,8 @@ again from the original workspace.
 from __future__ import annotations
 
 from .capacity import discard_copy_on
-from .slots import Slot, SlotTable
+from .places import Slot
+from .slots import SlotTable
 from .task_state import TaskRecord
 
 

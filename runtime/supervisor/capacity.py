@@ -25,7 +25,8 @@ import heapq
 import logging
 from typing import Any, Callable
 
-from .slots import Slot, SlotTable
+from .places import Slot
+from .slots import SlotTable
 
 log = logging.getLogger("threadbound.capacity")
 

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from threadbound.agents import events as ev
-from threadbound.agents.workspace import Workspace, copy_path
+from threadbound.agents.copies import copy_path
+from threadbound.agents.workspace import Workspace
 
 from ..config import RuntimeConfig
 from ..task import ADMITTED, FAILED, TERMINAL, WAITING
@@ -23,7 +24,7 @@ from .health import NORMAL, PAUSED, Health
 from .hooks import Hooks, Transition
 from .rounds import run_task
 from .shard import TaskShard
-from .slots import Slot
+from .places import Slot
 from .task_state import RunState, TaskRecord
 
 if TYPE_CHECKING:

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from threadbound.agents import events as ev
-from threadbound.agents.workspace import Workspace, WorkspaceError, copy_path
+from threadbound.agents.copies import copy_path
+from threadbound.agents.workspace import Workspace, WorkspaceError
 
 from ..task import CANCELLED, FAILED, MAX_ROUNDS, RUNNING, SUCCEEDED, TIMED_OUT
 from .attempt import StepEnv, run_step

@@ -31,7 +31,7 @@ from ..task import PENDING, STATUSES, TERMINAL, Task, sequential
 
 if TYPE_CHECKING:
     from .clock import Timer
-    from .slots import Slot
+    from .places import Slot
 
 # What a snapshot holds of a task (everything else is rebuilt on resume).
 DURABLE_FIELDS = ("id", "seq", "spec", "blob_ids", "submitted_at", "status", "round", "committed",
