@@ -1,4 +1,5 @@
-"""The pool, parallel, resume, person and gateway suites hold with four agents per actor too.
+"""The pool (caps and faults), parallel, resume, person and gateway suites hold with four agents
+per actor too.
 
 They run once more in a child pytest with ``--agents-per-actor=4`` (its own session Ray), so
 the README's one test command, which CI runs, covers both settings."""
@@ -11,8 +12,8 @@ import sys
 
 import pytest
 
-SUITES = ["test_pool_caps.py", "test_pool_streams.py", "test_pool_faults.py", "test_parallel.py",
-          "test_resume.py", "test_person.py", "test_gateway.py", "test_gateway_person.py"]
+SUITES = ["test_pool_caps.py", "test_pool_faults.py", "test_parallel.py", "test_resume.py", "test_person.py",
+          "test_gateway.py"]
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 
