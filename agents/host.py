@@ -111,16 +111,22 @@ _DONE = object()
 
 
 class _Sink(deque):
-    """Where the agent's thread puts tokens and events; wakes the streaming side."""
+    """Where the agent's thread puts tokens and events; wakes the streaming side.
+
+    On an actor's shared stream (``wake`` given, :meth:`SlotWorker.events`) a token does
+    not wake the stream: it is paced and collects every place's tokens on each turn, so
+    the cost of a wake-up is paid per turn, not per token. Events and a step's end wake it.
+    """
 
     def __init__(self, wake: threading.Event | None = None) -> None:
         super().__init__()
+        self.paced = wake is not None
         self.wake = wake if wake is not None else threading.Event()  # shared by an actor's places: events()
         self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
         super().append(item)
-        if not self.wake.is_set():
+        if not (self.paced and isinstance(item, str)) and not self.wake.is_set():
             self.wake.set()
 
 
@@ -317,13 +323,16 @@ class SlotWorker:
             if self._wake is None:
                 self._wake = threading.Event()
         wake = self._wake
+        turn = float("-inf")
         while True:
             with self._lock:
                 steps = list(self._steps.items())
-            waits = [w for _, st in steps if (w := st.batcher.wait_s()) is not None]
-            if not waits or min(waits) > 0:
-                wake.wait(min(waits) if waits else None)
+            if not steps:  # idle: sleep until a step starts
+                wake.wait()
+            else:  # tokens wait for the next turn; an event or a step's end cuts the wait short
+                wake.wait(max(0.0, turn + _pace([st for _, st in steps]) - time.monotonic()))
             wake.clear()
+            turn = time.monotonic()
             with self._lock:
                 steps = list(self._steps.items())
             out = []
@@ -337,6 +346,26 @@ class SlotWorker:
                     self._close(st)
             if out:
                 yield out
+
+
+# The shared stream's turn: each step's token interval while few steps stream, stretched
+# as more do (the seeds' adaptive batching), so an actor of many busy agents sends fewer,
+# fuller batches and a quiet agent's token still goes out within its token interval.
+PACE_STEPS = 8        # steps streaming at once before the turn grows
+PACE_MAX_FACTOR = 5   # the turn is at most this many token intervals
+
+
+def _pace(steps: list["_Step"]) -> float:
+    """How long a turn of the shared stream lasts with ``steps`` open on the actor.
+
+    Examples:
+        >>> from types import SimpleNamespace as S
+        >>> one = S(req=S(token_interval_s=0.05))
+        >>> _pace([one]), _pace([one] * 16), _pace([one] * 500)
+        (0.05, 0.1, 0.25)
+    """
+    base = min(st.req.token_interval_s for st in steps)
+    return base * min(PACE_MAX_FACTOR, max(1.0, len(steps) / PACE_STEPS))
 
 
 class _Step:
