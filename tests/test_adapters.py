@@ -157,3 +157,13 @@ def test_adapter_errors_survive_pickling():
     err = pickle.loads(pickle.dumps(AdapterNotInstalled("no", task_id="t1", agent="swe")))
     assert (err.task_id, err.agent, str(err)) == ("t1", "swe", "no")
 
+
+
+def test_every_role_copies_the_workspace_the_same_way_leaving_the_pools_secrets_out():
+    # The copy that leaves the pool's snapshot store and key out (the gateway's workspace
+    # rule) is made in one place; an adapter with a copy function of its own would not.
+    from threadbound.agents import builtin, tool_coder
+    from threadbound.agents.adapters import _minisweagent
+
+    assert _minisweagent.workspace_of is builtin.workspace_of
+    assert tool_coder.workspace_of is builtin.workspace_of

@@ -20,7 +20,7 @@ from .. import sandbox
 from ..base import Agent, StepContext
 from ..errors import AgentError, BudgetExhausted, TaskInputError
 from ..events import AGENT_UPDATED, NODE_UPDATE, TOOL_CALL, TOOL_RESULT
-from ..workspace import Workspace, WorkspaceError, workspaces_root
+from ..workspace import Workspace, workspaces_root
 
 # The event kinds the adapters emit (an agent's own events; none is reserved).
 ADAPTER_KINDS = (TOOL_CALL, TOOL_RESULT, NODE_UPDATE, AGENT_UPDATED)
@@ -206,19 +206,6 @@ def resolve_factory(ctx: StepContext, what: str, default: Any, choices: dict[str
 
 
 # -- the workspace copy and the sandbox ------------------------------------------------------------
-
-
-def workspace_of(ctx: StepContext) -> Workspace:
-    if not ctx.workspace:
-        raise TaskInputError(f"the {ctx.role} needs a workspace; submit the task with workspace=<directory>",
-                             task_id=ctx.task_id, agent=ctx.role)
-    if not os.path.isdir(ctx.workspace):
-        raise TaskInputError(f"workspace {ctx.workspace!r} does not exist or is not a directory",
-                             task_id=ctx.task_id, agent=ctx.role)
-    try:
-        return Workspace.for_task(ctx.task_id, ctx.workspace)
-    except WorkspaceError as exc:
-        raise AgentError(str(exc), task_id=ctx.task_id, agent=ctx.role) from None
 
 
 def sandbox_limits(ctx: StepContext, wall_s: float) -> sandbox.SandboxLimits:

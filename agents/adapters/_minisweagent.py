@@ -27,11 +27,12 @@ from typing import Any
 from .. import events as ev
 from .. import sandbox
 from ..base import StepContext
+from ..builtin import workspace_of  # the built-in roles' copy of the workspace: secrets left out
 from ..errors import TaskInputError
 from ..workspace import Workspace, WorkspaceError
 from ._common import (
     MINI_SWE_AGENT, TOOL_CALL, TOOL_RESULT, AdapterRole, drain, goal_text, positive_int, require,
-    sandbox_event, sandbox_limits, sandbox_settings, settings_of, token_sink, trimmed, workspace_of,
+    sandbox_event, sandbox_limits, sandbox_settings, settings_of, token_sink, trimmed,
 )
 
 SUBMIT_MARKER = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"  # mini-swe-agent's: the first line of a command's output
