@@ -222,7 +222,7 @@ class Tester(Agent):
                          if counted else f"exit code {res.exit_code}, no test counts in the output")
                         + (f" (killed: {res.killed})" if res.killed else "")),
         }
-        ctx.emit("test_result", {k: result[k] for k in ("ok", "passed", "failed", "errors", "killed", "summary")})
+        ctx.emit(ev.TEST_RESULT, {k: result[k] for k in ("ok", "passed", "failed", "errors", "killed", "summary")})
         if not ok:
             ctx.request_round("Tests failed: " + result["summary"] + "\n" + res.output[-3000:])
         return result

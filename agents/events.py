@@ -60,6 +60,7 @@ HEALTH_MODES = (NORMAL, DEGRADED, PAUSED)
 
 # -- kinds the built-in agents emit (not reserved: an agent's own events) ---------------
 SANDBOX = "sandbox"                # one sandboxed command run: isolation, layers, ``killed`` (the limit), exit
+TEST_RESULT = "test_result"        # the tester ran the tests: ok, passed, failed, errors, killed, summary
 TOOL_CALL = "tool_call"            # a tool-using agent calls a tool: n, id, name, arguments (bounded)
 TOOL_RESULT = "tool_result"        # its result: n, id, name, ok, output (bounded), refused_path, bounded, sandbox
 NODE_UPDATE = "node_update"        # a LangGraph graph's node updated its state: node, update (bounded)

@@ -130,7 +130,7 @@ def sentence(ev: Event) -> str | None:
 
 def _sentence(ev: Event) -> str | None:
     d, kind = ev.data, ev.kind
-    if kind == "test_result":
+    if kind == events.TEST_RESULT:
         return f"tests {'passed' if d.get('ok') else 'failed'}: {d.get('summary')}"
     if kind == events.SANDBOX:
         layers = d.get("layers") or []

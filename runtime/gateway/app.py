@@ -39,7 +39,6 @@ from .wire import Problem, SafeJSON, _from_error
 
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
-TEST_RESULT = "test_result"  # the built-in tester's own event (agents/builtin.py): counts, ok, summary
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ class Gateway(TaskRoutes, PersonRoutes, StreamRoutes):
                  "TERMINAL": sorted(kinds.TERMINAL), "WAITING": kinds.WAITING,
                  "INPUT_REQUESTED": kinds.INPUT_REQUESTED, "INPUT_RECEIVED": kinds.INPUT_RECEIVED,
                  "MESSAGE_RECEIVED": kinds.MESSAGE_RECEIVED, "STEP_STARTED": kinds.STEP_STARTED,
-                 "TEST_RESULT": TEST_RESULT}
+                 "TEST_RESULT": kinds.TEST_RESULT}
         return Response(f"window.THREADBOUND_KINDS = Object.freeze({json.dumps(known)});\n",
                         media_type="text/javascript; charset=utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
