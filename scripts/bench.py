@@ -299,8 +299,10 @@ def metrics_cost(bench: Bench, n: int, repeats: int) -> dict[str, float]:
 def metrics_work_per_step_us(n: int = 20_000) -> float:
     """What the metrics hook does for one step, timed directly (the A/B of whole runs
     above is noisier than the effect): a step's events, its end and a journal write."""
+    from threadbound.agents.events import Row
+    from threadbound.runtime.metrics import PoolMetrics, View
     from threadbound.runtime.supervisor.hooks import Outcome, StepInfo
-    from threadbound.runtime.metrics import MetricsHook, PoolMetrics, View
+    from threadbound.runtime.supervisor.metrics_hook import MetricsHook
 
     metrics = PoolMetrics("bench", ray_mirror=True)
     hook = MetricsHook(metrics, View, time.monotonic)
@@ -310,12 +312,12 @@ def metrics_work_per_step_us(n: int = 20_000) -> float:
 
     info = StepInfo("t1", "code", 1, 1, 2, True, started=time.monotonic())
     info.first_token = info.started + 0.001
-    rows = [(0, "step_started", "code", {"slot": "agent/0"}, 0.0), (1, "tokens", "code", {"n": 1, "text": "x"}, 0.0),
-            (2, "step_finished", "code", {}, 0.0), (3, "level", None, {"level": 2}, 0.0)]
+    rows = [Row(0, "step_started", "code", {"slot": "agent/0"}, 0.0), Row(1, "tokens", "code", {"n": 1, "text": "x"}, 0.0),
+            Row(2, "step_finished", "code", {}, 0.0), Row(3, "level", None, {"level": 2}, 0.0)]
+    batch = [(_Task, row) for row in rows]  # the supervisor hands hooks a batch at a time
     t0 = time.perf_counter()
     for _ in range(n):
-        for row in rows:
-            hook.on_event(_Task, row)
+        hook.on_events(batch)
         hook.after_step(_Task, info, Outcome("ok"))
         metrics.journal_write(0.0001)
     return (time.perf_counter() - t0) / n * 1e6

@@ -92,3 +92,10 @@ def test_capacity_refuses_agents_per_actor_where_the_config_has_no_such_field(mo
     args = argparse.Namespace(seconds=None, agents_per_actor=4)
     with pytest.raises(SystemExit, match="agents_per_actor"):
         bench_capacity.check_arguments(args)
+
+
+def test_the_metrics_work_of_a_step_is_timed_on_the_hook_the_supervisor_runs():
+    # bench.py --quick times the metrics hook directly; it must call the hook as the
+    # supervisor does (a batch of Rows), so a move or a change of the hook breaks this test,
+    # not a benchmark run
+    assert bench.metrics_work_per_step_us(n=50) > 0
