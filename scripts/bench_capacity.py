@@ -118,8 +118,8 @@ def make_pool(scratch: str, n: int, k: int | None, *, name: str, seconds: float,
         "default_agents": ["stream"], "snapshot_dir": os.path.join(scratch, "snapshots"),
         "step_timeout_s": max(600.0, seconds * 20), "task_timeout_s": max(3600.0, seconds * 40),
         "keep_finished_tasks": 100_000, "metrics": {"port": 0}, **over}
-    if k is not None:
-        settings["agents_per_actor"] = k
+    if k is not None:  # a level smaller than k fits one actor (agents_per_actor may not exceed max_agents)
+        settings["agents_per_actor"] = min(k, n)
     return AgentPool(RuntimeConfig.from_mapping(settings), agents={"stream": StreamingAgent})
 
 
