@@ -155,7 +155,6 @@ def resume_time(bench: Bench, tasks: int) -> dict[str, float]:
     name = "bench-resume"
     code = textwrap.dedent(f"""
         import bench_baselines as base
-import bench_capacity
         from threadbound.runtime import AgentPool, RuntimeConfig, Task
         from threadbound.runtime.task import sequential
         cfg = RuntimeConfig.from_mapping({{"name": {name!r}, "max_agents": 12, "max_agents_per_task": 3,
