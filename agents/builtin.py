@@ -161,7 +161,8 @@ def _test_command(ctx: StepContext) -> list[str]:
     return list(command)
 
 
-def _sandbox_limits(ctx: StepContext) -> sandbox.SandboxLimits:
+def _sandbox_limits(ctx: StepContext, wall_s: float = 120.0) -> sandbox.SandboxLimits:
+    """``inputs.sandbox`` checked limit by limit (naming the input) over a wall clock of ``wall_s``."""
     given = ctx.inputs.get("sandbox", {})
     allowed = [f.name for f in dataclasses.fields(sandbox.SandboxLimits)]
     if not isinstance(given, dict):
@@ -179,7 +180,7 @@ def _sandbox_limits(ctx: StepContext) -> sandbox.SandboxLimits:
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise TaskInputError(f"inputs.sandbox.{key}: must be a positive number, got {value!r}",
                                  task_id=ctx.task_id, agent=ctx.role)
-    return sandbox.SandboxLimits(**{"wall_s": 120.0, **given})
+    return sandbox.SandboxLimits(**{"wall_s": wall_s, **given})
 
 
 class Tester(Agent):

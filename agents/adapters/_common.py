@@ -18,6 +18,7 @@ from typing import Any, Callable, Generator
 
 from .. import sandbox
 from ..base import Agent, StepContext
+from ..builtin import _sandbox_limits
 from ..errors import AgentError, BudgetExhausted, TaskInputError
 from ..events import AGENT_UPDATED, NODE_UPDATE, TOOL_CALL, TOOL_RESULT
 from ..workspace import Workspace, workspaces_root
@@ -209,24 +210,10 @@ def resolve_factory(ctx: StepContext, what: str, default: Any, choices: dict[str
 
 
 def sandbox_limits(ctx: StepContext, wall_s: float) -> sandbox.SandboxLimits:
-    """``inputs.sandbox`` (the built-in tester's limits, checked the same way) over ``wall_s``."""
-    given = ctx.inputs.get("sandbox", {}) or {}
-    allowed = [f.name for f in dataclasses.fields(sandbox.SandboxLimits)]
-    if not isinstance(given, dict):
-        raise TaskInputError(f"inputs.sandbox must be a mapping of limits ({', '.join(allowed)}), got {given!r}",
-                             task_id=ctx.task_id, agent=ctx.role)
-    for key, value in given.items():
-        if key not in allowed:
-            raise TaskInputError(f"inputs.sandbox.{key}: unknown limit. Allowed: {', '.join(allowed)}",
-                                 task_id=ctx.task_id, agent=ctx.role)
-        if key == "network":
-            if not isinstance(value, bool):
-                raise TaskInputError(f"inputs.sandbox.network: must be true or false, got {value!r}",
-                                     task_id=ctx.task_id, agent=ctx.role)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise TaskInputError(f"inputs.sandbox.{key}: must be a positive number, got {value!r}",
-                                 task_id=ctx.task_id, agent=ctx.role)
-    return sandbox.SandboxLimits(**{"wall_s": wall_s, **given})
+    """``inputs.sandbox`` (the built-in tester's limits, checked by the same function) over ``wall_s``."""
+    if ctx.inputs.get("sandbox") is None:
+        return sandbox.SandboxLimits(wall_s=wall_s)
+    return _sandbox_limits(ctx, wall_s)
 
 
 def sandbox_settings(ctx: StepContext, ws: Workspace) -> sandbox.SandboxSettings:
