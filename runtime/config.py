@@ -19,7 +19,7 @@ error report, and exports every public name of both.
 Environment overrides (applied by ``from_yaml`` and ``from_env``, never at import):
 
     THREADBOUND_MAX_AGENTS, THREADBOUND_MAX_AGENTS_PER_TASK, THREADBOUND_AGENTS_PER_ACTOR,
-    THREADBOUND_STEP_TIMEOUT_S,
+    THREADBOUND_SHARDS, THREADBOUND_STEP_TIMEOUT_S,
     THREADBOUND_TASK_TIMEOUT_S, THREADBOUND_SNAPSHOT_DIR, THREADBOUND_SNAPSHOT_INTERVAL_S,
     THREADBOUND_SNAPSHOT_KEY_FILE,
     THREADBOUND_STREAMING, THREADBOUND_RAY_ADDRESS, THREADBOUND_RAY_NAMESPACE,
@@ -70,6 +70,12 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+def _not_bool_count(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would take true as 1
+        raise ValueError(f"must be a whole number, not a boolean (got {value!r})")
+    return value
+
+
 BUILTIN_TRIO = ("coder", "tester", "reviewer")
 
 
@@ -89,6 +95,9 @@ class RuntimeConfig(_Section):
     # Agents one slot actor (one process) hosts at once, each on a thread of its own
     # (docs/many-agents.md); 1 = a process per agent.
     agents_per_actor: Annotated[int, BeforeValidator(_not_bool)] = Field(default=1, ge=1)
+    # Supervisor shards: the pool's tasks split by id over this many supervisor actors,
+    # each with its own journal, snapshots and lease, under global caps (docs/clusters.md).
+    shards: Annotated[int, BeforeValidator(_not_bool_count)] = Field(default=1, ge=1, le=64)
     prewarm: bool = False
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
@@ -246,6 +255,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "THREADBOUND_MAX_AGENTS": ("max_agents",),
     "THREADBOUND_MAX_AGENTS_PER_TASK": ("max_agents_per_task",),
     "THREADBOUND_AGENTS_PER_ACTOR": ("agents_per_actor",),
+    "THREADBOUND_SHARDS": ("shards",),
     "THREADBOUND_STEP_TIMEOUT_S": ("step_timeout_s",),
     "THREADBOUND_TASK_TIMEOUT_S": ("task_timeout_s",),
     "THREADBOUND_WAIT_TIMEOUT_S": ("wait_timeout_s",),

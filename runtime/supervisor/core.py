@@ -69,8 +69,12 @@ class Supervisor:
 
     def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, make_actor: Callable[..., Any],
                  clock: Clock | None = None, rng: random.Random | None = None, resume: bool = False,
-                 lease_owner: str | None = None, hooks: list[Hook] | None = None, shard: int = 0) -> None:
+                 lease_owner: str | None = None, hooks: list[Hook] | None = None, shard: int = 0,
+                 allocator: Any = None) -> None:
         self.cfg = config
+        # With several shards, the actor (``runtime.supervisor.allocator``) that keeps the
+        # pool's caps across them; None: this supervisor's slot table keeps them.
+        self.allocator = allocator
         self.clock: Clock = clock or SystemClock()
         self.roles = RoleBook(roles)
         self.health = Health(HealthMonitor(config.health, clock=self.clock), config.streaming)
