@@ -37,6 +37,7 @@ from ..sandboxing import sandbox_settings
 from ..task import ADMITTED, CANCELLED, FAILED, PENDING, RUNNING, TERMINAL, WAITING, Task, TaskSummary
 from .attempt import StepEnv
 from .binding import Binder
+from .allocator import Share
 from .budget import Budget
 from .capacity import Capacity
 from .channel import ActorChannel
@@ -90,7 +91,11 @@ class Supervisor:
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
                                on_free=lambda: self.life.pump(), clock=self.clock,
                                per_actor=config.agents_per_actor, on_start=self._on_actor_start)
-        self.capacity = Capacity(self.slots, config.max_agents_per_task,
+        share = None if allocator is None else Share(
+            allocator, shard, config.max_agents, incarnation=(self.clock.time(), self.shard.run_id),
+            on_grant=lambda: self.life.pump(), clock=self.clock,
+            submitted_at=lambda task_id: self.tasks[task_id].submitted_at if task_id in self.tasks else 0.0)
+        self.capacity = Capacity(self.slots, config.max_agents_per_task, share=share,
                                  on_grant=lambda task_id, slots: self.life.launch(task_id, slots))
         self.life = TaskLife(config, self.shard, self.capacity, self.health, self.hooks)
         self.inputs = self.life.inputs = PersonInTheLoop(config, self.shard, self.clock, requeue=self.life.enqueue,
@@ -203,6 +208,7 @@ class Supervisor:
         if self.durable is not None:
             self.durable.start(self._export)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="threadbound/tick")
+        self.capacity.start()  # with shards: the calls to the allocator
         for ts in self.tasks.values():  # waiting when the pool stopped: their wait goes on
             if ts.status == WAITING and ts.run.state is RunState.PARKED:
                 self.inputs.arm(ts)

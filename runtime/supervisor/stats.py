@@ -28,4 +28,7 @@ def pool_stats(sup: "Supervisor") -> dict[str, Any]:
         "reads": sup.shard.reads, "submit_calls": sup.submit_calls,
         "tokens_per_s": None if metrics is None else round(metrics.tokens_per_s, 1),
         "metrics_url": sup.metrics_url(),
+        # with shards: this shard's calls to the pool's allocator, its grants and the time
+        # its tasks waited for budget (None: one shard, no allocator)
+        "allocator": None if sup.capacity.share is None else sup.capacity.share.describe(),
     }
