@@ -14,11 +14,13 @@ import asyncio
 import logging
 import random
 
+import pytest
 from fake_actors import FakeActors
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from supervisor_harness import BLOBS, LIMIT_S, SEED, config, fakes, submit, until  # noqa: F401
 
 from threadbound.runtime.supervisor.allocator import Allocator, allocator_name
+from threadbound.runtime.supervisor.clock import FakeClock
 from threadbound.runtime.supervisor.core import Supervisor
 from threadbound.runtime.supervisor.places import PREWARM
 from threadbound.runtime.task import ADMITTED, SUCCEEDED
@@ -87,8 +89,8 @@ def shard_actors(fakes: FakeActors, k: int, life: int = 0):
     return lambda name: fakes(f"{name}@s{k}.{life}")
 
 
-def make_shard(fakes, cfg, k, allocator, record, life=0) -> Supervisor:
-    sup = Supervisor(cfg, BLOBS, make_actor=shard_actors(fakes, k, life), clock=fakes.clock,
+def make_shard(fakes, cfg, k, allocator, record, life=0, clock=None) -> Supervisor:
+    sup = Supervisor(cfg, BLOBS, make_actor=shard_actors(fakes, k, life), clock=clock or fakes.clock,
                      rng=random.Random(SEED + k), shard=k, allocator=allocator)
     launch = sup.life.launch
 
@@ -166,8 +168,8 @@ def test_an_old_or_overtaken_call_never_rolls_the_books_back():
         # Given shard 0 holding t1 (call 2 of its life started at 5.0)
         assert (await a.sync(0, (5.0, "new"), 2, {"t1": 1}, []))["held"] == {"t1": 1}
         # When an earlier call of that life, or a call of its previous life, arrives late
-        assert await a.sync(0, (5.0, "new"), 1, {"t1": 1, "t0": 1}, []) is None
-        assert await a.sync(0, (1.0, "old"), 9, {"t0": 2}, []) is None
+        assert (await a.sync(0, (5.0, "new"), 1, {"t1": 1, "t0": 1}, []))["stale"]
+        assert (await a.sync(0, (1.0, "old"), 9, {"t0": 2}, []))["latest"] == ((5.0, "new"), 2)
         # Then the books keep what the newest call said
         assert a.held == {0: {"t1": 1}} and a.stale == 2
 
@@ -351,7 +353,8 @@ def _die(sup: Supervisor) -> list:
     return runners
 
 
-def test_a_dead_shard_keeps_its_budget_until_it_is_back_and_says_what_it_holds(fakes):
+@pytest.mark.parametrize("clock_behind", [False, True], ids=["same-clock", "its-new-node-clock-behind"])
+def test_a_dead_shard_keeps_its_budget_until_it_is_back_and_says_what_it_holds(fakes, clock_behind):
     cfg = config(max_agents=2, max_agents_per_task=2)
 
     async def body(sups, alloc, record):
@@ -373,7 +376,9 @@ def test_a_dead_shard_keeps_its_budget_until_it_is_back_and_says_what_it_holds(f
         assert alloc.impl.held[1] == {lost: 2}
         assert record.launches == [lost]
         # When shard 1 comes back (a new life, holding nothing yet) the budget is free again
-        make_shard(fakes, cfg, 1, alloc, record, life=1)
+        # (on a node whose wall clock may be an hour behind the one it ran on)
+        clock = FakeClock(wall_start=fakes.clock.time() - 3600) if clock_behind else None
+        make_shard(fakes, cfg, 1, alloc, record, life=1, clock=clock)
         await sups[0].wait(waiting, None)
         assert status(sups, 0, waiting) == SUCCEEDED
         assert record.launches == [lost, waiting]

@@ -30,8 +30,10 @@ shard learns that the allocator restarted: its call fails, and it syncs again.
 
 **Order of calls.** Each sync carries the shard's *incarnation* (when its supervisor
 started, and a random id) and a sequence number; the allocator ignores a call older
-than the newest it has seen from that shard (answering ``None``), so a late call of a
-shard's previous life, or an overtaken one, never rolls its books back. A shard uses an
+than the newest it has seen from that shard (answering ``stale``), so a late call of a
+shard's previous life, or an overtaken one, never rolls its books back. (A shard
+restarted on a node whose clock is behind is told the newest incarnation seen and
+starts its numbering above it.) A shard uses an
 answer only if it is the answer to its newest call: everything it holds is therefore
 always in the allocator's books (``held`` there is a superset), which is what keeps the
 cap.
@@ -87,7 +89,7 @@ class Allocator:
         self._listening: dict[int, asyncio.Future] = {}  # shard -> its listen, waiting
         self.calls = 0
         self.listens = 0
-        self.stale = 0  # calls answered None: older than the shard's newest
+        self.stale = 0  # calls answered "stale": older than the shard's newest
         self.grants = 0
         self.most_in_use = 0
 
@@ -102,8 +104,10 @@ class Allocator:
                    wanted: list[Wanted], wait_s: float = 0.0) -> dict[str, Any] | None:
         """Shard ``shard`` (in its life ``incarnation``, call number ``seq``) holds ``held``
         and waits for ``wanted`` (``(task id, agents, priority, submitted_at)``, in its
-        queue's order). Returns ``{"held": what it holds now, "ready": ...}``, or None
-        when a newer call of the shard has been seen (this one is stale). With ``wait_s``
+        queue's order). Returns ``{"held": what it holds now, "ready": ...}``, or
+        ``{"stale": True, "latest": (incarnation, seq)}`` when a newer call of the shard has
+        been seen (this one changed nothing; ``latest`` lets a shard whose clock is behind
+        its previous life's start above it). With ``wait_s``
         > 0 (a listen) the answer waits until the shard is granted something, a newer
         call comes, or ``wait_s`` passes."""
         if not 0 <= shard < self.shards:
@@ -113,11 +117,11 @@ class Allocator:
         last = self.latest.get(shard)
         if last is not None and mine <= last:
             self.stale += 1
-            return None
+            return {"stale": True, "latest": last}
         self.latest[shard] = mine
         waiting = self._listening.pop(shard, None)
         if waiting is not None and not waiting.done():
-            waiting.set_result(None)  # superseded: its answer is None
+            waiting.set_result(None)  # superseded: it answers "stale"
         self.held[shard] = {str(t): int(n) for t, n in held.items()}
         self.wanted[shard] = [(str(t), int(n), int(p), float(at)) for t, n, p, at in wanted]
         self._grant(exclude=shard)
@@ -134,7 +138,7 @@ class Allocator:
                 if self._listening.get(shard) is fut:
                     del self._listening[shard]
             if self.latest.get(shard) != mine:
-                return None
+                return {"stale": True, "latest": self.latest[shard]}
         return {"held": dict(self.held[shard]), "ready": self.ready()}
 
     def _grant(self, exclude: int | None = None) -> None:
@@ -276,7 +280,7 @@ class Share:
         return await self.clock.wait_for(ref, wait_s + CALL_MARGIN_S)
 
     async def _run(self) -> None:
-        backoff = 0.0
+        backoff, stale = 0.0, 0
         while not self._closed:
             news, self._changed = self._changed, False
             self._news.clear()
@@ -312,11 +316,29 @@ class Share:
             if not self.available:
                 log.warning("shard %d: the pool's allocator answers again", self.shard)
             self.available, backoff = True, 0.0
-            if reply is None:  # overtaken on the allocator's side: say it all again
+            if reply.get("stale"):  # the allocator has seen a newer call of this shard
                 self.stats["stale"] += 1
                 self._changed = True
+                stale += 1
+                self._overtake(reply["latest"])
+                if stale > 2:  # should not happen twice: never spin on it
+                    backoff = min(BACKOFF_S[1], max(BACKOFF_S[0], 2 * backoff))
+                    await self.clock.sleep(backoff)
                 continue
+            stale = 0
             self._apply(reply, held)
+
+    def _overtake(self, latest: Any) -> None:
+        """Number the next call above ``latest``, the newest the allocator has seen of this
+        shard: a call of this life overtaken (the next one is numbered above it), or one of
+        a previous life whose clock was ahead of this node's (this life starts above it)."""
+        (when, token), seq = latest
+        if (when, token) > self.incarnation:
+            log.warning("shard %d: a previous life of this shard started at %.3f, after this one (%.3f): "
+                        "is this node's clock behind?", self.shard, when, self.incarnation[0])
+            self.incarnation = (when + 0.001, self.incarnation[1])
+        elif tuple((when, token)) == tuple(self.incarnation):
+            self.seq = max(self.seq, seq)
 
     def _apply(self, reply: dict[str, Any], sent: dict[str, int]) -> None:
         self.ready = bool(reply.get("ready"))
