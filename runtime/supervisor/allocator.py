@@ -381,8 +381,13 @@ class Share:
             log.info("shard %d: could not tell the allocator it holds nothing (%r)", self.shard, exc)
 
     def describe(self) -> dict[str, Any]:
-        """What ``pool_stats()["allocator"]`` shows: calls made, grants, time waited."""
-        return {**self.stats, "waited_s": round(self.stats["waited_s"], 3), "held": sum(self.held.values()),
+        """What ``pool_stats()["allocator"]`` shows: ``calls`` made (``syncs``, with news, and
+        ``listens``; ``superseded``: listens replaced by a sync), tasks granted budget
+        (``grants``) and the seconds they waited for it in all (``waited_s``), agents and
+        tasks ``held`` now, tasks ``waiting``, ``failures`` (calls that failed: the allocator
+        dead, restarting or slow) and whether it answers now (``available``)."""
+        return {**self.stats, "calls": self.stats["syncs"] + self.stats["listens"],
+                "waited_s": round(self.stats["waited_s"], 3), "held": sum(self.held.values()),
                 "tasks_held": len(self.held), "waiting": len(self.waiting), "ready": self.ready,
                 "available": self.available}
 
