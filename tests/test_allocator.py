@@ -19,6 +19,7 @@ from fake_actors import FakeActors
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from supervisor_harness import BLOBS, LIMIT_S, SEED, config, fakes, submit, until  # noqa: F401
 
+from threadbound.agents.events import NORMAL, PAUSED
 from threadbound.runtime.supervisor.allocator import Allocator, allocator_name
 from threadbound.runtime.supervisor.clock import FakeClock
 from threadbound.runtime.supervisor.core import Supervisor
@@ -338,6 +339,26 @@ def test_an_allocator_that_does_not_answer_stops_new_tasks_only_and_is_caught_up
     gone = [r for r in caplog.records if "does not answer" in r.getMessage()]
     back = [r for r in caplog.records if "answers again" in r.getMessage()]
     assert len(gone) == 2 and len(back) == 2, "each shard logs the outage once, and the return once"
+
+
+def test_a_paused_shard_takes_no_budget_from_the_others(fakes):
+    async def body(sups, alloc, record):
+        # Given shard 0 paused (its health) with a task queued first
+        sups[0].health.monitor.restore(PAUSED)
+        sups[0].life.pump()
+        first = await submit(sups[0], ["a"])
+        await until(lambda: 0 in alloc.impl.held and alloc.impl.wanted.get(0) == [], "shard 0 says it wants nothing")
+        # When shard 1 queues one after it, then shard 0 is well again
+        second = await submit(sups[1], ["a"])
+        await sups[1].wait(second, None)
+        assert record.launches == [second], "a paused shard's task must not hold the pool's budget"
+        sups[0].health.monitor.restore(NORMAL)
+        sups[0].life.pump()
+        await sups[0].wait(first, None)
+        assert record.launches == [second, first]
+        assert sups[0].capacity.share.stats["grants"] == 1
+
+    run_shards(fakes, body, shards=2, max_agents=1, max_agents_per_task=1)
 
 
 def _die(sup: Supervisor) -> list:
