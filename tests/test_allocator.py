@@ -456,15 +456,25 @@ def test_caps_hold_while_ray_restarts_a_killed_allocator(ray_session, fakes):
         fakes.scripts["c"] = first_ones
         try:
             ids = []
-            for i in range(4):
+            for i in range(4):  # one running in each shard, one waiting in each
                 k = i % 2
                 ids.append((k, await submit(sups[k], ["c"], goal=f"held {i}")))
-            await until(lambda: len(record.launches) == 2, "two tasks run")
+                if i < 2:
+                    await until(lambda: len(record.launches) == i + 1, f"shard {k}'s first task runs")
             before = await handle.describe.remote()
             assert before["in_use"] == 2
             # When Ray restarts the allocator mid-run
             ray.kill(handle, no_restart=False)
             more = [(i % 2, await submit(sups[i % 2], ["a"], goal=f"more {i}")) for i in range(10)]
+            # Then once Ray has restarted it, it relearns what both shards hold before granting
+            relearned = None
+            for _ in range(600):
+                relearned = await handle.describe.remote()
+                if relearned["ready"] and relearned["calls"] >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert relearned["held"] == {0: {ids[0][1]: 1}, 1: {ids[1][1]: 1}}, relearned
+            assert len(record.launches) == 2, "a task started while the pool's two agents were busy"
             release.set()
             await asyncio.wait_for(wait_all(sups, ids + more), 60)
             assert all(status(sups, k, t) == SUCCEEDED for k, t in ids + more)
