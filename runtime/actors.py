@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 import warnings
 from typing import Any, Callable
 
@@ -13,7 +15,12 @@ from threadbound.agents.models.local import serve_models_in
 
 from .config import RuntimeConfig
 from .supervisor.health import NodesMemory
-from .supervisor.placement import Placement, check_snapshot_dir, memory_on, supervisor_placement
+from .errors import ConfigError
+from .shards import shard_name
+from .supervisor.allocator import Allocator, allocator_name
+from .supervisor.layout import settle_layout
+from .supervisor.placement import (SUPERVISOR_RESOURCE, Placement, check_snapshot_dir, memory_on,
+                                   supervisor_placement)
 from threadbound.agents.host import SlotWorker
 from .supervisor.core import Supervisor
 
@@ -48,7 +55,7 @@ class _Supervisor(Supervisor):
     on another node, and resumes from there)."""
 
     def __init__(self, config: RuntimeConfig, roles: dict[str, bytes], *, resume: bool = False,
-                 creator: str | None = None) -> None:
+                 creator: str | None = None, shard: int = 0) -> None:
         # Which client created this pool (``AgentPool`` passes a fresh id): a client that
         # finds another id in ``info`` joined a pool it did not start, and leaves it running.
         self._creator = creator
@@ -58,17 +65,32 @@ class _Supervisor(Supervisor):
             restarted = ctx.was_current_actor_reconstructed
         factory = SlotFactory(config)
         self._unreachable = None
+        # Several shards: the pool's allocator (created by the client before the shards)
+        # keeps the caps across them; one shard keeps them itself, as it always did.
+        allocator = find_allocator(config) if config.shards > 1 else None
         # The actor id survives Ray's restarts: the restarted supervisor may take over
         # the lease its previous process held.
         super().__init__(config, roles, make_actor=factory,
                          resume=resume or (restarted and config.snapshots.enabled),
-                         lease_owner=ctx.get_actor_id())
+                         lease_owner=ctx.get_actor_id(), shard=shard, allocator=allocator)
         if self._unreachable is not None:
             self.fatal = self._unreachable  # the ConfigError itself, not its wrapping
         self.health.monitor.memory = NodesMemory(self.slots.hosts, factory.placement.here, memory_on)
 
     async def info(self) -> dict[str, Any]:
-        return {**await super().info(), "creator": self._creator}
+        got = {**await super().info(), "creator": self._creator}
+        if self.cfg.shards > 1:  # which shard this is, and the pool's shards by name
+            got["shard"] = self.shard.shard
+            got["shards"] = [shard_name(self.cfg.name, k) for k in range(self.cfg.shards)]
+            got["allocator"] = None if self.allocator is None else allocator_name(self.cfg.name)
+        return got
+
+    async def stats(self) -> dict[str, Any]:
+        got = await super().stats()
+        if self.cfg.shards > 1:  # (merged by the client: each shard's own under "shards")
+            got.update(shard=self.shard.shard, supervisor=shard_name(self.cfg.name, self.shard.shard),
+                       pid=os.getpid(), node=ray.get_runtime_context().get_node_id())
+        return got
 
     # Clients long-poll these many times a second. Ray keeps a bounded number of tasks
     # in its task table (what the dashboard lists): left out of it, the polls no longer
@@ -87,6 +109,15 @@ class _Supervisor(Supervisor):
         return await super().wait(task_id, timeout_s)
 
     def _open_durability(self, resume: bool, lease_owner: str | None) -> None:
+        if self.shard.shard == 0:
+            # A history made with another number of shards: refused, or set aside when
+            # drained (the client did so already if it can see the location); shard 0
+            # does it before the client creates the other shards.
+            try:
+                settle_layout(self.cfg, resume=resume)
+            except ConfigError as exc:
+                self._unreachable = exc
+                raise OSError(str(exc)) from None
         placement = self.slots.placement
         others = [n for n in placement.nodes() if n != placement.here()] if placement is not None else []
         if others:  # more than one node: each must reach the snapshots
@@ -128,14 +159,73 @@ def slot_actor_factory(config: RuntimeConfig) -> Callable[..., Any]:
     return SlotFactory(config)
 
 
-def supervisor_options(config: RuntimeConfig) -> dict[str, Any]:
-    """The supervisor's Ray options: named in the pool's namespace, restarted by Ray when
-    it has snapshots to resume from, and kept on the head node (or on the nodes with a
-    ``threadbound-supervisor`` resource when any node has one)."""
-    opts: dict[str, Any] = {"name": config.name, "namespace": config.ray.namespace, "get_if_exists": True,
+def supervisor_options(config: RuntimeConfig, shard: int = 0) -> dict[str, Any]:
+    """The Ray options of shard ``shard``'s supervisor: named in the pool's namespace
+    (shard 0 as the pool, shard k ``<name>/shard-<k>``), restarted by Ray when it has
+    snapshots to resume from, and kept on the head node (or on the nodes with a
+    ``threadbound-supervisor`` resource when any node has one: the shards of a pool
+    round-robin over them, see :func:`shard_placement`)."""
+    opts: dict[str, Any] = {"name": shard_name(config.name, shard), "namespace": config.ray.namespace,
+                            "get_if_exists": True,
                             # Restarting helps only if there is state to restart from.
                             "max_restarts": config.ray.supervisor_max_restarts if config.snapshots.enabled else 0}
     if config.ray.detached:
         opts["lifetime"] = "detached"
+    opts.update(supervisor_placement() if config.shards == 1 else shard_placement(shard))
+    return opts
+
+
+def shard_placement(shard: int) -> dict[str, Any]:
+    """Where shard ``shard`` runs: with several nodes holding the ``threadbound-supervisor``
+    resource, a soft node affinity to one of them in turn (by node id), plus a share of
+    that resource, so that the shards spread over them and Ray, restarting a shard whose
+    node died, puts it on a surviving one; else the head, as a single supervisor."""
+    base = supervisor_placement()
+    if "resources" not in base:
+        return base
+    try:
+        nodes = sorted(n["NodeID"] for n in ray.nodes()
+                       if n.get("Alive") and (n.get("Resources") or {}).get(SUPERVISOR_RESOURCE))
+    except Exception:
+        return base
+    if len(nodes) < 2:
+        return base
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {**base, "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[shard % len(nodes)], soft=True)}
+
+
+# The global caps' allocator of a pool of several shards (runtime.supervisor.allocator):
+# an async actor that Ray restarts, and retries calls on, for as long as the pool lives.
+AllocatorActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Allocator)
+
+
+def allocator_options(config: RuntimeConfig) -> dict[str, Any]:
+    """The allocator's Ray options: named ``<name>/allocator`` in the pool's namespace,
+    detached like the supervisors when they are, placed where they are."""
+    opts: dict[str, Any] = {"name": allocator_name(config.name), "namespace": config.ray.namespace,
+                            "get_if_exists": True}
+    if config.ray.detached:
+        opts["lifetime"] = "detached"
     opts.update(supervisor_placement())
     return opts
+
+
+def start_allocator(config: RuntimeConfig) -> Any:
+    """The pool's allocator actor (the one running, or a new one)."""
+    return AllocatorActor.options(**allocator_options(config)).remote(config.max_agents, config.shards)
+
+
+def find_allocator(config: RuntimeConfig, timeout_s: float = 30.0) -> Any:
+    """The handle of the pool's allocator, by name (created before the shards; a shard
+    that Ray restarts finds it again); waits a little for it to be registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(allocator_name(config.name), namespace=config.ray.namespace)
+        except ValueError:
+            if time.monotonic() > deadline:
+                log.error("pool %r: no allocator actor %r; the caps are kept by each shard alone",
+                          config.name, allocator_name(config.name))
+                return None
+            time.sleep(0.1)

@@ -89,16 +89,60 @@ def _refuse_another_config(config: RuntimeConfig, running: RuntimeConfig) -> Non
     raise ConfigError(f"pool {name!r}", problems)
 
 
-def _crashed_config(location: str, key_file: str | None) -> RuntimeConfig:
+def _crashed_config(location: str, key_file: str | None, root: str | None = None) -> RuntimeConfig:
     """The config a crashed pool ran with (from its newest verified manifest), with
-    ``snapshot_dir`` and ``name`` pointing at ``location``."""
+    ``snapshot_dir`` and ``name`` pointing at ``root`` (the pool's location; ``location``
+    itself, or the directory holding it when it is one shard's)."""
     from threadbound.snapshots import NoSnapshot, SnapshotLocation, load_key, open_store
 
     manifest = SnapshotLocation(open_store(location, create=False), load_key(key_file)).newest_verified()
     cfg = RuntimeConfig.from_mapping(manifest.get("config") or {}, source=f"{location} (newest manifest)")
-    parent, _, base = location.rstrip("/").rpartition("/")
+    parent, _, base = (root or location).rstrip("/").rpartition("/")
     if base != cfg.name:
         raise NoSnapshot(location, f"holds the snapshots of pool {cfg.name!r}, but the directory is "
                                    f"named {base!r}; rename it back to {cfg.name!r}")
     return cfg.replace(snapshot_dir=parent or "/")
 
+
+
+def find_pool(path: str, name: str | None = None) -> str:
+    """The location of one pool's history (``<snapshot_dir>/<name>``, one shard or
+    several): ``path`` itself, ``path/<name>``, the only pool under ``path``, or the pool
+    whose shard directory ``path`` is. Reads only; raises ``NoSnapshot`` as
+    ``find_location`` does."""
+    import os
+
+    from threadbound.snapshots import NoSnapshot, open_store
+    from threadbound.snapshots.location import find_location
+
+    from .supervisor.layout import SHARD_DIR, read_layout
+
+    where = path.rstrip("/") if "://" in path else os.path.abspath(os.path.expanduser(path))
+    if name is not None:
+        where = f"{where}/{name}"
+    parent, _, base = where.rpartition("/")
+    if SHARD_DIR.match(base) and read_layout(parent).sharded:
+        return parent  # one shard's directory: its pool, all of whose shards resume
+    if read_layout(where).shards:
+        return where
+    if name is None:
+        pools = [c for c in open_store(where, create=False).children() if read_layout(c).shards]
+        if len(pools) == 1:
+            return pools[0]
+        if pools:
+            raise NoSnapshot(where, "holds the snapshots of several pools: "
+                                    + ", ".join(p.rsplit("/", 1)[-1] for p in pools)
+                                    + "; pass one of their directories (or name=...)")
+    return find_location(path, name)
+
+
+def crashed_pool(location: str, name: str | None, key_file: str | None) -> RuntimeConfig:
+    """The config of the crashed pool found at ``location`` (see :func:`find_pool`), with
+    ``snapshot_dir`` and ``name`` pointing there; a pool of several shards is read from
+    its shard 0."""
+    from .supervisor.layout import read_layout
+
+    root = find_pool(location, name)
+    if read_layout(root).sharded:
+        return _crashed_config(f"{root}/shard-0", key_file, root=root)
+    return _crashed_config(root, key_file)

@@ -23,12 +23,14 @@ from threadbound.agents.errors import ThreadboundError
 from .config import RayConfig, RuntimeConfig
 from .client import _Client, _sync, submit
 from .connect import _bootstrap, connect_ray  # noqa: F401  (connect_ray: part of this module's API)
-from .errors import ConfigError, PoolClosed
+from .errors import PoolClosed
 from .handle import TaskHandle
-from .lifecycle import _await_gone, _crashed_config, _refuse_another_config, _running, _stop_ray
+from .lifecycle import _await_gone, _refuse_another_config, _running, _stop_ray, crashed_pool
 from .metrics.server import check_port
 from .policy import check as check_policy
 from .registry import role_blobs
+from .shards import Router, merge_health, merge_metrics, merge_resumed, merge_stats, merge_tasks, shard_name, task_shard
+from .supervisor.allocator import allocator_name
 from .task import TERMINAL, Task, TaskResult, TaskSummary
 
 log = logging.getLogger("threadbound.pool")
@@ -62,45 +64,64 @@ class AgentPool:
         if (config.ray.address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
                 and config.metrics.enabled):
             # A local Ray of our own is about to start, so no supervisor of ours holds the port yet.
-            check_port(config.metrics.port, config.metrics.host)
+            for k in range(config.shards if config.metrics.port else 1):  # shard k serves at port + k
+                check_port(config.metrics.port + k if config.metrics.port else 0, config.metrics.host)
+        if config.snapshots.enabled:
+            _settle_layout(config, _resume)  # a history of another number of shards: before Ray
         owns_ray = connect_ray(config)
-        from .actors import SupervisorActor, supervisor_options
+        from .actors import SupervisorActor, start_allocator, supervisor_options
 
+        namespace = config.ray.namespace
+        names = [shard_name(config.name, k) for k in range(config.shards)]
         if _resume:
             try:
-                _await_gone(config.name, config.ray.namespace)
+                for name in names:
+                    _await_gone(name, namespace)
             except PoolClosed:
                 _stop_ray(owns_ray)
                 raise
-        existed = _running(config.name, config.ray.namespace)
+        existed = _running(config.name, namespace)
         # get_if_exists: a pool of this name that already runs is attached to, not replaced.
         # ``creator`` tells this client, in ``info``, whether it started the pool or joined it.
         creator = uuid.uuid4().hex
-        handle = SupervisorActor.options(**supervisor_options(config)).remote(config, blobs, resume=_resume,
-                                                                            creator=creator)
-        client = _Client(handle, (config.name, config.ray.namespace))
+        # Several shards: the allocator of the pool's caps first (each shard finds it by name).
+        allocator = start_allocator(config) if config.shards > 1 and not existed else None
+
+        def start(k: int) -> _Client:
+            handle = SupervisorActor.options(**supervisor_options(config, k)).remote(
+                config, blobs, resume=_resume, creator=creator, shard=k)
+            return _Client(handle, (names[k], namespace))
+
+        clients = [start(0)]
         try:
-            info = _sync(client.call("info"))
+            info = _sync(clients[0].call("info"))
+            _refuse_another_config(config, info["config"])
+            # The other shards once shard 0 has settled the location (a history of another
+            # number of shards set aside or refused before any shard opens its own).
+            clients += [start(k) for k in range(1, config.shards)]
+            infos = [info, *_sync(_calls(clients[1:], "info"))]
         except ThreadboundError:  # e.g. a snapshot location held by another supervisor
             if not existed:  # ours, and it cannot serve; one we found is not ours to kill
-                ray.kill(handle, no_restart=True)
+                for c in clients:
+                    ray.kill(c.handle, no_restart=True)
+                if allocator is not None:
+                    ray.kill(allocator, no_restart=True)
             _stop_ray(owns_ray)
             raise
-        try:
-            _refuse_another_config(config, info["config"])
-        except ConfigError:
-            _stop_ray(owns_ray)
-            raise
-        self._connected(client, info, owns_ray, started=info.get("creator") == creator)
-        _sync(client.call("register_roles", blobs))
+        self._connected(clients, info, owns_ray, started=info.get("creator") == creator)
+        self._allocator = allocator  # (a named actor that is not detached lives while its creator holds it)
+        self.resumed = merge_resumed([i.get("resumed") for i in infos])
+        self._gather("register_roles", blobs)
         if self.resumed and self.resumed.get("skipped"):
             log.error("resumed from an older snapshot; newer ones were refused: %s",
                       "; ".join(self.resumed["skipped"]))
         if config.prewarm:
-            _sync(client.call("prewarm"))
+            self._gather("prewarm")
 
-    def _connected(self, client: _Client, info: dict[str, Any], owns_ray: bool, *, started: bool) -> None:
-        self._client = client
+    def _connected(self, clients: list[_Client], info: dict[str, Any], owns_ray: bool, *, started: bool) -> None:
+        self._clients = clients
+        self._client = clients[0]  # shard 0, named as the pool
+        self._router = Router(len(clients))
         self._owns_ray = owns_ray
         #: True when this client started the pool; False when it joined one that ran already
         #: (``attach``, or a pool of the same name and config): only the client that started
@@ -111,21 +132,38 @@ class AgentPool:
         self.resumed: dict[str, Any] | None = info.get("resumed")
         self._closed = False
 
+    def _gather(self, method: str, *args: Any) -> list[Any]:
+        """``method`` called on every shard at once; their answers in shard order."""
+        return _sync(self._agather(method, *args))
+
+    async def _agather(self, method: str, *args: Any) -> list[Any]:
+        return await _calls(self._clients, method, *args)
+
+    def _for(self, task_id: str) -> _Client:
+        """The client of the shard that owns ``task_id``."""
+        return self._clients[task_shard(task_id, len(self._clients))]
+
     @property
     def _sup(self) -> Any:
-        """The supervisor's actor handle (for tests and tools that kill or probe it)."""
+        """Shard 0's actor handle (for tests and tools that kill or probe it)."""
         return self._client.handle
+
+    @property
+    def _sups(self) -> list[Any]:
+        """Every shard's actor handle, in shard order."""
+        return [c.handle for c in self._clients]
 
     def handle(self, task_id: str) -> "TaskHandle":
         """A handle to the task ``task_id`` made here, without asking the supervisor
         (:meth:`task` asks first); a call on it for a task the pool does not know raises
-        :class:`TaskNotFound` then.
+        :class:`TaskNotFound` then. Its calls go to the shard the id names.
 
         Examples:
             >>> async for event in pool.handle("t00001-ab12").astream(5):   # doctest: +SKIP
             ...     print(event.offset, event.kind)
         """
-        return TaskHandle(self._client.handle, task_id, self._client.name)
+        client = self._for(task_id)
+        return TaskHandle(client.handle, task_id, client.name)
 
     def _stop_owned_ray(self) -> None:
         _stop_ray(self._owns_ray)
@@ -165,12 +203,15 @@ class AgentPool:
         client = _Client(handle, (name, namespace))
         try:
             info = _sync(client.call("info"))
+            # A pool of several shards: shard 0 names them all (each resolved by its name).
+            clients = [client] + [_Client(_named(n, namespace), (n, namespace)) for n in info.get("shards", [])[1:]]
         except BaseException:
             _stop_ray(owns_ray)
             raise
         pool = cls.__new__(cls)
-        pool._connected(client, info, owns_ray, started=False)
+        pool._connected(clients, info, owns_ray, started=False)
         return pool
+
 
     @classmethod
     def resume(cls, location: str | os.PathLike, *, name: str | None = None,
@@ -180,7 +221,8 @@ class AgentPool:
         Committed steps are not run again; the step that was in flight restarts from its
         beginning with its agent's last committed state; queued tasks keep their order;
         task ids and event offsets continue. ``location`` is the ``snapshot_dir`` (or a
-        URL) the crashed pool wrote to, or its own ``<snapshot_dir>/<name>`` directory;
+        URL) the crashed pool wrote to, or its own ``<snapshot_dir>/<name>`` directory
+        (a pool of several shards resumes all of them, each from its own directory);
         ``name`` picks a pool when several wrote there. Without ``config``, the crashed
         pool's own config (from the snapshot manifest) is used. If the newest snapshot
         is damaged, an older one is used and ``pool.resumed["skipped"]`` says why.
@@ -189,12 +231,9 @@ class AgentPool:
             >>> pool = AgentPool.resume(".threadbound/snapshots")          # doctest: +SKIP
             >>> [h.task_id for h in pool.unfinished()]                      # doctest: +SKIP
         """
-        from threadbound.snapshots.location import find_location
-
-        where = find_location(os.fspath(location), name)
-        found = _crashed_config(where, (config or RuntimeConfig.from_env()).snapshots.key_file)
-        if config is not None:
-            found = config.replace(snapshot_dir=found.snapshot_dir, name=found.name)
+        found = crashed_pool(os.fspath(location), name, (config or RuntimeConfig.from_env()).snapshots.key_file)
+        if config is not None:  # (its history's shards: each shard resumes its own)
+            found = config.replace(snapshot_dir=found.snapshot_dir, name=found.name, shards=found.shards)
         return cls(found, agents=agents, _resume=True)
 
     def unfinished(self) -> list["TaskHandle"]:
@@ -202,8 +241,15 @@ class AgentPool:
         return [self.handle(t.task_id) for t in self.tasks() if t.status not in TERMINAL]
 
     def snapshot(self) -> dict[str, Any]:
-        """Write a snapshot now; returns what it cost (``bytes``, ``copy_ms``, ``write_ms``)."""
-        return _sync(self._client.call("snapshot_now"))
+        """Write a snapshot now (every shard its own); returns what it cost (``bytes``,
+        ``copy_ms``, ``write_ms``: with several shards, the total bytes, the slowest times,
+        and each shard's cost under ``shards``)."""
+        costs = self._gather("snapshot_now")
+        if len(costs) == 1:
+            return costs[0]
+        return {**costs[0], "bytes": sum(c.get("bytes") or 0 for c in costs),
+                "copy_ms": max(c.get("copy_ms") or 0 for c in costs),
+                "write_ms": max(c.get("write_ms") or 0 for c in costs), "shards": costs}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike, *, agents: Mapping[str, Any] | None = None) -> "AgentPool":
@@ -234,7 +280,9 @@ class AgentPool:
         # process's directory, not the supervisor's (a joined Ray's workers run elsewhere).
         task = self.config.validate_task(task)
         check_policy(task, self.config.policy)
-        task_id, created = await submit(self._client, task)
+        # Its key's shard, else the next shard in turn (see runtime.shards); a burst goes
+        # as one call per shard.
+        task_id, created = await submit(self._clients[self._router.shard_for(task)], task)
         handle = self.handle(task_id)
         handle.created = created
         return handle
@@ -253,7 +301,7 @@ class AgentPool:
             >>> (await pool.asummary("t00001-ab12")).status          # doctest: +SKIP
             'running'
         """
-        return await self._client.call("task_summary", task_id)
+        return await self._for(task_id).call("task_summary", task_id)
 
     async def await_result(self, task_id: str, timeout: float | None = None) -> TaskResult | None:
         """Wait up to ``timeout`` seconds (None: until it ends) for the task to end; its
@@ -268,7 +316,7 @@ class AgentPool:
             >>> "still running" if result is None else result.status          # doctest: +SKIP
             'failed'
         """
-        d = await self._client.call("wait", task_id, timeout)
+        d = await self._for(task_id).call("wait", task_id, timeout)
         return None if d is None else TaskResult(**d)
 
     async def acancel(self, task_id: str) -> str:
@@ -279,7 +327,7 @@ class AgentPool:
             >>> await pool.acancel("t00001-ab12")                     # doctest: +SKIP
             'cancelled'
         """
-        return await self._client.call("cancel", task_id)
+        return await self._for(task_id).call("cancel", task_id)
 
     def tasks(self) -> list[TaskSummary]:
         """Summaries of every task the pool remembers, oldest first."""
@@ -287,12 +335,12 @@ class AgentPool:
 
     async def atasks(self) -> list[TaskSummary]:
         """``tasks`` for asyncio: ``rows = await pool.atasks()``."""
-        return await self._client.call("tasks_summary")
+        return merge_tasks(await self._agather("tasks_summary"))
 
     def register(self, role: str, agent: Any) -> None:
         """Add or replace a role: an Agent subclass or ``"package.module:Class"``."""
         blobs = role_blobs({role: agent})
-        _sync(self._client.call("register_roles", {role: blobs[role]}))
+        self._gather("register_roles", {role: blobs[role]})
 
     def roles(self) -> list[str]:
         """The roles tasks of this pool may name."""
@@ -312,7 +360,7 @@ class AgentPool:
     def stats(self) -> dict[str, Any]:
         """Queue depth, task counts by status, every slot (owner, pid, alive, ...), and
         ``reads``: how many event reads the supervisor has served."""
-        return _sync(self._client.call("stats"))
+        return merge_stats(self._gather("stats"))
 
     def health(self) -> dict[str, Any]:
         """The pool's health: its mode, every signal with its threshold, recent transitions.
@@ -330,7 +378,7 @@ class AgentPool:
 
     async def ahealth(self) -> dict[str, Any]:
         """``health`` for asyncio: ``mode = (await pool.ahealth())["mode"]``."""
-        return await self._client.call("health_report")
+        return merge_health(await self._agather("health_report"))
 
     def metrics_text(self) -> str:
         """The pool's metrics in Prometheus text format, as its ``/metrics`` endpoint
@@ -346,7 +394,7 @@ class AgentPool:
 
     async def ametrics_text(self) -> str:
         """``metrics_text`` for asyncio: ``text = await pool.ametrics_text()``."""
-        return await self._client.call("metrics_text")
+        return merge_metrics(await self._agather("metrics_text"))
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -379,12 +427,54 @@ class AgentPool:
         self._closed = True
         limit = (grace_s or self.config.shutdown_grace_s) + 30
         try:
-            _sync(asyncio.wait_for(self._client.call("shutdown", grace_s, retry=False), limit))
-        except (PoolClosed, asyncio.TimeoutError):
+            _sync(asyncio.wait_for(_calls(self._clients, "shutdown", grace_s, retry=False, quiet=True), limit))
+        except asyncio.TimeoutError:
             pass
         finally:
-            try:
-                ray.kill(self._client.handle, no_restart=True)
-            except Exception:
-                pass
+            handles = [c.handle for c in self._clients]
+            if len(handles) > 1:
+                handles.append(_named(allocator_name(self.name), self.config.ray.namespace, missing=None))
+            for handle in handles:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except Exception:
+                    pass
             self._stop_owned_ray()
+
+
+async def _calls(clients: list[_Client], method: str, *args: Any, retry: bool = True,
+                 quiet: bool = False) -> list[Any]:
+    """``method`` called on each client's shard at once; the answers in order (``quiet``:
+    an error is the answer instead of being raised)."""
+    return list(await asyncio.gather(*(c.call(method, *args, retry=retry) for c in clients),
+                                     return_exceptions=quiet))
+
+
+_MISSING = object()
+
+
+def _named(name: str, namespace: str, missing: Any = _MISSING) -> Any:
+    """The actor named ``name``; raises :class:`PoolClosed` when there is none (or
+    returns ``missing`` when given)."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        if missing is not _MISSING:
+            return missing
+        raise PoolClosed(f"no supervisor named {name!r} in namespace {namespace!r}: the pool is stopping or "
+                         "one of its shards is gone; start it again") from None
+
+
+def _settle_layout(config: RuntimeConfig, resume: bool) -> None:
+    """Refuse, before Ray starts, a pool whose location holds a history made with another
+    number of shards (or set that history aside when it left nothing unfinished: see
+    ``runtime.supervisor.layout``). A location this process cannot read is left to the
+    pool's shard 0, which checks again."""
+    from threadbound.snapshots import SnapshotError
+
+    from .supervisor.layout import settle_layout
+
+    try:
+        settle_layout(config, resume=resume)
+    except (SnapshotError, OSError) as exc:
+        log.debug("the snapshot location is checked by the supervisor: %s", exc)

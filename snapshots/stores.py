@@ -72,8 +72,10 @@ class Store:
         """Delete temp files left by writes that a crash interrupted (lease holder only)."""
 
     def clear(self, keep: tuple[str, ...] = (LEASE,)) -> None:
+        # Directories inside (an older history set aside there) are not this history's.
+        inside = {c.rstrip("/").rsplit("/", 1)[-1] for c in self.children() or ()}
         for name in self.list():
-            if name not in keep:
+            if name not in keep and name not in inside:
                 self.delete(name)
 
     def close(self) -> None:

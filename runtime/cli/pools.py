@@ -102,7 +102,9 @@ def claimant(what: str) -> str:
 def _location_taken(cfg: RuntimeConfig) -> str | None:
     """Who has ``cfg``'s snapshot location (a supervisor's lease, another run's claim), or
     None after claiming it for this process."""
-    holder = lease_holder(cfg.snapshot_location)
+    from ..supervisor.layout import shard_location
+
+    holder = lease_holder(shard_location(cfg, 0))  # (a pool of several shards: shard 0's)
     if holder is not None:
         return holder
     if not claim(f"snapshots {cfg.snapshot_location}"):

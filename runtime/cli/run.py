@@ -285,14 +285,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from threadbound.snapshots.location import find_location
-
-    from ..lifecycle import _crashed_config
+    from ..lifecycle import crashed_pool
     from ..pool import AgentPool
 
     cfg = base_config(args)
     location = args.location or cfg.snapshot_dir
-    _crashed_config(find_location(location, args.pool), cfg.snapshots.key_file)  # nothing to resume: say so before Ray
+    crashed_pool(location, args.pool, cfg.snapshots.key_file)  # nothing to resume: say so before Ray
     was_up = ray_was_up()
     pool = None
     current = None

@@ -43,6 +43,7 @@ from .capacity import Capacity
 from .channel import ActorChannel
 from .clock import Clock, SystemClock
 from .durability import Durability, open_location
+from .layout import shard_location
 from .health import NORMAL, Health, HealthMonitor
 from .hooks import Hook, Hooks
 from .inputs import PersonInTheLoop, answered_since_wait
@@ -86,7 +87,8 @@ class Supervisor:
         self.event_log: StructuredLog | None = None
         self.hooks = Hooks()
         self.shard = TaskShard(config.name, self.clock, self.hooks, shard=shard)
-        prefix = "" if config.name == "threadbound" else f"{config.name}/"
+        # Slot names are unique across the pool's shards: ``<prefix>s<k>/agent/<n>`` with several.
+        prefix = ("" if config.name == "threadbound" else f"{config.name}/") + (f"s{shard}/" if config.shards > 1 else "")
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
                                on_free=lambda: self.life.pump(), clock=self.clock,
@@ -117,7 +119,7 @@ class Supervisor:
                 self._open_durability(resume, lease_owner)
             except (SnapshotError, OSError) as exc:
                 log.error("cannot start pool %r: %s", config.name, exc)
-                self._fail(exc if isinstance(exc, SnapshotError) else SnapshotError(config.snapshot_location, str(exc)))
+                self._fail(exc if isinstance(exc, SnapshotError) else SnapshotError(shard_location(config, shard), str(exc)))
                 return
         if self.metrics is not None:
             self.hooks.add(MetricsHook(self.metrics, self._metrics_view, self.clock.monotonic))
@@ -160,7 +162,7 @@ class Supervisor:
     # -- durability -----------------------------------------------------------------
 
     def _open_durability(self, resume: bool, lease_owner: str | None) -> None:
-        location = open_location(self.cfg)
+        location = open_location(self.cfg, self.shard.shard)
         self.durable = Durability(self.cfg, location, self.shard.durable_upto, self.clock)
         self.durable.on_snapshot = self.hooks.on_snapshot
         self.durable.on_failed = self._journal_failed
@@ -188,7 +190,7 @@ class Supervisor:
 
     def _journal_failed(self, exc: BaseException) -> None:
         """Nothing can be committed any more: every call says so (a restart resumes)."""
-        self.fatal = SnapshotError(self.cfg.snapshot_location, f"the journal cannot be written ({exc!r}); "
+        self.fatal = SnapshotError(shard_location(self.cfg, self.shard.shard), f"the journal cannot be written ({exc!r}); "
                                    "nothing more is committed: free the disk and restart the pool, which resumes")
 
     def _start(self) -> None:
@@ -197,7 +199,8 @@ class Supervisor:
         self._started = True
         if self.metrics is not None and self.cfg.metrics.port:
             try:
-                self.metrics_server = MetricsServer(self.metrics.registry, self.cfg.metrics.port,
+                # shard k serves its own series at metrics.port + k
+                self.metrics_server = MetricsServer(self.metrics.registry, self.cfg.metrics.port + self.shard.shard,
                                                     self.cfg.metrics.host)
             except ConfigError as exc:
                 if self.resumed is None:  # a new pool: refuse to start, saying which process holds the port

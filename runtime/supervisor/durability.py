@@ -24,7 +24,8 @@ frame of that segment is written (the snapshot's signed manifest records where t
 journal stands, so a reader can tell a segment cut short; records of the next
 segment keep flowing meanwhile), and pickles, writes and prunes on a second thread.
 
-The location belongs to pool ``cfg.name`` (``<snapshot_dir>/<name>``): snapshots
+The location belongs to pool ``cfg.name`` (``<snapshot_dir>/<name>``, and
+``<snapshot_dir>/<name>/shard-<k>`` for shard ``k`` of a pool of several): snapshots
 and segments of another pool or another history there are refused on resume.
 """
 
@@ -44,6 +45,7 @@ from threadbound.agents import events as ev
 
 from ..config import RuntimeConfig
 from .clock import Clock, SystemClock
+from .layout import shard_location
 
 log = logging.getLogger("threadbound.durability")
 
@@ -57,10 +59,12 @@ GATHER_S = 0.001
 BUSY_GAP_S = 0.005
 
 
-def open_location(cfg: RuntimeConfig) -> SnapshotLocation:
-    """The snapshot location ``cfg`` names, with its signing key, bound to pool ``cfg.name``."""
+def open_location(cfg: RuntimeConfig, shard: int = 0) -> SnapshotLocation:
+    """The snapshot location of shard ``shard`` of the pool ``cfg`` names (the pool's own
+    with one shard: :func:`~.layout.shard_location`), with its signing key, bound to pool
+    ``cfg.name``."""
     key = load_key(cfg.snapshots.key_file)
-    store = open_store(cfg.snapshot_location, fsync=cfg.snapshots.fsync)
+    store = open_store(shard_location(cfg, shard), fsync=cfg.snapshots.fsync)
     return SnapshotLocation(store, key, keep=cfg.snapshots.keep, keep_pinned=cfg.snapshots.keep_pinned,
                             pool=cfg.name)
 
