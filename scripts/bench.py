@@ -3,7 +3,7 @@
     python scripts/bench.py --quick            # a few minutes, smaller N
     python scripts/bench.py                    # the full run (under 15 minutes)
     python scripts/bench.py --quick --write    # also BENCHMARKS.md, bench-results/bench.json (+ .png)
-    python scripts/bench.py --cluster          # the throughput workload on 1, 2 and 3 local nodes
+    python scripts/bench.py --cluster          # supervisor shards: 1, 2, 3 shards on a 3-node local Ray
     python scripts/bench.py --capacity         # only the capacity levels (--levels, --seconds, --agents-per-actor)
 
 The workload: N tasks, each code -> test -> review in sequence (an explicit
@@ -349,39 +349,6 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
     return out
 
 
-def cluster_throughput(quick: bool, tokens: int, concurrency: int = 4, nodes: tuple[int, ...] = (1, 2, 3)) -> int:
-    """``--cluster``: the throughput workload on a Ray of 1, 2 and 3 nodes on this machine
-    (``ray.cluster_utils.Cluster``, one CPU and a resource naming it per node); tasks/s
-    per node count. The nodes share this machine's cores, so this measures what placing
-    agents over nodes costs one supervisor, not what more machines would add."""
-    scratch = isolate("bench-cluster")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    n = 40 if quick else 200
-    print(f"\n[cluster] {n} tasks (code -> test -> review), {tokens} tokens per step, c={concurrency}")
-    found = []
-    for k in nodes:
-        cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=1, resources={"tb-node-0": 1}, include_dashboard=False))
-        try:
-            for i in range(1, k):
-                cluster.add_node(num_cpus=1, resources={f"tb-node-{i}": 1})
-            ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-            cluster.wait_for_nodes()
-            bench = Bench(scratch)
-            res = bench.run_threadbound(n, concurrency, tokens, 0.0, name=f"cluster{k}")
-            found.append((k, n / res["wall_s"]))
-            print(f"  {k} node(s): {n / res['wall_s']:>8.1f} tasks/s  ({res['tokens']} tokens, "
-                  f"{res['wall_s']:.1f} s)", flush=True)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-    one = found[0][1]
-    print("  " + ", ".join(f"{k} nodes {t / one:.2f}x" for k, t in found[1:]) + " of one node")
-    return 0
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller N; a few minutes")
@@ -390,14 +357,16 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of the headline ratios (median printed)")
     ap.add_argument("--write", action="store_true", help="write BENCHMARKS.md and bench-results/")
     ap.add_argument("--cluster", action="store_true",
-                    help="only the throughput workload on 1, 2 and 3 local nodes (ray.cluster_utils.Cluster)")
+                    help="only the shards part: 1, 2 and 3 supervisor shards on a 3-node local Ray (scripts/bench_cluster.py)")
     ap.add_argument("--capacity", action="store_true",
                     help="only the capacity levels (agents streaming 20 tokens/s, one client following all)")
     bench_capacity.add_arguments(ap)
     args = ap.parse_args()
     bench_capacity.check_arguments(args)  # before Ray starts
     if args.cluster:
-        return cluster_throughput(args.quick, args.tokens)
+        import bench_cluster
+
+        return bench_cluster.main(["--tasks", "200", "--streams", "20", "--tokens", "100"] if args.quick else [])
     scratch = isolate("bench")
     import ray
 

@@ -1,0 +1,120 @@
+"""A model of what a pool of N supervisor shards on M nodes carries, from measured costs.
+
+    python scripts/shards_model.py                        # the table of docs/clusters-model.md
+    python scripts/shards_model.py --bench shards.json    # with the figures of a bench run
+    python scripts/bench_cluster.py --json shards.json    # (makes that file)
+
+The inputs are per-event and per-step CPU costs measured on this machine (``bench.py
+--cluster`` for the shards and the allocator, ``bench.py --capacity`` for the agents and
+the client); the model multiplies them out, takes the smallest of the ceilings and names
+it. It is arithmetic on measured figures, not a measurement of 100 nodes: its assumptions
+are printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+SHARDS = (1, 2, 4, 8, 16, 32)
+NODES = (1, 3, 10, 30, 100)
+
+
+@dataclass
+class Inputs:
+    """Measured costs (CPU of one core, microseconds) and the assumed node and workload."""
+
+    shard_us_per_event: float = 115.0  # a shard's CPU per delivered event at the capacity workload (batched)
+    shard_us_per_step: float = 1800.0  # a shard's CPU per step (admit, bind, run, commit, release)
+    allocator_us_per_step: float = 50.0  # the allocator's CPU per step, with shards > 1
+    allocator_calls_per_step: float = 1.0  # shard -> allocator calls per step
+    agents_us_per_event: float = 130.0  # agent processes' CPU per event (threaded actors, k = 50)
+    client_us_per_event: float = 21.0  # one client following every task, per event
+    events_per_agent_s: float = 6.0  # events a model-bound agent streaming 20 tokens/s makes (batched)
+    steps_per_agent_s: float = 0.05  # steps an agent finishes a second (a step of ~20 s of model time)
+    agent_mb: float = 4.0  # resident MB per agent at k = 50 (process memory / agents)
+    node_cores: float = 2.0  # cores per node (this machine)
+    node_gib: float = 24.0  # memory per node
+    busy: float = 0.7  # the share of a core a process may use before delays grow
+
+
+def ceilings(n: int, m: int, x: Inputs) -> dict[str, float]:
+    """Agents each ceiling allows for N shards on M nodes (the smallest wins)."""
+    shard_core = x.busy * 1e6  # us of CPU a shard may use a second
+    per_agent_shard_us = x.events_per_agent_s * x.shard_us_per_event + x.steps_per_agent_s * x.shard_us_per_step
+    eligible = min(n, m)  # shards on different nodes; beyond M, shards share nodes' cores
+    shard_cores = min(n, m * x.node_cores)  # a shard uses at most one core
+    out = {
+        "shards": shard_cores * shard_core / per_agent_shard_us,
+        # the agents' own CPU: every node's cores, less what shards on it use
+        "agent CPU": (m * x.node_cores - eligible * x.busy) * x.busy * 1e6 / (x.events_per_agent_s * x.agents_us_per_event),
+        "memory": m * x.node_gib * 1024 * 0.8 / x.agent_mb,
+    }
+    if n > 1:  # one allocator actor for the pool: one core at most
+        out["allocator"] = shard_core / (x.steps_per_agent_s * x.allocator_us_per_step)
+    return out
+
+
+def client_events_s(x: Inputs) -> float:
+    """Events/s one client following every task can read (a gateway is such a client)."""
+    return x.busy * 1e6 / x.client_us_per_event
+
+
+def table(x: Inputs) -> list[str]:
+    rows = ["| shards \\ nodes | " + " | ".join(f"M={m}" for m in NODES) + " |",
+            "|---|" + "---|" * len(NODES)]
+    for n in SHARDS:
+        cells = []
+        for m in NODES:
+            c = ceilings(n, m, x)
+            bound = min(c, key=c.get)
+            agents = c[bound]
+            cells.append(f"{_round(agents):,} agents, {_round(agents * x.events_per_agent_s):,} ev/s ({bound})")
+        rows.append(f"| N={n} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _round(v: float) -> int:
+    if v >= 10_000:
+        return int(round(v, -3))
+    if v >= 1_000:
+        return int(round(v, -2))
+    return int(round(v, -1)) if v >= 100 else int(v)
+
+
+def from_bench(path: str, x: Inputs) -> Inputs:
+    """Take the shard and allocator costs from a ``bench_cluster.py --json`` file: the
+    median over shards of the largest pool measured."""
+    with open(path) as fh:
+        found = json.load(fh)
+    pools = found["pools"]
+    many = [p for p in pools if p["shards"] > 1] or pools
+    biggest = max(many, key=lambda p: p["shards"])
+    per = sorted(biggest["per_shard"], key=lambda s: s["us_per_step"])
+    x.shard_us_per_step = per[len(per) // 2]["us_per_step"]
+    if biggest["shards"] > 1:
+        x.allocator_us_per_step = biggest["allocator_us_per_step"]
+        x.allocator_calls_per_step = biggest["allocator_calls_per_step"]
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default=None, help="a bench_cluster.py --json file to take the shard costs from")
+    args = ap.parse_args(argv)
+    x = Inputs()
+    if args.bench:
+        try:
+            x = from_bench(args.bench, x)
+        except (OSError, KeyError, ValueError) as exc:
+            ap.error(f"--bench: cannot read {args.bench!r} as bench_cluster.py --json output ({exc})")
+    print("inputs: " + ", ".join(f"{k}={v:g}" for k, v in asdict(x).items()))
+    print(f"one client (or one gateway) following every task reads at most {_round(client_events_s(x)):,} events/s")
+    print("\n".join(table(x)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
