@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from supervisor_harness import BLOBS, LIMIT_S, SEED, config, fakes, submit, until  # noqa: F401
 
 from threadbound.agents.events import NORMAL, PAUSED
-from threadbound.runtime.supervisor.allocator import Allocator, allocator_name
+from threadbound.runtime.supervisor.allocator import Allocator, Share, allocator_name
 from threadbound.runtime.supervisor.clock import FakeClock
 from threadbound.runtime.supervisor.core import Supervisor
 from threadbound.runtime.supervisor.places import PREWARM
@@ -187,6 +187,33 @@ def test_a_restarted_allocator_grants_nothing_until_every_shard_has_reported():
         assert a.held[0] == {"t1": 1} and a.in_use() == 2
 
     asyncio.run(main())
+
+
+def test_a_shard_sends_the_head_of_its_queue_in_order_however_tasks_come_and_go():
+    share = Share(None, 0, max_agents=4, incarnation=(0.0, "x"), on_grant=lambda: None,
+                  submitted_at=lambda task_id: float(task_id[1:]))
+    rng = random.Random(SEED)
+    expect: dict[str, tuple[int, int, int]] = {}  # task id -> (-priority, order, agents)
+    for order in range(400):
+        op = rng.random()
+        if op < 0.6 or not expect:
+            task_id, prio, n = f"t{order}", rng.choice([0, 0, 0, 2]), rng.randint(1, 3)
+            share.want(task_id, n, prio, order)
+            expect[task_id] = (-prio, order, n)
+        elif op < 0.8:  # ended or cancelled while waiting
+            task_id = rng.choice(sorted(expect))
+            share.withdraw(task_id)
+            del expect[task_id]
+        else:  # granted (what the allocator's answer does), then released and queued again
+            task_id = min(expect, key=expect.get)
+            share._apply({"held": {task_id: expect[task_id][2]}}, {})
+            share.bound(task_id)
+            share.drop(task_id)
+            share.want(task_id, expect[task_id][2], -expect[task_id][0], order)
+            expect[task_id] = (expect[task_id][0], order, expect[task_id][2])
+        head = sorted(expect, key=expect.get)[:4]
+        assert share._wanted() == [(t, expect[t][2], -expect[t][0], float(t[1:])) for t in head]
+    assert len(share._order) < 400, "entries of tasks no longer waiting are never cut off"
 
 
 # -- shards sharing one allocator -----------------------------------------------------------
