@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from supervisor_harness import BLOBS, LIMIT_S, SEED, config, fakes, submit, until  # noqa: F401
 
 from threadbound.agents.events import NORMAL, PAUSED
-from threadbound.runtime.supervisor.allocator import Allocator, allocator_name
+from threadbound.runtime.supervisor.allocator import Allocator, Share, allocator_name
 from threadbound.runtime.supervisor.clock import FakeClock
 from threadbound.runtime.supervisor.core import Supervisor
 from threadbound.runtime.supervisor.places import PREWARM
@@ -189,6 +189,35 @@ def test_a_restarted_allocator_grants_nothing_until_every_shard_has_reported():
     asyncio.run(main())
 
 
+def test_a_shard_sends_the_head_of_its_queue_in_order_however_tasks_come_and_go():
+    share = Share(None, 0, max_agents=4, incarnation=(0.0, "x"), on_grant=lambda: None,
+                  submitted_at=lambda task_id: float(task_id[1:]))
+    rng = random.Random(SEED)
+    expect: dict[str, tuple[int, int, int]] = {}  # task id -> (-priority, order, agents)
+    for order in range(400):
+        op = rng.random()
+        if op < 0.6 or not expect:
+            task_id, prio, n = f"t{order}", rng.choice([0, 0, 0, 2]), rng.randint(1, 3)
+            share.want(task_id, n, prio, order)
+            expect[task_id] = (-prio, order, n)
+        elif op < 0.8:  # ended or cancelled while waiting
+            task_id = rng.choice(sorted(expect))
+            share.withdraw(task_id)
+            del expect[task_id]
+        else:  # granted (what the allocator's answer does), then released and queued again
+            task_id = min(expect, key=expect.get)
+            share._apply({"held": {task_id: expect[task_id][2]}}, {})
+            share.bound(task_id)
+            share.drop(task_id)
+            share.want(task_id, expect[task_id][2], -expect[task_id][0], order)
+            expect[task_id] = (expect[task_id][0], order, expect[task_id][2])
+        head = sorted(expect, key=expect.get)[:4]
+        assert share._wanted() == [(t, expect[t][2], -expect[t][0], float(t[1:])) for t in head]
+    for task_id in list(expect):
+        share.withdraw(task_id)
+    assert share._wanted() == [] and share._order == [], "entries of tasks no longer waiting are never cut off"
+
+
 # -- shards sharing one allocator -----------------------------------------------------------
 
 
@@ -253,8 +282,8 @@ def test_an_agent_freed_in_one_shard_admits_the_task_waiting_in_another(fakes):
         busy = await submit(sups[0], ["c", "a"], after={})
         await until(lambda: status(sups, 0, busy) == "running", "shard 0's task runs")
         waiting = await submit(sups[1], ["a"])
-        await until(lambda: alloc.impl.wanted.get(1) and alloc.impl._listening.get(1) is not None,
-                    "shard 1 waits for budget, listening")
+        await until(lambda: alloc.impl.wanted.get(1) and set(alloc.impl._listening) == {0, 1},
+                    "shard 1 waits for budget; both shards listen")
         calls = len(alloc.calls)
         for _ in range(50):  # the loop turns; nothing changes, so nobody calls
             await asyncio.sleep(0)
@@ -284,7 +313,9 @@ def test_a_restarted_allocator_relearns_what_each_shard_holds_without_exceeding_
         fakes.scripts["c"] = blocks
         held0 = await submit(sups[0], ["c"])
         held1 = await submit(sups[1], ["c"])
-        await until(lambda: alloc.impl.in_use() == 2, "each shard holds one agent")
+        await until(lambda: alloc.impl.in_use() == 2 and set(alloc.impl._listening) == {0, 1},
+                    "each shard holds one agent, and listens")
+        first = sorted([held0, held1])
         # When the allocator restarts empty and shard 1's calls are slow to reach it
         alloc.gate[1] = asyncio.Event()
         alloc.restart()
@@ -293,14 +324,14 @@ def test_a_restarted_allocator_relearns_what_each_shard_holds_without_exceeding_
         for _ in range(50):
             await asyncio.sleep(0)
         # Then shard 0's new task waits: the fresh allocator has not heard from shard 1
-        assert record.launches == [held0, held1]
+        assert sorted(record.launches) == first
         alloc.gate[1].set()
         await until(lambda: 1 in alloc.impl.held, "shard 1 reported again")
         assert alloc.impl.held == {0: {held0: 1}, 1: {held1: 1}}
-        assert record.launches == [held0, held1], "the pool's two agents are busy"
+        assert sorted(record.launches) == first, "the pool's two agents are busy"
         release.set()
         await wait_all(sups, [(0, held0), (1, held1), (0, new)])
-        assert record.launches == [held0, held1, new]
+        assert sorted(record.launches[:2]) == first and record.launches[2:] == [new]
         assert (await sups[1].stats())["allocator"]["failures"] >= 1
 
     run_shards(fakes, body, shards=2, max_agents=2, max_agents_per_task=1)
@@ -316,7 +347,8 @@ def test_an_allocator_that_does_not_answer_stops_new_tasks_only_and_is_caught_up
 
         fakes.scripts["c"] = blocks
         running = await submit(sups[0], ["c"])
-        await until(lambda: status(sups, 0, running) == "running", "a task runs")
+        await until(lambda: status(sups, 0, running) == "running" and set(alloc.impl._listening) == {0, 1},
+                    "a task runs; both shards listen")
         # When the allocator goes away (restarting, its calls failing)
         alloc.down = True
         alloc.restart()

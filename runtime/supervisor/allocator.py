@@ -42,7 +42,7 @@ cap.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
 import logging
 from typing import Any, Callable
 
@@ -201,6 +201,10 @@ class Share:
         self.held: dict[str, int] = {}  # task id -> agents the allocator granted it (until released)
         self.waiting: dict[str, tuple[int, int, int, float]] = {}  # task id -> (-priority, order, agents, since)
         self._granted: dict[str, tuple[int, int, int, float]] = {}  # held, slots not taken yet: its request
+        # (-priority, order, task id) of the waiting tasks, sorted, so that the head of the
+        # queue costs no sort of thousands per sync; entries of tasks no longer waiting are
+        # skipped, and cut off once they reach the front.
+        self._order: list[tuple[int, int, str]] = []
         self.holding = False  # paused or closing: want nothing
         self.ready = False  # the allocator has heard from every shard
         self.available = True  # the last call to the allocator succeeded
@@ -215,8 +219,12 @@ class Share:
     # -- what the capacity tells it -----------------------------------------------------
 
     def want(self, task_id: str, agents: int, priority: int, order: int) -> None:
-        self.waiting[task_id] = (-priority, order, agents, self.clock.monotonic())
+        self._queue(task_id, (-priority, order, agents, self.clock.monotonic()))
         self._news_now()
+
+    def _queue(self, task_id: str, want: tuple[int, int, int, float]) -> None:
+        self.waiting[task_id] = want
+        bisect.insort(self._order, (want[0], want[1], task_id))
 
     def drop(self, task_id: str) -> None:
         """The task no longer waits, or gives its budget back (released or withdrawn)."""
@@ -252,7 +260,7 @@ class Share:
             for task_id, want in list(self._granted.items()):  # it waits again, in its place
                 del self._granted[task_id]
                 self.held.pop(task_id, None)
-                self.waiting[task_id] = want
+                self._queue(task_id, want)
         self._news_now()
 
     def _news_now(self) -> None:
@@ -271,8 +279,22 @@ class Share:
         if self.holding:
             return []
         # No more than max_agents entries: the allocator could not grant more at once.
-        head = heapq.nsmallest(self.max_agents, ((k, t) for t, k in self.waiting.items() if t not in self.held))
-        return [(t, k[2], -k[0], self.submitted_at(t)) for k, t in head]
+        head: list[Wanted] = []
+        seen: set[str] = set()
+        cut = 0  # entries at the front that no longer wait
+        for i, (prio, order, task_id) in enumerate(self._order):
+            want = self.waiting.get(task_id)
+            if want is None or want[:2] != (prio, order) or task_id in seen:
+                if not head:
+                    cut = i + 1
+                continue
+            seen.add(task_id)
+            head.append((task_id, want[2], -prio, self.submitted_at(task_id)))
+            if len(head) >= self.max_agents:
+                break
+        if cut:
+            del self._order[:cut]
+        return head
 
     async def _call(self, seq: int, held: dict[str, int], wanted: list[Wanted], wait_s: float) -> Any:
         ref = self.allocator.sync.options(max_task_retries=0).remote(
