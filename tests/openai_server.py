@@ -10,10 +10,22 @@ The requested ``model`` name picks the behaviour:
     garbage        a stream chunk that is not JSON
 
 ``OpenAITestServer(script=fn)`` answers with ``fn(request_body)`` instead, when it returns
-a reply: ``{"content": str, "tool_calls": [{"name": ..., "arguments": <JSON text>}, ...]}``.
-Tool calls stream as OpenAI's ``tool_calls`` deltas do: the first delta of a call has its
-index, id, type and name, the arguments follow in small pieces. Streams end with a usage
-chunk when the request asks for ``stream_options.include_usage``; whole answers carry usage.
+a reply: ``{"content": str, "tool_calls": [{"name": ..., "arguments": <JSON text>}, ...]}``,
+optionally with its own ``usage`` (``{"prompt_tokens", "completion_tokens"}``), or
+``{"status": 429, "retry_after": "3"}`` for that HTTP status.
+
+``OpenAITestServer(turns=[...])`` answers a conversation turn by turn: the answer to a
+request is ``turns[i]``, where ``i`` is how many assistant messages its history holds
+(whatever process asks); past the end, the last turn again. A turn is ``{"text": ...}``,
+``{"tool_calls": [{"name", "arguments": {...}}]}`` (optionally with ``text`` too) or
+``{"status": 429, "retry_after": "3"}``. Its text is cut at the request's ``max_tokens``
+words, and its usage is 10 prompt tokens plus a completion token a word and 5 a call.
+
+Text streams word by word. Tool calls stream as OpenAI's ``tool_calls`` deltas do: the
+first delta of a call has its index, id, type and name, the arguments follow in small
+pieces. Streams end with a usage chunk when the request asks for
+``stream_options.include_usage``; whole answers carry usage. Every request is kept in
+``requests`` as ``{"body": <request JSON>, "auth": <Authorization header or None>}``.
 """
 
 from __future__ import annotations
@@ -22,6 +34,25 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def turn_by_turn(turns: list[dict]):
+    """The script that answers ``turns`` as :class:`OpenAITestServer` documents."""
+    turns = list(turns)
+
+    def script(req: dict) -> dict:
+        i = sum(1 for m in req.get("messages", []) if m.get("role") == "assistant")
+        turn = turns[min(i, len(turns) - 1)]
+        if "status" in turn:
+            return {k: turn[k] for k in ("status", "retry_after") if k in turn}
+        words = turn.get("text", "").split(" ") if turn.get("text") else []
+        cap = req.get("max_tokens") or req.get("max_completion_tokens")
+        words = words[:cap] if cap else words
+        calls = [{"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}
+                 for c in turn.get("tool_calls", [])]
+        return {"content": " ".join(words), "tool_calls": calls,
+                "usage": {"prompt_tokens": 10, "completion_tokens": len(words) + 5 * len(calls)}}
+    return script
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -59,16 +90,22 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.script(req) if self.server.script else None
         if reply is None:
             reply = {"content": "Hello from the test server: " + str(req["messages"][-1].get("content"))}
+        if "status" in reply:
+            headers = {"Retry-After": reply["retry_after"]} if "retry_after" in reply else {}
+            return self._send(reply["status"], {"error": {"message": f"scripted {reply['status']}"}}, headers)
         text, calls = reply.get("content") or "", reply.get("tool_calls") or []
-        usage = {"prompt_tokens": sum(len(str(m.get("content") or "").split()) for m in req["messages"]),
-                 "completion_tokens": len(text.split()) + sum(len(c["arguments"]) // 4 + 1 for c in calls)}
+        usage = dict(reply.get("usage") or {
+            "prompt_tokens": sum(len(str(m.get("content") or "").split()) for m in req["messages"]),
+            "completion_tokens": len(text.split()) + sum(len(c["arguments"]) // 4 + 1 for c in calls)})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         ids = [f"call_{len(self.server.requests)}_{i}" for i in range(len(calls))]
+        head = {"id": f"chatcmpl-{len(self.server.requests)}", "created": int(time.time()), "model": model}
         if not req.get("stream"):
             message = {"role": "assistant", "content": text or None}
             if calls:
                 message["tool_calls"] = [{"id": i, "type": "function", "function": c} for i, c in zip(ids, calls)]
-            return self._send(200, {"choices": [{"index": 0, "message": message,
+            return self._send(200, {**head, "object": "chat.completion",
+                                    "choices": [{"index": 0, "message": message,
                                                  "finish_reason": "tool_calls" if calls else "stop"}],
                                     "usage": usage})
         self.send_response(200)
@@ -78,21 +115,24 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "garbage":
             self.wfile.write(b"data: {not json\n\n")
             return
+        head["object"] = "chat.completion.chunk"
+
         def send(chunk):
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(f"data: {json.dumps({**head, **chunk})}\n\n".encode())
             self.wfile.flush()
 
+        def choice(**fields):
+            return {"choices": [{"index": 0, "finish_reason": None, **fields}]}
+
         for word in text.split(" ") if text else ():
-            send({"choices": [{"index": 0, "delta": {"content": word + " "}}]})
+            send(choice(delta={"role": "assistant", "content": word + " "}))
         for index, (call_id, call) in enumerate(zip(ids, calls)):
-            send({"choices": [{"index": 0, "delta": {"tool_calls": [{
-                "index": index, "id": call_id, "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}]}}]})
+            send(choice(delta={"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                               "function": {"name": call["name"], "arguments": ""}}]}))
             args = call["arguments"]
             for at in range(0, len(args), 7):
-                send({"choices": [{"index": 0, "delta": {"tool_calls": [{
-                    "index": index, "function": {"arguments": args[at:at + 7]}}]}}]})
-        send({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else "stop"}]})
+                send(choice(delta={"tool_calls": [{"index": index, "function": {"arguments": args[at:at + 7]}}]}))
+        send(choice(delta={}, finish_reason="tool_calls" if calls else "stop"))
         if (req.get("stream_options") or {}).get("include_usage"):
             send({"choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
@@ -100,11 +140,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class OpenAITestServer:
-    """Start with ``with OpenAITestServer() as srv: srv.url``; stops on exit."""
+    """Start with ``with OpenAITestServer() as srv: srv.url``; stops on exit.
+    ``script`` or ``turns`` (not both) script its answers, as the module says."""
 
-    def __init__(self, script=None) -> None:
+    def __init__(self, script=None, turns: list[dict] | None = None) -> None:
+        if script is not None and turns is not None:
+            raise ValueError("OpenAITestServer: give script or turns, not both")
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.script = script
+        self.httpd.script = turn_by_turn(turns) if turns is not None else script
         self.httpd.daemon_threads = True
         self.httpd.requests = []
         self.httpd.models_seen = set()

@@ -131,9 +131,7 @@ def test_a_graph_stuck_in_a_node_is_stopped_at_the_step_deadline_with_its_tokens
 
 def test_the_graphs_model_calls_are_cut_to_the_tasks_budget_and_stop_when_it_is_spent(pool_name):
     # Given: a budget of 20 tokens at level 1 (at most 15 an answer), three model nodes in a row
-    from adapters_server import ScriptedServer
-
-    with ScriptedServer([{"text": " ".join(f"w{i}" for i in range(60))}]) as srv:
+    with OpenAITestServer(turns=[{"text": " ".join(f"w{i}" for i in range(60))}]) as srv:
         pool = AgentPool(RuntimeConfig.from_mapping(settings(pool_name, retry={"max_attempts": 1}, model={
             "backend": "openai", "base_url": srv.url, "model": "m"}, reasoning={"level": 1, "levels": {
                 1: {"max_tokens": 15, "price_per_1k_tokens": 1.0}}})), agents={"graph": Stuck})
@@ -146,7 +144,7 @@ def test_the_graphs_model_calls_are_cut_to_the_tasks_budget_and_stop_when_it_is_
             events = list(handle.stream())
         finally:
             pool.shutdown()
-    assert [r["max_tokens"] for r in srv.requests] == [15, 5]
+    assert [r["body"]["max_tokens"] for r in srv.requests] == [15, 5]
     assert [e.data["node"] for e in events if e.kind == "node_update"] == ["one", "two"]
     failed = next(e.data for e in events if e.kind == "step_failed")
     assert "BudgetExhausted" in failed["error"] and failed["tokens"] == 20 and failed["cost"] <= 0.02

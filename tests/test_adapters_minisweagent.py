@@ -7,7 +7,7 @@ import os
 import psutil
 import pytest
 from adapters_roles import Swe
-from adapters_server import ScriptedServer
+from openai_server import OpenAITestServer
 from conftest import eventually, pool_settings
 
 from threadbound.agents.adapters._common import MINI_SWE_AGENT
@@ -47,7 +47,7 @@ def test_mini_swe_agent_fixes_a_bug_with_bash_in_the_sandbox_and_the_tests_pass(
     turns = [bash("look", "cat calc.py"),
              bash("fix", "sed -i 's/a - b/a + b/' calc.py && python -m pytest -q -p no:cacheprovider"),
              bash("done", "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT && echo fixed add")]
-    with ScriptedServer(turns) as srv:
+    with OpenAITestServer(turns=turns) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "api_key": "k-test", "model": "m"})
         try:
             # When: the task runs the mini-swe-agent role, then the built-in tester on its copy
@@ -66,7 +66,8 @@ def test_mini_swe_agent_fixes_a_bug_with_bash_in_the_sandbox_and_the_tests_pass(
     # ... the user's own directory is untouched (the agent edited the task's copy)
     assert (ws / "calc.py").read_text() == BUGGY
     # ... its model calls went to the configured server with the config's key
-    assert len(srv.requests) == 3 and all(r["model"] == "m" for r in srv.requests)
+    assert len(srv.requests) == 3
+    assert all(r["body"]["model"] == "m" and r["auth"] == "Bearer k-test" for r in srv.requests)
     # ... and a client saw it work: tokens, then each command as a call, a sandbox run and a result
     swe = [e for e in events if e.agent == "swe"]
     kinds = [e.kind for e in swe]
@@ -86,7 +87,7 @@ def test_a_command_the_model_sends_cannot_reach_the_users_directory_or_other_cop
     ws = workspace(tmp_path)
     turns = [bash("escape", f"echo pwned > {ws}/pwned.txt; echo rc=$?; ls {ws}"),
              bash("done", "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT")]
-    with ScriptedServer(turns) as srv:
+    with OpenAITestServer(turns=turns) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"})
         try:
             handle = p.submit(Task(goal="escape", workspace=ws, agents=["swe"], max_rounds=1))
@@ -133,7 +134,7 @@ def test_a_command_that_never_ends_is_stopped_with_its_step_at_the_deadline_and_
     # Given: a model whose command would run for an hour (longer than its own command limit too)
     ws = workspace(tmp_path)
     marker = f"{3000 + os.getpid() % 500}.25"
-    with ScriptedServer([bash("wait", f"sleep {marker}")]) as srv:
+    with OpenAITestServer(turns=[bash("wait", f"sleep {marker}")]) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=25,
                  retry={"max_attempts": 1})
         try:

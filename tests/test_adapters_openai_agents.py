@@ -4,7 +4,7 @@ or any threadbound backend), its text deltas as tokens and its tool calls as eve
 
 import pytest
 from adapters_roles import Calc
-from adapters_server import ScriptedServer
+from openai_server import OpenAITestServer
 from conftest import pool_settings
 
 from threadbound.agents.adapters._common import OPENAI_AGENTS
@@ -26,7 +26,7 @@ def pool(name, model, **overrides):
 def test_an_agents_sdk_agent_calls_its_tool_and_streams_its_answer_through_the_pool(pool_name):
     # Given: a server whose model calls the agent's `add` tool, then answers with the sum
     turns = [{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}, {"text": "the sum is 5"}]
-    with ScriptedServer(turns) as srv:
+    with OpenAITestServer(turns=turns) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "api_key": "k-test", "model": "m",
                              "temperature": 0.0})
         try:
@@ -47,9 +47,9 @@ def test_an_agents_sdk_agent_calls_its_tool_and_streams_its_answer_through_the_p
     out = result.outputs["calc"]
     assert out["final_output"] == "the sum is 5 " and out["tool_calls"] == 1 and out["last_agent"] == "calculator"
     # ... both model calls went to the configured server, with the level's model and the agent's tool
-    assert len(srv.requests) == 2 and {r["model"] for r in srv.requests} == {"m"}
-    assert [t["function"]["name"] for t in srv.requests[0]["tools"]] == ["add"]
-    assert srv.requests[1]["messages"][-1]["role"] == "tool"
+    assert len(srv.requests) == 2 and {r["body"]["model"] for r in srv.requests} == {"m"}
+    assert [t["function"]["name"] for t in srv.requests[0]["body"]["tools"]] == ["add"]
+    assert srv.requests[1]["body"]["messages"][-1]["role"] == "tool"
     # ... and the step's tokens are the server's count of what it answered
     finished = next(e for e in events if e.kind == "step_finished")
     assert finished.data["tokens"] >= 4
@@ -57,7 +57,7 @@ def test_an_agents_sdk_agent_calls_its_tool_and_streams_its_answer_through_the_p
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_rate_limited_server_is_a_rate_limit_error_with_its_retry_after_and_is_retried(pool_name):
-    with ScriptedServer([{"status": 429, "retry_after": "1"}]) as srv:
+    with OpenAITestServer(turns=[{"status": 429, "retry_after": "1"}]) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"})
         try:
             handle = p.submit(Task(goal="2 + 3?", agents=["calc"], max_rounds=1))
@@ -91,7 +91,7 @@ def test_any_threadbound_backend_drives_an_agents_sdk_agent_and_a_task_picks_the
 @pytest.mark.usefixtures("ray_session")
 def test_an_agent_stuck_in_a_tool_is_stopped_at_the_step_deadline_with_its_tokens_kept(pool_name):
     turns = [{"text": "let me wait", "tool_calls": [{"name": "wait_forever", "arguments": {}}]}]
-    with ScriptedServer(turns) as srv:
+    with OpenAITestServer(turns=turns) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=20,
                  retry={"max_attempts": 1})
         try:
@@ -114,7 +114,7 @@ def test_a_run_that_would_spend_more_than_the_tasks_budget_is_stopped_within_it(
     first = " ".join(f"a{i}" for i in range(10))
     second = " ".join(f"b{i}" for i in range(60))
     turns = [{"text": first, "tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}, {"text": second}]
-    with ScriptedServer(turns) as srv:
+    with OpenAITestServer(turns=turns) as srv:
         p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, retry={"max_attempts": 1},
                  reasoning={"level": 1, "levels": {1: {"max_tokens": 15, "price_per_1k_tokens": 1.0}}})
         try:
@@ -125,7 +125,7 @@ def test_a_run_that_would_spend_more_than_the_tasks_budget_is_stopped_within_it(
             events = list(handle.stream())
         finally:
             p.shutdown()
-    assert srv.requests[0]["max_tokens"] == 15 and len(srv.requests) == 2
+    assert srv.requests[0]["body"]["max_tokens"] == 15 and len(srv.requests) == 2
     failed = next(e.data for e in events if e.kind == "step_failed")
     assert "BudgetExhausted" in failed["error"] and failed["tokens"] <= 20 and failed["cost"] <= 0.02
     streamed = "".join(e.data["text"] for e in events if e.kind == "tokens").split()

@@ -440,33 +440,23 @@ def test_tasks_shows_a_hostile_goal_escaped(pool_name):
 @pytest.mark.timeout(90)
 def test_top_shows_a_hostile_goal_as_text_in_a_real_terminal_and_quits_cleanly(tmp_path, pool_name):
     from conftest import make_pool
-    from test_cli_top import Terminal, prompt_is_back, task_row, top_command
+    from tmux_terminal import prompt_is_back, task_row, top_command, user_terminal
 
     from threadbound.runtime import Task
 
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install tmux); `threadbound top` is tested in a tmux terminal")
-    home = tmp_path / "home"
-    (home / ".ray").mkdir(parents=True)
-    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], home / ".ray" / "auth_token")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "THREADBOUND_", "TMUX")) and k not in ("PYTHONPATH", "XDG_STATE_HOME")}
-    env.update(HOME=str(home), TERM="xterm-256color")
-    term = Terminal(env)
-    pool = make_pool(pool_name, ray={"namespace": "threadbound"})
-    try:
-        goal = "[/][link=http://x]y[/link]\u202e\x1b]0;pwned\x07"  # shortened to 45 characters in the column
-        handle = pool.submit(Task(goal=goal, agents=["a"], inputs={"a": {"tokens": 1}}))
-        handle.result(timeout=60)
-        terminal_env = top_command(pool_name)
-        term.type(terminal_env)
-        shown = term.wait_for("the task with its goal", lambda t: handle.task_id in t, timeout_s=40)
-        row = task_row(shown, handle.task_id)
-        assert "[/][link=http://x]y[/link]<U+202E>\\x1b]0;" in row, row
-        assert "pwned" not in term.tmux("display-message", "-p", "-t", "view", "#{pane_title}")
-        term.keys("q")
-        after = term.wait_for("the shell prompt after top", lambda t: "top exited" in t and prompt_is_back(t))
-        assert "top exited 0" in after
-    finally:
-        pool.shutdown()
-        term.close()
+    with user_terminal(tmp_path / "home") as term:
+        pool = make_pool(pool_name, ray={"namespace": "threadbound"})
+        try:
+            goal = "[/][link=http://x]y[/link]\u202e\x1b]0;pwned\x07"  # shortened to 45 characters in the column
+            handle = pool.submit(Task(goal=goal, agents=["a"], inputs={"a": {"tokens": 1}}))
+            handle.result(timeout=60)
+            term.type(top_command(pool_name))
+            shown = term.wait_for("the task with its goal", lambda t: handle.task_id in t, timeout_s=40)
+            row = task_row(shown, handle.task_id)
+            assert "[/][link=http://x]y[/link]<U+202E>\\x1b]0;" in row, row
+            assert "pwned" not in term.title()
+            term.keys("q")
+            after = term.wait_for("the shell prompt after top", lambda t: "top exited" in t and prompt_is_back(t))
+            assert "top exited 0" in after
+        finally:
+            pool.shutdown()

@@ -6,16 +6,14 @@ away, and `q` or Ctrl-C giving the shell back with exit 0."""
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from conftest import make_pool
 from rich.console import Console
+from tmux_terminal import prompt_is_back, task_row, top_command, user_env, user_terminal
 
 from threadbound.runtime import Task
 from threadbound.runtime.cli.top import _Seen, _stale, render
@@ -126,80 +124,10 @@ def test_an_idle_pool_says_no_tasks_and_no_transitions():
 # -- the real command, in a real terminal ----------------------------------------------------
 
 
-class Terminal:
-    """A tmux server of its own (its own socket) with one 160x50 window running a bare
-    bash whose prompt is ``ready>``, as a user's terminal."""
-
-    PROMPT = "ready>"
-
-    def __init__(self, env):
-        self.dir = tempfile.mkdtemp(prefix="tb-tmux-")  # short: a socket path has a length limit
-        self.base = ["tmux", "-S", os.path.join(self.dir, "socket"), "-f", "/dev/null"]
-        self.env = env
-        self.tmux("new-session", "-d", "-x", "160", "-y", "50", "-s", "view",
-                  f"env PS1='{self.PROMPT} ' bash --norc --noprofile -i")
-
-    def tmux(self, *argv):
-        return subprocess.run([*self.base, *argv], env=self.env, capture_output=True, text=True, timeout=10,
-                              check=True).stdout
-
-    def type(self, line):
-        self.tmux("send-keys", "-t", "view", "-l", line)
-        self.tmux("send-keys", "-t", "view", "Enter")
-
-    def keys(self, *keys):
-        self.tmux("send-keys", "-t", "view", *keys)
-
-    def text(self):
-        return self.tmux("capture-pane", "-p", "-t", "view")
-
-    def wait_for(self, what, check, timeout_s=30.0):
-        """Poll the screen until ``check(text)`` holds; fail showing the screen if it never does."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            text = self.text()
-            if check(text):
-                return text
-            if time.monotonic() > deadline:
-                pytest.fail(f"the screen never showed {what}; it shows:\n{text}")
-            time.sleep(0.1)
-
-    def close(self):
-        subprocess.run([*self.base, "kill-server"], env=self.env, capture_output=True, timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def terminal(tmp_path):
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install tmux); `threadbound top` is tested in a tmux terminal")
-    # A user's shell: none of the test session's Ray settings, the cluster's token where Ray keeps it.
-    home = tmp_path / "home"
-    (home / ".ray").mkdir(parents=True)
-    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], home / ".ray" / "auth_token")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "THREADBOUND_", "TMUX")) and k not in ("PYTHONPATH", "XDG_STATE_HOME")}
-    env.update(HOME=str(home), TERM="xterm-256color")
-    term = Terminal(env)
-    try:
+    with user_terminal(tmp_path / "home") as term:
         yield term
-    finally:
-        term.close()
-
-
-def top_command(pool_name):
-    argv = [sys.executable, "-m", "threadbound.runtime.cli", "top", "--address", os.environ["RAY_ADDRESS"],
-            "--name", pool_name, "--interval", "0.2"]
-    return " ".join(shlex.quote(a) for a in argv) + "; echo top exited $?"
-
-
-def task_row(text, task_id):
-    return next((line for line in text.splitlines() if line.lstrip().startswith(task_id)), "")
-
-
-def prompt_is_back(text):
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() == Terminal.PROMPT and "Traceback" not in text
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -254,11 +182,7 @@ def test_ctrl_c_quits_top_cleanly_with_exit_0(terminal, pool_name):
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(60)
 def test_top_of_a_pool_that_does_not_exist_says_so_and_exits_2(tmp_path):
-    (tmp_path / ".ray").mkdir()
-    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], tmp_path / ".ray" / "auth_token")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "THREADBOUND_")) and k not in ("PYTHONPATH", "XDG_STATE_HOME")}
-    env["HOME"] = str(tmp_path)
+    env = user_env(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "top", "--address",
                            os.environ["RAY_ADDRESS"], "--name", "no-such-pool"], env=env, capture_output=True,
                           text=True, timeout=50, stdin=subprocess.DEVNULL)

@@ -1,16 +1,19 @@
 """Slowloris without a token: connections that send half a request and then nothing are
-closed after the header deadline, a client address past its cap of connections has the
-new ones closed at once, and a normal request is served all the while. Real sockets on
+closed after the header deadline, a body trickled a byte at a time (with a token or
+without) is cut off after the body deadline, a client address past its cap of
+connections has the new ones closed at once, and a normal request is served all the while. Real sockets on
 loopback, a real uvicorn; no pool is needed for the page these requests ask for."""
 
 from __future__ import annotations
 
 import socket
+import threading
 
 import httpx
 import pytest
-from gateway_tools import InProcessGateway
+from gateway_tools import SUBMIT, InProcessGateway, auth
 
+from threadbound.runtime.errors import ConfigError
 from threadbound.runtime.gateway.app import GatewaySettings
 
 pytestmark = pytest.mark.timeout(90)
@@ -108,3 +111,74 @@ def test_a_client_past_its_cap_has_new_connections_closed_and_gets_in_again_when
         finally:
             for s in held:
                 s.close()
+
+
+class Trickler:
+    """A POST that sends its headers, promises a 1,000,000-byte body and then sends it
+    one byte at a time, for as long as the server keeps the connection; what the server
+    answers is read on a thread of its own."""
+
+    def __init__(self, port: int, token: str | None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n"
+        if token:
+            head += f"Authorization: Bearer {token}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n{")
+        self.answer = b""
+        self.closed = threading.Event()  # the server ended the connection
+        threading.Thread(target=self._drip, daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _drip(self) -> None:
+        while not self.closed.is_set():
+            try:
+                self.sock.sendall(b" ")
+            except OSError:
+                break
+            self.closed.wait(0.2)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.answer += chunk
+        self.closed.set()
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_off_while_a_normal_client_is_served():
+    # The header deadline is far away, so only the body deadline can end these connections.
+    settings = GatewaySettings(header_timeout_s=600, body_timeout_s=4, idle_timeout_s=600)
+    with InProcessGateway(None, settings) as gw:
+        # Given: a token holder and a client without a token, both trickling a promised big body
+        holder, stranger = Trickler(gw.port, SUBMIT), Trickler(gw.port, None)
+        try:
+            # When: a normal client sends a whole (malformed) body and asks for the page meanwhile
+            normal = httpx.post(f"{gw.url}/v1/tasks", content=b"{", headers=auth(), timeout=30)
+            page = httpx.get(f"{gw.url}/", timeout=30)
+            held_then = not holder.closed.is_set() and not stranger.closed.is_set()
+            # Then: it is served (its body read whole), while the tricklers are still held ...
+            assert normal.status_code == 400 and normal.json()["error"]["field"] == "body"
+            assert page.status_code == 200
+            assert held_then
+            # ... and afterwards the server closes both while they are still dripping
+            assert holder.closed.wait(60) and stranger.closed.wait(60)
+            assert holder.answer.startswith(b"HTTP/1.1 408 "), holder.answer[:200]
+            assert b"body_timeout_s" in holder.answer
+            assert stranger.answer.startswith(b"HTTP/1.1 401 ")  # refused before its body, then cut off too
+            # and the gateway still serves
+            assert httpx.get(f"{gw.url}/", timeout=30).status_code == 200
+        finally:
+            holder.sock.close()
+            stranger.sock.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), 86_401, "30"])
+def test_a_body_deadline_out_of_range_is_refused_naming_the_setting(value):
+    with pytest.raises(ConfigError, match="body_timeout_s"):
+        GatewaySettings(body_timeout_s=value)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
@@ -30,6 +30,7 @@ from threadbound.agents.errors import ThreadboundError
 from threadbound.agents import events as kinds
 
 from ..config import state_dir
+from ..errors import ConfigError
 from .auth import READ, SUBMIT, RateLimit, Token, Tokens
 from .openapi import document
 from .person import PersonRoutes
@@ -39,6 +40,7 @@ from .wire import Problem, SafeJSON, _from_error
 
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
+MAX_BODY_TIMEOUT_S = 86_400
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class GatewaySettings:
             itself are always protected.
         header_timeout_s: a connection whose request headers are not complete this long
             after it opened (or after the first byte of its next request) is closed.
+        body_timeout_s: a request whose whole body has not arrived this long after its
+            headers has its connection closed (with a 408 when no answer has started):
+            above 0, at most a day.
         idle_timeout_s: an idle keep-alive connection is closed after this long.
         max_connections: the whole gateway's open connections and streams; past it, 503.
         max_connections_per_client: one client address's open HTTP connections; past it a
@@ -73,10 +78,17 @@ class GatewaySettings:
     workspace_roots: tuple[str, ...] = field(default_factory=tuple)
     protected: tuple[str, ...] = field(default_factory=tuple)
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     idle_timeout_s: int = 5
     max_connections: int = 2048
     max_connections_per_client: int = 256
     max_header_bytes: int = 16_384
+
+    def __post_init__(self) -> None:
+        value = self.body_timeout_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BODY_TIMEOUT_S:
+            raise ConfigError("GatewaySettings", [("body_timeout_s", f"must be a number of seconds above 0 and at "
+                                                   f"most {MAX_BODY_TIMEOUT_S} (a day), got {value!r}")])
 
 
 def protected_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -166,11 +178,15 @@ class Gateway(TaskRoutes, PersonRoutes, StreamRoutes):
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise Problem(413, f"body: larger than this gateway accepts ({limit} bytes)", "body", "too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Problem(413, f"body: larger than this gateway accepts ({limit} bytes)", "body", "too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Problem(413, f"body: larger than this gateway accepts ({limit} bytes)", "body", "too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone, or cut off by the body deadline (guard.py): nobody to answer
+            raise Problem(408, "body: the connection ended before the whole body arrived", "body",
+                          "body_timeout") from None
         raw = b"".join(chunks)
         if empty is not None and not raw.strip():
             return empty
@@ -239,7 +255,7 @@ class Gateway(TaskRoutes, PersonRoutes, StreamRoutes):
 def server_config(app: Starlette, host: str, port: int, settings: GatewaySettings | None = None,
                   **options: Any) -> Any:
     """The ``uvicorn.Config`` the gateway is served with (``options``: TLS, log level, ...):
-    asyncio, h11 with the connection limits of ``settings`` (header and idle timeouts,
+    asyncio, h11 with the connection limits of ``settings`` (header, body and idle timeouts,
     a cap per client address and for the whole server, bounded headers: see
     :mod:`.guard`), the sans-I/O WebSocket implementation, and no client message over
     ``WS_MAX_BYTES`` (the only one a client sends is ``{"cancel": true}``)."""
@@ -250,7 +266,7 @@ def server_config(app: Starlette, host: str, port: int, settings: GatewaySetting
     s = settings or GatewaySettings()
     return uvicorn.Config(app, host=host, port=port, loop="asyncio", ws="websockets-sansio", lifespan="off",
                           ws_max_size=WS_MAX_BYTES,
-                          http=guarded_http(s.header_timeout_s, s.max_connections_per_client),
+                          http=guarded_http(s.header_timeout_s, s.max_connections_per_client, s.body_timeout_s),
                           timeout_keep_alive=s.idle_timeout_s, limit_concurrency=s.max_connections,
                           h11_max_incomplete_event_size=s.max_header_bytes, **options)
 
