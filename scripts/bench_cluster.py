@@ -77,7 +77,8 @@ def _allocator_pid(pool: Any) -> int | None:
 
 
 def _syncs(shards: list[dict[str, Any]]) -> int:
-    return sum(int((s.get("allocator") or {}).get("syncs", 0)) for s in shards)
+    """Calls from the shards to the allocator so far (syncs with news, and listens)."""
+    return sum(int((s.get("allocator") or {}).get("calls", 0)) for s in shards)
 
 
 def _measure(pool: Any, tasks: list[Any]) -> dict[str, Any]:
@@ -182,7 +183,8 @@ def _row(n: int, steps: dict[str, Any], streams: dict[str, Any], nodes: list[str
 def _print(row: dict[str, Any]) -> None:
     shards = ", ".join(f"s{p['shard']} {p['us_per_step']:.0f} us/step {p['us_per_event']:.0f} us/event"
                        for p in row["per_shard"])
-    print(f"  {row['shards']} shard(s) on {row['nodes_used']} node(s): {row['tasks_per_s']:.1f} tasks/s, "
+    where = f" on {row['nodes_used']} node(s)" if row["nodes_used"] else ""
+    print(f"  {row['shards']} shard(s){where}: {row['tasks_per_s']:.1f} tasks/s, "
           f"{row['events_per_s']:,.0f} events/s; supervisor CPU per shard: {shards}; allocator "
           f"{row['allocator_us_per_step']:.0f} us/step, {row['allocator_calls_per_step']:.2f} calls/step; "
           f"every task succeeded: {row['all_ok']}", flush=True)
