@@ -42,6 +42,7 @@ cap.
 from __future__ import annotations
 
 import asyncio
+import os
 import bisect
 import logging
 from typing import Any, Callable
@@ -173,7 +174,8 @@ class Allocator:
                 "most_in_use": self.most_in_use, "ready": self.ready(),
                 "held": {s: dict(h) for s, h in self.held.items()},
                 "waiting": {s: len(w) for s, w in self.wanted.items()},
-                "calls": self.calls, "listens": self.listens, "stale": self.stale, "grants": self.grants}
+                "calls": self.calls, "listens": self.listens, "stale": self.stale, "grants": self.grants,
+                "pid": os.getpid()}
 
 
 class Share:
