@@ -42,9 +42,9 @@ cap.
 from __future__ import annotations
 
 import asyncio
-import os
 import bisect
 import logging
+import os
 from typing import Any, Callable
 
 from .clock import Clock, SystemClock
