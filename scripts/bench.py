@@ -5,6 +5,7 @@
     python scripts/bench.py --quick --write    # also BENCHMARKS.md, bench-results/bench.json (+ .png)
     python scripts/bench.py --cluster          # supervisor shards: 1, 2, 3 shards on a 3-node local Ray
     python scripts/bench.py --capacity         # only the capacity levels (--levels, --seconds, --agents-per-actor)
+    python scripts/bench.py --speed            # only the speed ratios (--repeat runs taking turns) and the journal's floor
 
 The workload: N tasks, each code -> test -> review in sequence (an explicit
 ``after`` chain, the same in every system), each step one call of the same simulated
@@ -349,6 +350,49 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
     return out
 
 
+def journal_floor_ms(directory: str, n: int = 200, size: int = 300) -> dict[str, float]:
+    """What one committed step cannot go below on this disk: appending a journal-sized
+    frame and ``fdatasync``-ing it (the journal does this before a step counts), ``n``
+    times in ``directory`` (the bench's snapshot directory); median and p90 in ms."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * size)
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"median_ms": statistics.median(times), "p90_ms": _pct(times, 0.9), "n": n}
+
+
+def speed_lines(hl: dict[str, Any], jf: dict[str, float] | None, relay_step_ms: float | None) -> list[str]:
+    """The speed ratios as the issue states them: the per-step cost against the bare relay
+    (each run's threadbound/floor over the same run's relay/floor), the LangGraph ratios,
+    and what the journal's fdatasync alone adds to a relay step."""
+    out = []
+    if "step_vs_floor" in hl and "relay_vs_floor" in hl:
+        per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["relay_vs_floor"]["runs"])]
+        out.append(f"per-step cost at c=1, threadbound / bare relay: median {statistics.median(per):.2f}x "
+                   f"{[round(x, 2) for x in per]} (target <= 1.2x)")
+    for key, label, target in (("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite", ">= 1.0x"),
+                               ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite", ">= 0.5x")):
+        if key in hl:
+            out.append(f"{label}: median {hl[key]['median']:.2f}x {hl[key]['runs']} (target {target})")
+    if jf is not None:
+        line = (f"journal floor: append + fdatasync of a {300}-byte frame in the snapshot directory, median "
+                f"{jf['median_ms']:.2f} ms, p90 {jf['p90_ms']:.2f} ms ({jf['n']} writes)")
+        if relay_step_ms:
+            line += (f"; a relay step of {relay_step_ms:.2f} ms plus one such write is "
+                     f"{(relay_step_ms + jf['median_ms']) / relay_step_ms:.2f}x the relay (median write)")
+        out.append(line)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller N; a few minutes")
@@ -360,6 +404,9 @@ def main() -> int:
                     help="only the shards part: 1, 2 and 3 supervisor shards on a 3-node local Ray (scripts/bench_cluster.py)")
     ap.add_argument("--capacity", action="store_true",
                     help="only the capacity levels (agents streaming 20 tokens/s, one client following all)")
+    ap.add_argument("--speed", action="store_true",
+                    help="only the speed ratios (per-step vs the bare relay, tasks/s vs LangGraph; --repeat runs "
+                         "taking turns) and the journal's fdatasync floor")
     bench_capacity.add_arguments(ap)
     args = ap.parse_args()
     bench_capacity.check_arguments(args)  # before Ray starts
@@ -388,6 +435,17 @@ def main() -> int:
             ray.shutdown()
         if args.write:  # BENCHMARKS.md is the full run's: this part alone goes to a file of its own
             bench_capacity.write_json(results["capacity"], os.path.join(HERE, "..", "bench-results"))
+        return 0
+    if args.speed:
+        try:
+            print(f"\n[headline] the speed ratios, each the median of {args.repeat} runs taking turns", flush=True)
+            hl = headline(bench, args.repeat, lg, args.tokens, n, 30 if q else 100)
+            relay = base.run_ray_relay(30, 1, 1, 0.0)
+            jf = journal_floor_ms(bench.snapshots)
+            for line in speed_lines(hl, jf, relay["wall_s"] * 1000 / (3 * 30)):
+                print("  " + line, flush=True)
+        finally:
+            ray.shutdown()
         return 0
     try:
         print(f"\n[throughput] {args.tokens} tokens per step, no CPU work")
@@ -427,6 +485,10 @@ def main() -> int:
                            ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite")):
             if key in hl:
                 print(f"  {label}: {hl[key]['median']:.2f}x (runs {hl[key]['runs']})")
+        results["journal_floor"] = jf = journal_floor_ms(bench.snapshots)
+        relay = _get(bench.rows, "overhead", RELAY)
+        for line in speed_lines(hl, jf, relay["step_ms"] if relay else None):
+            print("  " + line)
 
         print("\n[metrics] per-step cost at c=1 with metrics (and their endpoint) on vs off, runs interleaved")
         results["metrics_cost"] = mc = metrics_cost(bench, no, 3 if q else 5)

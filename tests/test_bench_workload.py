@@ -99,3 +99,17 @@ def test_the_metrics_work_of_a_step_is_timed_on_the_hook_the_supervisor_runs():
     # supervisor does (a batch of Rows), so a move or a change of the hook breaks this test,
     # not a benchmark run
     assert bench.metrics_work_per_step_us(n=50) > 0
+
+
+def test_the_speed_lines_give_the_per_step_ratio_against_the_relay_and_the_journals_floor(tmp_path):
+    # The per-step target is against the bare relay: each run's threadbound/floor over the
+    # same run's relay/floor. The journal floor writes and fdatasyncs real frames, then
+    # leaves nothing behind in the snapshot directory.
+    jf = bench.journal_floor_ms(str(tmp_path), n=5)
+    assert jf["n"] == 5 and jf["median_ms"] > 0 and not os.listdir(tmp_path)
+    hl = {"step_vs_floor": {"median": 2.0, "runs": [2.4, 1.8]}, "relay_vs_floor": {"median": 1.5, "runs": [2.0, 1.5]},
+          "c4_vs_langgraph": {"median": 1.1, "runs": [1.1]}, "repeats": 2}
+    lines = bench.speed_lines(hl, {"median_ms": 0.5, "p90_ms": 2.0, "n": 5}, 2.5)
+    assert lines[0].startswith("per-step cost at c=1, threadbound / bare relay: median 1.20x [1.2, 1.2]")
+    assert "tasks/s at c=4 vs LangGraph + SQLite: median 1.10x" in lines[1]
+    assert lines[-1].endswith("is 1.20x the relay (median write)")

@@ -17,7 +17,7 @@ import pytest
 from threadbound.agents.events import Row
 from threadbound.runtime.config import RuntimeConfig
 from threadbound.runtime.supervisor.clock import SystemClock
-from threadbound.runtime.supervisor.hooks import Hooks
+from threadbound.runtime.supervisor.hooks import Hook, Hooks
 from threadbound.runtime.supervisor.shard import TaskShard
 from threadbound.runtime.supervisor.structured_log import StructuredLog
 from threadbound.runtime.supervisor.task_state import DURABLE_FIELDS, export_tasks, tasks_from_snapshot
@@ -203,5 +203,109 @@ def test_while_the_journal_is_busy_events_wait_for_its_next_frame_and_an_idle_on
         await clock.elapse(gather)
         assert frames() == 4
         await durable.close(export)
+
+    asyncio.run(main())
+
+
+class _ActorStream:
+    """An actor's ``events`` stream as Ray gives it: each ``__anext__`` an awaitable
+    message ``[(idempotency key, batch), ...]``; the stream ends (the actor died) when
+    the test puts None."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        message = await self.messages.get()
+        if message is None:
+            raise StopAsyncIteration
+
+        async def ready():
+            return message
+
+        return ready()
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.stream = _ActorStream()
+        self.started: list[str] = []
+        self.events = _Method(lambda: self.stream)
+        self.start_step = _Method(lambda req: self.started.append(req.idempotency_key))
+
+
+class _CountBatches(Hook):
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, str]]] = []
+
+    def on_events(self, batch) -> None:
+        self.batches.append([(ts.id, row.data["text"]) for ts, row in batch])
+
+
+def test_one_append_carries_every_agents_tokens_of_an_actors_message():
+    """An actor hosting many agents sends their tokens in one message; the supervisor
+    appends them in one batch (observers and the journal hear once), not once per agent,
+    and no step's code runs per batch: each step's handler is called as the message is read."""
+    from types import SimpleNamespace
+
+    from threadbound.runtime.supervisor.channel import ActorChannel
+
+    async def main():
+        shard, tasks = shard_with(3)
+        counter = shard.observers.add(_CountBatches())
+        handle = _Handle()
+        channel = ActorChannel(handle, "agent/0")
+        ended: list[str] = []
+
+        def handler(ts):
+            def on_batch(batch):
+                for kind, data in batch:
+                    if kind == "tokens":
+                        channel.pending.append((ts, kind, "x", dict(data)))
+                    else:
+                        ended.append(ts.id)
+            return on_batch
+
+        listeners = [channel.start(SimpleNamespace(idempotency_key=ts.id), f"x/{ts.id}", handler(ts), None,
+                                   append=shard.append_many) for ts in tasks]
+        # Given three agents' steps on one actor, when its one message carries all their tokens
+        tok = lambda text: ("tokens", {"text": text, "n": 1})  # noqa: E731
+        await handle.stream.messages.put([(ts.id, [tok(f"{ts.id}-a"), tok(f"{ts.id}-b")]) for ts in tasks])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        # Then one append carries them all, each task's in its order
+        assert counter.batches == [[(ts.id, f"{ts.id}-{x}") for ts in tasks for x in "ab"]]
+        assert [[r.data["text"] for r in ts.events] for ts in tasks] == [[f"{ts.id}-a", f"{ts.id}-b"] for ts in tasks]
+        # And a step's last batch ends its listening; the others still hear theirs
+        await handle.stream.messages.put([(tasks[0].id, [("__result__", {})]), (tasks[1].id, [tok("late")])])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert ended == [tasks[0].id] and listeners[0].ended and not listeners[1].ended
+        assert len(counter.batches) == 2 and counter.batches[1] == [(tasks[1].id, "late")]
+        # And a step given up (detached) gets what follows queued, for whoever reads it after
+        listeners[2].detach()
+        await handle.stream.messages.put([(tasks[2].id, [("__error__", {"x": 1})])])
+        got = await (await listeners[2].__anext__())
+        assert got == [("__error__", {"x": 1})] and len(counter.batches) == 2
+        # And when the actor dies, a direct listener hears it through its error handler
+        errors = []
+        listeners[1].on_error = errors.append
+        await handle.stream.messages.put(None)
+        await channel.task
+        assert len(errors) == 1 and type(errors[0]).__name__ == "ActorDiedError"
 
     asyncio.run(main())

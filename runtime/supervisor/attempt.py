@@ -170,18 +170,31 @@ class StepAttempt:
         env.observers.before_step(ts, info)
         info.started = started = clock.monotonic()
         deadline = started + timeout
-        heard_end = False  # the actor reported the step's end: it may serve the task again
+        self.heard_end = False  # the actor reported the step's end: it may serve the task again
         slot.busy = True  # for stats(); this attempt is the only writer
         generation = slot.generation  # the process this step runs on
         why_ended = "cancelled"  # what ends the step if it does not end by itself
         gen = None
         try:
-            if slot.proc.channel is not None:  # several agents per actor: its one event stream
-                gen = slot.proc.channel.start(req, f"{role}/{ts.id}")
+            channel = slot.proc.channel
+            if channel is not None:  # several agents per actor: its one event stream, read for us
+                done = asyncio.get_running_loop().create_future()
+                gen = channel.start(req, f"{role}/{ts.id}", *self._direct(done, channel.pending),
+                                    append=env.shard.append_many)
             else:
                 gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
             if req.agent_blob is not None:
                 slot.sent = (req.binding, slot.generation)
+            if channel is not None:
+                # The channel hands this step's batches to _take as it reads them: this
+                # attempt wakes once, when its step ends (or its deadline passes).
+                remaining = deadline - clock.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                out = await clock.wait_for(done, remaining)
+                if ts.run.cancel_reason is not None:
+                    raise asyncio.CancelledError  # (as below)
+                return out
             while True:
                 remaining = deadline - clock.monotonic()
                 if remaining <= 0:
@@ -193,34 +206,11 @@ class StepAttempt:
                     raise asyncio.CancelledError
                 relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]] = []
                 try:
-                    for kind, data in await ref:
-                        if kind == RESULT:
-                            heard_end = True
-                            return Outcome("ok", data, elapsed_s=clock.monotonic() - started)
-                        if kind == ERROR:
-                            heard_end = True
-                            self._flush(relayed)
-                            return self._failed(data)
-                        if kind == INTERRUPT:
-                            heard_end = True
-                            return Outcome("interrupt", data, elapsed_s=data.get("elapsed_s") or 0.0)
-                        if kind == ev.TOKENS:
-                            if info.first_token is None:
-                                info.first_token = clock.monotonic()
-                            self.partial.append(data["text"])
-                            self.streamed += data.get("n", 1)
-                            if env.health.degraded_now(ts):
-                                self.held.append(data["text"])  # degraded mid-step: the rest comes as one message
-                                continue
-                        elif self.held:
-                            self._flush(relayed)
-                            self._release_held()
-                        # An agent's own event: relayed with its fields as they are, plus the attempt.
-                        fields = dict(data) if isinstance(data, dict) else {"value": data}
-                        fields["attempt"] = info.attempt
-                        relayed.append((ts, kind, role, fields))
+                    out = self._take(await ref, relayed)
                 finally:
                     self._flush(relayed)  # one append for the whole batch the actor sent
+                if out is not None:
+                    return out
         except asyncio.TimeoutError:
             why_ended = "deadline"
             elapsed = clock.monotonic() - started
@@ -230,7 +220,7 @@ class StepAttempt:
             return Outcome("timeout", {"why": f"exceeded its step timeout of {timeout:.3f}s "
                                               f"(elapsed: {elapsed:.1f}s)"}, signal=TIMEOUT, elapsed_s=elapsed)
         except StopAsyncIteration:
-            heard_end = True  # the actor is fine; its step returned nothing we understand
+            self.heard_end = True  # the actor is fine; its step returned nothing we understand
             return Outcome("crash", {"why": "ended its step without a result"})
         except RayError as exc:
             died = isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
@@ -250,7 +240,9 @@ class StepAttempt:
         finally:
             slot.busy = False
             self._release_held()
-            if not heard_end:  # the step may still be running in there: end it
+            if isinstance(gen, Listener):
+                gen.detach()  # what still comes is queued: for the slot table, or for no one
+            if not self.heard_end:  # the step may still be running in there: end it
                 slot.sent = None
                 cause = {"deadline": f"killed at the step deadline of {role}/{ts.id}",
                          "cancelled": f"killed when the step of {role}/{ts.id} was cancelled"}.get(why_ended)
@@ -261,6 +253,67 @@ class StepAttempt:
                     env.slots.replace(slot, kill=True, cause=cause)
             if isinstance(gen, Listener):
                 gen.close()  # stop listening on the actor's stream
+
+    def _take(self, batch: list[tuple[str, Any]],
+              relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]]) -> Outcome | None:
+        """One batch the actor sent for this step: its events go into ``relayed`` (each
+        tagged with the attempt), for the caller to append; the step's outcome if the
+        batch ends it (events before a failure are appended first, then the failure)."""
+        env, ts, info = self.env, self.ts, self.info
+        role, attempt = info.role, info.attempt
+        for kind, data in batch:
+            if kind == ev.TOKENS:
+                if info.first_token is None:
+                    info.first_token = env.clock.monotonic()
+                self.partial.append(data["text"])
+                self.streamed += data.get("n", 1)
+                if env.health.degraded_now(ts):
+                    self.held.append(data["text"])  # degraded mid-step: the rest comes as one message
+                    continue
+                fields = dict(data)
+                fields["attempt"] = attempt
+                relayed.append((ts, kind, role, fields))
+                continue
+            if kind == RESULT:
+                self.heard_end = True
+                return Outcome("ok", data, elapsed_s=env.clock.monotonic() - info.started)
+            if kind == ERROR:
+                self.heard_end = True
+                self._flush(relayed)
+                return self._failed(data)
+            if kind == INTERRUPT:
+                self.heard_end = True
+                return Outcome("interrupt", data, elapsed_s=data.get("elapsed_s") or 0.0)
+            if self.held:
+                self._flush(relayed)
+                self._release_held()
+            # An agent's own event: relayed with its fields as they are, plus the attempt.
+            fields = dict(data) if isinstance(data, dict) else {"value": data}
+            fields["attempt"] = attempt
+            relayed.append((ts, kind, role, fields))
+        return None
+
+    def _direct(self, done: asyncio.Future, relayed: list[Any]) -> tuple[Any, Any]:
+        """The handlers a channel calls with this step's batches (``relayed``: the
+        channel's pending events) and with the error of its broken stream; ``done`` gets
+        the step's outcome, or the exception it raised."""
+
+        def on_batch(batch: list[tuple[str, Any]]) -> None:
+            if done.done():
+                return
+            try:
+                out = self._take(batch, relayed)
+            except BaseException as exc:  # as the loop would have raised it
+                done.set_exception(exc)
+                return
+            if out is not None:
+                done.set_result(out)
+
+        def on_error(error: BaseException) -> None:
+            if not done.done():
+                done.set_exception(error)
+
+        return on_batch, on_error
 
     def _flush(self, relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]]) -> None:
         if relayed:

@@ -9,13 +9,23 @@ dashboard shows it). :class:`ActorChannel` reads that stream on the supervisor's
 hands each step's batches to the attempt that listens for it (by the step's idempotency
 key), in the order the actor sent them. When the actor dies the stream breaks, and every
 listener hears the same Ray error a step's own stream would have raised.
+
+A listener is either queued (``await listener.__anext__()`` gives the next batch, as a
+step's own stream does) or direct: its step's attempt gives a handler that the channel
+calls with each batch as it reads the message, on the loop, with no await and no task
+woken per batch. A direct handler puts the events it relays into the channel's
+:attr:`ActorChannel.pending`; the channel appends them with one call (``append``, the
+task shard's ``append_many``) once it has read the whole message: one append for all
+the agents' tokens of an actor's flush, not one per agent. An attempt that gives up
+its step (deadline, cancel) detaches its handler, and what follows is queued for the
+slot table, which reads the step's end there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from ray.exceptions import ActorDiedError, RayError
 
@@ -44,10 +54,33 @@ class Listener:
     """One step's share of its actor's stream: ``await listener.__anext__()`` gives an
     awaitable batch, as a step's own ObjectRefGenerator does."""
 
-    def __init__(self, channel: "ActorChannel", key: str) -> None:
+    def __init__(self, channel: "ActorChannel", key: str,
+                 on_batch: Callable[[list[tuple[str, Any]]], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.channel, self.key = channel, key
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ended = False
+        self.on_batch, self.on_error = on_batch, on_error  # direct delivery (None: queued)
+
+    def deliver(self, batch: list[tuple[str, Any]]) -> None:
+        """A batch of this step's events, in the order the actor sent them."""
+        if self.on_batch is None:
+            self.queue.put_nowait(batch)
+            return
+        if any(kind in _ENDS for kind, _ in batch):
+            self.close()  # the step's last batch: nothing follows
+        self.on_batch(batch)
+
+    def fail(self, error: BaseException) -> None:
+        """The actor's stream broke: the step hears the error."""
+        if self.on_error is None:
+            self.queue.put_nowait(error)
+        else:
+            self.on_error(error)
+
+    def detach(self) -> None:
+        """Back to queued delivery: the batches that follow wait for ``__anext__``."""
+        self.on_batch = self.on_error = None
 
     def __aiter__(self) -> "Listener":
         return self
@@ -77,20 +110,37 @@ class ActorChannel:
         self.listeners: dict[str, Listener] = {}
         self.messages = 0  # messages received (each carries the batches of several steps)
         self.error: BaseException | None = None
+        # Events the direct listeners relayed from the message being read, appended together
+        # by ``append`` once it is read (a handler that must append before it goes on, e.g.
+        # ahead of a step's failure, appends them itself and clears this list in place).
+        self.pending: list[Any] = []
+        self.append: Callable[[list[Any]], None] | None = None
         self.task = asyncio.get_running_loop().create_task(self._pump(), name=f"threadbound/{name}/events")
 
-    def listen(self, key: str) -> Listener:
-        """Register a step's listener: call before starting the step."""
-        listener = Listener(self, key)
+    def listen(self, key: str, on_batch: Callable[[list[tuple[str, Any]]], None] | None = None,
+               on_error: Callable[[BaseException], None] | None = None) -> Listener:
+        """Register a step's listener (direct when ``on_batch`` is given): call before
+        starting the step. A direct listener of a channel already broken hears its error
+        at the next loop turn, not inside this call."""
+        listener = Listener(self, key, on_batch, on_error)
         if self.error is not None:
-            listener.queue.put_nowait(self.error)
+            if on_error is None:
+                listener.queue.put_nowait(self.error)
+            else:
+                asyncio.get_running_loop().call_soon(listener.fail, self.error)
         else:
             self.listeners[key] = listener
         return listener
 
-    def start(self, req: Any, name: str) -> Listener:
-        """Listen for the step, then start it on the actor."""
-        listener = self.listen(req.idempotency_key)
+    def start(self, req: Any, name: str, on_batch: Callable[[list[tuple[str, Any]]], None] | None = None,
+              on_error: Callable[[BaseException], None] | None = None,
+              append: Callable[[list[Any]], None] | None = None) -> Listener:
+        """Listen for the step, then start it on the actor. With ``on_batch`` the step's
+        batches are handed to it as they are read, and ``append`` appends what the
+        handlers put in :attr:`pending`, once per message."""
+        if append is not None:
+            self.append = append
+        listener = self.listen(req.idempotency_key, on_batch, on_error)
         self.handle.start_step.options(name=name).remote(req)
         return listener
 
@@ -98,12 +148,18 @@ class ActorChannel:
         error: BaseException
         try:
             stream = self.handle.events.options(name=f"{self.name}/events").remote()
+            pending = self.pending
             async for ref in stream:
                 self.messages += 1
+                listeners = self.listeners
                 for key, batch in await ref:
-                    listener = self.listeners.get(key)
+                    listener = listeners.get(key)
                     if listener is not None:  # else: a step no one waits for any more (it was given up)
-                        listener.queue.put_nowait(batch)
+                        listener.deliver(batch)
+                if pending:  # one append for every agent's events of this message
+                    items = pending[:]
+                    pending.clear()
+                    self.append(items)
             error = ActorDiedError()  # the stream ended: only a dead actor ends it
         except asyncio.CancelledError:
             error = ActorDiedError()
@@ -119,9 +175,14 @@ class ActorChannel:
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
-        for listener in list(self.listeners.values()):
-            listener.queue.put_nowait(error)
+        if self.pending and self.append is not None:  # what was relayed before the break
+            items = list(self.pending)
+            self.pending.clear()
+            self.append(items)
+        listeners = list(self.listeners.values())
         self.listeners.clear()
+        for listener in listeners:
+            listener.fail(error)
 
     def close(self) -> None:
         """The actor is being replaced: stop reading; steps still listening hear it died."""
