@@ -105,6 +105,34 @@ def test_each_shard_has_its_own_location_under_the_pools():
     assert shard_location(cfg.replace(shards=1), 0) == "/s/p"
 
 
+def test_a_pools_history_is_found_whether_it_has_one_shard_or_several(tmp_path):
+    from threadbound.runtime.lifecycle import find_pool
+    from threadbound.runtime.supervisor.layout import read_layout
+    from threadbound.snapshots import NoSnapshot
+
+    # Given: a snapshot_dir with a pool of one shard and a pool of two (and an old history set aside)
+    def history(d):
+        d.mkdir(parents=True)
+        (d / "history.tbh").write_bytes(b"x")
+        (d / "snap-0000000001.tbs").write_bytes(b"x")
+
+    history(tmp_path / "solo")
+    history(tmp_path / "duo" / "shard-0")
+    history(tmp_path / "duo" / "shard-1")
+    history(tmp_path / "duo" / "retired-20240101T000000Z" / "shard-0")
+    # Then: each is read as what made it
+    solo, duo = read_layout(str(tmp_path / "solo")), read_layout(str(tmp_path / "duo"))
+    assert (solo.shards, solo.sharded, duo.shards, duo.sharded) == (1, False, 2, True)
+    assert duo.names == ["shard-0", "shard-1"] and duo.fits(2) and not duo.fits(1) and not duo.fits(3)
+    assert solo.fits(1) and not solo.fits(2) and read_layout(str(tmp_path / "none")).fits(5)
+    # ... and found by the pool's name, by its own directory, or by one shard's directory
+    assert find_pool(str(tmp_path), "duo") == find_pool(str(tmp_path / "duo")) == str(tmp_path / "duo")
+    assert find_pool(str(tmp_path / "duo" / "shard-1")) == str(tmp_path / "duo")
+    assert find_pool(str(tmp_path), "solo") == str(tmp_path / "solo")
+    with pytest.raises(NoSnapshot, match="several pools: .*duo.*solo"):
+        find_pool(str(tmp_path))
+
+
 # -- on Ray ------------------------------------------------------------------------------------
 
 ray_tests = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(240)]
