@@ -98,6 +98,21 @@ def test_metrics_of_the_shards_are_one_text_with_a_shard_label():
     assert label_shard("x 1", 2) == 'x{shard="2"} 1' and label_shard("x{} 1", 2) == 'x{shard="2"} 1'
 
 
+def test_the_pools_real_metrics_merge_into_text_prometheus_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from threadbound.runtime.metrics import PoolMetrics
+
+    texts = [PoolMetrics("p", ray_mirror=False).text() for _ in range(2)]
+    families = list(text_string_to_metric_families(merge_metrics(texts)))
+    alone = list(text_string_to_metric_families(texts[0]))
+    assert [f.name for f in families] == [f.name for f in alone]  # each family once
+    for merged, one in zip(families, alone):
+        assert len(merged.samples) == 2 * len(one.samples)
+        assert {s.labels["shard"] for s in merged.samples} == ({"0", "1"} if one.samples else set())
+    assert sum(len(f.samples) for f in families) > 0
+
+
 def test_each_shard_has_its_own_location_under_the_pools():
     cfg = RuntimeConfig(name="p", snapshot_dir="/s", shards=3)
     assert cfg.snapshot_location == "/s/p"
