@@ -275,10 +275,11 @@ def test_a_shard_killed_mid_stream_resumes_while_the_other_shard_streams_on(pool
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(240)
-def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(pool_name, tmp_path):
+def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(pool_name, tmp_path, capsys):
     import ray
 
     from threadbound.runtime import AgentPool
+    from threadbound.runtime.cli import main
 
     snaps = str(tmp_path / "snaps")
     root = os.path.join(snaps, pool_name)
@@ -289,6 +290,10 @@ def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(po
         ray.kill(sup, no_restart=True)
     assert eventually(lambda: not _named(pool_name) and not _named(f"{pool_name}/shard-1"), 30)
     assert eventually(lambda: _released(root, 2), 30)  # their processes are gone too
+    # (`threadbound snapshots ls` lists each shard's snapshots)
+    assert main(["snapshots", "ls", snaps, "--pool", pool_name]) == 0
+    listed = capsys.readouterr().out
+    assert f"{root}/shard-0: " in listed and f"{root}/shard-1: " in listed and "REFUSED" not in listed
     # Then: starting it with 3 shards, or 1, is refused naming `shards`, before any actor starts
     for n in (3, 1):
         with pytest.raises(ConfigError, match=r"shards: .*made with shards: 2.*2 unfinished task"):
