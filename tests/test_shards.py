@@ -204,6 +204,17 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         other = AgentPool.attach(pool_name)
         assert sorted(t.task_id for t in other.tasks()) == sorted(t.task_id for t in tasks)
         assert other.handle(ids[1]).result(timeout=30).ok
+        # ... `threadbound top` draws them all, and every shard's agents, from that client
+        import io
+
+        from rich.console import Console
+
+        from threadbound.runtime.cli.top import render
+
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(render(other.stats(), other.health(), other.tasks()))
+        screen = console.export_text()
+        assert all(t.task_id in screen for t in tasks) and f"{pool_name}/s1/agent/0" in screen
         # ... and so does the gateway
         with InProcessGateway(pool) as gw:
             listed = httpx.get(f"{gw.url}/v1/tasks", headers=auth(READ), timeout=30).json()["tasks"]
