@@ -176,6 +176,20 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         assert [i.endswith("-s1") for i in ids] == [False, True, False, True]
         assert keyed[0].task_id == keyed[1].task_id and (keyed[0].created, keyed[1].created) == (True, False)
         assert keyed[0].task_id.endswith("-s1") == (key_shard("order-1", 2) == 1)
+        # ... a burst of submits goes as one call per shard
+        import asyncio
+
+        from threadbound.runtime.client import _sync
+
+        before = [s["submit_calls"] for s in pool.stats()["shards"]]
+
+        async def burst():
+            return await asyncio.gather(*(pool.asubmit(scripted(tokens=1)) for _ in range(6)))
+
+        handles += _sync(burst())
+        assert [s["submit_calls"] - b for s, b in zip(pool.stats()["shards"], before)] == [1, 1]
+        assert sorted(h.task_id.endswith("-s1") for h in handles[4:]) == [False] * 3 + [True] * 3
+        ids = [h.task_id for h in handles]
         # ... results and streams come from both
         for h in handles + keyed[:1]:
             assert h.result(timeout=120).ok
@@ -186,7 +200,7 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         assert sorted(t.task_id for t in tasks) == sorted(ids + [keyed[0].task_id])
         assert [t.submitted_at for t in tasks] == sorted(t.submitted_at for t in tasks)
         stats = pool.stats()
-        assert stats["tasks"] == {"succeeded": 5}
+        assert stats["tasks"] == {"succeeded": 11}
         assert [s["supervisor"] for s in stats["shards"]] == [pool_name, f"{pool_name}/shard-1"]
         assert len({s["pid"] for s in stats["shards"]}) == 2 and all(s["node"] for s in stats["shards"])
         slots = {s["name"] for s in stats["slots"]}
