@@ -45,6 +45,12 @@ class AgentPool:
     it raises :class:`ConfigError` naming the settings that differ (attach to a running
     pool as it is with :meth:`attach`).
 
+    With ``shards: N`` > 1 the pool is N supervisor actors (shard 0 named ``config.name``,
+    shard k ``<name>/shard-<k>``), and this client is still one pool: ``submit`` picks a
+    shard (by the idempotency key, else in turn), calls about a task go to the shard
+    its id names, and ``tasks``, ``stats``, ``health`` and ``metrics_text`` merge every
+    shard's answer (``runtime.shards``; docs/clusters.md).
+
     Args:
         config: a :class:`RuntimeConfig`; defaults to ``RuntimeConfig.from_env()``.
         agents: extra roles, ``{"role": AgentSubclass or "pkg.mod:Class"}``.
@@ -349,7 +355,8 @@ class AgentPool:
     def info(self) -> dict[str, Any]:
         """What the supervisor says about itself: ``name``, ``config``, ``roles``,
         ``started_at``, ``resumed``, ``metrics_url`` and ``pid`` (its process id on its
-        node, e.g. to watch its memory or to see that Ray restarted it).
+        node, e.g. to watch its memory or to see that Ray restarted it). With several
+        shards, shard 0's, plus ``shard`` (0) and ``shards``: every shard's actor name.
 
         Examples:
             >>> psutil.Process(pool.info()["pid"]).memory_info().rss  # doctest: +SKIP
@@ -359,7 +366,9 @@ class AgentPool:
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, task counts by status, every slot (owner, pid, alive, ...), and
-        ``reads``: how many event reads the supervisor has served."""
+        ``reads``: how many event reads the supervisor has served. With several shards,
+        the counts summed over them and each shard's own stats (with its ``supervisor``
+        name, ``pid`` and ``node``) under ``"shards"``."""
         return merge_stats(self._gather("stats"))
 
     def health(self) -> dict[str, Any]:

@@ -98,11 +98,54 @@ def test_metrics_of_the_shards_are_one_text_with_a_shard_label():
     assert label_shard("x 1", 2) == 'x{shard="2"} 1' and label_shard("x{} 1", 2) == 'x{shard="2"} 1'
 
 
+def test_the_pools_real_metrics_merge_into_text_prometheus_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from threadbound.runtime.metrics import PoolMetrics
+
+    texts = [PoolMetrics("p", ray_mirror=False).text() for _ in range(2)]
+    families = list(text_string_to_metric_families(merge_metrics(texts)))
+    alone = list(text_string_to_metric_families(texts[0]))
+    assert [f.name for f in families] == [f.name for f in alone]  # each family once
+    for merged, one in zip(families, alone):
+        assert len(merged.samples) == 2 * len(one.samples)
+        assert {s.labels["shard"] for s in merged.samples} == ({"0", "1"} if one.samples else set())
+    assert sum(len(f.samples) for f in families) > 0
+
+
 def test_each_shard_has_its_own_location_under_the_pools():
     cfg = RuntimeConfig(name="p", snapshot_dir="/s", shards=3)
     assert cfg.snapshot_location == "/s/p"
     assert [shard_location(cfg, k) for k in range(3)] == ["/s/p/shard-0", "/s/p/shard-1", "/s/p/shard-2"]
     assert shard_location(cfg.replace(shards=1), 0) == "/s/p"
+
+
+def test_a_pools_history_is_found_whether_it_has_one_shard_or_several(tmp_path):
+    from threadbound.runtime.lifecycle import find_pool
+    from threadbound.runtime.supervisor.layout import read_layout
+    from threadbound.snapshots import NoSnapshot
+
+    # Given: a snapshot_dir with a pool of one shard and a pool of two (and an old history set aside)
+    def history(d):
+        d.mkdir(parents=True)
+        (d / "history.tbh").write_bytes(b"x")
+        (d / "snap-0000000001.tbs").write_bytes(b"x")
+
+    history(tmp_path / "solo")
+    history(tmp_path / "duo" / "shard-0")
+    history(tmp_path / "duo" / "shard-1")
+    history(tmp_path / "duo" / "retired-20240101T000000Z" / "shard-0")
+    # Then: each is read as what made it
+    solo, duo = read_layout(str(tmp_path / "solo")), read_layout(str(tmp_path / "duo"))
+    assert (solo.shards, solo.sharded, duo.shards, duo.sharded) == (1, False, 2, True)
+    assert duo.names == ["shard-0", "shard-1"] and duo.fits(2) and not duo.fits(1) and not duo.fits(3)
+    assert solo.fits(1) and not solo.fits(2) and read_layout(str(tmp_path / "none")).fits(5)
+    # ... and found by the pool's name, by its own directory, or by one shard's directory
+    assert find_pool(str(tmp_path), "duo") == find_pool(str(tmp_path / "duo")) == str(tmp_path / "duo")
+    assert find_pool(str(tmp_path / "duo" / "shard-1")) == str(tmp_path / "duo")
+    assert find_pool(str(tmp_path), "solo") == str(tmp_path / "solo")
+    with pytest.raises(NoSnapshot, match="several pools: .*duo.*solo"):
+        find_pool(str(tmp_path))
 
 
 # -- on Ray ------------------------------------------------------------------------------------
@@ -133,6 +176,20 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         assert [i.endswith("-s1") for i in ids] == [False, True, False, True]
         assert keyed[0].task_id == keyed[1].task_id and (keyed[0].created, keyed[1].created) == (True, False)
         assert keyed[0].task_id.endswith("-s1") == (key_shard("order-1", 2) == 1)
+        # ... a burst of submits goes as one call per shard
+        import asyncio
+
+        from threadbound.runtime.client import _sync
+
+        before = [s["submit_calls"] for s in pool.stats()["shards"]]
+
+        async def burst():
+            return await asyncio.gather(*(pool.asubmit(scripted(tokens=1)) for _ in range(6)))
+
+        handles += _sync(burst())
+        assert [s["submit_calls"] - b for s, b in zip(pool.stats()["shards"], before)] == [1, 1]
+        assert sorted(h.task_id.endswith("-s1") for h in handles[4:]) == [False] * 3 + [True] * 3
+        ids = [h.task_id for h in handles]
         # ... results and streams come from both
         for h in handles + keyed[:1]:
             assert h.result(timeout=120).ok
@@ -143,7 +200,7 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         assert sorted(t.task_id for t in tasks) == sorted(ids + [keyed[0].task_id])
         assert [t.submitted_at for t in tasks] == sorted(t.submitted_at for t in tasks)
         stats = pool.stats()
-        assert stats["tasks"] == {"succeeded": 5}
+        assert stats["tasks"] == {"succeeded": 11}
         assert [s["supervisor"] for s in stats["shards"]] == [pool_name, f"{pool_name}/shard-1"]
         assert len({s["pid"] for s in stats["shards"]}) == 2 and all(s["node"] for s in stats["shards"])
         slots = {s["name"] for s in stats["slots"]}
@@ -161,6 +218,17 @@ def test_a_two_shard_pool_is_one_pool(pool_name):
         other = AgentPool.attach(pool_name)
         assert sorted(t.task_id for t in other.tasks()) == sorted(t.task_id for t in tasks)
         assert other.handle(ids[1]).result(timeout=30).ok
+        # ... `threadbound top` draws them all, and every shard's agents, from that client
+        import io
+
+        from rich.console import Console
+
+        from threadbound.runtime.cli.top import render
+
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(render(other.stats(), other.health(), other.tasks()))
+        screen = console.export_text()
+        assert all(t.task_id in screen for t in tasks) and f"{pool_name}/s1/agent/0" in screen
         # ... and so does the gateway
         with InProcessGateway(pool) as gw:
             listed = httpx.get(f"{gw.url}/v1/tasks", headers=auth(READ), timeout=30).json()["tasks"]
@@ -232,10 +300,11 @@ def test_a_shard_killed_mid_stream_resumes_while_the_other_shard_streams_on(pool
 
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(240)
-def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(pool_name, tmp_path):
+def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(pool_name, tmp_path, capsys):
     import ray
 
     from threadbound.runtime import AgentPool
+    from threadbound.runtime.cli import main
 
     snaps = str(tmp_path / "snaps")
     root = os.path.join(snaps, pool_name)
@@ -246,6 +315,10 @@ def test_changing_the_number_of_shards_is_refused_unless_the_pool_was_drained(po
         ray.kill(sup, no_restart=True)
     assert eventually(lambda: not _named(pool_name) and not _named(f"{pool_name}/shard-1"), 30)
     assert eventually(lambda: _released(root, 2), 30)  # their processes are gone too
+    # (`threadbound snapshots ls` lists each shard's snapshots)
+    assert main(["snapshots", "ls", snaps, "--pool", pool_name]) == 0
+    listed = capsys.readouterr().out
+    assert f"{root}/shard-0: " in listed and f"{root}/shard-1: " in listed and "REFUSED" not in listed
     # Then: starting it with 3 shards, or 1, is refused naming `shards`, before any actor starts
     for n in (3, 1):
         with pytest.raises(ConfigError, match=r"shards: .*made with shards: 2.*2 unfinished task"):

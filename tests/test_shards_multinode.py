@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = 60
@@ -78,10 +78,11 @@ def test_a_removed_worker_node_costs_retries_not_tasks(sharded_run):
     loss = sharded_run["loss"]
     # Given node 2 removed while agents ran there
     assert loss["on_lost_node"], "no agent ran on the node removed"
-    # Then those tasks still succeeded (their steps were retried elsewhere)
+    # Then those tasks still succeeded, the steps that ran there retried elsewhere (a
+    # step may also have finished just before the node went: at least one crashed)
     for task_id in loss["on_lost_node"]:
         assert sharded_run["by_task"][task_id] == "succeeded"
-        assert "agent_crashed" in loss["kinds"][task_id]
+    assert any("agent_crashed" in loss["kinds"][t] for t in loss["on_lost_node"]), loss["kinds"]
 
 
 @pytest.mark.timeout(450)
@@ -188,7 +189,7 @@ def _child(out: str) -> None:
         counted = _agent()
         with AgentPool(cfg, agents={"a": counted, "b": counted}) as pool:
             handles = [pool.submit(Task(goal=f"sharded {i}", agents=["a", "b"], after={"a": [], "b": []},
-                                        inputs={"*": {"mark": mark_dir, "tokens": 4, "token_sleep_s": 0.1}}))
+                                        inputs={"*": {"mark": mark_dir, "tokens": 8, "token_sleep_s": 0.1}}))
                        for i in range(TASKS)]
             ids = [h.task_id for h in handles]
             shard_of = {t: _shard(t) for t in ids}
@@ -246,7 +247,6 @@ def _child(out: str) -> None:
                         if slot.get("busy") and slot.get("node") == worker.node_id:
                             on_node.add(slot["owner"])
                 time.sleep(0.1)
-            time.sleep(0.3)
             with open(log_path, "a") as fh:
                 fh.write(f"removed {worker.node_id}\n")
             cluster.remove_node(worker)

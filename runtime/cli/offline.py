@@ -17,15 +17,35 @@ from .render import out, say
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from threadbound.snapshots import SnapshotError, SnapshotLocation, load_key, open_store
+    from threadbound.snapshots import NoSnapshot, SnapshotError, load_key
     from threadbound.snapshots.location import find_location
 
+    from ..lifecycle import find_pool
+    from ..supervisor.layout import read_layout
+
     cfg = base_config(args)
-    where = find_location(args.location or cfg.snapshot_dir, args.pool)
+    try:
+        wheres = [find_location(args.location or cfg.snapshot_dir, args.pool)]
+    except NoSnapshot:
+        # a pool of several shards: each shard's location in turn (``show`` takes one of them)
+        root = find_pool(args.location or cfg.snapshot_dir, args.pool)
+        wheres = read_layout(root).locations
+        if args.action != "ls":
+            say(f"threadbound: {root} holds a pool of {len(wheres)} shards; show one of them: "
+                f"{wheres[0]} ... {wheres[-1]}")
+            return 2
     try:
         key, unverified = load_key(cfg.snapshots.key_file), ""
     except SnapshotError as exc:
         key, unverified = b"", f"unverified ({exc})"
+    for where in wheres[:-1]:
+        _snapshots(args, where, key, unverified)
+    return _snapshots(args, wheres[-1], key, unverified)
+
+
+def _snapshots(args: argparse.Namespace, where: str, key: bytes, unverified: str) -> int:
+    from threadbound.snapshots import SnapshotError, SnapshotLocation, open_store
+
     loc = SnapshotLocation(open_store(where, create=False), key)
 
     def manifest(seq: int) -> tuple[dict[str, Any], str]:

@@ -125,7 +125,8 @@ def alert_rules(config: Any, *, source: str = "<config>") -> dict[str, Any]:
               "crash at agent actors dying (`ray list actors`, the pool's log). "
               f"{health} shows whether the pool degraded."),
         _rule("ThreadboundPoolSaturated",
-              f"max by (pool) ({active}) / max by (pool) ({size}) > {number(a.utilisation)}",
+              # busy agents summed over a pool's shards (one series each), over its max_agents
+              f"sum by (pool) ({active}) / max by (pool) ({size}) > {number(a.utilisation)}",
               a.for_s, "warning",
               f"Pool {on_pool}: {{{{ $value | humanizePercentage }}}} of its agents are busy",
               f"Busy agent actors / max_agents has been above {number(a.utilisation * 100)}% "

@@ -112,11 +112,12 @@ def dashboard() -> dict[str, Any]:
               "run (max_agents); the agent actors (processes) hosting them, agents_per_actor each at most.",
               [(f"sum by (pool) ({m('threadbound_thread_pool_active')}{{{POOL}}})", "{{pool}} active"),
                (f"sum by (pool) ({m('threadbound_thread_pool_bound')}{{{POOL}}})", "{{pool}} bound"),
-               (f"sum by (pool) ({m('threadbound_thread_pool_size')}{{{POOL}}})", "{{pool}} size"),
+               # max_agents, which every shard of a pool of several reports alike
+               (f"max by (pool) ({m('threadbound_thread_pool_size')}{{{POOL}}})", "{{pool}} size"),
                (f"sum by (pool) ({m('threadbound_agent_actors')}{{{POOL}}})", "{{pool}} actors"),
                (f"sum by (pool) ({m('threadbound_agent_actors_size')}{{{POOL}}})", "{{pool}} actors max")])
     lay.panel("Utilisation", "Busy agents / max_agents. ThreadboundPoolSaturated fires above the red line.",
-              [(f"max by (pool) ({m('threadbound_thread_pool_active')}{{{POOL}}}) / "
+              [(f"sum by (pool) ({m('threadbound_thread_pool_active')}{{{POOL}}}) / "
                 f"max by (pool) ({m('threadbound_thread_pool_size')}{{{POOL}}})", "{{pool}}")],
               unit="percentunit",
               defaults={"min": 0, "max": 1,
