@@ -1,6 +1,6 @@
 """A model of what a pool of N supervisor shards on M nodes carries, from measured costs.
 
-    python scripts/shards_model.py                        # the table of docs/clusters-model.md
+    python scripts/shards_model.py                        # the table of docs/clusters.md (What N shards on M nodes carry)
     python scripts/shards_model.py --bench shards.json    # with the figures of a bench run
     python scripts/bench_cluster.py --json shards.json    # (makes that file)
 
@@ -24,36 +24,49 @@ NODES = (1, 3, 10, 30, 100)
 
 @dataclass
 class Inputs:
-    """Measured costs (CPU of one core, microseconds) and the assumed node and workload."""
+    """Measured costs (CPU of one core, microseconds) and the assumed node and workload.
 
-    shard_us_per_event: float = 115.0  # a shard's CPU per delivered event at the capacity workload (batched)
-    shard_us_per_step: float = 1800.0  # a shard's CPU per step (admit, bind, run, commit, release)
-    allocator_us_per_step: float = 50.0  # the allocator's CPU per step, with shards > 1
-    allocator_calls_per_step: float = 1.0  # shard -> allocator calls per step
-    agents_us_per_event: float = 130.0  # agent processes' CPU per event (threaded actors, k = 50)
-    client_us_per_event: float = 21.0  # one client following every task, per event
-    events_per_agent_s: float = 6.0  # events a model-bound agent streaming 20 tokens/s makes (batched)
-    steps_per_agent_s: float = 0.05  # steps an agent finishes a second (a step of ~20 s of model time)
-    agent_mb: float = 4.0  # resident MB per agent at k = 50 (process memory / agents)
+    The defaults are this machine's figures of 2026-12-07, nothing else running:
+    ``python scripts/bench.py --capacity --levels 512,1000,2000 --agents-per-actor 50``
+    (1000 agents: supervisor 74 us, agents 162 us, Ray 16 us, client 41 us per event, 4,043 events/s,
+    agent RSS 2,783 MB) and ``python scripts/bench.py --cluster`` (3 shards: a shard's CPU
+    per step 2,200-2,750 us, the allocator's 467 us per step at 0.50 calls per step)."""
+
+    shard_us_per_event: float = 80.0  # a shard's CPU per delivered event (capacity workload: 74-84)
+    shard_us_per_step: float = 2600.0  # a shard's CPU per step (admit, bind, run, commit, release; 3 shards)
+    allocator_us_per_step: float = 467.0  # the allocator's CPU per step, with shards > 1
+    allocator_calls_per_step: float = 0.5  # shard -> allocator calls per step (syncs and listens)
+    agents_us_per_event: float = 162.0  # agent processes' CPU per event (threaded actors, k = 50)
+    ray_us_per_event: float = 16.0  # Ray's own processes (raylet, GCS, ...) per event
+    client_us_per_event: float = 41.0  # one client following every task, per event
+    events_per_agent_s: float = 4.0  # events a model-bound agent streaming 20 tokens/s makes (batched)
+    steps_per_agent_s: float = 0.05  # ASSUMED: steps an agent ends a second (a step of ~20 s of model time)
+    agent_mb: float = 2.8  # resident MB per agent at k = 50 (process memory / agents)
     node_cores: float = 2.0  # cores per node (this machine)
     node_gib: float = 24.0  # memory per node
     busy: float = 0.7  # the share of a core a process may use before delays grow
 
 
 def ceilings(n: int, m: int, x: Inputs) -> dict[str, float]:
-    """Agents each ceiling allows for N shards on M nodes (the smallest wins)."""
-    shard_core = x.busy * 1e6  # us of CPU a shard may use a second
-    per_agent_shard_us = x.events_per_agent_s * x.shard_us_per_event + x.steps_per_agent_s * x.shard_us_per_step
-    eligible = min(n, m)  # shards on different nodes; beyond M, shards share nodes' cores
-    shard_cores = min(n, m * x.node_cores)  # a shard uses at most one core
+    """Agents each ceiling allows for N shards on M nodes (the smallest wins):
+
+    * ``shards``: each shard is one process, so one core at most (``busy`` of it), and
+      no more shards run at once than the nodes have cores;
+    * ``CPU``: the shards, the agents, Ray's own processes and the allocator together use
+      at most ``busy`` of every core of the M nodes;
+    * ``memory``: the agent processes use at most 80% of the M nodes' memory;
+    * ``allocator``: one actor for the whole pool (N > 1), one core at most."""
+    core = x.busy * 1e6  # us of CPU a process may use a second
+    shard_us = x.events_per_agent_s * x.shard_us_per_event + x.steps_per_agent_s * x.shard_us_per_step
+    alloc_us = x.steps_per_agent_s * x.allocator_us_per_step if n > 1 else 0.0
+    all_us = shard_us + alloc_us + x.events_per_agent_s * (x.agents_us_per_event + x.ray_us_per_event)
     out = {
-        "shards": shard_cores * shard_core / per_agent_shard_us,
-        # the agents' own CPU: every node's cores, less what shards on it use
-        "agent CPU": (m * x.node_cores - eligible * x.busy) * x.busy * 1e6 / (x.events_per_agent_s * x.agents_us_per_event),
+        "shards": min(n, m * x.node_cores) * core / shard_us,
+        "CPU": m * x.node_cores * core / all_us,
         "memory": m * x.node_gib * 1024 * 0.8 / x.agent_mb,
     }
-    if n > 1:  # one allocator actor for the pool: one core at most
-        out["allocator"] = shard_core / (x.steps_per_agent_s * x.allocator_us_per_step)
+    if n > 1:
+        out["allocator"] = core / alloc_us
     return out
 
 
