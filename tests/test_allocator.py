@@ -151,6 +151,15 @@ def run_shards(fakes, body, *, shards=3, allocator=None, **overrides):
     return asyncio.run(main())
 
 
+def until_set(release: asyncio.Event):
+    """An agent script that holds its step until ``release`` is set."""
+    async def blocks(call):
+        await release.wait()
+        return "done"
+
+    return blocks
+
+
 async def wait_all(sups, ids):
     for k, task_id in ids:
         await sups[k].wait(task_id, None)
@@ -247,11 +256,7 @@ def test_caps_hold_across_three_shards_under_load(fakes):
 def test_tasks_across_shards_start_by_priority_then_submission(fakes):
     async def body(sups, alloc, record):
         release = asyncio.Event()
-
-        async def blocks(call):
-            await release.wait()
-            return "done"
-
+        blocks = until_set(release)
         fakes.scripts["c"] = blocks
         blocker = await submit(sups[0], ["c"])
         await until(lambda: status(sups, 0, blocker) == "running", "the blocker runs")
@@ -273,11 +278,7 @@ def test_tasks_across_shards_start_by_priority_then_submission(fakes):
 def test_an_agent_freed_in_one_shard_admits_the_task_waiting_in_another(fakes):
     async def body(sups, alloc, record):
         release = asyncio.Event()
-
-        async def blocks(call):
-            await release.wait()
-            return "done"
-
+        blocks = until_set(release)
         fakes.scripts["c"] = blocks
         busy = await submit(sups[0], ["c", "a"], after={})
         await until(lambda: status(sups, 0, busy) == "running", "shard 0's task runs")
@@ -305,11 +306,7 @@ def test_an_agent_freed_in_one_shard_admits_the_task_waiting_in_another(fakes):
 def test_a_restarted_allocator_relearns_what_each_shard_holds_without_exceeding_the_cap(fakes):
     async def body(sups, alloc, record):
         release = asyncio.Event()
-
-        async def blocks(call):
-            await release.wait()
-            return "done"
-
+        blocks = until_set(release)
         fakes.scripts["c"] = blocks
         held0 = await submit(sups[0], ["c"])
         held1 = await submit(sups[1], ["c"])
@@ -340,11 +337,7 @@ def test_a_restarted_allocator_relearns_what_each_shard_holds_without_exceeding_
 def test_an_allocator_that_does_not_answer_stops_new_tasks_only_and_is_caught_up_with(fakes, caplog):
     async def body(sups, alloc, record):
         release = asyncio.Event()
-
-        async def blocks(call):
-            await release.wait()
-            return "done"
-
+        blocks = until_set(release)
         fakes.scripts["c"] = blocks
         running = await submit(sups[0], ["c"])
         await until(lambda: status(sups, 0, running) == "running" and set(alloc.impl._listening) == {0, 1},
@@ -411,9 +404,7 @@ def test_a_dead_shard_keeps_its_budget_until_it_is_back_and_says_what_it_holds(f
     cfg = config(max_agents=2, max_agents_per_task=2)
 
     async def body(sups, alloc, record):
-        async def blocks(call):
-            await asyncio.Event().wait()
-
+        blocks = until_set(asyncio.Event())  # (never set: it runs until the shard stops it)
         fakes.scripts["c"] = blocks
         old = sups[1]
         lost = await submit(old, ["c", "b"], after={})
@@ -442,10 +433,7 @@ def test_a_dead_shard_keeps_its_budget_until_it_is_back_and_says_what_it_holds(f
 def test_shutdown_gives_every_agent_back(fakes):
     async def body(sups, alloc, record):
         release = asyncio.Event()
-
-        async def blocks(call):
-            await release.wait()
-
+        blocks = until_set(release)
         fakes.scripts["c"] = blocks
         t = await submit(sups[0], ["c"])
         await until(lambda: alloc.impl.held.get(0) == {t: 1}, "shard 0 holds an agent")

@@ -25,14 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
     """Run every scenario once on one three-node cluster; their findings, by scenario."""
-    out = tmp_path_factory.mktemp("multinode")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
-    env["THREADBOUND_WORKSPACES"] = str(out / "copies")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=str(out), env=env,
-                          capture_output=True, text=True, timeout=280)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1])
+    from cluster_child import run_scenario
+
+    return run_scenario(__file__, str(tmp_path_factory.mktemp("multinode")), 280)
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,14 +31,9 @@ MAX_AGENTS = 6
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards-multinode")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
-    env["THREADBOUND_WORKSPACES"] = str(out / "copies")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], cwd=str(out), env=env,
-                          capture_output=True, text=True, timeout=420)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1])
+    from cluster_child import run_scenario
+
+    return run_scenario(__file__, str(tmp_path_factory.mktemp("shards-multinode")), 420)
 
 
 @pytest.mark.timeout(450)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -21,13 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.timeout(330)
 def test_shards_spread_over_head_eligible_nodes_and_a_lost_ones_shard_resumes_on_another(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
-    env["THREADBOUND_WORKSPACES"] = str(tmp_path / "copies")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], cwd=str(tmp_path), env=env,
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    found = json.loads(lines[-1])
+    from cluster_child import run_scenario
+
+    found = run_scenario(__file__, str(tmp_path), 300)
     # Given: two head-eligible nodes (the head and one more) and a third node without the resource
     eligible = {found["head"], found["second"]}
     # Then: the two shards ran on the two head-eligible nodes, one each
