@@ -207,6 +207,44 @@ def test_while_the_journal_is_busy_events_wait_for_its_next_frame_and_an_idle_on
     asyncio.run(main())
 
 
+def test_a_commit_goes_on_before_the_readers_its_frame_wakes(tmp_path):
+    from threadbound.runtime.supervisor import durability
+
+    cfg = RuntimeConfig.from_mapping({"name": "main", "snapshot_dir": str(tmp_path), "snapshot_interval_s": 3600})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        woken = loop.create_future()  # a reader waiting for the task's events (as read_many does)
+
+        def on_durable(marks):
+            if marks and not woken.done():
+                woken.set_result(None)
+
+        durable = durability.Durability(cfg, durability.open_location(cfg), on_durable)
+        export = lambda: ({}, {}, [])  # noqa: E731
+        durable.write_now(0, export)
+        durable.start(export)
+
+        async def reader():
+            await woken
+            order.append("reader")
+
+        async def commit():
+            durable.record(["commit"], {"t1": 1})
+            await durable.flush()
+            order.append("commit")
+
+        # Given a reader waiting for news; When a step's commit is flushed
+        await asyncio.gather(reader(), commit())
+        # Then the commit (whose task sends its next step) resumes first, the reader after,
+        # and the reader was woken by the same frame
+        assert order == ["commit", "reader"] and durable.stats["journal_frames"] == 1
+        await durable.close(export)
+
+    asyncio.run(main())
+
+
 class _ActorStream:
     """An actor's ``events`` stream as Ray gives it: each ``__anext__`` an awaitable
     message ``[(idempotency key, batch), ...]``; the stream ends (the actor died) when

@@ -1,5 +1,6 @@
 """The inside of an agent actor, run in-process: batching, errors, state, non-streaming."""
 
+import threading
 import time
 
 import cloudpickle
@@ -126,3 +127,38 @@ def test_simulated_faults_raise_typed_errors(kind):
     with pytest.raises(TransientModelError if kind == "transient" else ModelError):
         list(m.stream([], agent="x", attempt=1))
     assert list(m.stream([], agent="x", attempt=2))  # other attempts are untouched
+
+
+_RELEASE = threading.Event()  # lets the stuck agent below go
+
+
+class Where(Agent):
+    def step(self, ctx):
+        yield "x "
+        return threading.current_thread().name
+
+
+class Stuck(Agent):
+    def step(self, ctx):
+        yield "x "
+        _RELEASE.wait(30)  # ignores its stop until the test lets it go
+        return "late"
+
+
+def test_steps_one_after_another_reuse_the_agent_thread_but_never_a_stuck_ones():
+    w = SlotWorker("agent/0")
+    # Given two steps that end, one after the other
+    a = run(w, request(Where, task_id="t1"))[-1][1]["output"]
+    b = run(w, request(Where, task_id="t2", binding="t2/x/1", idempotency_key="t2:1:x:1"))[-1][1]["output"]
+    # Then the second ran on the first one's thread, named for each step as it ran
+    assert (a, b, w._drivers.started) == ("x/t1", "x/t2", 1)
+    # Given a step whose agent does not stop when asked
+    stuck = w.run_step(request(Stuck, task_id="t3", binding="t3/x/1", idempotency_key="t3:1:x:1"))
+    assert next(stuck) == [("tokens", {"text": "x ", "n": 1})]
+    assert w.stop(0, "t3:1:x:1")
+    # When the next step comes (its place given up on the stuck one, as the supervisor does)
+    stuck.close()
+    c = run(w, request(Where, task_id="t4", binding="t4/x/1", idempotency_key="t4:1:x:1"))[-1][1]["output"]
+    # Then it gets a thread of its own: the stuck one is still inside its agent's code
+    assert (c, w._drivers.started) == ("x/t4", 2)
+    _RELEASE.set()

@@ -103,3 +103,36 @@ def test_a_link_planted_where_the_log_goes_is_not_written_through_and_the_pool_r
     assert seen["result"].ok
     assert victim.read_text() == "precious\n"
     assert any("cannot be written" in r.getMessage() and "log.dir" in r.getMessage() for r in caplog.records)
+
+
+def test_a_line_keeps_short_fields_as_they_are_cuts_long_ones_and_stamps_the_millisecond(tmp_path):
+    # Given the log of a pool, and events with short fields, long ones, and long ones in a list
+    import types
+
+    from threadbound.agents.events import Row
+    from threadbound.runtime.config import RuntimeConfig
+    from threadbound.runtime.supervisor.structured_log import MAX_FIELD, StructuredLog
+
+    log = StructuredLog(RuntimeConfig(log={"dir": str(tmp_path / "logs")}))
+    task = types.SimpleNamespace(id="t00001-ab3f", level=2)
+    long = "x" * (MAX_FIELD + 10)
+    short = {"attempt": 1, "slot": "agent/0", "ok": True, "cost": 0.5, "none": None, "running": ["a", "b"]}
+
+    def line(data, ts):
+        return json.loads(log._line(task, Row(0, "step_started", "a", data, ts)))
+
+    # When they are written as lines, across a second's boundary
+    a = line(short, 1_700_000_000.999)
+    b = line({"error": long}, 1_700_000_001.0005)
+    c = line({"running": ["a", long], "n": 2}, 1_700_000_001.25)
+    d = line({"nested": {"deep": long}}, 0.0)
+    # Then short fields go out as they are, long strings are cut wherever they are
+    assert a["data"] == short
+    assert b["data"]["error"] == "x" * MAX_FIELD + f"... ({MAX_FIELD + 10} chars)"
+    assert c["data"] == {"running": ["a", "x" * MAX_FIELD + f"... ({MAX_FIELD + 10} chars)"], "n": 2}
+    assert d["data"]["nested"]["deep"].endswith(f"... ({MAX_FIELD + 10} chars)")
+    # and each line is stamped with its own second and millisecond, in UTC
+    assert [x["ts"] for x in (a, b, c, d)] == [
+        "2023-11-14T22:13:20.999+00:00", "2023-11-14T22:13:21.000+00:00", "2023-11-14T22:13:21.250+00:00",
+        "1970-01-01T00:00:00.000+00:00"]
+    log.close()

@@ -710,6 +710,33 @@ def test_hooks_see_submit_events_steps_and_commits_in_order(fakes):
     run(fakes, body, hooks=[rec])
 
 
+def test_a_step_is_sent_to_its_actor_before_the_supervisor_logs_it(fakes):
+    # Given a hook that notes, at each step_started event and at each before_step, how
+    # many step calls the actors have had
+    class Sent(Hook):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+
+        def on_event(self, task, row) -> None:
+            if row.kind == "step_started":
+                self.seen.append(("step_started", sum(a.steps for a in fakes.actors)))
+
+        def before_step(self, task, step) -> None:
+            self.seen.append(("before_step", sum(a.steps for a in fakes.actors)))
+
+    sent = Sent()
+
+    async def body(sup):
+        # When a task of two steps in a row runs
+        tid = await submit(sup, ["a", "b"], after={"b": ["a"]})
+        assert (await result(sup, tid)).ok
+
+    run(fakes, body, hooks=[sent])
+    # Then each step's call was out before its event was logged and its hook called (the
+    # actor starts while the supervisor does its bookkeeping), event first, hook second
+    assert sent.seen == [("step_started", 1), ("before_step", 1), ("step_started", 2), ("before_step", 2)]
+
+
 def test_a_hook_that_raises_is_logged_and_the_pool_goes_on(fakes, caplog):
     fakes.script("a", flaky)
     broken, rec = Broken(), Recorder()

@@ -165,9 +165,6 @@ class StepAttempt:
         role, level, clock = info.role, info.level, env.clock
         timeout = ts.spec.step_timeout_s or env.cfg.step_timeout_s
         req = self.request()
-        self._emit(ev.STEP_STARTED, round=info.round, slot=slot.name, pid=slot.pid, level=level,
-                   streaming=info.streaming, running=sorted(ts.run.running))
-        env.observers.before_step(ts, info)
         info.started = started = clock.monotonic()
         deadline = started + timeout
         self.heard_end = False  # the actor reported the step's end: it may serve the task again
@@ -177,12 +174,18 @@ class StepAttempt:
         gen = None
         try:
             channel = slot.proc.channel
-            if channel is not None:  # several agents per actor: its one event stream, read for us
-                done = asyncio.get_running_loop().create_future()
-                gen = channel.start(req, f"{role}/{ts.id}", *self._direct(done, channel.pending),
-                                    append=env.shard.append_many)
-            else:
-                gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
+            running = sorted(ts.run.running)
+            try:  # the call goes out first, its event right after: the actor starts sooner
+                if channel is not None:  # several agents per actor: its one event stream, read for us
+                    done = asyncio.get_running_loop().create_future()
+                    gen = channel.start(req, f"{role}/{ts.id}", *self._direct(done, channel.pending),
+                                        append=env.shard.append_many)
+                else:
+                    gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
+            finally:  # (before anything the step streams: that is read at the next await at the soonest)
+                self._emit(ev.STEP_STARTED, round=info.round, slot=slot.name, pid=slot.pid, level=level,
+                           streaming=info.streaming, running=running)
+                env.observers.before_step(ts, info)
             if req.agent_blob is not None:
                 slot.sent = (req.binding, slot.generation)
             if channel is not None:

@@ -191,10 +191,12 @@ class Durability:
                 marks: dict[str, int] = {}
                 for _, _, m in groups:
                     marks.update(m)
-                self.on_durable(marks)
+                # The flushes first: a commit's step goes on (the task's next step is sent)
+                # before the readers these events wake take their turn of the loop.
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
+                self.on_durable(marks)
 
     async def _append(self, loop: asyncio.AbstractEventLoop, seg: int, records: list[Any]) -> int:
         """One frame: a small one to a local disk is written right here (an append and

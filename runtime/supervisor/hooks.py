@@ -105,7 +105,9 @@ class Hook:
         """An event was appended to ``task``'s log (``row``: offset, kind, agent, data, ts)."""
 
     def before_step(self, task: "TaskRecord", step: StepInfo) -> None:
-        """A step attempt is about to be sent to its actor."""
+        """A step attempt was just sent to its actor (its ``step_started`` event is in
+        the log; nothing it streams has been read yet). The call goes out first so the
+        actor starts while the supervisor logs it."""
 
     def on_commit(self, task: "TaskRecord", role: str, output: Any, state: Any, requests: list[str]) -> None:
         """A step's result is about to become the task's (before its ``step_finished``)."""

@@ -40,6 +40,26 @@ def log_path(cfg: RuntimeConfig) -> str:
     return os.path.join(cfg.log.dir or os.path.join(state_dir(), "logs"), f"pool-{cfg.name}.jsonl")
 
 
+_FLAT = (int, float, bool, type(None))
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, _FLAT) or (isinstance(value, str) and len(value) <= MAX_FIELD)
+
+
+def _cut_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's fields as :func:`_cut` leaves them; most events hold only numbers and
+    short strings, which go through as they are (no copy made)."""
+    if len(data) <= 50:
+        for key, value in data.items():
+            if not (isinstance(key, str) and (_short(value) or (isinstance(value, list) and len(value) <= 50
+                                                                 and all(_short(v) for v in value)))):
+                break
+        else:
+            return data
+    return _cut(data)
+
+
 def _cut(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return value if len(value) <= MAX_FIELD else value[:MAX_FIELD] + f"... ({len(value)} chars)"
@@ -141,10 +161,16 @@ class _RotatingLines:
             self._fd = None
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text (events come many a second)
+
+
 def _iso(ts: float) -> str:
     """``ts`` as ISO 8601 in UTC with milliseconds (``2026-11-22T13:04:05.123+00:00``)."""
-    ms = int(ts * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{ms:03d}+00:00"
+    ms = int(ts * 1000)
+    second = ms // 1000
+    if _second[0] != second:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{ms % 1000:03d}+00:00"
 
 
 class StructuredLog(Hook):
@@ -196,7 +222,7 @@ class StructuredLog(Hook):
             "pool": self.pool, "task": task.id, "role": agent,
             "actor": self._actors.get((task.id, agent)) if agent else None,
             "level": data.get("level", task.level), "kind": kind, "attempt": data.get("attempt"),
-            "offset": offset, "data": _cut(data),
+            "offset": offset, "data": _cut_fields(data),
         }
         if self.stderr:
             where = f"{task.id}/{agent}" if agent else task.id
