@@ -64,16 +64,15 @@ def _snapshot_dir(value: Any) -> Any:
     return os.path.join(state_dir(), "snapshots") if value is None else value
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # pydantic would take true as 1
-        raise ValueError(f"must be a whole number of agents, not a boolean (got {value!r})")
-    return value
+def _not_bool(what: str) -> Any:
+    """A validator refusing a boolean where a count of ``what`` is due (pydantic would take
+    true as 1)."""
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a whole number{what}, not a boolean (got {value!r})")
+        return value
 
-
-def _not_bool_count(value: Any) -> Any:
-    if isinstance(value, bool):  # pydantic would take true as 1
-        raise ValueError(f"must be a whole number, not a boolean (got {value!r})")
-    return value
+    return check
 
 
 BUILTIN_TRIO = ("coder", "tester", "reviewer")
@@ -94,10 +93,10 @@ class RuntimeConfig(_Section):
     recycle_after: int = Field(default=100, ge=1)
     # Agents one slot actor (one process) hosts at once, each on a thread of its own
     # (docs/many-agents.md); 1 = a process per agent.
-    agents_per_actor: Annotated[int, BeforeValidator(_not_bool)] = Field(default=1, ge=1)
+    agents_per_actor: Annotated[int, BeforeValidator(_not_bool(" of agents"))] = Field(default=1, ge=1)
     # Supervisor shards: the pool's tasks split by id over this many supervisor actors,
     # each with its own journal, snapshots and lease, under global caps (docs/clusters.md).
-    shards: Annotated[int, BeforeValidator(_not_bool_count)] = Field(default=1, ge=1, le=64)
+    shards: Annotated[int, BeforeValidator(_not_bool(""))] = Field(default=1, ge=1, le=64)
     prewarm: bool = False
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count

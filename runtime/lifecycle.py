@@ -104,7 +104,6 @@ def _crashed_config(location: str, key_file: str | None, root: str | None = None
     return cfg.replace(snapshot_dir=parent or "/")
 
 
-
 def find_pool(path: str, name: str | None = None) -> str:
     """The location of one pool's history (``<snapshot_dir>/<name>``, one shard or
     several): ``path`` itself, ``path/<name>``, the only pool under ``path``, or the pool

@@ -218,7 +218,6 @@ class AgentPool:
         pool._connected(clients, info, owns_ray, started=False)
         return pool
 
-
     @classmethod
     def resume(cls, location: str | os.PathLike, *, name: str | None = None,
                config: RuntimeConfig | None = None, agents: Mapping[str, Any] | None = None) -> "AgentPool":
