@@ -1,17 +1,22 @@
 """The inside of an agent actor ("slot"): binds agents, runs their steps, batches tokens.
 
-:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote``.
-With ``agents_per_actor: 1`` it has one *place* (``max_concurrency=1``: one step at a
-time, in its own process); with k it has k places, one agent each, and Ray's threaded
-actor runs up to k step calls at once (plus a few control calls: ``ping``, ``stop``).
+:class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote`` as
+a threaded actor. It has ``agents_per_actor`` *places* (one by default: one agent in its
+own process), one agent each; the supervisor sends a place one step at a time.
 Each step's agent code runs on a helper thread of its own, so tokens are flushed on time
 (a thread whose step ended is kept for the process's next step: starting one costs
 0.1-0.3 ms, on every step's path; one whose agent never stopped is never used again).
 One binding = one fresh agent instance for one role of one task, on one place; its state
-is restored from the committed state the supervisor sends. :meth:`SlotWorker.run_step`
-is a generator: every item it yields is a list of ``(kind, data)`` events, and the last
-item carries the step's outcome (``__result__`` or ``__error__``), so partial output is
-never lost.
+is restored from the committed state the supervisor sends.
+
+How a step's events leave the actor: :meth:`SlotWorker.start_step` starts it and returns
+its first batch, a list of ``(kind, data)`` events (its first tokens at once, or the
+whole step, outcome included, if it ends that soon: a short step is one Ray call); the
+batches after that go on the actor's one stream, :meth:`SlotWorker.events`, together
+with the other places'. A step's last batch carries its outcome (``__result__``,
+``__error__`` or ``__interrupt__``), so partial output is never lost.
+:meth:`SlotWorker.run_step` runs one step in-process as a generator of its batches (for
+tests and scripts that drive a worker without Ray).
 
 What the places of one process share (the agent classes unpickled, the model clients)
 sits behind a lock; what an agent owns (its instance, its context) is its place's alone.
@@ -121,11 +126,16 @@ class _Sink(deque):
     the cost of a wake-up is paid per turn, not per token. Events and a step's end wake it.
     """
 
-    def __init__(self, wake: threading.Event | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.paced = wake is not None
-        self.wake = wake if wake is not None else threading.Event()  # shared by an actor's places: events()
+        self.paced = False
+        self.wake = threading.Event()  # its own until the step joins the actor's stream (share)
         self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
+
+    def share(self, wake: threading.Event, paced: bool) -> None:
+        """From now on wake the actor's one stream (:meth:`SlotWorker.events`); ``paced``:
+        a token does not wake it (tokens ride its next turn)."""
+        self.paced, self.wake = paced, wake
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
         super().append(item)
@@ -292,9 +302,9 @@ class SlotWorker:
                 model = self._models[key] = build_model(config)
             return model
 
-    def _open(self, req: StepRequest, wake: threading.Event | None = None) -> "_Step":
+    def _open(self, req: StepRequest) -> "_Step":
         """Bind the step's agent and build its context; a failure becomes the step's error."""
-        step = _Step(req, _Sink(wake))
+        step = _Step(req, _Sink())
         try:
             agent = self._bind(req)
             step.ctx = StepContext(
@@ -325,7 +335,8 @@ class SlotWorker:
                 del self._bound[place]
 
     def run_step(self, req: StepRequest) -> Iterator[list[tuple[str, Any]]]:
-        """Run one step of the bound agent, yielding batches of events, outcome last.
+        """Run one step of the bound agent in-process, yielding batches of events, outcome
+        last (the pool's supervisor uses :meth:`start_step` and :meth:`events` instead).
 
         The agent runs on a helper thread (one per place with a step in flight) so that
         pending tokens are flushed on time even while the agent is busy or stuck; a
@@ -344,17 +355,29 @@ class SlotWorker:
 
     # -- one event stream for all the places (agents_per_actor > 1) ------------------------
 
-    def start_step(self, req: StepRequest) -> bool:
-        """Start a step on its place and return at once; its events come through
-        :meth:`events`, with those of the other places, in one message per flush."""
+    def start_step(self, req: StepRequest) -> list[tuple[str, Any]]:
+        """Start a step on its place and return its first batch: its first tokens or
+        event, or all of it, outcome included, when it ends that soon (a short step is
+        then one call, with no message on the stream at all). What follows comes through
+        :meth:`events`, with the other places' events, in one message per flush."""
         with self._lock:
             if self._wake is None:
                 self._wake = threading.Event()
-        step = self._open(req, self._wake)
-        with self._lock:
+        step = self._open(req)  # a wake of its own until its first batch is out: nothing is paced yet
+        while True:
+            step.sink.wake.wait(step.batcher.wait_s())
+            step.sink.wake.clear()
+            out = step.pump()
+            if out or step.done:
+                break
+        if step.done:
+            self._close(step)
+            return out
+        with self._lock:  # the rest goes on the actor's stream, paced with the other places
+            step.sink.share(self._wake, paced=req.token_interval_s > 0)
             self._steps[req.idempotency_key] = step
-        self._wake.set()
-        return "error" not in step.outcome
+        self._wake.set()  # what the agent put in its sink meanwhile is the stream's now
+        return out
 
     def events(self) -> Iterator[list[tuple[str, list[tuple[str, Any]]]]]:
         """The actor's one event stream: each item is ``[(idempotency key, batch), ...]``
@@ -372,7 +395,8 @@ class SlotWorker:
             if not steps:  # idle: sleep until a step starts
                 wake.wait()
             else:  # tokens wait for the next turn; an event or a step's end cuts the wait short
-                wake.wait(max(0.0, turn + _pace([st for _, st in steps]) - time.monotonic()))
+                pace = _pace([st for _, st in steps])  # 0: unpaced, every token wakes the stream
+                wake.wait(max(0.0, turn + pace - time.monotonic()) if pace > 0 else None)
             wake.clear()
             turn = time.monotonic()
             with self._lock:

@@ -35,11 +35,13 @@ class _SlotWorker(SlotWorker):
         serve_models_in(namespace, prefix)
 
 
-# One thread, own process; never restarted by Ray: the supervisor replaces slots itself
-# so that the agent cap holds while it does. With agents_per_actor k > 1 it is a threaded
-# actor (SlotFactory sets max_concurrency): k step calls at once, plus CONTROL_CALLS.
-SlotActor = ray.remote(max_concurrency=1, max_restarts=0)(_SlotWorker)
-CONTROL_CALLS = 4  # ping and stop calls that must get through while every place runs a step
+# Never restarted by Ray: the supervisor replaces slots itself so that the agent cap holds
+# while it does. A threaded actor (SlotFactory sets max_concurrency): its agents_per_actor
+# k places start a step each (``start_step`` returns with the step's first batch), its one
+# event stream (``events``) runs as long as it does, and CONTROL_CALLS more get through
+# while every place is busy. The supervisor sends a place one step at a time.
+SlotActor = ray.remote(max_restarts=0)(_SlotWorker)
+CONTROL_CALLS = 4  # the event stream, ping and stop calls
 
 
 def _prefix(config: RuntimeConfig) -> str:
@@ -146,8 +148,7 @@ class SlotFactory:
         self.namespace = config.ray.namespace
         self.prefix = _prefix(config)
         self.places = config.agents_per_actor
-        if self.places > 1:
-            self.opts["max_concurrency"] = self.places + CONTROL_CALLS
+        self.opts["max_concurrency"] = self.places + CONTROL_CALLS
         self.placement = Placement(config.ray.agent_num_cpus, namespace=self.namespace, models_prefix=self.prefix)
 
     def __call__(self, name: str, node: str | None = None) -> Any:

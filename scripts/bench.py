@@ -332,14 +332,16 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
     """The issue's three speed ratios, each the median of ``repeats`` runs in which the
     systems compared take turns (a machine that slows down for a while slows both sides
     of one ratio, not one side of all of them)."""
-    pairs: dict[str, list[float]] = {"step_vs_floor": [], "relay_vs_floor": [], "c4_vs_langgraph": [],
-                                     "c1_vs_langgraph": []}
+    pairs: dict[str, list[float]] = {"step_vs_floor": [], "relay_vs_floor": [], "plain_relay_vs_floor": [],
+                                     "c4_vs_langgraph": [], "c1_vs_langgraph": []}
     for _ in range(repeats):
         tb = bench.run_threadbound(n1, 1, 1, 0.0)
         floor = base.run_ray_warm(n1, 1, 1, 0.0)
         relay = base.run_ray_relay(n1, 1, 1, 0.0)
+        plain = base.run_ray_relay(n1, 1, 1, 0.0, plain=True)
         pairs["step_vs_floor"].append(tb["wall_s"] / floor["wall_s"])  # same n: a ratio of per-step costs
         pairs["relay_vs_floor"].append(relay["wall_s"] / floor["wall_s"])
+        pairs["plain_relay_vs_floor"].append(plain["wall_s"] / floor["wall_s"])
         if lg:
             a, b = bench.run_threadbound(n4, 4, tokens, 0.0), base.run_langgraph(n4, 4, tokens, 0.0)
             pairs["c4_vs_langgraph"].append(b["wall_s"] / a["wall_s"])  # same n: a ratio of tasks/s
@@ -379,6 +381,10 @@ def speed_lines(hl: dict[str, Any], jf: dict[str, float] | None, relay_step_ms: 
         per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["relay_vs_floor"]["runs"])]
         out.append(f"per-step cost at c=1, threadbound / bare relay: median {statistics.median(per):.2f}x "
                    f"{[round(x, 2) for x in per]} (target <= 1.2x)")
+    if "step_vs_floor" in hl and "plain_relay_vs_floor" in hl:
+        per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["plain_relay_vs_floor"]["runs"])]
+        out.append(f"  for context, against a relay whose steps are one plain call each (as threadbound sends a "
+                   f"short step): median {statistics.median(per):.2f}x {[round(x, 2) for x in per]}")
     for key, label, target in (("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite", ">= 1.0x"),
                                ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite", ">= 0.5x")):
         if key in hl:

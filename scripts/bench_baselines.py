@@ -77,6 +77,9 @@ def _ray_actor_class():
             for tok in self.model.stream(_prompt(goal, role), agent=role):
                 yield tok  # one Ray object per token, as a streaming generator
 
+        def call(self, goal: str, role: str) -> list[str]:
+            return list(self.model.stream(_prompt(goal, role), agent=role))  # the step's tokens in one reply
+
     return StepActor
 
 
@@ -129,7 +132,8 @@ def _relay_actor_class():
         """The least a supervisor can be: it runs each task's steps on warm actors and keeps
         their events in memory; clients long-poll it (no durability, caps or deadlines)."""
 
-        def __init__(self, groups: list[list[Any]]) -> None:
+        def __init__(self, groups: list[list[Any]], plain: bool = False) -> None:
+            self.plain = plain  # each step one plain call (its tokens in the reply), not a streaming one
             self.free: asyncio.Queue = asyncio.Queue()
             for g in groups:
                 self.free.put_nowait(g)
@@ -148,6 +152,10 @@ def _relay_actor_class():
             g = await self.free.get()
             try:
                 for actor, role in zip(g, ROLES):
+                    if self.plain:
+                        self.events[task_id].extend(1 for _ in await actor.call.remote(task_id, role))
+                        self._notify()
+                        continue
                     gen = actor.run.options(num_returns="streaming").remote(task_id, role)
                     async for ref in gen:
                         await ref
@@ -178,16 +186,18 @@ def _relay_actor_class():
     return Relay
 
 
-def run_ray_relay(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[str, Any]:
+def run_ray_relay(n: int, concurrency: int, tokens: int, cpu_ms: float, *, plain: bool = False) -> dict[str, Any]:
     """The floor of any design in which one actor (a supervisor) stands between the
     client and the agents' actors: the client submits to it and long-polls it for the
-    tasks' events, as threadbound's clients do, and it relays the agents' streams."""
+    tasks' events, as threadbound's clients do, and it relays the agents' streams
+    (``plain``: each step is one plain call whose reply holds its tokens, the way
+    threadbound sends a step that ends before its first batch is due)."""
     import ray
 
     cls = _ray_actor_class()
     groups = [[cls.remote(tokens, cpu_ms) for _ in ROLES] for _ in range(concurrency)]
     ray.get([a.ping.remote() for g in groups for a in g])
-    relay = _relay_actor_class().remote(groups)
+    relay = _relay_actor_class().remote(groups, plain)
     ray.get(relay.read.remote({}, 0.0))
 
     async def main() -> int:

@@ -4,18 +4,20 @@
 :class:`FakeActor` behaves like a slot actor seen from the supervisor's side:
 
 * ``await handle.ping.remote()`` returns ``{"pid": ...}`` (and fails once it is dead);
-* ``handle.run_step.options(name=...).remote(req)`` starts the role's *script* and
-  returns an async iterator of batches, as Ray's ObjectRefGenerator does: each
-  ``__anext__()`` gives an awaitable yielding a list of ``(kind, data)`` events, the
-  last one ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
+* ``handle.start_step.options(name=...).remote(req)`` starts the role's *script*; its
+  reply (``.future()``, as a Ray ObjectRef's) is the step's first batch, a list of
+  ``(kind, data)`` events; the batches after it come on the actor's one stream,
+  ``handle.events.remote()``, an async iterator as Ray's ObjectRefGenerator is: each
+  ``__anext__()`` gives an awaitable yielding ``[(idempotency key, batch)]``. A step's
+  last batch holds ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
   fields ``agents/host.py`` sends (its ``_error_data`` builds the error);
 * with ``FakeActors(per_actor=k)`` it hosts up to k steps at once, one per place
   (``req.place``); ``handle.stop.remote(place, key)`` asks the step on that place to stop
   (a script that checks, ``await call.hang(stoppable=True)``, then ends with the error
   the host sends for a stopped step; one that does not is killed by the slot table);
 * killing it (through :attr:`FakeActors.ray`, which tests put in place of the ``ray``
-  module the slot table uses) stops its step at once, like a killed process, and its
-  stream then raises ``ActorDiedError``.
+  module the slot table uses) stops its step at once, like a killed process: its
+  stream then raises ``ActorDiedError``, as does a reply not yet given.
 
 A script is ``async def script(call: StepCall) -> output``, chosen per role. It can
 stream tokens (``call.tokens``), emit custom events, ask for a round, sleep, hang
@@ -98,7 +100,8 @@ class StepCall:
         self.actor = actor
         self.req = req
         self.ray_task_name = ray_task_name
-        self.queue: asyncio.Queue = asyncio.Queue()  # (batch | None for "died", clock seconds)
+        self.queue: asyncio.Queue = asyncio.Queue()  # until the reply: (batch | None for "died", clock seconds)
+        self.replied = False  # the first batch went as the reply: the rest go on the actor's stream
         self.pending: list[tuple[str, Any]] = []
         self.round_requests: list[str] = []
         self.tokens_used = 0
@@ -130,8 +133,17 @@ class StepCall:
     def send(self, events: list[tuple[str, Any]], clock_s: float = 0.0) -> None:
         """Put a batch on the stream; delivering it moves the fake clock by ``clock_s``
         (a step that takes that long to produce it)."""
-        self.queue.put_nowait((self.pending + list(events), clock_s))
+        item = (self.pending + list(events), clock_s)
         self.pending = []
+        if self.replied:
+            self.actor.stream.put_nowait((self.req.idempotency_key, item))
+        else:
+            self.queue.put_nowait(item)
+
+    def died(self) -> None:
+        """The process is gone: a reply not yet given fails (the actor's stream breaks too)."""
+        if not self.replied:
+            self.queue.put_nowait((None, 0.0))
 
     def tokens(self, text: str, n: int = 1, *, clock_s: float = 0.0, flush: bool = True) -> None:
         """Stream ``n`` tokens as one batch (``flush=False``: they go with the next batch)."""
@@ -168,29 +180,60 @@ class StepCall:
         await asyncio.Event().wait()
 
 
-class _Stream:
-    """The step's ObjectRefGenerator: ``__anext__()`` -> awaitable batch."""
+class _Reply:
+    """What ``start_step`` returns: ``future()`` gives the step's first batch (an asyncio
+    future here, which ``asyncio.wrap_future`` takes as it is)."""
 
     def __init__(self, call: StepCall, clock: FakeClock) -> None:
-        self.call = call
+        self.call, self.clock = call, clock
+
+    def future(self) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.task = asyncio.get_running_loop().create_task(self._first(fut))
+        return fut
+
+    async def _first(self, fut: asyncio.Future) -> None:
+        call = self.call
+        batch, clock_s = await call.queue.get()
+        if batch is None:
+            fut.set_exception(ActorDiedError())
+            return
+        if not any(kind in (RESULT, ERROR, INTERRUPT) for kind, _ in batch):
+            call.replied = True  # what it sent meanwhile, and all it sends later, go on the stream
+            while not call.queue.empty():
+                item = call.queue.get_nowait()
+                if item[0] is not None:
+                    call.actor.stream.put_nowait((call.req.idempotency_key, item))
+        fut.set_result(batch)
+        if clock_s:  # after the reply is in: the supervisor reads it before the timers this fires
+            self.clock.advance(clock_s)
+
+
+class _Stream:
+    """The actor's one event stream (an ObjectRefGenerator): ``__anext__()`` -> awaitable
+    ``[(key, batch)]``; raises ``ActorDiedError`` once the actor is gone."""
+
+    def __init__(self, actor: "FakeActor", clock: FakeClock) -> None:
+        self.actor = actor
         self.clock = clock
-        self.finished = False
 
     def __aiter__(self) -> "_Stream":
         return self
 
     async def __anext__(self) -> _Ref:
-        if self.finished:
-            raise StopAsyncIteration
-        batch, clock_s = await self.call.queue.get()
-        if batch is None:
-            self.finished = True
+        actor = self.actor
+        if actor.broken:
             raise ActorDiedError()
+        for _ in range(3):  # as Ray's messages come: what the one before woke (a deadline, say) runs first
+            await asyncio.sleep(0)
+        item = await actor.stream.get()
+        if item is None:
+            actor.broken = True
+            raise ActorDiedError()
+        key, (batch, clock_s) = item
         if clock_s:
             self.clock.advance(clock_s)
-        if any(kind in (RESULT, ERROR, INTERRUPT) for kind, _ in batch):
-            self.finished = True
-        return _Ref(batch)
+        return _Ref([(key, batch)])
 
 
 class _Method:
@@ -220,8 +263,11 @@ class FakeActor:
         self.steps = 0
         self.bound: set[str] = set()  # bindings whose agent class this process was sent
         self.started = False
+        self.stream: asyncio.Queue = asyncio.Queue()  # (key, (batch, clock seconds)), None: the process is gone
+        self.broken = False
         self.ping = _Method(self._ping)
-        self.run_step = _Method(self._run_step)
+        self.start_step = _Method(self._start_step)
+        self.events = _Method(self._events)
         self.stop = _Method(self._stop)
 
     def __repr__(self) -> str:
@@ -243,14 +289,17 @@ class FakeActor:
             raise ActorDiedError()
         return {"slot": self.name, "pid": self.pid, "binding": None, "bindings": self.steps}
 
-    def _run_step(self, req: StepRequest, name: str | None = None) -> _Stream:
+    def _events(self, name: str | None = None) -> _Stream:
+        return _Stream(self, self.owner.clock)
+
+    def _start_step(self, req: StepRequest, name: str | None = None) -> _Reply:
         owner = self.owner
         call = StepCall(self, req, name or "")
-        stream = _Stream(call, owner.clock)
+        reply = _Reply(call, owner.clock)
         if self.state != ALIVE:
             owner.violations.append(f"step {name} sent to {self.uid}, which is {self.state}")
-            call.queue.put_nowait((None, 0.0))
-            return stream
+            call.died()
+            return reply
         busy = {p for p, (t, _) in self.running.items() if not t.done()}
         if req.place in busy:
             owner.violations.append(f"two steps at once on place {req.place} of {self.uid}: {name}")
@@ -268,7 +317,7 @@ class FakeActor:
         self.steps += 1
         self.running[req.place] = (asyncio.get_running_loop().create_task(self._body(call), name=f"fake/{name}"),
                                    call)
-        return stream
+        return reply
 
     async def _stop(self, place: int, key: str) -> bool:
         if self.state == DEAD:
@@ -292,7 +341,8 @@ class FakeActor:
         except ActorCrash:
             owner._ended(rec, "crash")
             self._dead()
-            call.queue.put_nowait((None, 0.0))
+            call.died()
+            self.stream.put_nowait(None)
             for step, other in self.running.values():  # the process is gone: its other steps with it
                 if other is not call and not step.done():
                     step.cancel()
@@ -302,7 +352,7 @@ class FakeActor:
                                     "elapsed_s": time.monotonic() - started, "tokens": call.tokens_used})])
         except asyncio.CancelledError:  # killed: the process is gone mid-step
             owner._ended(rec, "killed")
-            call.queue.put_nowait((None, 0.0))
+            call.died()
             raise
         except Exception as exc:  # the agent raised: the worker reports it as data
             owner._ended(rec, "error")
@@ -323,6 +373,7 @@ class FakeActor:
         self.killed = True
         if self.state == ALIVE:
             self.state, self.pings_left = DYING, self.owner.linger_pings
+        self.stream.put_nowait(None)
         for step, _ in self.running.values():
             if not step.done():
                 step.cancel()

@@ -278,12 +278,25 @@ class _Method:
         return self.fn(*args)
 
 
+class _EmptyReply:
+    """A start call's reply with nothing in it yet: the step's events all come on the stream."""
+
+    def future(self):
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result([])
+        return fut
+
+
 class _Handle:
     def __init__(self) -> None:
         self.stream = _ActorStream()
         self.started: list[str] = []
         self.events = _Method(lambda: self.stream)
-        self.start_step = _Method(lambda req: self.started.append(req.idempotency_key))
+        self.start_step = _Method(self._start)
+
+    def _start(self, req):
+        self.started.append(req.idempotency_key)
+        return _EmptyReply()
 
 
 class _CountBatches(Hook):
@@ -320,6 +333,7 @@ def test_one_append_carries_every_agents_tokens_of_an_actors_message():
 
         listeners = [channel.start(SimpleNamespace(idempotency_key=ts.id), f"x/{ts.id}", handler(ts), None,
                                    append=shard.append_many) for ts in tasks]
+        await asyncio.sleep(0)  # their start calls' replies (empty) are in
         # Given three agents' steps on one actor, when its one message carries all their tokens
         tok = lambda text: ("tokens", {"text": text, "n": 1})  # noqa: E731
         await handle.stream.messages.put([(ts.id, [tok(f"{ts.id}-a"), tok(f"{ts.id}-b")]) for ts in tasks])
@@ -345,5 +359,73 @@ def test_one_append_carries_every_agents_tokens_of_an_actors_message():
         await handle.stream.messages.put(None)
         await channel.task
         assert len(errors) == 1 and type(errors[0]).__name__ == "ActorDiedError"
+
+    asyncio.run(main())
+
+
+class _LateReply:
+    """A start call's reply that a test completes (or fails) when it wants."""
+
+    def __init__(self) -> None:
+        self.fut = asyncio.get_running_loop().create_future()
+
+    def future(self):
+        return self.fut
+
+
+class _LateHandle(_Handle):
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies: list[_LateReply] = []
+
+    def _start(self, req):
+        self.started.append(req.idempotency_key)
+        self.replies.append(_LateReply())
+        return self.replies[-1]
+
+
+def test_a_steps_reply_comes_before_what_the_stream_brought_first_and_before_its_break():
+    """The start call's reply (the step's first batch) and the actor's stream come by two
+    ways: a step hears the reply's batch first, whichever arrives first, and a stream that
+    breaks before the reply is in loses nothing the reply carried."""
+    from types import SimpleNamespace
+
+    from threadbound.runtime.supervisor.channel import ActorChannel
+
+    async def main():
+        handle = _LateHandle()
+        channel = ActorChannel(handle, "agent/0")
+        heard: dict[str, list] = {"a": [], "b": []}
+
+        def on_batch(key):
+            return lambda batch: heard[key].extend(data["text"] if kind == "tokens" else kind for kind, data in batch)
+
+        def on_error(key):
+            return lambda error: heard[key].append(type(error).__name__)
+
+        for key in "ab":
+            channel.start(SimpleNamespace(idempotency_key=key), f"x/{key}", on_batch(key), on_error(key),
+                          append=lambda items: None)
+        tok = lambda text: ("tokens", {"text": text, "n": 1})  # noqa: E731
+        # Given step a's second batch on the stream before its start call's reply is in
+        await handle.stream.messages.put([("a", [tok("a2")])])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert heard["a"] == []  # held for the reply
+        # When the reply comes
+        handle.replies[0].fut.set_result([tok("a1")])
+        await asyncio.sleep(0)
+        # Then a heard its reply's batch first, then the stream's
+        assert heard["a"] == ["a1", "a2"]
+        # Given step b's reply not in yet when the actor's stream breaks (its process died)
+        await handle.stream.messages.put(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert heard["b"] == []
+        # When the reply comes after all (it was sent before the process died)
+        handle.replies[1].fut.set_result([tok("b1")])
+        await asyncio.sleep(0)
+        # Then b heard its token, then the error
+        assert heard["b"] == ["b1", "ActorDiedError"]
 
     asyncio.run(main())

@@ -172,8 +172,11 @@ def test_one_event_stream_carries_every_places_tokens_in_order_in_shared_message
     # Given an actor with 4 places streaming at once through its one event stream
     worker = SlotWorker("agent/0", places=4)
     stream = worker.events()
-    keys = [worker.start_step(request(Counts, i, f"t{i}", token_batch_size=8)) and f"t{i}:1:x:1" for i in range(4)]
-    texts = {k: "" for k in keys}
+    firsts = {f"t{i}:1:x:1": worker.start_step(request(Counts, i, f"t{i}", token_batch_size=8)) for i in range(4)}
+    keys = list(firsts)
+    # (each start call returns its step's first batch: its first token, at once)
+    assert all(first[0][0] == "tokens" and first[0][1]["text"].startswith("0,") for first in firsts.values())
+    texts = {k: "".join(data["text"] for _, data in first) for k, first in firsts.items()}
     ends, shared, messages = {}, 0, 0
     # When it is read until every step has ended
     while len(ends) < 4:

@@ -162,3 +162,41 @@ def test_steps_one_after_another_reuse_the_agent_thread_but_never_a_stuck_ones()
     # Then it gets a thread of its own: the stuck one is still inside its agent's code
     assert (c, w._drivers.started) == ("x/t4", 2)
     _RELEASE.set()
+
+
+def test_a_step_that_ends_before_its_first_batch_is_due_is_one_call():
+    # Given an actor whose agent answers at once (the simulated model, no pacing)
+    worker = SlotWorker("agent/0")
+    # When its step is started
+    first = worker.start_step(request(Words, token_batch_size=32))
+    # Then the start call's reply is the whole step, its outcome last: nothing goes on the stream
+    assert [k for k, _ in first] == ["tokens", "note", RESULT]
+    assert first[0][1]["text"] == "a b c d e f g" and first[-1][1]["output"]["n"] == 1
+    assert worker._steps == {} and worker._running == {}
+
+
+def test_a_longer_step_replies_with_its_first_token_and_streams_the_rest_on_the_actors_stream():
+    class Slow(Agent):
+        def step(self, ctx):
+            yield "first "
+            time.sleep(0.3)  # e.g. a model between two tokens
+            yield "second "
+            return "done"
+
+    # Given an actor with one place, and its one event stream
+    worker = SlotWorker("agent/0")
+    stream = worker.events()
+    # When a step that pauses after its first token is started
+    t0 = time.monotonic()
+    first = worker.start_step(request(Slow, token_batch_size=100, token_interval_s=0.05))
+    replied_after = time.monotonic() - t0
+    # Then the reply carries that token at once, without waiting for the step
+    assert first == [("tokens", {"text": "first ", "n": 1})] and replied_after < 0.25
+    # And the rest, outcome last, comes on the actor's stream under the step's key
+    rest = []
+    while not rest or rest[-1][0] != RESULT:
+        for key, batch in next(stream):
+            assert key == "t1:1:x:1"
+            rest.extend(batch)
+    assert rest[0] == ("tokens", {"text": "second ", "n": 1}) and rest[-1][1]["output"] == "done"
+    assert worker._steps == {} and worker._running == {}

@@ -3,7 +3,7 @@ policy gives up.
 
 :class:`StepAttempt` is one attempt: it sends the request to the bound actor, relays
 the actor's event stream into the task's log (every event tagged with the attempt),
-and turns how the stream ended into an :class:`Outcome`. Whether its actor goes back
+and turns how the step ended into an :class:`Outcome`. Whether its actor goes back
 to the task or is killed is decided in one place, its ``finally``: an attempt that did
 not hear its step's end (deadline, crash, broken stream, cancellation) kills the actor
 when it hosts this agent alone; an actor shared with other agents (``agents_per_actor``
@@ -175,45 +175,28 @@ class StepAttempt:
         try:
             channel = slot.proc.channel
             running = sorted(ts.run.running)
+            done = asyncio.get_running_loop().create_future()
             try:  # the call goes out first, its event right after: the actor starts sooner
-                if channel is not None:  # several agents per actor: its one event stream, read for us
-                    done = asyncio.get_running_loop().create_future()
-                    gen = channel.start(req, f"{role}/{ts.id}", *self._direct(done, channel.pending),
-                                        append=env.shard.append_many)
-                else:
-                    gen = slot.handle.run_step.options(name=f"{role}/{ts.id}").remote(req)
-            finally:  # (before anything the step streams: that is read at the next await at the soonest)
+                gen = channel.start(req, f"{role}/{ts.id}", *self._direct(done, channel.pending),
+                                    append=env.shard.append_many)
+            finally:  # (before anything the step streams: that is read at the next loop turn at the soonest)
                 self._emit(ev.STEP_STARTED, round=info.round, slot=slot.name, pid=slot.pid, level=level,
                            streaming=info.streaming, running=running)
                 env.observers.before_step(ts, info)
             if req.agent_blob is not None:
                 slot.sent = (req.binding, slot.generation)
-            if channel is not None:
-                # The channel hands this step's batches to _take as it reads them: this
-                # attempt wakes once, when its step ends (or its deadline passes).
-                remaining = deadline - clock.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                out = await clock.wait_for(done, remaining)
-                if ts.run.cancel_reason is not None:
-                    raise asyncio.CancelledError  # (as below)
-                return out
-            while True:
-                remaining = deadline - clock.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                ref = await clock.wait_for(gen.__anext__(), remaining)
-                if ts.run.cancel_reason is not None:
-                    # Python < 3.12: wait_for drops a cancel that lands as its inner await
-                    # completes; the reason set by cancel() makes the cancel stick anyway.
-                    raise asyncio.CancelledError
-                relayed: list[tuple[TaskRecord, str, str | None, dict[str, Any]]] = []
-                try:
-                    out = self._take(await ref, relayed)
-                finally:
-                    self._flush(relayed)  # one append for the whole batch the actor sent
-                if out is not None:
-                    return out
+            # The channel hands this step's batches to _take as they come (the start call's
+            # reply first, then the actor's stream): this attempt wakes once, when its step
+            # ends (or its deadline passes).
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            out = await clock.wait_for(done, remaining)
+            if ts.run.cancel_reason is not None:
+                # Python < 3.12: wait_for drops a cancel that lands as its inner await
+                # completes; the reason set by cancel() makes the cancel stick anyway.
+                raise asyncio.CancelledError
+            return out
         except asyncio.TimeoutError:
             why_ended = "deadline"
             elapsed = clock.monotonic() - started
@@ -222,9 +205,6 @@ class StepAttempt:
                        partial="".join(self.partial)[-4000:], slot=slot.name, **env.budget.cost(self.streamed, level))
             return Outcome("timeout", {"why": f"exceeded its step timeout of {timeout:.3f}s "
                                               f"(elapsed: {elapsed:.1f}s)"}, signal=TIMEOUT, elapsed_s=elapsed)
-        except StopAsyncIteration:
-            self.heard_end = True  # the actor is fine; its step returned nothing we understand
-            return Outcome("crash", {"why": "ended its step without a result"})
         except RayError as exc:
             died = isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
             why_ended = "stream"

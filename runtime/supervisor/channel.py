@@ -1,14 +1,18 @@
-"""One event stream per agent actor hosting several agents (``agents_per_actor`` > 1).
+"""One event stream per agent actor, and a step's first batch in its start call's reply.
 
-With one agent per actor each step is its own streaming call (``run_step``): every flush
-of its tokens is one Ray message. With k agents per actor that would be k messages per
-flush interval; instead the actor keeps one long-lived streaming call, ``events``, that
-sends the pending events of all its agents' steps together, one message per flush, and a
-step is started with a short ``start_step`` call (named ``<role>/<task id>``, as the
-dashboard shows it). :class:`ActorChannel` reads that stream on the supervisor's loop and
-hands each step's batches to the attempt that listens for it (by the step's idempotency
-key), in the order the actor sent them. When the actor dies the stream breaks, and every
-listener hears the same Ray error a step's own stream would have raised.
+A step is started with a plain ``start_step`` call (named ``<role>/<task id>``, as the
+dashboard shows it) whose reply is the step's first batch: its first tokens or event, or
+the whole step, outcome included, when it ends that soon. What follows goes on the
+actor's one long-lived streaming call, ``events``, which sends the pending events of all
+its agents' steps together, one message per flush. So a short step costs one Ray call
+and no stream message, and k agents on one actor cost one message per flush, not k.
+(A streaming call per step costs about twice a plain call in Ray's own CPU on both sides,
+even for one item; see ``scripts/bench.py --speed``.)
+
+:class:`ActorChannel` reads that stream on the supervisor's loop and hands each step's
+batches to the attempt that listens for it (by the step's idempotency key), the reply's
+batch first, then the stream's in the order the actor sent them. When the actor dies the
+stream breaks and the reply fails, and every listener hears the Ray error.
 
 A listener is either queued (``await listener.__anext__()`` gives the next batch, as a
 step's own stream does) or direct: its step's attempt gives a handler that the channel
@@ -61,9 +65,32 @@ class Listener:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ended = False
         self.on_batch, self.on_error = on_batch, on_error  # direct delivery (None: queued)
+        # Until the start call's reply (the step's first batch) is in, what the stream
+        # brings for the step waits here: the two come by different ways.
+        self.early: list[list[tuple[str, Any]]] | None = None
+        self.broke: BaseException | None = None  # the stream broke before the reply came
+
+    def replied(self, reply: asyncio.Future) -> None:
+        """The start call's reply: its batch first, then what the stream brought meanwhile,
+        then the stream's error if it broke meanwhile (what the step sent before its actor
+        died is kept)."""
+        early, self.early = self.early or [], None
+        broke, self.broke = self.broke, None
+        error = None if reply.cancelled() else reply.exception()
+        if error is None and not reply.cancelled():
+            for batch in (reply.result(), *early):
+                if batch:
+                    self.deliver(batch)
+            self.channel.flush()  # a direct handler's events, appended now (no stream message follows)
+        error = error or broke
+        if error is not None and not self.ended:
+            self.fail(error)
 
     def deliver(self, batch: list[tuple[str, Any]]) -> None:
         """A batch of this step's events, in the order the actor sent them."""
+        if self.early is not None:
+            self.early.append(batch)
+            return
         if self.on_batch is None:
             self.queue.put_nowait(batch)
             return
@@ -72,7 +99,11 @@ class Listener:
         self.on_batch(batch)
 
     def fail(self, error: BaseException) -> None:
-        """The actor's stream broke: the step hears the error."""
+        """The actor's stream broke (or the start call failed): the step hears the error,
+        once its start call's reply is in."""
+        if self.early is not None:
+            self.broke = self.broke or error
+            return
         if self.on_error is None:
             self.queue.put_nowait(error)
         else:
@@ -136,13 +167,22 @@ class ActorChannel:
               on_error: Callable[[BaseException], None] | None = None,
               append: Callable[[list[Any]], None] | None = None) -> Listener:
         """Listen for the step, then start it on the actor. With ``on_batch`` the step's
-        batches are handed to it as they are read, and ``append`` appends what the
-        handlers put in :attr:`pending`, once per message."""
+        batches are handed to it as they are read (the reply's first), and ``append``
+        appends what the handlers put in :attr:`pending`, once per message."""
         if append is not None:
             self.append = append
         listener = self.listen(req.idempotency_key, on_batch, on_error)
-        self.handle.start_step.options(name=name).remote(req)
+        listener.early = []
+        reply = asyncio.wrap_future(self.handle.start_step.options(name=name).remote(req).future())
+        reply.add_done_callback(listener.replied)
         return listener
+
+    def flush(self) -> None:
+        """Append what direct handlers relayed (see :attr:`pending`)."""
+        if self.pending and self.append is not None:
+            items = self.pending[:]
+            self.pending.clear()
+            self.append(items)
 
     async def _pump(self) -> None:
         error: BaseException
@@ -157,9 +197,7 @@ class ActorChannel:
                     if listener is not None:  # else: a step no one waits for any more (it was given up)
                         listener.deliver(batch)
                 if pending:  # one append for every agent's events of this message
-                    items = pending[:]
-                    pending.clear()
-                    self.append(items)
+                    self.flush()
             error = ActorDiedError()  # the stream ended: only a dead actor ends it
         except asyncio.CancelledError:
             error = ActorDiedError()
@@ -175,10 +213,7 @@ class ActorChannel:
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
-        if self.pending and self.append is not None:  # what was relayed before the break
-            items = list(self.pending)
-            self.pending.clear()
-            self.append(items)
+        self.flush()  # what was relayed before the break
         listeners = list(self.listeners.values())
         self.listeners.clear()
         for listener in listeners:

@@ -138,9 +138,8 @@ class Supervisor:
 
     @staticmethod
     def _on_actor_start(proc: Any) -> None:
-        """An actor hosting several agents sends all their events on one stream (``channel``)."""
-        if len(proc.places) > 1 and hasattr(proc.handle, "events"):
-            proc.channel = ActorChannel(proc.handle, proc.name)
+        """An agent actor sends its agents' events on one stream, read by its ``channel``."""
+        proc.channel = ActorChannel(proc.handle, proc.name)
 
     @property
     def tasks(self) -> dict[str, TaskRecord]:

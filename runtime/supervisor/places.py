@@ -25,7 +25,7 @@ class Proc:
     recycling: bool = False  # the current replacement is a recycle (not a crash's)
     node: str | None = None  # the node its process runs (or is being started) on; None: no process
     causes: dict[int, str] = field(default_factory=dict, repr=False)  # generation -> why it was killed
-    channel: Any = field(default=None, repr=False)  # the actor's event channel (agents_per_actor > 1)
+    channel: Any = field(default=None, repr=False)  # reads the actor's event stream (runtime.supervisor.channel)
 
     @property
     def replacing(self) -> bool:
