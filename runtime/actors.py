@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 import warnings
 from typing import Any, Callable
 
@@ -23,8 +21,6 @@ from .supervisor.placement import (SUPERVISOR_RESOURCE, Placement, check_snapsho
                                    supervisor_placement)
 from threadbound.agents.host import SlotWorker
 from .supervisor.core import Supervisor
-
-log = logging.getLogger("threadbound.supervisor")
 
 
 class _SlotWorker(SlotWorker):
@@ -217,16 +213,29 @@ def start_allocator(config: RuntimeConfig) -> Any:
     return AllocatorActor.options(**allocator_options(config)).remote(config.max_agents, config.shards)
 
 
-def find_allocator(config: RuntimeConfig, timeout_s: float = 30.0) -> Any:
-    """The handle of the pool's allocator, by name (created before the shards; a shard
-    that Ray restarts finds it again); waits a little for it to be registered."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get_actor(allocator_name(config.name), namespace=config.ray.namespace)
-        except ValueError:
-            if time.monotonic() > deadline:
-                log.error("pool %r: no allocator actor %r; the caps are kept by each shard alone",
-                          config.name, allocator_name(config.name))
-                return None
-            time.sleep(0.1)
+def find_allocator(config: RuntimeConfig) -> "AllocatorByName":
+    """The pool's allocator, found by name when a shard first calls it (the client creates
+    it before the shards; a shard that Ray restarts finds it again)."""
+    return AllocatorByName(allocator_name(config.name), config.ray.namespace)
+
+
+class AllocatorByName:
+    """The pool's allocator actor, looked up by its name at the first call and again
+    after a lookup that found nothing. Fails closed: a shard whose allocator is not
+    there grants nothing (its ``Share`` retries with backoff, as for an allocator that
+    died) rather than keeping the caps by itself, which would let N shards run N times
+    ``max_agents``."""
+
+    def __init__(self, name: str, namespace: str | None) -> None:
+        self.name, self.namespace = name, namespace
+        self._handle: Any = None
+
+    @property
+    def sync(self) -> Any:
+        if self._handle is None:
+            try:
+                self._handle = ray.get_actor(self.name, namespace=self.namespace)
+            except ValueError:
+                raise LookupError(f"no allocator actor {self.name!r} in namespace {self.namespace!r} "
+                                  "(yet): no new task starts until it is there") from None
+        return self._handle.sync

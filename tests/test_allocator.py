@@ -514,3 +514,45 @@ def test_caps_hold_while_ray_restarts_a_killed_allocator(ray_session, fakes):
     assert len(record.launches) == 14
     assert record.most_bound <= 2 and fakes.max_running_total <= 2
     assert fakes.violations == [] and fakes.alive() == 0
+
+
+def test_shards_whose_allocator_is_not_there_start_nothing_until_it_is(ray_session, fakes):
+    """Fails closed: without the pool's allocator a shard does not keep the caps by
+    itself (two shards would run twice max_agents); it starts nothing until the
+    allocator is registered under its name, then runs everything under the one cap."""
+    from threadbound.runtime.actors import find_allocator
+
+    ray = ray_session
+    cfg = config(max_agents=2, max_agents_per_task=1, name="alloc-late", shards=2)
+    actor_cls = ray.remote(num_cpus=0)(Allocator)
+    handle = None
+
+    async def main():
+        nonlocal handle
+        record = Record()
+        # Given two shards whose allocator (looked up by name, as a Ray-started shard does) is not there
+        sups = [make_shard(fakes, cfg, k, find_allocator(cfg), record) for k in range(2)]
+        try:
+            ids = [(i % 2, await submit(sups[i % 2], ["a"], goal=f"t{i}")) for i in range(6)]
+            # When they have looked for it several times
+            await until(lambda: all(s.capacity.share.stats["failures"] >= 3 for s in sups), "the shards retried")
+            # Then no task started, in either shard
+            assert record.launches == [] and fakes.steps == []
+            assert all(not s.capacity.share.available for s in sups)
+            # When the allocator is registered under the pool's name
+            handle = actor_cls.options(name=allocator_name(cfg.name), namespace=cfg.ray.namespace).remote(2, 2)
+            # Then every task runs, never more than the pool's two agents at once
+            await asyncio.wait_for(wait_all(sups, ids), 60)
+            assert all(status(sups, k, t) == SUCCEEDED for k, t in ids)
+        finally:
+            for sup in sups:
+                await sup.shutdown(grace_s=0)
+        return record
+
+    try:
+        record = asyncio.run(main())
+    finally:
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+    assert len(record.launches) == 6 and record.most_bound <= 2 and fakes.max_running_total <= 2
+    assert fakes.violations == []
