@@ -125,3 +125,23 @@ def test_non_streaming_pool_sends_one_message_per_step(ray_session):
         assert msg.data["text"] == "a0 a1 a2 a3 a4 a5 "
     finally:
         p.shutdown()
+
+
+def test_a_short_step_is_one_call_and_a_long_one_streams_the_rest_on_its_actors_stream(pool):
+    # Given a task of three short steps (their tokens made at once)
+    before = pool.stats()["step_messages"]
+    short = pool.submit(Task(goal="short", agents=["a", "b", "c"], inputs={"*": {"tokens": 5}}))
+    events = list(short.stream())
+    after = pool.stats()["step_messages"]
+    # Then each step was started by one call, whose reply brought its events
+    assert after["replies"] - before["replies"] == 3
+    assert sum(e.data["n"] for e in events if e.kind == "tokens") == 15
+    # Given a step that makes its tokens 30 ms apart
+    long = pool.submit(Task(goal="long", agents=["a"], inputs={"a": {"tokens": 10, "token_sleep_s": 0.03}}))
+    events = list(long.stream())
+    later = pool.stats()["step_messages"]
+    # Then its first token came in the start call's reply and the rest on its actor's stream,
+    # every token once and in order
+    assert later["replies"] - after["replies"] == 1 and later["stream"] - after["stream"] >= 2
+    assert "".join(e.data["text"] for e in events if e.kind == "tokens") == "".join(f"a{i} " for i in range(10))
+    assert events[-1].kind == "succeeded"

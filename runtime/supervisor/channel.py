@@ -136,10 +136,13 @@ class Listener:
 class ActorChannel:
     """Reads one actor's ``events`` stream and routes its batches to the listening steps."""
 
-    def __init__(self, handle: Any, name: str) -> None:
+    def __init__(self, handle: Any, name: str, counts: dict[str, int] | None = None) -> None:
         self.handle, self.name = handle, name
         self.listeners: dict[str, Listener] = {}
-        self.messages = 0  # messages received (each carries the batches of several steps)
+        # Ray messages that carried steps' events, counted for the whole pool: ``replies``
+        # (start calls, each with a step's first batch) and ``stream`` (the actors'
+        # stream messages, each with the batches of one or more steps).
+        self.counts = counts if counts is not None else {"replies": 0, "stream": 0}
         self.error: BaseException | None = None
         # Events the direct listeners relayed from the message being read, appended together
         # by ``append`` once it is read (a handler that must append before it goes on, e.g.
@@ -174,6 +177,7 @@ class ActorChannel:
         listener = self.listen(req.idempotency_key, on_batch, on_error)
         listener.early = []
         reply = asyncio.wrap_future(self.handle.start_step.options(name=name).remote(req).future())
+        self.counts["replies"] += 1
         reply.add_done_callback(listener.replied)
         return listener
 
@@ -190,7 +194,7 @@ class ActorChannel:
             stream = self.handle.events.options(name=f"{self.name}/events").remote()
             pending = self.pending
             async for ref in stream:
-                self.messages += 1
+                self.counts["stream"] += 1
                 listeners = self.listeners
                 for key, batch in await ref:
                     listener = listeners.get(key)

@@ -89,6 +89,8 @@ class Supervisor:
         self.shard = TaskShard(config.name, self.clock, self.hooks, shard=shard)
         # Slot names are unique across the pool's shards: ``<prefix>s<k>/agent/<n>`` with several.
         prefix = ("" if config.name == "threadbound" else f"{config.name}/") + (f"s{shard}/" if config.shards > 1 else "")
+        # The Ray messages that carried steps' events (see ActorChannel.counts), for stats().
+        self.step_messages = {"replies": 0, "stream": 0}
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
                                on_free=lambda: self.life.pump(), clock=self.clock,
@@ -136,10 +138,9 @@ class Supervisor:
             return  # started by the first call instead
         self._start()
 
-    @staticmethod
-    def _on_actor_start(proc: Any) -> None:
+    def _on_actor_start(self, proc: Any) -> None:
         """An agent actor sends its agents' events on one stream, read by its ``channel``."""
-        proc.channel = ActorChannel(proc.handle, proc.name)
+        proc.channel = ActorChannel(proc.handle, proc.name, self.step_messages)
 
     @property
     def tasks(self) -> dict[str, TaskRecord]:

@@ -26,6 +26,9 @@ def pool_stats(sup: "Supervisor") -> dict[str, Any]:
             "location": durable.location.location, "segment": durable.segment, **durable.stats},
         "resumed": sup.resumed, "health": sup.health.mode, "hook_failures": sup.hooks.failures,
         "reads": sup.shard.reads, "submit_calls": sup.submit_calls,
+        # Ray messages that brought steps' events: start calls' replies (a step's first
+        # batch; a short step whole) and messages on the actors' streams
+        "step_messages": dict(sup.step_messages),
         "tokens_per_s": None if metrics is None else round(metrics.tokens_per_s, 1),
         "metrics_url": sup.metrics_url(),
         # with shards: this shard's calls to the pool's allocator, its grants and the time
