@@ -121,25 +121,34 @@ _DONE = object()
 class _Sink(deque):
     """Where the agent's thread puts tokens and events; wakes the streaming side.
 
-    On an actor's shared stream (``wake`` given, :meth:`SlotWorker.events`) a token does
+    Until its first batch is out, every put wakes the step's own start call. Once the step
+    is on the actor's shared stream (:meth:`share`, :meth:`SlotWorker.events`) a token does
     not wake the stream: it is paced and collects every place's tokens on each turn, so
-    the cost of a wake-up is paid per turn, not per token. Events and a step's end wake it.
+    the cost of a wake-up is paid per turn, not per token; ``batch_size`` pending tokens,
+    an event and a step's end wake it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int = 1) -> None:
         super().__init__()
         self.paced = False
+        self.batch_size = batch_size  # paced: this many tokens pending wake the stream after all
+        self.unsent = 0  # tokens put since the stream last took them (approximate: two threads)
         self.wake = threading.Event()  # its own until the step joins the actor's stream (share)
         self.stop = threading.Event()  # the supervisor asked the step to stop (read by StepContext too)
 
     def share(self, wake: threading.Event, paced: bool) -> None:
         """From now on wake the actor's one stream (:meth:`SlotWorker.events`); ``paced``:
-        a token does not wake it (tokens ride its next turn)."""
+        a token does not wake it (tokens ride its next turn) unless ``batch_size`` of them
+        are pending."""
         self.paced, self.wake = paced, wake
 
     def append(self, item: Any) -> None:  # also used by StepContext.emit
         super().append(item)
-        if not (self.paced and isinstance(item, str)) and not self.wake.is_set():
+        if self.paced and isinstance(item, str):
+            self.unsent += 1
+            if self.unsent < self.batch_size:
+                return
+        if not self.wake.is_set():
             self.wake.set()
 
 
@@ -304,7 +313,7 @@ class SlotWorker:
 
     def _open(self, req: StepRequest) -> "_Step":
         """Bind the step's agent and build its context; a failure becomes the step's error."""
-        step = _Step(req, _Sink())
+        step = _Step(req, _Sink(req.token_batch_size))
         try:
             agent = self._bind(req)
             step.ctx = StepContext(
@@ -452,6 +461,7 @@ class _Step:
         req, batcher, sink, outcome, started = self.req, self.batcher, self.sink, self.outcome, self.started
         out: list[tuple[str, Any]] = []
         done = False
+        sink.unsent = 0
         while sink:
             item = sink.popleft()
             if item is _DONE:

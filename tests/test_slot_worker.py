@@ -200,3 +200,35 @@ def test_a_longer_step_replies_with_its_first_token_and_streams_the_rest_on_the_
             rest.extend(batch)
     assert rest[0] == ("tokens", {"text": "second ", "n": 1}) and rest[-1][1]["output"] == "done"
     assert worker._steps == {} and worker._running == {}
+
+
+def test_on_the_actors_stream_a_full_batch_goes_out_without_waiting_for_the_turn(tmp_path):
+    class Burst(Agent):
+        def step(self, ctx):
+            yield "first "
+            time.sleep(0.2)  # the start call has replied with the first token
+            for i in range(12):
+                yield f"{i} "
+            time.sleep(1.0)  # busy: a full batch must not wait for this, nor for the turn
+            open(ctx.inputs["worked"], "w").close()
+            return "done"
+
+    worked = tmp_path / "worked"
+    worker = SlotWorker("agent/0")
+    stream = worker.events()
+    # Given a step on the actor's stream whose turn is long (token_interval_s = 10 s)
+    first = worker.start_step(request(Burst, token_batch_size=4, token_interval_s=10.0, inputs={"worked": str(worked)}))
+    assert first == [("tokens", {"text": "first ", "n": 1})]
+    # When it makes 12 tokens at once, then works a second
+    got = []
+    while sum(d["n"] for k, d in got if k == "tokens") < 12:
+        for _, batch in next(stream):
+            got.extend(batch)
+    # Then they came in batches of the batch size while it still worked (not at its turn or its end)
+    assert not worked.exists()
+    assert [d["n"] for k, d in got if k == "tokens"] == [4, 4, 4]
+    rest = []
+    while not rest or rest[-1][0] != RESULT:
+        for _, batch in next(stream):
+            rest.extend(batch)
+    assert rest[-1][1]["output"] == "done" and worked.exists()
