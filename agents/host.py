@@ -365,14 +365,20 @@ class SlotWorker:
     # -- one event stream for all the places (agents_per_actor > 1) ------------------------
 
     def start_step(self, req: StepRequest) -> list[tuple[str, Any]]:
-        """Start a step on its place and return its first batch: its first tokens or
-        event, or all of it, outcome included, when it ends that soon (a short step is
-        then one call, with no message on the stream at all). What follows comes through
-        :meth:`events`, with the other places' events, in one message per flush."""
+        """Start a step on its place. On an actor of one place, return its first batch:
+        its first tokens or event, or all of it, outcome included, when it ends that soon
+        (a short step is then one call, with no message on the stream at all). On an
+        actor of several places, return ``[]`` at once: all the step's batches go on the
+        stream, paced with the other places' (a reply per step would add a message per
+        step, and a step's batches would wait for it). What follows the reply comes
+        through :meth:`events`, in one message per flush for all the places."""
         with self._lock:
             if self._wake is None:
                 self._wake = threading.Event()
         step = self._open(req)  # a wake of its own until its first batch is out: nothing is paced yet
+        if self.places > 1:
+            self._stream(step)
+            return []
         while True:
             step.sink.wake.wait(step.batcher.wait_s())
             step.sink.wake.clear()
@@ -382,11 +388,15 @@ class SlotWorker:
         if step.done:
             self._close(step)
             return out
-        with self._lock:  # the rest goes on the actor's stream, paced with the other places
-            step.sink.share(self._wake, paced=req.token_interval_s > 0)
-            self._steps[req.idempotency_key] = step
-        self._wake.set()  # what the agent put in its sink meanwhile is the stream's now
+        self._stream(step)
         return out
+
+    def _stream(self, step: "_Step") -> None:
+        """The step's batches from now on go on the actor's stream, paced with the other places'."""
+        with self._lock:
+            step.sink.share(self._wake, paced=step.req.token_interval_s > 0)
+            self._steps[step.req.idempotency_key] = step
+        self._wake.set()  # what the agent put in its sink meanwhile is the stream's now
 
     def events(self) -> Iterator[list[tuple[str, list[tuple[str, Any]]]]]:
         """The actor's one event stream: each item is ``[(idempotency key, batch), ...]``

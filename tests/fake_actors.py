@@ -6,7 +6,8 @@
 * ``await handle.ping.remote()`` returns ``{"pid": ...}`` (and fails once it is dead);
 * ``handle.start_step.options(name=...).remote(req)`` starts the role's *script*; its
   reply (``.future()``, as a Ray ObjectRef's) is the step's first batch, a list of
-  ``(kind, data)`` events; the batches after it come on the actor's one stream,
+  ``(kind, data)`` events (with ``per_actor`` > 1 it is empty, as the host's is: the
+  supervisor does not wait for it); the batches after it come on the actor's one stream,
   ``handle.events.remote()``, an async iterator as Ray's ObjectRefGenerator is: each
   ``__anext__()`` gives an awaitable yielding ``[(idempotency key, batch)]``. A step's
   last batch holds ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
@@ -296,6 +297,7 @@ class FakeActor:
         owner = self.owner
         call = StepCall(self, req, name or "")
         reply = _Reply(call, owner.clock)
+        call.replied = owner.per_actor > 1  # several places: the reply is empty, every batch on the stream
         if self.state != ALIVE:
             owner.violations.append(f"step {name} sent to {self.uid}, which is {self.state}")
             call.died()

@@ -1,13 +1,16 @@
 """One event stream per agent actor, and a step's first batch in its start call's reply.
 
 A step is started with a plain ``start_step`` call (named ``<role>/<task id>``, as the
-dashboard shows it) whose reply is the step's first batch: its first tokens or event, or
-the whole step, outcome included, when it ends that soon. What follows goes on the
-actor's one long-lived streaming call, ``events``, which sends the pending events of all
-its agents' steps together, one message per flush. So a short step costs one Ray call
-and no stream message, and k agents on one actor cost one message per flush, not k.
-(A streaming call per step costs about twice a plain call in Ray's own CPU on both sides,
-even for one item; see ``scripts/bench.py --speed``.)
+dashboard shows it). On an actor of one agent its reply is the step's first batch: its
+first tokens or event, or the whole step, outcome included, when it ends that soon. What
+follows goes on the actor's one long-lived streaming call, ``events``, which sends the
+pending events of all its agents' steps together, one message per flush. So a short step
+costs one Ray call and no stream message (a streaming call per step costs about twice a
+plain call in Ray's own CPU on both sides, even for one item; see ``scripts/bench.py
+--speed``), and k agents on one actor cost one message per flush, not k. On an actor of
+several agents the reply is empty and all of a step's batches come on the stream: there a
+reply per step would add a message per step, and hold the step's stream batches for it
+(measured: 1,000 agents on 20 actors started their steps seconds later).
 
 :class:`ActorChannel` reads that stream on the supervisor's loop and hands each step's
 batches to the attempt that listens for it (by the step's idempotency key), the reply's
@@ -136,8 +139,11 @@ class Listener:
 class ActorChannel:
     """Reads one actor's ``events`` stream and routes its batches to the listening steps."""
 
-    def __init__(self, handle: Any, name: str, counts: dict[str, int] | None = None) -> None:
+    def __init__(self, handle: Any, name: str, counts: dict[str, int] | None = None, *, replies: bool = True) -> None:
         self.handle, self.name = handle, name
+        # The actor's start calls reply with their step's first batch (an actor of one
+        # place); False: they reply [] and all of a step's batches come on the stream.
+        self.replies = replies
         self.listeners: dict[str, Listener] = {}
         # Ray messages that carried steps' events, counted for the whole pool: ``replies``
         # (start calls, each with a step's first batch) and ``stream`` (the actors'
@@ -175,10 +181,12 @@ class ActorChannel:
         if append is not None:
             self.append = append
         listener = self.listen(req.idempotency_key, on_batch, on_error)
-        listener.early = []
-        reply = asyncio.wrap_future(self.handle.start_step.options(name=name).remote(req).future())
-        self.counts["replies"] += 1
-        reply.add_done_callback(listener.replied)
+        call = self.handle.start_step.options(name=name).remote(req)
+        if self.replies:
+            listener.early = []
+            reply = asyncio.wrap_future(call.future())
+            self.counts["replies"] += 1
+            reply.add_done_callback(listener.replied)
         return listener
 
     def flush(self) -> None:

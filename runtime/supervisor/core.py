@@ -140,7 +140,7 @@ class Supervisor:
 
     def _on_actor_start(self, proc: Any) -> None:
         """An agent actor sends its agents' events on one stream, read by its ``channel``."""
-        proc.channel = ActorChannel(proc.handle, proc.name, self.step_messages)
+        proc.channel = ActorChannel(proc.handle, proc.name, self.step_messages, replies=len(proc.places) == 1)
 
     @property
     def tasks(self) -> dict[str, TaskRecord]:
