@@ -182,3 +182,21 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_while_a_normal_client_is_served
 def test_a_body_deadline_out_of_range_is_refused_naming_the_setting(value):
     with pytest.raises(ConfigError, match="body_timeout_s"):
         GatewaySettings(body_timeout_s=value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("header_timeout_s", 0), ("header_timeout_s", float("nan")), ("header_timeout_s", 86_401),
+    ("idle_timeout_s", 0), ("idle_timeout_s", 2.5), ("keepalive_s", 0), ("keepalive_s", float("inf")),
+    ("max_body_bytes", 0), ("max_body_bytes", 1 << 31), ("max_body_bytes", True),
+    ("rate_per_s", -1), ("rate_per_s", float("nan")), ("rate_burst", 0),
+    ("max_connections", 0), ("max_connections", "many"), ("max_connections_per_client", -1),
+    ("max_header_bytes", 10), ("max_header_bytes", 1 << 21)])
+def test_every_gateway_limit_out_of_range_is_refused_naming_it(name, value):
+    with pytest.raises(ConfigError, match=name):
+        GatewaySettings(**{name: value})
+
+
+def test_the_gateway_limits_in_range_are_taken_and_zero_switches_off_only_what_says_so():
+    assert GatewaySettings() == GatewaySettings()
+    GatewaySettings(rate_per_s=0, max_connections_per_client=0, header_timeout_s=0.5, idle_timeout_s=1,
+                    max_body_bytes=1, max_header_bytes=1024, body_timeout_s=86_400)

@@ -127,3 +127,21 @@ def test_serve_refuses_a_port_out_of_range_naming_the_flag_before_ray_starts(por
     assert proc.returncode == 2, proc.stderr
     assert "--port" in proc.stderr and "1 to 65535" in proc.stderr and "Traceback" not in proc.stderr
     assert "serving on" not in proc.stderr and not (tmp_path / "tokens").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--rate", "nan", "requests per second above 0"), ("--rate", "inf", "requests per second above 0"),
+    ("--burst", "2000000", "1 to 1,000,000"), ("--max-body-bytes", "2000000000", "1 to 1 GiB")])
+def test_serve_refuses_a_gateway_limit_out_of_range_naming_the_flag_before_ray_starts(flag, value, says, tmp_path):
+    import subprocess
+    import sys
+
+    # An address nothing listens on: had it tried to reach Ray, it would say so instead.
+    proc = subprocess.run([sys.executable, "-m", "threadbound.runtime.cli", "serve", flag, value,
+                           "--address", "127.0.0.1:1", "--tokens-file", str(tmp_path / "tokens")],
+                          env={**os.environ, "THREADBOUND_GATEWAY_TOKENS": ""}, capture_output=True, text=True,
+                          timeout=50)
+    assert proc.returncode == 2, proc.stderr
+    assert flag in proc.stderr and says in proc.stderr and "Traceback" not in proc.stderr
+    assert "serving on" not in proc.stderr

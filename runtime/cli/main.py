@@ -88,7 +88,7 @@ def _positive(kind: type, what: str) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value <= 0:
+        if not value > 0 or value == float("inf"):  # (NaN is not > 0)
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse

@@ -55,7 +55,7 @@ def secret_places(cfg: Any) -> tuple[str, ...]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..errors import PoolClosed
+    from ..errors import ConfigError, PoolClosed
     from ..gateway.app import Gateway, GatewaySettings, protected_dirs, server_config
     from ..gateway.auth import ENV, Tokens, TokenError, load
     from ..pool import AgentPool
@@ -77,6 +77,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise BadInput("--workspace-root", f"{root!r} is or contains {secret}, which holds secrets of "
                                                    "this user (tokens, keys, snapshots); serve a directory of "
                                                    "projects instead, e.g. --workspace-root ~/src")
+    try:  # the gateway's limits, range-checked before Ray starts
+        settings = GatewaySettings(max_body_bytes=args.max_body_bytes, rate_per_s=args.rate,
+                                   rate_burst=args.burst, workspace_roots=tuple(roots),
+                                   protected=secret_places(cfg))
+    except ConfigError as exc:
+        flag = {"max_body_bytes": "--max-body-bytes", "rate_per_s": "--rate", "rate_burst": "--burst"}
+        name, why = exc.problems[0]
+        raise BadInput(flag.get(name, name), why) from None
     if roots:
         say(f"workspaces: tasks may name project directories under {', '.join(roots)}")
     else:
@@ -109,9 +117,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except PoolClosed:
             pool, started = AgentPool(cfg), True
             say(f"started pool {cfg.name!r}; it stops when this command ends")
-        settings = GatewaySettings(max_body_bytes=args.max_body_bytes, rate_per_s=args.rate,
-                                   rate_burst=args.burst, workspace_roots=tuple(roots),
-                                   protected=secret_places(cfg))
         app = Gateway(pool, Tokens(tokens), settings).app
         scheme = "https" if args.ssl_certfile else "http"
         say(f"serving on {scheme}://{args.host}:{args.port}/ (API under /v1, web page at /, Ctrl-C stops)")

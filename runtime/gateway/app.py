@@ -41,6 +41,23 @@ from .wire import Problem, SafeJSON, _from_error
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 MAX_BODY_TIMEOUT_S = 86_400
+DAY_S = 86_400
+
+# The numeric limits, each (lowest, highest, whole number?, what the lowest means if it is 0).
+# A deadline of 0 or a cap of a billion would switch a protection off by accident: only
+# the settings whose 0 means "off" by design (rate_per_s, max_connections_per_client) take 0.
+_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "max_body_bytes": (1, 1 << 30, True, "a size in bytes from 1 to 1 GiB"),
+    "rate_per_s": (0, 1_000_000, False, "requests per second from 0 (no limit) to 1,000,000"),
+    "rate_burst": (1, 1_000_000, True, "a count from 1 to 1,000,000"),
+    "keepalive_s": (0.01, 3_600, False, "seconds above 0 and at most an hour"),
+    "header_timeout_s": (0.01, DAY_S, False, "seconds above 0 and at most a day"),
+    "body_timeout_s": (0.01, MAX_BODY_TIMEOUT_S, False, "seconds above 0 and at most a day"),
+    "idle_timeout_s": (1, DAY_S, True, "whole seconds from 1 to a day"),
+    "max_connections": (1, 1_000_000, True, "a count from 1 to 1,000,000"),
+    "max_connections_per_client": (0, 1_000_000, True, "a count from 0 (no cap) to 1,000,000"),
+    "max_header_bytes": (1_024, 1 << 20, True, "a size in bytes from 1 KiB to 1 MiB"),
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,8 @@ class GatewaySettings:
             directory, ``~/.threadbound``, ``~/.ray``, ``~/.ssh`` and the home directory
             itself are always protected.
         header_timeout_s: a connection whose request headers are not complete this long
-            after it opened (or after the first byte of its next request) is closed.
+            after it opened (or after the first byte of its next request) is closed:
+            above 0, at most a day.
         body_timeout_s: a request whose whole body has not arrived this long after its
             headers has its connection closed (with a 408 when no answer has started):
             above 0, at most a day.
@@ -69,6 +87,9 @@ class GatewaySettings:
         max_connections_per_client: one client address's open HTTP connections; past it a
             new one is closed at once (0: no cap).
         max_header_bytes: the largest request line and headers taken (431/400 past it).
+
+    Every number is range-checked when the settings are made (``_RANGES``): out of
+    range, of the wrong type or a boolean, it is a :class:`ConfigError` naming it.
     """
 
     max_body_bytes: int = 1 << 20
@@ -85,10 +106,15 @@ class GatewaySettings:
     max_header_bytes: int = 16_384
 
     def __post_init__(self) -> None:
-        value = self.body_timeout_s
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BODY_TIMEOUT_S:
-            raise ConfigError("GatewaySettings", [("body_timeout_s", f"must be a number of seconds above 0 and at "
-                                                   f"most {MAX_BODY_TIMEOUT_S} (a day), got {value!r}")])
+        """Every numeric limit is range-checked: a wrong one is a ConfigError naming it."""
+        bad = []
+        for name, (low, high, whole, what) in _RANGES.items():
+            value = getattr(self, name)
+            kinds = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+                bad.append((name, f"must be {what}, got {value!r}"))
+        if bad:
+            raise ConfigError("GatewaySettings", bad)
 
 
 def protected_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
