@@ -242,9 +242,13 @@ def _child(out: str) -> None:
             open(os.path.join(mark_dir, f"hold-{worker.node_id}"), "w").close()
             deadline = time.monotonic() + 90
             on_node: set = set()
+            # Only shard 0's steps count: shard 1 was just killed, and a step it had started
+            # there may still reach the hold before Ray stops its actors (they go with their
+            # owner); its task is resumed elsewhere as an interrupted step, not a crashed one.
             while time.monotonic() < deadline and not on_node:
                 with open(log_path) as fh:
-                    on_node = {ln.split()[1] for ln in fh if ln.startswith("held ")}
+                    on_node = {ln.split()[1] for ln in fh if ln.startswith("held ")
+                               and shard_of.get(ln.split()[1]) == "0"}
                 time.sleep(0.05)
             with open(log_path, "a") as fh:
                 fh.write(f"removed {worker.node_id}\n")
