@@ -4,8 +4,10 @@ and Ray's own log lines kept off the terminal."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import socket
 from typing import Any, Iterator
 
 import ray
@@ -17,6 +19,7 @@ log = logging.getLogger("threadbound.pool")
 
 
 LOOPBACK = "127.0.0.1"
+_PROBE_S = 5.0  # how long one TCP connect to a cluster's address may take
 
 
 def requested_address(config: RuntimeConfig) -> str | None:
@@ -218,6 +221,9 @@ def _check_answers(address: str) -> None:
     with token authentication on, joining a cluster without it, refuses the calls its
     own actors make back to it, so Ray cancels every actor it creates ("all references to
     the actor were removed") and the pool never starts."""
+    why = _refused(address)
+    if why is not None:  # Ray's client would retry for ~40 s before saying so
+        raise _no_cluster(address, why)
     try:
         from ray._raylet import GcsClient
     except ImportError:
@@ -239,6 +245,28 @@ def _check_answers(address: str) -> None:
         return
     if mode is None:
         _turn_token_auth_off()
+
+
+def _refused(address: str) -> str | None:
+    """Why nothing can answer at ``host:port``, if one TCP connect says so for sure (refused,
+    no such host, no route); None when something listens, or when it cannot be told at
+    once (a dropped packet: Ray's own client then waits and says)."""
+    host, _, port = address.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        return None  # not host:port: ray.init says what it makes of it
+    try:
+        with socket.create_connection((host.strip("[]"), number), timeout=_PROBE_S):
+            return None
+    except ConnectionRefusedError:
+        return "nothing listens there: connection refused"
+    except socket.gaierror as exc:
+        return f"the host name does not resolve: {exc.strerror or exc}"
+    except OSError as exc:
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"no route to the host: {exc.strerror}"
+        return None
 
 
 @contextlib.contextmanager
