@@ -113,3 +113,16 @@ def test_the_speed_lines_give_the_per_step_ratio_against_the_relay_and_the_journ
     assert lines[0].startswith("per-step cost at c=1, threadbound / bare relay: median 1.20x [1.2, 1.2]")
     assert "tasks/s at c=4 vs LangGraph + SQLite: median 1.10x" in lines[1]
     assert lines[-1].endswith("is 1.20x the relay (median write)")
+
+
+def test_the_written_ratios_state_the_per_step_target_against_the_relay_not_the_floor():
+    # BENCHMARKS.md's list gives the per-step target (<= 1.2x the bare relay, each
+    # run against its own relay); the ratios to the warm-actor floor come only as context.
+    hl = {"step_vs_floor": {"median": 2.0, "runs": [2.4, 1.8]}, "relay_vs_floor": {"median": 1.5, "runs": [2.0, 1.5]},
+          "c4_vs_langgraph": {"median": 1.1, "runs": [1.1]}, "repeats": 2}
+    lines = bench.ratios([], {"headline": hl})
+    assert lines[0].startswith("per-step cost at c=1, threadbound / a bare relay actor")
+    assert "median 1.20x of 2 runs taking turns [1.2, 1.2] (target <= 1.2x)" in lines[0]
+    assert lines[1].startswith("token-streaming tasks/s at c=4") and lines[1].endswith("(target >= 1x)")
+    floor = [line for line in lines if "warm-actor Ray floor" in line]
+    assert len(floor) == 2 and not any("target" in line for line in floor)
