@@ -238,17 +238,17 @@ def _child(out: str) -> None:
             os.kill(victim["pid"], signal.SIGKILL)
 
             # Node 2 removed while a step runs there (after the kill): its next steps hold
-            # until it is gone, so the removal surely cuts one short.
+            # until it is gone, so the removal surely cuts one short. The hold comes once
+            # shard 1 answers again (a call to it waits out the restart): a step the killed
+            # shard had started could otherwise reach the hold before Ray stopped its actors
+            # (they go with their owner), and its task resumes it as interrupted, not crashed.
+            shard_stats(1)
             open(os.path.join(mark_dir, f"hold-{worker.node_id}"), "w").close()
             deadline = time.monotonic() + 90
             on_node: set = set()
-            # Only shard 0's steps count: shard 1 was just killed, and a step it had started
-            # there may still reach the hold before Ray stops its actors (they go with their
-            # owner); its task is resumed elsewhere as an interrupted step, not a crashed one.
             while time.monotonic() < deadline and not on_node:
                 with open(log_path) as fh:
-                    on_node = {ln.split()[1] for ln in fh if ln.startswith("held ")
-                               and shard_of.get(ln.split()[1]) == "0"}
+                    on_node = {ln.split()[1] for ln in fh if ln.startswith("held ")}
                 time.sleep(0.05)
             with open(log_path, "a") as fh:
                 fh.write(f"removed {worker.node_id}\n")
