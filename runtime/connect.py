@@ -256,6 +256,8 @@ def _refused(address: str) -> str | None:
         number = int(port)
     except ValueError:
         return None  # not host:port: ray.init says what it makes of it
+    if not 0 < number < 65536:
+        return f"port {number} is not a TCP port (1-65535)"
     try:
         with socket.create_connection((host.strip("[]"), number), timeout=_PROBE_S):
             return None

@@ -38,4 +38,5 @@ def test_the_probe_refuses_only_what_surely_has_no_cluster():
         assert _refused(f"127.0.0.1:{server.getsockname()[1]}") is None  # something listens
     assert "refused" in _refused(f"127.0.0.1:{closed_port()}")
     assert "does not resolve" in _refused("no-such-host.invalid:6379")
+    assert "not a TCP port" in _refused("127.0.0.1:70000")
     assert _refused("not an address") is None  # left to ray.init, which names it
