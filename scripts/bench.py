@@ -372,17 +372,25 @@ def journal_floor_ms(directory: str, n: int = 200, size: int = 300) -> dict[str,
     return {"median_ms": statistics.median(times), "p90_ms": _pct(times, 0.9), "n": n}
 
 
+def per_step_vs_relay(hl: dict[str, Any], relay: str = "relay_vs_floor") -> list[float]:
+    """The per-step target's ratio, run by run: each run's threadbound/floor over the same
+    run's relay/floor (``relay``: which relay's row), empty when the headline has not both."""
+    if "step_vs_floor" not in hl or relay not in hl:
+        return []
+    return [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl[relay]["runs"])]
+
+
 def speed_lines(hl: dict[str, Any], jf: dict[str, float] | None, relay_step_ms: float | None) -> list[str]:
     """The speed ratios as the issue states them: the per-step cost against the bare relay
     (each run's threadbound/floor over the same run's relay/floor), the LangGraph ratios,
     and what the journal's fdatasync alone adds to a relay step."""
     out = []
-    if "step_vs_floor" in hl and "relay_vs_floor" in hl:
-        per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["relay_vs_floor"]["runs"])]
+    per = per_step_vs_relay(hl)
+    if per:
         out.append(f"per-step cost at c=1, threadbound / bare relay: median {statistics.median(per):.2f}x "
                    f"{[round(x, 2) for x in per]} (target <= 1.2x)")
-    if "step_vs_floor" in hl and "plain_relay_vs_floor" in hl:
-        per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["plain_relay_vs_floor"]["runs"])]
+    per = per_step_vs_relay(hl, "plain_relay_vs_floor")
+    if per:
         out.append(f"  for context, against a relay whose steps are one plain call each (as threadbound sends a "
                    f"short step): median {statistics.median(per):.2f}x {[round(x, 2) for x in per]}")
     for key, label, target in (("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite", ">= 1.0x"),
@@ -591,8 +599,8 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
     out = []
     hl = results.get("headline")
     if hl:
-        if "step_vs_floor" in hl and "relay_vs_floor" in hl:  # the per-step target: see run_ray_relay
-            per = [a / b for a, b in zip(hl["step_vs_floor"]["runs"], hl["relay_vs_floor"]["runs"])]
+        per = per_step_vs_relay(hl)  # the per-step target: see run_ray_relay
+        if per:
             out.append(f"per-step cost at c=1, threadbound / a bare relay actor (no logic, no durability), each "
                        f"run against its own relay: median {statistics.median(per):.2f}x of {hl['repeats']} runs "
                        f"taking turns {[round(x, 2) for x in per]} (target <= 1.2x)")
