@@ -64,6 +64,10 @@ def connect_ray(config: RuntimeConfig, *, log_file: str | None = None) -> bool:
         if quiet:
             kwargs.update(configure_logging=False, log_to_driver=False)
         if target is not None:  # joining a cluster, not starting one
+            why = _refused(target)
+            if why is not None:  # Ray's client would retry for ~40 s before saying so
+                asked = address or os.environ.get("RAY_ADDRESS")  # named as the user wrote it
+                raise _no_cluster(asked if asked and asked != "auto" else target, why)
             _check_answers(target)
         try:
             with _no_token_notice():
@@ -221,9 +225,6 @@ def _check_answers(address: str) -> None:
     with token authentication on, joining a cluster without it, refuses the calls its
     own actors make back to it, so Ray cancels every actor it creates ("all references to
     the actor were removed") and the pool never starts."""
-    why = _refused(address)
-    if why is not None:  # Ray's client would retry for ~40 s before saying so
-        raise _no_cluster(address, why)
     try:
         from ray._raylet import GcsClient
     except ImportError:
