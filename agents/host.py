@@ -1,7 +1,8 @@
 """The inside of an agent actor ("slot"): binds agents, runs their steps, batches tokens.
 
 :class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote`` as
-a threaded actor. It has ``agents_per_actor`` *places* (one by default: one agent in its
+a threaded actor (whose ``start_step`` and ``events`` take and give their requests and
+batches as bytes, :mod:`threadbound.agents.wire`). It has ``agents_per_actor`` *places* (one by default: one agent in its
 own process), one agent each; the supervisor sends a place one step at a time.
 Each step's agent code runs on a helper thread of its own, so tokens are flushed on time
 (a thread whose step ended is kept for the process's next step: starting one costs

@@ -19,7 +19,8 @@ from .supervisor.allocator import Allocator, allocator_name
 from .supervisor.layout import settle_layout
 from .supervisor.placement import (SUPERVISOR_RESOURCE, Placement, check_snapshot_dir, memory_on,
                                    supervisor_placement)
-from threadbound.agents.host import SlotWorker
+from threadbound.agents.host import SlotWorker, StepRequest
+from threadbound.agents.wire import pack, unpack
 from .supervisor.core import Supervisor
 
 
@@ -29,6 +30,14 @@ class _SlotWorker(SlotWorker):
     def __init__(self, slot_name: str, namespace: str | None = None, prefix: str = "", places: int = 1) -> None:
         super().__init__(slot_name, places)
         serve_models_in(namespace, prefix)
+
+    # Seen from Ray, a step goes in and its batches come out as bytes (``agents.wire``).
+    def start_step(self, req: bytes | StepRequest) -> bytes:  # type: ignore[override]
+        return pack(super().start_step(unpack(req) if isinstance(req, bytes) else req))
+
+    def events(self) -> Any:  # type: ignore[override]
+        for item in super().events():
+            yield pack(item)
 
 
 # Never restarted by Ray: the supervisor replaces slots itself so that the agent cap holds
@@ -98,9 +107,11 @@ class _Supervisor(Supervisor):
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[Row], str]:
         return await super().read(task_id, offset, wait_s)
 
+    # The answer goes back packed (``agents.wire``): the rows of every task a client
+    # follows, in one bytes object Ray moves as it is.
     @ray.method(enable_task_events=False)
-    async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[Row], str]]:
-        return await super().read_many(cursors, wait_s)
+    async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> bytes:  # type: ignore[override]
+        return pack(await super().read_many(cursors, wait_s))
 
     @ray.method(enable_task_events=False)
     async def wait(self, task_id: str, timeout_s: float | None) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from threadbound.agents.events import Row
+from threadbound.agents.wire import unpack
 
 from .errors import PoolClosed, TaskNotFound
 from .task import TERMINAL, Event
@@ -144,7 +145,7 @@ class _Follower:
                     await self._settle()
                     continue
                 try:
-                    answer = call.result()
+                    answer = unpack(call.result())  # packed by the supervisor (agents.wire)
                 except TaskNotFound as exc:
                     for s in [s for s in polled if s.task_id == exc.task_id] or polled:
                         s.end(exc)

@@ -21,6 +21,7 @@ import ray
 
 from threadbound.agents import Agent
 from threadbound.agents.host import ERROR, RESULT, StepRequest
+from threadbound.agents.wire import pack, unpack
 from threadbound.runtime.actors import CONTROL_CALLS, SlotActor
 
 
@@ -71,7 +72,7 @@ async def per_actor(actors, reqs) -> tuple[int, int, int]:
         nonlocal messages, batches, tokens, left
         async for ref in actor.events.remote():
             messages += 1
-            for _key, batch in await ref:
+            for _key, batch in unpack(await ref):
                 for kind, data in batch:
                     if kind == "tokens":
                         batches += 1
@@ -82,7 +83,7 @@ async def per_actor(actors, reqs) -> tuple[int, int, int]:
                             done.set()
 
     readers = [asyncio.ensure_future(read(a)) for a in actors]
-    await asyncio.gather(*(actors[a].start_step.remote(r) for a, r in reqs))
+    await asyncio.gather(*(actors[a].start_step.remote(pack(r)) for a, r in reqs))
     await done.wait()
     for r in readers:
         r.cancel()

@@ -6,7 +6,8 @@
 * ``await handle.ping.remote()`` returns ``{"pid": ...}`` (and fails once it is dead);
 * ``handle.start_step.options(name=...).remote(req)`` starts the role's *script*; its
   reply (``.future()``, as a Ray ObjectRef's) is the step's first batch, a list of
-  ``(kind, data)`` events (with ``per_actor`` > 1 it is empty, as the host's is: the
+  ``(kind, data)`` events (the request and every batch cross as bytes, ``agents.wire``,
+  as they do between the supervisor and a real actor) (with ``per_actor`` > 1 it is empty, as the host's is: the
   supervisor does not wait for it); the batches after it come on the actor's one stream,
   ``handle.events.remote()``, an async iterator as Ray's ObjectRefGenerator is: each
   ``__anext__()`` gives an awaitable yielding ``[(idempotency key, batch)]``. A step's
@@ -47,6 +48,7 @@ from ray.exceptions import ActorDiedError
 
 from threadbound.agents.base import Interrupt, Stopped
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT, StepRequest, _error_data
+from threadbound.agents.wire import pack, unpack
 from threadbound.runtime.supervisor.clock import FakeClock
 
 Script = Callable[["StepCall"], Awaitable[Any]]
@@ -205,7 +207,7 @@ class _Reply:
                 item = call.queue.get_nowait()
                 if item[0] is not None:
                     call.actor.stream.put_nowait((call.req.idempotency_key, item))
-        fut.set_result(batch)
+        fut.set_result(pack(batch))  # bytes, as the host's actor sends them (agents.wire)
         if clock_s:  # after the reply is in: the supervisor reads it before the timers this fires
             self.clock.advance(clock_s)
 
@@ -234,7 +236,7 @@ class _Stream:
         key, (batch, clock_s) = item
         if clock_s:
             self.clock.advance(clock_s)
-        return _Ref([(key, batch)])
+        return _Ref(pack([(key, batch)]))
 
 
 class _Method:
@@ -293,7 +295,8 @@ class FakeActor:
     def _events(self, name: str | None = None) -> _Stream:
         return _Stream(self, self.owner.clock)
 
-    def _start_step(self, req: StepRequest, name: str | None = None) -> _Reply:
+    def _start_step(self, data: bytes, name: str | None = None) -> _Reply:
+        req: StepRequest = unpack(data)
         owner = self.owner
         call = StepCall(self, req, name or "")
         reply = _Reply(call, owner.clock)

@@ -15,6 +15,7 @@ import cloudpickle
 import pytest
 
 from threadbound.agents.events import Row
+from threadbound.agents.wire import pack, unpack
 from threadbound.runtime.config import RuntimeConfig
 from threadbound.runtime.supervisor.clock import SystemClock
 from threadbound.runtime.supervisor.hooks import Hook, Hooks
@@ -262,7 +263,7 @@ class _ActorStream:
             raise StopAsyncIteration
 
         async def ready():
-            return message
+            return pack(message)  # bytes, as the actor sends them (agents.wire)
 
         return ready()
 
@@ -283,7 +284,7 @@ class _EmptyReply:
 
     def future(self):
         fut = asyncio.get_running_loop().create_future()
-        fut.set_result([])
+        fut.set_result(pack([]))
         return fut
 
 
@@ -295,7 +296,7 @@ class _Handle:
         self.start_step = _Method(self._start)
 
     def _start(self, req):
-        self.started.append(req.idempotency_key)
+        self.started.append(unpack(req).idempotency_key)
         return _EmptyReply()
 
 
@@ -379,7 +380,7 @@ class _LateHandle(_Handle):
         self.replies: list[_LateReply] = []
 
     def _start(self, req):
-        self.started.append(req.idempotency_key)
+        self.started.append(unpack(req).idempotency_key)
         self.replies.append(_LateReply())
         return self.replies[-1]
 
@@ -413,7 +414,7 @@ def test_a_steps_reply_comes_before_what_the_stream_brought_first_and_before_its
             await asyncio.sleep(0)
         assert heard["a"] == []  # held for the reply
         # When the reply comes
-        handle.replies[0].fut.set_result([tok("a1")])
+        handle.replies[0].fut.set_result(pack([tok("a1")]))
         await asyncio.sleep(0)
         # Then a heard its reply's batch first, then the stream's
         assert heard["a"] == ["a1", "a2"]
@@ -423,7 +424,7 @@ def test_a_steps_reply_comes_before_what_the_stream_brought_first_and_before_its
             await asyncio.sleep(0)
         assert heard["b"] == []
         # When the reply comes after all (it was sent before the process died)
-        handle.replies[1].fut.set_result([tok("b1")])
+        handle.replies[1].fut.set_result(pack([tok("b1")]))
         await asyncio.sleep(0)
         # Then b heard its token, then the error
         assert heard["b"] == ["b1", "ActorDiedError"]

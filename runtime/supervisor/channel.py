@@ -1,7 +1,8 @@
 """One event stream per agent actor, and a step's first batch in its start call's reply.
 
 A step is started with a plain ``start_step`` call (named ``<role>/<task id>``, as the
-dashboard shows it). On an actor of one agent its reply is the step's first batch: its
+dashboard shows it); its request, its reply and each stream message cross as bytes
+(:mod:`threadbound.agents.wire`). On an actor of one agent its reply is the step's first batch: its
 first tokens or event, or the whole step, outcome included, when it ends that soon. What
 follows goes on the actor's one long-lived streaming call, ``events``, which sends the
 pending events of all its agents' steps together, one message per flush. So a short step
@@ -37,6 +38,7 @@ from typing import Any, Callable
 from ray.exceptions import ActorDiedError, RayError
 
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT
+from threadbound.agents.wire import pack, unpack
 
 log = logging.getLogger("threadbound.channel")
 
@@ -81,7 +83,7 @@ class Listener:
         broke, self.broke = self.broke, None
         error = None if reply.cancelled() else reply.exception()
         if error is None and not reply.cancelled():
-            for batch in (reply.result(), *early):
+            for batch in (unpack(reply.result()), *early):
                 if batch:
                     self.deliver(batch)
             self.channel.flush()  # a direct handler's events, appended now (no stream message follows)
@@ -181,7 +183,7 @@ class ActorChannel:
         if append is not None:
             self.append = append
         listener = self.listen(req.idempotency_key, on_batch, on_error)
-        call = self.handle.start_step.options(name=name).remote(req)
+        call = self.handle.start_step.options(name=name).remote(pack(req))
         if self.replies:
             listener.early = []
             reply = asyncio.wrap_future(call.future())
@@ -204,7 +206,7 @@ class ActorChannel:
             async for ref in stream:
                 self.counts["stream"] += 1
                 listeners = self.listeners
-                for key, batch in await ref:
+                for key, batch in unpack(await ref):
                     listener = listeners.get(key)
                     if listener is not None:  # else: a step no one waits for any more (it was given up)
                         listener.deliver(batch)
