@@ -15,7 +15,8 @@ client that submitted the task. Same machine, same process run; results are rati
 against the baselines measured here, never absolute promises. The issue's speed ratios
 (per-step cost against the Ray floor, tasks/s against LangGraph at 1 and 4 tasks at a
 time) are also printed as the median of ``--repeat`` runs in which the two sides take
-turns, since one run on a busy 2-core machine can be off by a third.
+turns, since one run on a busy 2-core machine can be off by a third. Every timed run
+starts its clock once the machine is quiet (``bench_baselines.settle``).
 
 The warm-actor floor has the client drive the agents' actors itself. Any runtime with a
 supervisor between the client and the agents (threadbound, LangGraph's server, Ray Serve)
@@ -113,6 +114,7 @@ class Bench:
 
                 return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
+            base.settle()
             t0 = time.perf_counter()
             got = asyncio.run(main())
             wall = time.perf_counter() - t0

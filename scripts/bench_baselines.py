@@ -25,6 +25,21 @@ from threadbound.agents.models.simulated import SimulatedModel, SimulatedModelCo
 ROLES = ("code", "test", "review")
 
 
+def settle(max_s: float = 5.0, busy_pct: float = 15.0) -> float:
+    """Wait until the machine is quiet (under ``busy_pct`` of all cores busy over 0.2 s), for
+    at most ``max_s``; the seconds waited. Called by every timed run just before its clock
+    starts, whatever the system: what a run starts before its clock (a pool's or a
+    relay's actor processes) and what the run before it stopped (processes Ray reaps) would
+    otherwise land in whichever run comes next, and on 2 cores that moved single ratios by
+    a third."""
+    import psutil
+
+    start = time.monotonic()
+    while time.monotonic() - start < max_s and psutil.cpu_percent(interval=0.2) >= busy_pct:
+        pass
+    return time.monotonic() - start
+
+
 def model(tokens: int, cpu_ms: float) -> SimulatedModel:
     return SimulatedModel(SimulatedModelConfig(tokens=tokens, cpu_ms=cpu_ms))
 
@@ -115,6 +130,7 @@ def run_ray_warm(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[s
 
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
+    settle()
     t0 = time.perf_counter()
     got = asyncio.run(main())
     wall = time.perf_counter() - t0
@@ -212,6 +228,7 @@ def run_ray_relay(n: int, concurrency: int, tokens: int, cpu_ms: float, *, plain
                     del cursors[t]
         return got
 
+    settle()
     t0 = time.perf_counter()
     got = asyncio.run(main())
     wall = time.perf_counter() - t0
@@ -303,6 +320,7 @@ def run_langgraph(n: int, concurrency: int, tokens: int, cpu_ms: float, *, durab
             got += 1
         return got
 
+    settle()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
         got = sum(ex.map(one, range(n)))
@@ -323,6 +341,7 @@ def run_threads(n: int, concurrency: int, tokens: int, cpu_ms: float) -> dict[st
             for tok in m.stream(_prompt(f"task {i}", role), agent=role):
                 out.put(tok)
 
+    settle()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
         futures = [ex.submit(one, i) for i in range(n)]

@@ -189,7 +189,7 @@ class StructuredLog(Hook):
             human.addHandler(out)
             human.setLevel(logging.INFO)
             human.propagate = False
-        self._actors: dict[tuple[str, str], str] = {}  # (task, role) -> the actor of its last step
+        self._actors: dict[str, dict[str, str]] = {}  # task -> role -> the actor of its last step
 
     def on_events(self, batch: list[tuple[Any, ev.Row]]) -> None:
         """A batch's lines go to the file in one add; token events (most of a batch) are
@@ -213,14 +213,13 @@ class StructuredLog(Hook):
             return b""
         data = data if isinstance(data, dict) else {"value": data}
         if kind == ev.STEP_STARTED and agent is not None:
-            self._actors[(task.id, agent)] = data.get("slot")
-        elif kind in ev.TERMINAL:
-            for key in [k for k in self._actors if k[0] == task.id]:
-                del self._actors[key]
+            self._actors.setdefault(task.id, {})[agent] = data.get("slot")
+        elif kind in ev.TERMINAL:  # (a task's own entry: no scan of every running task's)
+            self._actors.pop(task.id, None)
         line = {
             "ts": _iso(ts),
             "pool": self.pool, "task": task.id, "role": agent,
-            "actor": self._actors.get((task.id, agent)) if agent else None,
+            "actor": self._actors.get(task.id, {}).get(agent) if agent else None,
             "level": data.get("level", task.level), "kind": kind, "attempt": data.get("attempt"),
             "offset": offset, "data": _cut_fields(data),
         }
