@@ -262,8 +262,8 @@ class _ActorStream:
         if message is None:
             raise StopAsyncIteration
 
-        async def ready():
-            return pack(message)  # bytes, as the actor sends them (agents.wire)
+        async def ready():  # bytes, as the actor sends them (agents.wire); a test may put its own
+            return message if isinstance(message, bytes) else pack(message)
 
         return ready()
 
@@ -428,5 +428,46 @@ def test_a_steps_reply_comes_before_what_the_stream_brought_first_and_before_its
         await asyncio.sleep(0)
         # Then b heard its token, then the error
         assert heard["b"] == ["b1", "ActorDiedError"]
+
+    asyncio.run(main())
+
+
+# A pickle naming a module the supervisor does not have: unpickling it raises ModuleNotFoundError.
+UNREADABLE = b"\x80\x02cno_such_module_here\nThing\nq\x00)\x81q\x01."
+
+
+def test_a_reply_or_stream_message_the_supervisor_cannot_unpickle_fails_its_steps_instead_of_leaving_them_waiting():
+    """What an agent sent that the supervisor cannot unpickle (a class it cannot import) is
+    the step's broken stream, a Ray error the attempt retries by policy: no step waits
+    for an end that is lost."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayError
+
+    from threadbound.runtime.supervisor.channel import ActorChannel
+
+    async def main():
+        handle = _LateHandle()
+        channel = ActorChannel(handle, "agent/0")
+        heard: dict[str, list] = {"a": [], "b": []}
+
+        for key in "ab":
+            channel.start(SimpleNamespace(idempotency_key=key), f"x/{key}", lambda batch, k=key: heard[k].append(batch),
+                          lambda error, k=key: heard[k].append(error), append=lambda items: None)
+        # Given step a's reply that cannot be unpickled here
+        handle.replies[0].fut.set_result(UNREADABLE)
+        await asyncio.sleep(0)
+        # Then a hears a Ray error naming why, and nothing else
+        (error,) = heard["a"]
+        assert isinstance(error, RayError) and "no_such_module_here" in str(error)
+        # Given step b's reply in, then a stream message that cannot be unpickled
+        handle.replies[1].fut.set_result(pack([]))
+        await asyncio.sleep(0)
+        await handle.stream.messages.put(UNREADABLE)
+        await channel.task
+        # Then b hears the stream break with that error, and the channel is closed to new steps
+        (error,) = heard["b"]
+        assert isinstance(error, RayError) and "no_such_module_here" in str(error)
+        assert isinstance(channel.error, RayError)
 
     asyncio.run(main())

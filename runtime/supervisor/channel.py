@@ -35,7 +35,7 @@ import asyncio
 import logging
 from typing import Any, Callable
 
-from ray.exceptions import ActorDiedError, RayError
+from ray.exceptions import ActorDiedError, RayError, RaySystemError
 
 from threadbound.agents.host import ERROR, INTERRUPT, RESULT
 from threadbound.agents.wire import pack, unpack
@@ -43,6 +43,18 @@ from threadbound.agents.wire import pack, unpack
 log = logging.getLogger("threadbound.channel")
 
 _ENDS = (RESULT, ERROR, INTERRUPT)
+
+
+def _decoded(data: bytes) -> Any:
+    """An actor's packed reply or stream message, unpacked. One this process cannot unpickle
+    (say, an agent's output of a class the supervisor cannot import) is the error Ray's own
+    deserializer raised for it when Ray unpickled the reply: a ``RaySystemError``, which
+    the step hears as a broken stream (retried by policy) rather than waiting for an end
+    that will not come."""
+    try:
+        return unpack(data)
+    except Exception as exc:
+        raise RaySystemError(f"could not unpickle an agent actor's message: {type(exc).__name__}: {exc}") from exc
 
 
 class _Ready:
@@ -83,10 +95,15 @@ class Listener:
         broke, self.broke = self.broke, None
         error = None if reply.cancelled() else reply.exception()
         if error is None and not reply.cancelled():
-            for batch in (unpack(reply.result()), *early):
-                if batch:
-                    self.deliver(batch)
-            self.channel.flush()  # a direct handler's events, appended now (no stream message follows)
+            try:
+                first = _decoded(reply.result())
+            except RayError as exc:
+                error = exc
+            else:
+                for batch in (first, *early):
+                    if batch:
+                        self.deliver(batch)
+                self.channel.flush()  # a direct handler's events, appended now (no stream message follows)
         error = error or broke
         if error is not None and not self.ended:
             self.fail(error)
@@ -206,7 +223,7 @@ class ActorChannel:
             async for ref in stream:
                 self.counts["stream"] += 1
                 listeners = self.listeners
-                for key, batch in unpack(await ref):
+                for key, batch in _decoded(await ref):
                     listener = listeners.get(key)
                     if listener is not None:  # else: a step no one waits for any more (it was given up)
                         listener.deliver(batch)
