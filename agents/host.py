@@ -2,8 +2,9 @@
 
 :class:`SlotWorker` is a plain class; ``runtime.actors`` wraps it with ``ray.remote`` as
 a threaded actor (whose ``start_step`` and ``events`` take and give their requests and
-batches as bytes, :mod:`threadbound.agents.wire`). It has ``agents_per_actor`` *places* (one by default: one agent in its
-own process), one agent each; the supervisor sends a place one step at a time.
+batches as bytes, :mod:`threadbound.agents.wire`). It has ``agents_per_actor`` *places*
+(one by default: one agent in its own process), one agent each; the supervisor sends a
+place one step at a time.
 Each step's agent code runs on a helper thread of its own, so tokens are flushed on time
 (a thread whose step ended is kept for the process's next step: starting one costs
 0.1-0.3 ms, on every step's path; one whose agent never stopped is never used again).

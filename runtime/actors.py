@@ -19,7 +19,7 @@ from .supervisor.allocator import Allocator, allocator_name
 from .supervisor.layout import settle_layout
 from .supervisor.placement import (SUPERVISOR_RESOURCE, Placement, check_snapshot_dir, memory_on,
                                    supervisor_placement)
-from threadbound.agents.host import SlotWorker, StepRequest
+from threadbound.agents.host import SlotWorker
 from threadbound.agents.wire import pack, unpack
 from .supervisor.core import Supervisor
 
@@ -32,8 +32,8 @@ class _SlotWorker(SlotWorker):
         serve_models_in(namespace, prefix)
 
     # Seen from Ray, a step goes in and its batches come out as bytes (``agents.wire``).
-    def start_step(self, req: bytes | StepRequest) -> bytes:  # type: ignore[override]
-        return pack(super().start_step(unpack(req) if isinstance(req, bytes) else req))
+    def start_step(self, req: bytes) -> bytes:  # type: ignore[override]
+        return pack(super().start_step(unpack(req)))
 
     def events(self) -> Any:  # type: ignore[override]
         for item in super().events():

@@ -95,6 +95,8 @@ def test_through_a_real_pool_a_models_pickle_arrives_as_text_and_runs_nowhere(ra
         handle = pool.submit(Task(goal="echo", agents=["a"], inputs={"a": {"payload": payload}}))
         events = list(handle.stream())
         result = handle.result(timeout=60)
+        from threadbound.runtime.client import _sync
+        rows, status = _sync(pool._client.call("read", handle.task_id, 0, 0.0))  # one task's plain read
     finally:
         pool.shutdown()
     # Then the client got it back as text and bytes, exactly, through the step's reply and the log
@@ -102,5 +104,6 @@ def test_through_a_real_pool_a_models_pickle_arrives_as_text_and_runs_nowhere(ra
     assert "".join(e.data["text"] for e in events if e.kind == "tokens") == payload
     assert [e.data["bytes"] for e in events if e.kind == "raw"] == [payload.encode("latin-1")]
     assert result.outputs["a"]["text"] == payload and result.outputs["a"]["box"].value == len(payload)
+    assert status == "succeeded" and [r[1] for r in rows] == [e.kind for e in events]
     # And no process (client, supervisor, agent: they share this file system) unpickled it
     assert not os.path.exists(marker)

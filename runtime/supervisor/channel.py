@@ -2,8 +2,9 @@
 
 A step is started with a plain ``start_step`` call (named ``<role>/<task id>``, as the
 dashboard shows it); its request, its reply and each stream message cross as bytes
-(:mod:`threadbound.agents.wire`). On an actor of one agent its reply is the step's first batch: its
-first tokens or event, or the whole step, outcome included, when it ends that soon. What
+(:mod:`threadbound.agents.wire`). On an actor of one agent its reply is the step's first
+batch: its first tokens or event, or the whole step, outcome included, when it ends that
+soon. What
 follows goes on the actor's one long-lived streaming call, ``events``, which sends the
 pending events of all its agents' steps together, one message per flush. So a short step
 costs one Ray call and no stream message (a streaming call per step costs about twice a

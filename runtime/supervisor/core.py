@@ -319,7 +319,7 @@ class Supervisor:
 
     async def read(self, task_id: str, offset: int = 0, wait_s: float = 0.0) -> tuple[list[ev.Row], str]:
         """Events from ``offset`` on (waiting up to ``wait_s`` for new ones), and the status."""
-        got = await self.read_many({task_id: offset}, wait_s)
+        got = await self.shard.read_many({task_id: offset}, wait_s)  # (the actor's read_many answers packed)
         return got.get(task_id) or ([], self.shard.get(task_id).status)
 
     async def read_many(self, cursors: dict[str, int], wait_s: float = 0.0) -> dict[str, tuple[list[ev.Row], str]]:
