@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 
@@ -35,7 +35,7 @@ class _SlotWorker(SlotWorker):
     def start_step(self, req: bytes) -> bytes:  # type: ignore[override]
         return pack(super().start_step(unpack(req)))
 
-    def events(self) -> Any:  # type: ignore[override]
+    def events(self) -> Iterator[bytes]:  # type: ignore[override]
         for item in super().events():
             yield pack(item)
 

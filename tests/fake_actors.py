@@ -6,9 +6,10 @@
 * ``await handle.ping.remote()`` returns ``{"pid": ...}`` (and fails once it is dead);
 * ``handle.start_step.options(name=...).remote(req)`` starts the role's *script*; its
   reply (``.future()``, as a Ray ObjectRef's) is the step's first batch, a list of
-  ``(kind, data)`` events (the request and every batch cross as bytes, ``agents.wire``,
-  as they do between the supervisor and a real actor) (with ``per_actor`` > 1 it is empty, as the host's is: the
-  supervisor does not wait for it); the batches after it come on the actor's one stream,
+  ``(kind, data)`` events (with ``per_actor`` > 1 it is empty, as the host's is: the
+  supervisor does not wait for it); the request and every batch cross as bytes
+  (``agents.wire``), as between the supervisor and a real actor; the batches after the
+  reply come on the actor's one stream,
   ``handle.events.remote()``, an async iterator as Ray's ObjectRefGenerator is: each
   ``__anext__()`` gives an awaitable yielding ``[(idempotency key, batch)]``. A step's
   last batch holds ``("__result__", {...})`` or ``("__error__", {...})`` with exactly the
