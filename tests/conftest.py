@@ -70,11 +70,43 @@ _STARTS_RAY = {"test_cluster_local", "test_multinode", "test_readme"}
 def pytest_collection_modifyitems(config, items):
     """Every test that starts Ray carries the ``ray`` marker, so ``pytest -m "not ray"`` is a
     fast tier: set here from the fixture a test uses (directly or through another fixture),
-    or from its module when it starts Ray in a child process."""
+    or from its module when it starts Ray in a child process.
+
+    Then the modules without a Ray test run first, each module's tests together and in
+    their order: they share the machine with the background children (a multi-node Ray, the
+    suites at four agents per actor; see ``pytest_collection_finish``), which start when
+    collection ends, rather than the session's own Ray competing with them."""
+    with_ray = set()
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
         if "ray_session" in getattr(item, "fixturenames", ()) or module in _STARTS_RAY:
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray") is not None:
+            with_ray.add(item.nodeid.split("::")[0])
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in with_ray)  # stable: keeps each module's order
+
+
+def pytest_collection_finish(session):
+    """Queue the background children (``tests/background.py``) of the modules that will run:
+    a module names its child with a ``background_job(scratch)`` function."""
+    if session.config.option.collectonly:
+        return
+    import background
+
+    seen = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is None or module.__name__ in seen or not hasattr(module, "background_job"):
+            continue
+        seen.add(module.__name__)
+        background.queue(module.background_job(tempfile.mkdtemp(prefix="background-", dir=_ISOLATED)))
+
+
+def pytest_sessionfinish(session):
+    """A background child still running when the session ends (stopped early, say) is stopped."""
+    background = sys.modules.get("background")
+    if background is not None:
+        background.stop()
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,7 @@ def test_a_resumed_pool_continues_the_graph_from_its_committed_checkpoint_withou
 def test_a_graph_stuck_in_a_node_is_stopped_at_the_step_deadline_with_its_tokens_kept(pool_name):
     with OpenAITestServer() as srv:
         model = {"backend": "openai", "base_url": srv.url, "model": "m"}
-        pool = AgentPool(RuntimeConfig.from_mapping(settings(pool_name, model=model, step_timeout_s=20,
+        pool = AgentPool(RuntimeConfig.from_mapping(settings(pool_name, model=model, step_timeout_s=10,
                                                              retry={"max_attempts": 1})),
                          agents={"graph": Stuck})
         try:

@@ -135,7 +135,7 @@ def test_a_command_that_never_ends_is_stopped_with_its_step_at_the_deadline_and_
     ws = workspace(tmp_path)
     marker = f"{3000 + os.getpid() % 500}.25"
     with OpenAITestServer(turns=[bash("wait", f"sleep {marker}")]) as srv:
-        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=25,
+        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=12,
                  retry={"max_attempts": 1})
         try:
             handle = p.submit(Task(goal="wait", workspace=ws, agents=["swe"], max_rounds=1,

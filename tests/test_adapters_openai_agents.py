@@ -92,7 +92,7 @@ def test_any_threadbound_backend_drives_an_agents_sdk_agent_and_a_task_picks_the
 def test_an_agent_stuck_in_a_tool_is_stopped_at_the_step_deadline_with_its_tokens_kept(pool_name):
     turns = [{"text": "let me wait", "tool_calls": [{"name": "wait_forever", "arguments": {}}]}]
     with OpenAITestServer(turns=turns) as srv:
-        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=20,
+        p = pool(pool_name, {"backend": "openai", "base_url": srv.url, "model": "m"}, step_timeout_s=10,
                  retry={"max_attempts": 1})
         try:
             handle = p.submit(Task(goal="wait", agents=["calc"], max_rounds=1, inputs={"calc": {"agent": "sleeper"}}))

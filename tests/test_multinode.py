@@ -22,12 +22,20 @@ pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def background_job(scratch: str):
+    """Every scenario, run once on one three-node cluster in a child process (started in
+    the background when the session's collection ends: ``tests/background.py``)."""
+    from cluster_child import scenario_job
+
+    return scenario_job(__file__, os.path.join(scratch, "multinode"), 280)
+
+
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    """Run every scenario once on one three-node cluster; their findings, by scenario."""
+    """The scenarios' findings, by scenario."""
     from cluster_child import run_scenario
 
-    return run_scenario(__file__, str(tmp_path_factory.mktemp("multinode")), 280)
+    return run_scenario(background_job(str(tmp_path_factory.mktemp("multinode"))))
 
 
 @pytest.mark.timeout(300)

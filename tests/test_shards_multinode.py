@@ -29,11 +29,19 @@ TASKS = 60
 MAX_AGENTS = 6
 
 
+def background_job(scratch: str):
+    """The scenario, in a child process of its own (started in the background when the
+    session's collection ends: ``tests/background.py``)."""
+    from cluster_child import scenario_job
+
+    return scenario_job(__file__, os.path.join(scratch, "shards-multinode"), 420)
+
+
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     from cluster_child import run_scenario
 
-    return run_scenario(__file__, str(tmp_path_factory.mktemp("shards-multinode")), 420)
+    return run_scenario(background_job(str(tmp_path_factory.mktemp("shards-multinode"))))
 
 
 @pytest.mark.timeout(450)

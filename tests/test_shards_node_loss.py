@@ -18,11 +18,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def background_job(scratch: str):
+    """The scenario, in a child process of its own (started in the background when the
+    session's collection ends: ``tests/background.py``)."""
+    from cluster_child import scenario_job
+
+    return scenario_job(__file__, os.path.join(scratch, "shards-node-loss"), 300)
+
+
 @pytest.mark.timeout(330)
 def test_shards_spread_over_head_eligible_nodes_and_a_lost_ones_shard_resumes_on_another(tmp_path):
     from cluster_child import run_scenario
 
-    found = run_scenario(__file__, str(tmp_path), 300)
+    found = run_scenario(background_job(str(tmp_path)))
     # Given: two head-eligible nodes (the head and one more) and a third node without the resource
     eligible = {found["head"], found["second"]}
     # Then: the two shards ran on the two head-eligible nodes, one each

@@ -2,15 +2,18 @@
 per actor too.
 
 They run once more in a child pytest with ``--agents-per-actor=4`` (its own session Ray), so
-the README's one test command, which CI runs, covers both settings."""
+the README's one test command, which CI runs, covers both settings. The child starts in the
+background when the session's collection ends (``tests/background.py``); the test here waits
+for its end and reads its report."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+
+import background
 
 SUITES = ["test_pool_caps.py", "test_pool_faults.py", "test_parallel.py", "test_resume.py", "test_person.py",
           "test_gateway.py"]
@@ -18,13 +21,18 @@ SUITES = ["test_pool_caps.py", "test_pool_faults.py", "test_parallel.py", "test_
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-def test_the_pool_parallel_resume_person_and_gateway_suites_pass_with_four_agents_per_actor():
-    here = os.path.dirname(__file__)
+def background_job(scratch: str) -> background.Job:
+    here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of the child's own
-    proc = subprocess.run(
+    return background.Job(
+        "suites-at-four-agents-per-actor",
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--agents-per-actor=4",
          *(os.path.join(here, s) for s in SUITES)],
-        cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=1450)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, f"the suites failed with agents_per_actor 4:\n{tail}"
+        os.path.dirname(here), env, 1400)
+
+
+def test_the_pool_parallel_resume_person_and_gateway_suites_pass_with_four_agents_per_actor(tmp_path):
+    got = background.result(background_job(str(tmp_path)))
+    tail = got.output[-4000:]
+    assert got.returncode == 0, f"the suites failed with agents_per_actor 4 (exit {got.returncode}):\n{tail}"
     assert " passed" in tail and "no tests ran" not in tail
