@@ -335,7 +335,7 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
     systems compared take turns (a machine that slows down for a while slows both sides
     of one ratio, not one side of all of them)."""
     pairs: dict[str, list[float]] = {"step_vs_floor": [], "relay_vs_floor": [], "plain_relay_vs_floor": [],
-                                     "c4_vs_langgraph": [], "c1_vs_langgraph": []}
+                                     "c4_vs_langgraph": [], "c4_k3_vs_langgraph": [], "c1_vs_langgraph": []}
     for _ in range(repeats):
         tb = bench.run_threadbound(n1, 1, 1, 0.0)
         floor = base.run_ray_warm(n1, 1, 1, 0.0)
@@ -347,6 +347,10 @@ def headline(bench: Bench, repeats: int, lg: bool, tokens: int, n4: int, n1: int
         if lg:
             a, b = bench.run_threadbound(n4, 4, tokens, 0.0), base.run_langgraph(n4, 4, tokens, 0.0)
             pairs["c4_vs_langgraph"].append(b["wall_s"] / a["wall_s"])  # same n: a ratio of tasks/s
+            # For context, not a target: a task's three agents sharing one process (agents_per_actor 3),
+            # against the same LangGraph run: 4 warm processes instead of 12 woken in turn.
+            a3 = bench.run_threadbound(n4, 4, tokens, 0.0, agents_per_actor=3)
+            pairs["c4_k3_vs_langgraph"].append(b["wall_s"] / a3["wall_s"])
             a, b = bench.run_threadbound(n1, 1, tokens, 0.0), base.run_langgraph(n1, 1, tokens, 0.0)
             pairs["c1_vs_langgraph"].append(b["wall_s"] / a["wall_s"])
     out = {k: {"median": statistics.median(v), "runs": [round(x, 3) for x in v]} for k, v in pairs.items() if v}
@@ -399,6 +403,10 @@ def speed_lines(hl: dict[str, Any], jf: dict[str, float] | None, relay_step_ms: 
                                ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite", ">= 0.5x")):
         if key in hl:
             out.append(f"{label}: median {hl[key]['median']:.2f}x {hl[key]['runs']} (target {target})")
+    if "c4_k3_vs_langgraph" in hl:
+        k3 = hl["c4_k3_vs_langgraph"]
+        out.append(f"  for context, tasks/s at c=4 with agents_per_actor 3 (a task's agents in one process) vs the "
+                   f"same LangGraph runs: median {k3['median']:.2f}x {k3['runs']}")
     if jf is not None:
         line = (f"journal floor: append + fdatasync of a {300}-byte frame in the snapshot directory, median "
                 f"{jf['median_ms']:.2f} ms, p90 {jf['p90_ms']:.2f} ms ({jf['n']} writes)")
@@ -498,6 +506,7 @@ def main() -> int:
         for key, label in (("step_vs_floor", "per-step cost at c=1 vs the warm-actor Ray floor"),
                            ("relay_vs_floor", "per-step cost at c=1 of a bare relay actor vs the same floor"),
                            ("c4_vs_langgraph", "tasks/s at c=4 vs LangGraph + SQLite"),
+                           ("c4_k3_vs_langgraph", "tasks/s at c=4 with agents_per_actor 3 vs LangGraph + SQLite"),
                            ("c1_vs_langgraph", "tasks/s at c=1 vs LangGraph + SQLite")):
             if key in hl:
                 print(f"  {label}: {hl[key]['median']:.2f}x (runs {hl[key]['runs']})")
@@ -612,6 +621,11 @@ def ratios(rows: list[dict], results: dict[str, Any]) -> list[str]:
             if key in hl:
                 out.append(f"{label}: median {hl[key]['median']:.2f}x of {hl['repeats']} runs taking turns "
                            f"{hl[key]['runs']} (target {target})")
+        if "c4_k3_vs_langgraph" in hl:
+            k3 = hl["c4_k3_vs_langgraph"]
+            out.append(f"for context, token-streaming tasks/s at c=4 with agents_per_actor 3 (a task's agents in one "
+                       f"process), threadbound / the same langgraph+sqlite runs: median {k3['median']:.2f}x "
+                       f"{k3['runs']}")
         for key, label in (("step_vs_floor", "threadbound"),
                            ("relay_vs_floor", "a bare relay actor (the least any design with a supervisor "
                                               "between client and agents costs here)")):

@@ -113,6 +113,9 @@ def test_the_speed_lines_give_the_per_step_ratio_against_the_relay_and_the_journ
     assert lines[0].startswith("per-step cost at c=1, threadbound / bare relay: median 1.20x [1.2, 1.2]")
     assert "tasks/s at c=4 vs LangGraph + SQLite: median 1.10x" in lines[1]
     assert lines[-1].endswith("is 1.20x the relay (median write)")
+    # The agents_per_actor 3 row comes as context, never with a target.
+    k3 = bench.speed_lines({**hl, "c4_k3_vs_langgraph": {"median": 1.3, "runs": [1.3]}}, None, None)
+    assert any("agents_per_actor 3" in line and "median 1.30x" in line and "target" not in line for line in k3)
 
 
 def test_the_written_ratios_state_the_per_step_target_against_the_relay_not_the_floor():
@@ -126,3 +129,11 @@ def test_the_written_ratios_state_the_per_step_target_against_the_relay_not_the_
     assert lines[1].startswith("token-streaming tasks/s at c=4") and lines[1].endswith("(target >= 1x)")
     floor = [line for line in lines if "warm-actor Ray floor" in line]
     assert len(floor) == 2 and not any("target" in line for line in floor)
+
+
+def test_ray_call_cost_names_a_bad_argument_before_ray_starts(capsys):
+    import ray_call_cost
+
+    with pytest.raises(SystemExit) as exc:
+        ray_call_cost.main(["--calls", "2"])
+    assert exc.value.code == 2 and "--calls must be 4 or more" in capsys.readouterr().err
