@@ -114,18 +114,11 @@ def result(job: Job) -> Job:
     None when it ran past its timeout or was stopped."""
     queue(job)
     got = _jobs[job.name]
-    if not got.done.wait(got.timeout_s + 60 + _ahead(got)):
+    with _lock:  # at most every job's own timeout, the ones queued before it included
+        limit = sum(j.timeout_s for j in _jobs.values()) + 60
+    if not got.done.wait(limit):
         raise TimeoutError(f"background job {got.name} did not finish")
     return got
-
-
-def _ahead(job: Job) -> float:
-    """The time the jobs queued before ``job`` may still take."""
-    with _lock:
-        if job not in _queue:
-            return 0.0
-        return sum(j.timeout_s for j in _queue[:_queue.index(job)]) + sum(
-            j.timeout_s for j in _jobs.values() if j.proc is not None and not j.done.is_set())
 
 
 def stop() -> None:
