@@ -4,9 +4,8 @@ A step is started with a plain ``start_step`` call (named ``<role>/<task id>``, 
 dashboard shows it); its request, its reply and each stream message cross as bytes
 (:mod:`threadbound.agents.wire`). On an actor of one agent its reply is the step's first
 batch: its first tokens or event, or the whole step, outcome included, when it ends that
-soon. What
-follows goes on the actor's one long-lived streaming call, ``events``, which sends the
-pending events of all its agents' steps together, one message per flush. So a short step
+soon. What follows goes on the actor's one long-lived streaming call, ``events``, which
+sends the pending events of all its agents' steps together, one message per flush. So a short step
 costs one Ray call and no stream message (a streaming call per step costs about twice a
 plain call in Ray's own CPU on both sides, even for one item; see ``scripts/bench.py
 --speed``), and k agents on one actor cost one message per flush, not k. On an actor of
