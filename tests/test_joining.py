@@ -247,25 +247,53 @@ def test_a_pool_name_the_user_chose_that_runs_already_is_refused_naming_the_flag
         lease.release()
 
 
-def test_the_default_metrics_port_in_use_gives_way_to_a_free_one_and_a_chosen_one_is_refused(state):
+def _two_free_ports_in_a_row(start: int) -> tuple[socket.socket, socket.socket]:
+    """Listening sockets on two neighbouring ports from ``start`` up (the caller closes them)."""
+    for port in range(start, start + 400):
+        held = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+                s.listen()
+            return held[0], held[1]
+        except OSError:
+            for s in held:
+                s.close()
+    pytest.fail(f"no two free ports in a row from {start}")
+
+
+def test_the_default_metrics_port_in_use_gives_way_to_a_free_one_above_it_and_a_chosen_one_is_refused(
+        state, monkeypatch):
     from threadbound.runtime.cli.common import BadInput
     from threadbound.runtime.cli.pools import own_pool
+    from threadbound.runtime.metrics import server
 
-    # Given: another process listens on the pool's metrics port
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+    # Given: other processes listen on the pool's metrics port and the one above it
+    taken, above = _two_free_ports_in_a_row(server.DEFAULT_PORT)
+    with taken, above:
         port = taken.getsockname()[1]
-        # When the port is the default one: another port, said in one line
-        cfg, lines = own_pool(state.replace(snapshots={"enabled": False}, metrics={"port": port}),
-                              name_chosen=False, port_chosen=False)
-        assert cfg.metrics.port not in (0, port)
+        plain = state.replace(snapshots={"enabled": False}, metrics={"port": port})
+        # When the port is the default one: the next free port above, said in one line
+        cfg, lines = own_pool(plain, name_chosen=False, port_chosen=False)
+        assert port + 1 < cfg.metrics.port <= port + server.FALLBACK_SPAN
         assert lines == [line for line in lines if f"port {port} is in use by pid {os.getpid()}" in line] != []
+        # never one of the OS's ephemeral range, which the Ray started next hands to its workers
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        assert not low <= cfg.metrics.port <= high
+        # and a second run at once, which cannot claim that one, gets another
+        cfg2, _ = own_pool(plain, name_chosen=False, port_chosen=False)
+        assert cfg2.metrics.port not in (port, port + 1, cfg.metrics.port)
         # When the user chose it: refused, naming the flag and the holder, before Ray
         with pytest.raises(BadInput) as refused:
-            own_pool(state.replace(snapshots={"enabled": False}, metrics={"port": port}), name_chosen=False,
-                     port_chosen=True)
+            own_pool(plain, name_chosen=False, port_chosen=True)
         assert refused.value.flag == "--metrics-port" and "choose a free port" in str(refused.value)
+        # When no port above it is free either: refused, naming the flag and the ports tried
+        monkeypatch.setattr(server, "FALLBACK_SPAN", 1)
+        with pytest.raises(BadInput) as refused:
+            own_pool(plain, name_chosen=False, port_chosen=False)
+        assert refused.value.flag == "--metrics-port" and f"port {port + 1} is not free" in str(refused.value)
 
 
 def test_the_metrics_port_has_an_environment_override(monkeypatch):

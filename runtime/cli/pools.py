@@ -5,8 +5,8 @@ Two plain ``threadbound run`` at once on one machine each start a local Ray of t
 own; what they would share is on the machine, not in Ray: the snapshot location
 (``<snapshot_dir>/<name>``, leased by one supervisor at a time) and the metrics port.
 :func:`own_pool` settles both before Ray starts: a location another run holds makes this
-run's pool ``<name>-2`` (``-3``, ...), the default metrics port in use makes it take a
-free one; a name or port the user chose that is taken is refused, naming the flag.
+run's pool ``<name>-2`` (``-3``, ...), the default metrics port in use makes it take the
+next free one above it; a name or port the user chose that is taken is refused, naming the flag.
 
 A pool is stopped only by the client that started it (``pool.started``); a ``run``
 that joined one detaches. One that started a pool others joined waits for their tasks
@@ -141,11 +141,11 @@ def own_pool(cfg: RuntimeConfig, *, name_chosen: bool, port_chosen: bool) -> tup
         what = f"metrics port {cfg.metrics.host}:{cfg.metrics.port}"
         taken_by = None if claim(what) else claimant(what)
         try:
-            port, line = choose_port(cfg.metrics.port, cfg.metrics.host, chosen=port_chosen, taken_by=taken_by)
+            port, line = choose_port(cfg.metrics.port, cfg.metrics.host, chosen=port_chosen, taken_by=taken_by,
+                                     count=cfg.shards, claim=lambda p: claim(f"metrics port {cfg.metrics.host}:{p}"))
         except ConfigError as exc:
             raise BadInput("--metrics-port", dict(exc.problems).get("metrics.port", str(exc))) from None
         if line is not None:
-            claim(f"metrics port {cfg.metrics.host}:{port}")
             lines.append(line)
             cfg = cfg.replace(metrics={**cfg.metrics.model_dump(), "port": port})
     return cfg, lines

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import start_wsgi_server
 
@@ -57,9 +57,20 @@ def check_port(port: int, host: str) -> None:
 
 
 DEFAULT_PORT = 9464  # metrics.port's default (prometheus-client's usual exporter port)
+FALLBACK_SPAN = 100  # how many ports above a taken default one are tried
 
 
-def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = None) -> tuple[int, str | None]:
+def _block_free(port: int, count: int, host: str) -> bool:
+    try:
+        for k in range(count):
+            check_port(port + k, host)
+    except ConfigError:
+        return False
+    return True
+
+
+def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = None, count: int = 1,
+                claim: Callable[[int], bool] = lambda port: True) -> tuple[int, str | None]:
     """The port a pool about to start serves ``/metrics`` on, checked before Ray starts,
     and a line to tell the user when it is not the one asked for.
 
@@ -67,8 +78,14 @@ def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = No
     says who has it already): a port the user chose (``chosen``: ``--metrics-port``,
     THREADBOUND_METRICS_PORT or a config file that sets another than the default) is a
     :class:`ConfigError` naming ``metrics.port`` and who holds it; the default one, taken
-    by e.g. the pool of another ``threadbound run`` on this machine, gives way to a free
-    port the OS picks.
+    by e.g. the pool of another ``threadbound run`` on this machine, gives way to the
+    first port above it that is free and that ``claim`` grants (``count`` ports in a row
+    from there: a pool of several shards serves at port + k).
+
+    Never a port the OS picks (bind to port 0): the OS hands out its ephemeral range to
+    every process that asks, and the Ray this run starts next has many; one of its
+    workers was seen listening on the port a run had picked a moment before. The OS
+    hands out no port just above the default one.
 
     Examples:
         >>> choose_port(0, "127.0.0.1", chosen=False)
@@ -87,13 +104,16 @@ def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = No
     elif chosen:
         raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is taken by {taken_by}; choose a "
                                                         "free port, or 0 to turn the endpoint off")])
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        free = s.getsockname()[1]
-    return free, (f"metrics: port {port} is in use by {taken_by}, so this pool serves /metrics on "
-                  f"http://{host}:{free}/metrics (--metrics-port or THREADBOUND_METRICS_PORT sets it; 0 turns "
-                  "it off)")
+    last = min(port + FALLBACK_SPAN, 65536 - count)
+    for free in range(port + 1, last + 1):
+        if _block_free(free, count, host) and claim(free):
+            return free, (f"metrics: port {port} is in use by {taken_by}, so this pool serves /metrics on "
+                          f"http://{host}:{free}/metrics (--metrics-port or THREADBOUND_METRICS_PORT sets it; 0 "
+                          "turns it off)")
+    tried = f"port {port + 1} is" if last + count - 1 == port + 1 else f"ports {port + 1}-{last + count - 1} are"
+    raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is in use by {taken_by}, and {tried} "
+                                                    "not free either; choose a free port, or 0 to turn the endpoint "
+                                                    "off")])
 
 
 class MetricsServer:
