@@ -253,15 +253,29 @@ cmd_up() {
     local ray_root
     ray_root=$(mktemp -d "$base/tbcl.XXXXXX")
 
-    # Ports of the head: free now, picked together so they differ. Worker nodes pick their
-    # own (port 0: the OS chooses), and so do the Ray workers (--min/max-worker-port=0).
+    # Ports of the head: free now, picked together so they differ, between Ray's worker ports
+    # (10002-19999) and the OS's ephemeral range: the OS hands ephemeral ports to the processes
+    # the head starts before its dashboard listens. Worker nodes pick their own (port 0: the OS
+    # chooses), and so do the Ray workers (--min/max-worker-port=0).
     local gcs_port client_port dashboard_port
     read -r gcs_port client_port dashboard_port < <("$PYTHON" -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+found, start = [], random.randrange(20000, max(low, 20100))
+for k in range(max(low, 20100) - 20000):
+    port = 20000 + (start - 20000 + k) % (max(low, 20100) - 20000)
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    found.append(port)
+    if len(found) == 3:
+        break
+print(*found)')
 
     local object_store=$((OBJECT_STORE_MB * 1024 * 1024)) started=$SECONDS
     trap 'say "interrupted: stopping what was started"; stop_recorded; exit 130' INT TERM

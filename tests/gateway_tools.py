@@ -9,13 +9,13 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+from ports import free_port  # noqa: F401  (the gateway tests take it from here)
 
 SUBMIT = secrets.token_urlsafe(24)
 READ = secrets.token_urlsafe(24)
@@ -24,12 +24,6 @@ TOKENS_ENV = f"{SUBMIT},{READ}:read"
 
 def auth(token: str = SUBMIT) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scripted(tokens: int = 3, pace_s: float = 0.0, agents=("a",), **extra) -> dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from ports import free_port
 
 from threadbound.runtime.connect import _refused
 
@@ -15,9 +16,7 @@ pytestmark = pytest.mark.timeout(30)  # Ray's own wait (~40 s) would not fit
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: nothing listens there
+    return free_port()  # nothing listens there
 
 
 def test_a_command_given_an_address_nobody_listens_at_names_ray_address_without_waiting(tmp_path):

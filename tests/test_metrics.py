@@ -12,6 +12,7 @@ import pytest
 import ray
 from conftest import eventually, make_pool
 from fake_actors import fails_once
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_supervisor_unit import fakes, result, run, submit  # noqa: F401  (fakes: the fixture)
 
@@ -31,12 +32,6 @@ def samples(text: str) -> dict[tuple, float]:
 
 def value(text: str, name: str, **labels) -> float:
     return samples(text).get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the recorder and the hook, without Ray ---------------------------------------------

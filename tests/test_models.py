@@ -1,9 +1,9 @@
 """Every model backend passes one conformance suite; then each backend's own failure modes."""
 
-import socket
 
 import pytest
 from openai_server import OpenAITestServer
+from ports import free_port
 
 from threadbound.agents import ModelError, RateLimitError, TransientModelError, build_model
 from threadbound.agents.models import (
@@ -90,9 +90,7 @@ def test_openai_read_timeout_is_transient(server):
 
 
 def test_refused_connection_is_a_clear_transient_error():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens here
     m = build_model(OpenAIModelConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=2))
     with pytest.raises(TransientModelError, match=f"cannot reach model server http://127.0.0.1:{port}/v1"):
         m.complete(MESSAGES)

@@ -1,10 +1,10 @@
 """Model backends called from inside agent actors on a real local Ray."""
 
-import socket
 from pathlib import Path
 
 import pytest
 from openai_server import OpenAITestServer
+from ports import free_port
 
 from threadbound.runtime import AgentPool, RuntimeConfig, Task, TaskFailed
 
@@ -38,9 +38,7 @@ def test_openai_backend_streams_tokens_over_real_http():
 
 
 def test_refused_model_endpoint_is_retried_then_fails_clearly_without_hanging():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens here
     events = run_coder("refused", {"backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "m",
                                    "timeout_s": 2}, retry={"max_attempts": 2, "backoff_s": 0.05})
     assert [e.kind for e in events].count("retrying") == 1

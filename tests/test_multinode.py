@@ -303,6 +303,7 @@ def _child(out: str) -> None:
     from threadbound.runtime import AgentPool, RuntimeConfig, Task
 
     sys.path.insert(0, HERE)
+    from ports import free_port
     from scripted_agents import Scripted
 
     walker = _agents()
@@ -312,7 +313,7 @@ def _child(out: str) -> None:
         fh.write("x = 1\n")
     found: dict = {}
     cluster = Cluster(initialize_head=True, head_node_args=dict(  # the state API needs the dashboard
-        num_cpus=1, resources={"tb-node-0": 1}, include_dashboard=True, dashboard_port=_free_port()))
+        num_cpus=1, resources={"tb-node-0": 1}, include_dashboard=True, dashboard_port=free_port()))  # not 8265: another Ray may hold it
     try:
         workers = [cluster.add_node(num_cpus=1, resources={f"tb-node-{i}": 1}) for i in (1, 2)]
         ray.init(address=cluster.address, namespace="multinode", logging_level="ERROR", log_to_driver=False)
@@ -456,14 +457,6 @@ def _child(out: str) -> None:
         ray.shutdown()
         cluster.shutdown()
     print(json.dumps(found))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:  # another Ray on this machine may hold the default 8265
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _finished(pool, handles) -> int:
