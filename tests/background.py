@@ -9,6 +9,11 @@ and these children wait on subprocesses and pools far more than they compute: ea
 under a core of this machine's two). A module's tests then wait for its job's result
 (:func:`result`), which is usually in by the time they run.
 
+A module may also move its tests that start Rays in subprocesses of their own (the CLI,
+``ray start``) into a child pytest (:func:`child_pytest`): they carry the ``in_child``
+marker, the session deselects them, and one test of the module waits for the child's
+report (:func:`passed`).
+
 Each child runs in a process group of its own; a child still running when the session
 ends is stopped, with everything it started, by that group's id.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -119,6 +125,37 @@ def result(job: Job) -> Job:
     if not got.done.wait(limit):
         raise TimeoutError(f"background job {got.name} did not finish")
     return got
+
+
+CHILD = "THREADBOUND_TEST_CHILD"  # set in a child pytest's environment (see child_pytest)
+
+
+def child_pytest(module_file: str, timeout_s: float) -> Job:
+    """The tests of ``module_file`` marked ``in_child``, in a child pytest of their own: tests
+    that start Rays in subprocesses of their own (the CLI, ``ray start``) and use the
+    session's Ray not at all. The session deselects them (``conftest``) and the module's one
+    test that waits for this job (:func:`passed`) stands for them."""
+    here = os.path.dirname(os.path.abspath(module_file))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[CHILD] = "1"
+    name = os.path.splitext(os.path.basename(module_file))[0]
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "in_child",
+            os.path.abspath(module_file)]
+    return Job(f"{name}-in-a-child", argv, os.path.dirname(here), env, timeout_s)
+
+
+def passed(job: Job) -> None:
+    """Fail unless ``job``, a child pytest, ran its tests and every one passed (its report
+    quoted: failures and their tracebacks)."""
+    import pytest
+
+    got = result(job)
+    tail = got.output[-6000:]
+    assert got.returncode == 0, f"{job.name} failed (exit {got.returncode}, {got.seconds:.0f} s):\n{tail}"
+    assert " passed" in tail and "no tests ran" not in tail, tail
+    skips = [line for line in got.output.splitlines() if line.startswith("SKIPPED")]
+    if skips:  # a tool missing here: said as the child said it
+        pytest.skip(f"{job.name}: " + "; ".join(skips))
 
 
 def stop() -> None:

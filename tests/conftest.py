@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+import background
+
 _ISOLATED = tempfile.mkdtemp(prefix="threadbound-tests-")
 # Ray 2.60 turns token auth on for local clusters and would write ~/.ray/auth_token.
 # Point it at a token of our own in a temporary directory instead.
@@ -79,24 +81,29 @@ def pytest_collection_modifyitems(config, items):
     with_ray = set()
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
-        if "ray_session" in getattr(item, "fixturenames", ()) or module in _STARTS_RAY:
+        if ("ray_session" in getattr(item, "fixturenames", ()) or module in _STARTS_RAY
+                or item.get_closest_marker("in_child") is not None):
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("ray") is not None:
             with_ray.add(item.nodeid.split("::")[0])
     items.sort(key=lambda item: item.nodeid.split("::")[0] in with_ray)  # stable: keeps each module's order
+    if not os.environ.get(background.CHILD):  # a module's in_child tests run in its child pytest, which one test waits for
+        moved = [item for item in items if item.get_closest_marker("in_child") is not None]
+        if moved:
+            config.hook.pytest_deselected(items=moved)
+            items[:] = [item for item in items if item.get_closest_marker("in_child") is None]
 
 
 def pytest_collection_finish(session):
     """Queue the background children (``tests/background.py``) of the modules that will run:
     a module names its child with a ``background_job(scratch)`` function."""
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or os.environ.get(background.CHILD):
         return
-    import background
-
     seen = set()
-    for item in session.items:
+    for item in session.items:  # (a module's tests that wait for its child carry the ray marker)
         module = getattr(item, "module", None)
-        if module is None or module.__name__ in seen or not hasattr(module, "background_job"):
+        if (module is None or module.__name__ in seen or not hasattr(module, "background_job")
+                or item.get_closest_marker("ray") is None):
             continue
         seen.add(module.__name__)
         background.queue(module.background_job(tempfile.mkdtemp(prefix="background-", dir=_ISOLATED)))
@@ -104,9 +111,7 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     """A background child still running when the session ends (stopped early, say) is stopped."""
-    background = sys.modules.get("background")
-    if background is not None:
-        background.stop()
+    background.stop()
 
 
 @pytest.fixture(scope="session")

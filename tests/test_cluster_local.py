@@ -4,6 +4,10 @@ The script runs as a user runs it, in a scratch HOME and TMPDIR with its own Ray
 so neither the real home nor this session's Ray is touched. A child process joins the
 cluster it started, as any client would; everything the script recorded is checked gone
 after `down`, and stopped by PID here if a step failed.
+
+The two tests that start a cluster (marked ``in_child``) run in a child pytest in the
+background while the session's first tests run (``tests/background.py``); the last test
+here waits for its report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import background
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "cluster_local.sh"
@@ -132,6 +138,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(150)
 def test_up_2_gives_three_named_nodes_and_down_stops_exactly_them(tmp_path):
     env = script_env(tmp_path)
@@ -191,6 +198,7 @@ def test_up_2_gives_three_named_nodes_and_down_stops_exactly_them(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(150)
 def test_env_quotes_what_it_prints_so_eval_sets_exactly_the_token_path(tmp_path):
     # Given: a token path with a space, a quote and a command substitution in it
@@ -213,3 +221,13 @@ def test_env_quotes_what_it_prints_so_eval_sets_exactly_the_token_path(tmp_path)
         assert run(env, "down", timeout=90).returncode == 0
     finally:
         stop_by_pid(started + recorded(env))
+
+
+def background_job(scratch: str) -> background.Job:
+    return background.child_pytest(__file__, 400)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_the_tests_that_start_a_cluster_pass_in_a_child_pytest():
+    background.passed(background_job(""))

@@ -8,6 +8,10 @@ end; this session's Ray (conftest) is never used: every child gets an environmen
 without RAY_ADDRESS, its own HOME and state directory. A `ray.cluster_utils.Cluster`
 (token authentication off, as it starts it) runs in a child process, as in
 tests/test_multinode.py. Tests wait for what a process prints, never for a time.
+
+The tests that start Rays (marked ``in_child``) run in a child pytest in the background
+while the session's first tests run (``tests/background.py``); the last test here waits for
+its report. ``THREADBOUND_TEST_CHILD=1 pytest tests/test_joining.py`` runs them here.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from pathlib import Path
 
 import pytest
 
+import background
+from ports import free_ports
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -41,16 +48,6 @@ agents: {gate: "joining_agents:Gate"}
 default_agents: [gate]
 health: {enabled: false}
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def user_env(home: Path) -> dict[str, str]:
@@ -328,6 +325,7 @@ def test_a_ray_of_its_own_is_local_and_on_loopback():
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(600)
 def test_a_run_that_joins_a_served_pool_leaves_it_serving(user, head):
     # Given: `serve` started a pool on a Ray that stays up
@@ -356,6 +354,7 @@ def test_a_run_that_joins_a_served_pool_leaves_it_serving(user, head):
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(600)
 def test_a_run_that_joined_a_pool_ends_without_ending_the_task_of_the_run_that_started_it(user, head):
     first_gate, second_gate = user["root"] / "gate-1", user["root"] / "gate-2"
@@ -384,6 +383,7 @@ def test_a_run_that_joined_a_pool_ends_without_ending_the_task_of_the_run_that_s
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(600)
 def test_the_run_that_started_a_pool_waits_for_the_task_of_a_run_that_joined_it(user, head):
     first_gate, second_gate = user["root"] / "gate-3", user["root"] / "gate-4"
@@ -439,6 +439,7 @@ def ray_listens(pid: int) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(900)
 def test_two_plain_runs_at_once_each_start_a_ray_and_pool_of_their_own_next_to_a_running_ray(user, head):
     # Given: a Ray this user keeps up on the machine, and nothing asks to join it
@@ -545,6 +546,7 @@ def _joined_as_expected(found: list[dict]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(600)
 def test_fresh_drivers_join_a_ray_start_head_by_config_by_attach_and_after_ray_init(user, head):
     env = {**user["env"], "PYTHONPATH": os.pathsep.join([str(HERE), user["env"].get("PYTHONPATH", "")])}
@@ -552,6 +554,7 @@ def test_fresh_drivers_join_a_ray_start_head_by_config_by_attach_and_after_ray_i
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(300)
 def test_auto_finds_who_started_the_ray_on_this_machine(head):
     from threadbound.runtime.connect import check_owner, gcs_owner
@@ -604,6 +607,7 @@ def _cluster_child(out: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.in_child
 @pytest.mark.timeout(900)
 def test_fresh_drivers_run_and_serve_join_a_cluster_without_token_auth_while_a_token_is_at_hand(user, tmp_path):
     # Given: a token at hand (RAY_AUTH_TOKEN_PATH) and a cluster that does not use one
@@ -624,3 +628,17 @@ def test_fresh_drivers_run_and_serve_join_a_cluster_without_token_auth_while_a_t
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     _cluster_child(sys.argv[1])
+
+
+# -- the tests above that start Rays: run in a child pytest --------------------------------
+
+
+def background_job(scratch: str) -> background.Job:
+    return background.child_pytest(__file__, 1500)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_the_tests_that_start_rays_of_their_own_pass_in_a_child_pytest():
+    background.passed(background_job(""))

@@ -7,6 +7,10 @@ has nothing to start inside. ``mounts.covering`` finds that before a run: ``requ
 refuses with a ``SandboxUnavailable`` naming the path and the ways out, ``best_effort``
 shows Python's folders inside it read-only and keeps the rest hidden. ``threadbound
 doctor`` runs the same check. Real virtualenvs, real bwrap, a real ``threadbound run``.
+
+The end-to-end run (two ``threadbound run``, each starting a Ray; marked ``in_child``) runs in
+a child pytest in the background while the session's first tests run
+(``tests/background.py``); the last test here waits for its report.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+import background
 from threadbound.agents import sandbox
 from threadbound.agents.sandbox import mounts
 from threadbound.agents.sandbox.probe import capabilities
@@ -278,6 +283,8 @@ def cli(world: dict, *args: str, timeout: float = 240) -> subprocess.CompletedPr
 
 
 @needs_bwrap
+@pytest.mark.slow
+@pytest.mark.in_child
 def test_threadbound_run_fails_in_one_round_naming_the_folder_and_doctor_finds_it(base):
     """The issue's reproduction, end to end: the README's main job from a virtualenv inside
     the folder that holds Ray's token. The task fails in round 1 with SandboxUnavailable
@@ -351,3 +358,14 @@ def test_a_copy_inside_a_hidden_folder_is_still_where_the_run_works(base):
                      str(hidden / "snapshot.key")], cwd=str(copy),
                     settings=sandbox.SandboxSettings("required", hide=(str(hidden),)))
     assert r.exit_code == 0 and r.output.strip() == "[] False", r.output
+
+
+def background_job(scratch: str) -> background.Job:
+    return background.child_pytest(__file__, 400)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_the_end_to_end_run_passes_in_a_child_pytest():
+    background.passed(background_job(""))
