@@ -293,6 +293,22 @@ def test_the_default_metrics_port_in_use_gives_way_to_a_free_one_above_it_and_a_
         assert refused.value.flag == "--metrics-port" and f"port {port + 1} is not free" in str(refused.value)
 
 
+def test_a_pool_of_two_shards_whose_second_metrics_port_is_taken_moves_both_above_it(state):
+    from threadbound.runtime.cli.pools import own_pool
+    from threadbound.runtime.metrics import server
+
+    # Given: the default port is free, the one above it (shard 1's) is taken
+    free, taken = _two_free_ports_in_a_row(server.DEFAULT_PORT)
+    with taken:
+        port = free.getsockname()[1]
+        free.close()
+        cfg, lines = own_pool(state.replace(snapshots={"enabled": False}, metrics={"port": port}, shards=2),
+                              name_chosen=False, port_chosen=False)
+        # Then: both shards' ports move above the taken one, and the line names the taken one
+        assert cfg.metrics.port > port + 1
+        assert len(lines) == 1 and f"port {port + 1} is in use by pid {os.getpid()}" in lines[0]
+
+
 def test_the_metrics_port_has_an_environment_override(monkeypatch):
     from threadbound.runtime import RuntimeConfig
 

@@ -93,25 +93,27 @@ def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = No
     """
     if not port:
         return 0, None
+    busy = port
     if taken_by is None:
         try:
-            check_port(port, host)
+            for busy in range(port, port + count):  # shard k serves at port + k
+                check_port(busy, host)
             return port, None
         except ConfigError:
             if chosen:
                 raise
-        taken_by = holder(port)
+        taken_by = holder(busy)
     elif chosen:
         raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is taken by {taken_by}; choose a "
                                                         "free port, or 0 to turn the endpoint off")])
     last = min(port + FALLBACK_SPAN, 65536 - count)
     for free in range(port + 1, last + 1):
         if _block_free(free, count, host) and claim(free):
-            return free, (f"metrics: port {port} is in use by {taken_by}, so this pool serves /metrics on "
+            return free, (f"metrics: port {busy} is in use by {taken_by}, so this pool serves /metrics on "
                           f"http://{host}:{free}/metrics (--metrics-port or THREADBOUND_METRICS_PORT sets it; 0 "
                           "turns it off)")
     tried = f"port {port + 1} is" if last + count - 1 == port + 1 else f"ports {port + 1}-{last + count - 1} are"
-    raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is in use by {taken_by}, and {tried} "
+    raise ConfigError("<config>", [("metrics.port", f"port {busy} on {host} is in use by {taken_by}, and {tried} "
                                                     "not free either; choose a free port, or 0 to turn the endpoint "
                                                     "off")])
 
