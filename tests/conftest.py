@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("ray") is not None:
             with_ray.add(item.nodeid.split("::")[0])
     items.sort(key=lambda item: item.nodeid.split("::")[0] in with_ray)  # stable: keeps each module's order
-    if not os.environ.get(background.CHILD):  # a module's in_child tests run in its child pytest, which one test waits for
+    if not os.environ.get(background.CHILD):  # in_child tests run in their module's child pytest (one test waits)
         moved = [item for item in items if item.get_closest_marker("in_child") is not None]
         if moved:
             config.hook.pytest_deselected(items=moved)

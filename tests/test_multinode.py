@@ -312,8 +312,9 @@ def _child(out: str) -> None:
     with open(os.path.join(workspace, "main.py"), "w") as fh:
         fh.write("x = 1\n")
     found: dict = {}
-    cluster = Cluster(initialize_head=True, head_node_args=dict(  # the state API needs the dashboard
-        num_cpus=1, resources={"tb-node-0": 1}, include_dashboard=True, dashboard_port=free_port()))  # not 8265: another Ray may hold it
+    # The state API needs the dashboard; not on 8265, which another Ray may hold.
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, resources={"tb-node-0": 1}, include_dashboard=True, dashboard_port=free_port()))
     try:
         workers = [cluster.add_node(num_cpus=1, resources={f"tb-node-{i}": 1}) for i in (1, 2)]
         ray.init(address=cluster.address, namespace="multinode", logging_level="ERROR", log_to_driver=False)
