@@ -72,12 +72,14 @@ _STARTS_RAY = {"test_cluster_local", "test_multinode", "test_readme"}
 def pytest_collection_modifyitems(config, items):
     """Every test that starts Ray carries the ``ray`` marker, so ``pytest -m "not ray"`` is a
     fast tier: set here from the fixture a test uses (directly or through another fixture),
-    or from its module when it starts Ray in a child process.
+    or from its module when it starts Ray in a child process, or from ``in_child``.
 
     Then the modules without a Ray test run first, each module's tests together and in
     their order: they share the machine with the background children (a multi-node Ray, the
     suites at four agents per actor; see ``pytest_collection_finish``), which start when
-    collection ends, rather than the session's own Ray competing with them."""
+    collection ends, rather than the session's own Ray competing with them. Last, the tests
+    marked ``in_child`` leave the session (deselected): their module's child pytest runs them
+    (``background.child_pytest``), unless this is that child."""
     with_ray = set()
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
