@@ -284,13 +284,12 @@ def parallel_round(bench: Bench, n: int, step_ms: float = 200.0) -> dict[str, fl
 def metrics_cost(bench: Bench, n: int, repeats: int) -> dict[str, float]:
     """Per-step cost at c=1 with metrics recorded and served vs not recorded at all;
     on and off runs alternate so that drift on the machine hits both alike."""
-    import socket
+    from threadbound.runtime.metrics.server import DEFAULT_PORT, choose_port
 
     on, off = [], []
     for _ in range(repeats):
-        with socket.socket() as s:  # a free port for the endpoint
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # 9464 or the next free port above it (never an ephemeral one, which Ray's processes are handed)
+        port, _ = choose_port(DEFAULT_PORT, "127.0.0.1", chosen=False)
         on.append(bench.run_threadbound(n, 1, 1, 0.0, metrics={"port": port})["wall_s"] / (3 * n))
         off.append(bench.run_threadbound(n, 1, 1, 0.0, metrics={"enabled": False})["wall_s"] / (3 * n))
     on_s, off_s = statistics.median(on), statistics.median(off)
