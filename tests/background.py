@@ -130,18 +130,25 @@ def result(job: Job) -> Job:
 CHILD = "THREADBOUND_TEST_CHILD"  # set in a child pytest's environment (see child_pytest)
 
 
+def pytest_job(name: str, args: list[str], timeout_s: float, env: dict[str, str] | None = None) -> Job:
+    """A child pytest of ``args`` (test files by absolute path, options), run from the
+    repository's root on a Ray of its own (never the session's: no RAY_ADDRESS), with
+    ``env`` added to this process's environment; :func:`passed` reads its report."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    child_env.update(env or {})
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args]
+    return Job(name, argv, root, child_env, timeout_s)
+
+
 def child_pytest(module_file: str, timeout_s: float) -> Job:
     """The tests of ``module_file`` marked ``in_child``, in a child pytest of their own: tests
     that start Rays in subprocesses of their own (the CLI, ``ray start``) and use the
     session's Ray not at all. The session deselects them (``conftest``) and the module's one
     test that waits for this job (:func:`passed`) stands for them."""
-    here = os.path.dirname(os.path.abspath(module_file))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[CHILD] = "1"
     name = os.path.splitext(os.path.basename(module_file))[0]
-    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "in_child",
-            os.path.abspath(module_file)]
-    return Job(f"{name}-in-a-child", argv, os.path.dirname(here), env, timeout_s)
+    return pytest_job(f"{name}-in-a-child", ["-m", "in_child", os.path.abspath(module_file)], timeout_s,
+                      {CHILD: "1"})
 
 
 def passed(job: Job) -> None:
