@@ -60,13 +60,15 @@ DEFAULT_PORT = 9464  # metrics.port's default (prometheus-client's usual exporte
 FALLBACK_SPAN = 100  # how many ports above a taken default one are tried
 
 
-def _block_free(port: int, count: int, host: str) -> bool:
-    try:
-        for k in range(count):
-            check_port(port + k, host)
-    except ConfigError:
-        return False
-    return True
+def _taken(port: int, count: int, host: str) -> tuple[int, ConfigError] | None:
+    """The first of the ``count`` ports from ``port`` that cannot be listened on, and why;
+    None when all can (shard k of a pool serves at port + k)."""
+    for p in range(port, port + count):
+        try:
+            check_port(p, host)
+        except ConfigError as exc:
+            return p, exc
+    return None
 
 
 def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = None, count: int = 1,
@@ -95,20 +97,19 @@ def choose_port(port: int, host: str, *, chosen: bool, taken_by: str | None = No
         return 0, None
     busy = port
     if taken_by is None:
-        try:
-            for busy in range(port, port + count):  # shard k serves at port + k
-                check_port(busy, host)
+        refused = _taken(port, count, host)
+        if refused is None:
             return port, None
-        except ConfigError:
-            if chosen:
-                raise
+        busy, why = refused
+        if chosen:
+            raise why
         taken_by = holder(busy)
     elif chosen:
         raise ConfigError("<config>", [("metrics.port", f"port {port} on {host} is taken by {taken_by}; choose a "
                                                         "free port, or 0 to turn the endpoint off")])
     last = min(port + FALLBACK_SPAN, 65536 - count)
     for free in range(port + 1, last + 1):
-        if _block_free(free, count, host) and claim(free):
+        if _taken(free, count, host) is None and claim(free):
             return free, (f"metrics: port {busy} is in use by {taken_by}, so this pool serves /metrics on "
                           f"http://{host}:{free}/metrics (--metrics-port or THREADBOUND_METRICS_PORT sets it; 0 "
                           "turns it off)")
