@@ -264,9 +264,10 @@ try:
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 except (OSError, ValueError, IndexError):
     low = 32768
-found, start = [], random.randrange(20000, max(low, 20100))
-for k in range(max(low, 20100) - 20000):
-    port = 20000 + (start - 20000 + k) % (max(low, 20100) - 20000)
+span = max(low, 20100) - 20000  # the ports from 20000 up to the ephemeral ones
+found, start = [], random.randrange(span)
+for k in range(span):
+    port = 20000 + (start + k) % span
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

@@ -641,11 +641,6 @@ def test_fresh_drivers_run_and_serve_join_a_cluster_without_token_auth_while_a_t
     assert found["serve"].get("status") == "ok", found["serve"]
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
-    _cluster_child(sys.argv[1])
-
-
 # -- the tests above that start Rays: run in a child pytest --------------------------------
 
 
@@ -658,3 +653,8 @@ def background_job(scratch: str) -> background.Job:
 @pytest.mark.timeout(1600)
 def test_the_tests_that_start_rays_of_their_own_pass_in_a_child_pytest():
     background.passed(background_job(""))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    _cluster_child(sys.argv[1])
