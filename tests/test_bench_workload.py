@@ -137,3 +137,43 @@ def test_ray_call_cost_names_a_bad_argument_before_ray_starts(capsys):
     with pytest.raises(SystemExit) as exc:
         ray_call_cost.main(["--calls", "2"])
     assert exc.value.code == 2 and "--calls must be 4 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, names", [(["--actors", "0"], "--actors"), (["--seconds", "0"], "--seconds"),
+                                         (["--events-per-s", "nan"], "--events-per-s")])
+def test_idle_cost_names_a_bad_argument_before_ray_starts(capsys, argv, names):
+    import idle_cost
+
+    with pytest.raises(SystemExit) as exc:
+        idle_cost.main(argv)
+    assert exc.value.code == 2 and names in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc/<pid>/task: Linux only")
+def test_idle_cost_counts_the_wake_ups_and_cpu_of_a_thread_by_its_name():
+    import threading
+    import time
+
+    import idle_cost
+
+    named, stop = threading.Event(), threading.Event()
+
+    def sleeper() -> None:
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write("wake-probe")
+        named.set()
+        while not stop.is_set():
+            time.sleep(0.001)  # each sleep is a voluntary context switch
+
+    t = threading.Thread(target=sleeper, daemon=True)
+    t.start()
+    try:
+        assert named.wait(5)
+        w0, c0 = idle_cost.thread_counts([os.getpid()])
+        time.sleep(0.3)
+        w1, c1 = idle_cost.thread_counts([os.getpid()])
+    finally:
+        stop.set()
+        t.join(5)
+    assert w1["wake-probe"] - w0["wake-probe"] >= 30  # ~300 sleeps of 1 ms; far fewer on a loaded machine
+    assert c1["wake-probe"] >= c0["wake-probe"] and "wake-probe" not in idle_cost.thread_counts([os.getpid()])[0]
