@@ -75,6 +75,13 @@ def _not_bool(what: str) -> Any:
     return check
 
 
+def _duration_not_bool(value: Any) -> Any:
+    """Refuse a boolean where a duration is due (pydantic would take true as 1 second)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration such as 90s or 10m, or null, not a boolean (got {value!r})")
+    return value
+
+
 BUILTIN_TRIO = ("coder", "tester", "reviewer")
 
 
@@ -98,6 +105,10 @@ class RuntimeConfig(_Section):
     # each with its own journal, snapshots and lease, under global caps (docs/clusters.md).
     shards: Annotated[int, BeforeValidator(_not_bool(""))] = Field(default=1, ge=1, le=64)
     prewarm: bool = False
+    # An agent actor none of whose agents has had a task for this long is stopped (its
+    # process and memory given back); it starts again when a task needs it. null: actors
+    # stay warm for the pool's life.
+    idle_actor_ttl_s: Annotated[Seconds | None, BeforeValidator(_duration_not_bool)] = None
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
     wait_timeout_s: Seconds = 86400.0  # how long a task may wait for a person's input (then: timed_out)

@@ -10,13 +10,15 @@ import itertools
 import threading
 import time
 
+import psutil
 import pytest
-from conftest import make_pool
+from conftest import eventually, make_pool
 from ray.exceptions import RayActorError
 from ray.util.state import list_actors
 
 from threadbound.runtime import Task
 from threadbound.runtime.supervisor import slot_actors as slots_mod
+from threadbound.runtime.supervisor.clock import FakeClock
 from threadbound.runtime.supervisor.slots import SlotTable
 
 _pids = itertools.count(1000)
@@ -187,6 +189,74 @@ def test_shutdown_in_the_middle_of_a_recycle_leaves_no_process(world):
     asyncio.run(main())
 
 
+# -- stopping actors left idle (idle_actor_ttl_s) ------------------------------------------
+
+def idle_table(world: FakeRay, n: int, ttl: float | None) -> tuple[SlotTable, FakeClock]:
+    clock = FakeClock()
+    return SlotTable(n, 100, world.make, slot_name=lambda i: f"agent/{i}", clock=clock, idle_ttl_s=ttl), clock
+
+
+def test_an_actor_idle_for_idle_ttl_is_stopped_and_started_again_when_a_task_needs_it(world):
+    async def main():
+        # Given two warm actors and a ttl of 60 s; agent/0 serves a task that ends 30 s in
+        t, clock = idle_table(world, 2, ttl=60)
+        await warm(t)
+        (a,) = t.reserve("t0", 1)
+        assert a.name == "agent/0"
+        clock.advance(30)
+        t.release(a)
+        # When 50 s have passed, neither has been idle 60 s: nothing stops
+        clock.advance(20)
+        assert t.trim_idle() == 0
+        # When 65 s have passed, agent/1 (idle since it started) stops; agent/0 (35 s) stays
+        clock.advance(15)
+        assert t.trim_idle() == 1
+        await asyncio.wait_for(t.wait_ready(t.slots[1]), 1)
+        assert list(world.live) == ["agent/0"] and t.slots[1].handle is None and t.slots[1].pid is None
+        assert t.counts()["actors"]["alive"] == 1 and t.stopped_idle == 1 and t.free_count() == 2
+        # ...and a later tick does not stop it twice
+        assert t.trim_idle() == 0
+        # When a task needs both places, the warm one is taken and the stopped one starts again
+        both = t.reserve("t1", 2)
+        assert names(both) == ["agent/0", "agent/1"]
+        for s in both:
+            await asyncio.wait_for(t.wait_ready(s), 1)
+        assert set(world.live) == {"agent/0", "agent/1"} and t.slots[1].generation == 2
+        assert world.log[-2:] == [("kill", "agent/1"), ("start", "agent/1")] and world.peak == 2
+        # ...and actors bound to a task are never stopped, however long it runs
+        clock.advance(1000)
+        assert t.trim_idle() == 0 and set(world.live) == {"agent/0", "agent/1"}
+
+    asyncio.run(main())
+
+
+def test_with_no_idle_ttl_actors_stay_warm_for_good(world):
+    async def main():
+        t, clock = idle_table(world, 2, ttl=None)
+        await warm(t)
+        clock.advance(10 ** 6)
+        assert t.trim_idle() == 0 and set(world.live) == {"agent/0", "agent/1"} and t.stopped_idle == 0
+
+    asyncio.run(main())
+
+
+def test_a_task_that_reserves_an_actor_while_it_stops_gets_a_fresh_process(world):
+    async def main():
+        # Given one actor, idle past the ttl and being stopped
+        t, clock = idle_table(world, 1, ttl=5)
+        await warm(t)
+        clock.advance(6)
+        assert t.trim_idle() == 1 and t.slots[0].replacing
+        # When a task reserves its place meanwhile (the only one: a last pick)
+        (s,) = t.reserve("t0", 1)
+        await asyncio.wait_for(t.wait_ready(s), 1)
+        # Then the old process was gone before a fresh one started, and the task has it
+        assert world.log[-2:] == [("kill", "agent/0"), ("start", "agent/0")] and s.handle is not None
+        assert s.owner == "t0" and s.generation == 2 and world.peak == 1 and t.reserved_replacing == 1
+
+    asyncio.run(main())
+
+
 # -- on a real Ray -----------------------------------------------------------------------
 
 def live_agent_actors(prefix):
@@ -245,3 +315,37 @@ def test_tasks_keep_running_on_warm_slots_while_processes_are_recycled(pool_name
     assert seen_recycling_beside_work[0] >= 1
     # ...and never were there more than 3 agent processes
     assert len(live) > 5 and max(live) <= 3
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(180)
+def test_a_pool_stops_actors_left_idle_and_starts_one_again_for_the_next_task(pool_name):
+    # Given a pool whose agent actors stop once they have had no task for 1 s
+    pool = make_pool(pool_name, max_agents=2, max_agents_per_task=1, idle_actor_ttl_s="1s",
+                     health={"check_interval_s": 0.2})
+    try:
+        def run_one(i):
+            h = pool.submit(Task(goal=f"task {i}", agents=["a"], inputs={"a": {"tokens": 2}}))
+            assert h.result(timeout=60).ok
+            return [e.data["pid"] for e in h.stream() if e.kind == "step_started"][0]
+
+        first = run_one(0)
+        assert pool.stats()["actors"]["alive"] == 1
+        # When it has had no task for longer than that
+        assert eventually(lambda: pool.stats()["actors"]["alive"] == 0, timeout_s=60)
+        # Then the actor is stopped: its process is gone and Ray lists no agent actor alive
+        assert pool.stats()["stopped_idle"] >= 1
+        assert eventually(lambda: _gone(first), timeout_s=30)
+        assert eventually(lambda: not live_agent_actors(f"{pool_name}/agent/"), timeout_s=30)
+        # And the next task starts an agent actor again, in a new process, and succeeds
+        second = run_one(1)
+        assert second != first
+    finally:
+        pool.shutdown()

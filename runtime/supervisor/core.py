@@ -94,7 +94,8 @@ class Supervisor:
         self.slots = SlotTable(config.max_agents, config.recycle_after, make_actor,
                                slot_name=lambda i: f"{prefix}agent/{i}", namespace=config.ray.namespace,
                                on_free=lambda: self.life.pump(), clock=self.clock,
-                               per_actor=config.agents_per_actor, on_start=self._on_actor_start)
+                               per_actor=config.agents_per_actor, on_start=self._on_actor_start,
+                               idle_ttl_s=config.idle_actor_ttl_s)
         share = None if allocator is None else Share(
             allocator, shard, config.max_agents, incarnation=(self.clock.time(), self.shard.run_id),
             on_grant=lambda: self.life.pump(), clock=self.clock,
@@ -449,4 +450,5 @@ class Supervisor:
             change = self.health.tick()
             if change is not None:
                 self.life.on_transition(change)
+            self.slots.trim_idle()
             self.hooks.on_tick()

@@ -26,6 +26,7 @@ class Proc:
     node: str | None = None  # the node its process runs (or is being started) on; None: no process
     causes: dict[int, str] = field(default_factory=dict, repr=False)  # generation -> why it was killed
     channel: Any = field(default=None, repr=False)  # reads the actor's event stream (runtime.supervisor.channel)
+    last_used: float = 0.0  # clock.monotonic() when its process started or a place of it was last released
 
     @property
     def replacing(self) -> bool:

@@ -88,6 +88,18 @@ class SlotActors:
             self.placement.invalidate()  # killed or crashed: perhaps its node is gone
         await self._start(proc)
 
+    async def _stop_idle(self, proc: Proc) -> None:
+        """Stop an idle actor's process (:meth:`~.slots.SlotTable.trim_idle`). Its places
+        are then not started; one reserved while it stopped gets a fresh process at once."""
+        old = proc.handle
+        await self._kill_and_confirm(old)
+        proc.handle, proc.pid, proc.node = None, None, None
+        if proc.channel is not None:
+            proc.channel.close()
+            proc.channel = None
+        if not proc.idle() and not self._closed:
+            await self._start(proc)
+
     async def _start(self, proc: Proc) -> None:
         node = self._node_for(proc) if self.placement is not None else None
         for attempt in range(3):
@@ -113,6 +125,7 @@ class SlotActors:
         else:
             raise RuntimeError(f"could not create agent actor {proc.name}")
         proc.handle, proc.pid, proc.uses = handle, info["pid"], 0
+        proc.last_used = self.clock.monotonic()
         proc.generation += 1
         if self._on_start is not None:
             self._on_start(proc)

@@ -26,6 +26,13 @@ on actors not started yet, and a place whose process is being replaced only when
 other is free (the role bound to it waits for it when it gets there; the task's other
 roles start at once).
 
+With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor none of whose places has
+been reserved or released for that long is stopped (:meth:`SlotTable.trim_idle`, on the
+supervisor's tick) and its places count as not started: the next reservation that needs
+them starts it again. Until Ray confirms the old process dead it counts as being
+replaced, so the cap and the name hold as for a recycle; a place reserved on it meanwhile
+(a last pick) gets a fresh process as soon as the old one is gone.
+
 On a cluster (a :class:`~.placement.Placement` given) every actor has a node, and a
 task's places are all on one node, its *home* (see ``runtime.supervisor.placement`` for
 why node affinity): :meth:`SlotTable.reserve` picks the node that gives the task the most
@@ -70,11 +77,13 @@ class SlotTable(SlotNodes, SlotActors):
         clock: Clock | None = None,
         per_actor: int = 1,
         on_start: Callable[[Proc], None] | None = None,
+        idle_ttl_s: float | None = None,
     ) -> None:
         """``make_actor(name)`` creates a slot actor; with a ``placement`` (given, or carried
         by ``make_actor`` as ``runtime.actors.SlotFactory`` does) it is called as
         ``make_actor(name, node)`` and actors are placed on nodes. ``per_actor``: places
-        per actor (``agents_per_actor``). ``on_start(proc)``: a new process answered."""
+        per actor (``agents_per_actor``). ``on_start(proc)``: a new process answered.
+        ``idle_ttl_s``: stop actors idle this long (None: never; see :meth:`trim_idle`)."""
         self.namespace = namespace
         self.clock: Clock = clock or SystemClock()
         self.placement = placement if placement is not None else getattr(make_actor, "placement", None)
@@ -83,6 +92,7 @@ class SlotTable(SlotNodes, SlotActors):
         self.max_agents = max_agents
         self.per_actor = per_actor = max(1, min(per_actor, max_agents))
         self.recycle_after = recycle_after
+        self.idle_ttl_s = idle_ttl_s
         self._make_actor = make_actor
         self._on_free = on_free
         self._on_start = on_start
@@ -98,6 +108,7 @@ class SlotTable(SlotNodes, SlotActors):
             self.procs.append(proc)
         self.replacements = 0  # processes replaced, for any reason
         self.recycles = 0  # of which recycles of due actors
+        self.stopped_idle = 0  # actors stopped for being idle idle_ttl_s (trim_idle), counted when begun
         self.reserved_replacing = 0  # reservations that took a place whose process was being replaced
         self._bg: set[asyncio.Task] = set()
         self._orphans: list[Any] = []  # actors whose start a shutdown interrupted
@@ -159,6 +170,7 @@ class SlotTable(SlotNodes, SlotActors):
         slot.owner = None
         proc = slot.proc
         proc.uses += 1
+        proc.last_used = self.clock.monotonic()
         if self._closed:
             return
         if self.due(proc) and proc.idle() and not proc.replacing and self._recycling_now() < RECYCLE_AT_ONCE:
@@ -174,6 +186,23 @@ class SlotTable(SlotNodes, SlotActors):
             await asyncio.shield(proc.ready)
         if proc.ready is not None and proc.ready.exception() is not None:
             raise proc.ready.exception()
+
+    def trim_idle(self) -> int:
+        """Stop every actor none of whose places has been reserved or released for
+        ``idle_ttl_s`` (nor its process started): its process and memory go back to the
+        machine, and its places start it again when a task needs them. Returns how many
+        it began to stop (0 with ``idle_ttl_s`` None)."""
+        if self.idle_ttl_s is None or self._closed:
+            return 0
+        now, begun = self.clock.monotonic(), 0
+        for p in self.procs:
+            if (p.handle is not None and p.idle() and not p.replacing and not any(_draining(s) for s in p.places)
+                    and now - p.last_used >= self.idle_ttl_s):
+                p.recycling = False
+                p.ready = self._spawn(self._stop_idle(p))
+                self.stopped_idle += 1
+                begun += 1
+        return begun
 
     # -- recycling ----------------------------------------------------------------
 

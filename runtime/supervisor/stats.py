@@ -16,6 +16,8 @@ def pool_stats(sup: "Supervisor") -> dict[str, Any]:
         # processes replaced (counted once the old one is gone), and recycles of due
         # slots begun (counted when begun: a recycle runs in the background)
         "slots": slots.describe(), "replacements": slots.replacements, "recycles": slots.recycles,
+        # actors stopped for having been idle idle_actor_ttl_s (counted when begun)
+        "stopped_idle": slots.stopped_idle,
         # agents (places: busy of total) and actors (processes) separately
         **slots.counts(),
         "max_agents": sup.cfg.max_agents, "max_agents_per_task": sup.cfg.max_agents_per_task,
