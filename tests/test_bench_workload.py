@@ -140,7 +140,8 @@ def test_ray_call_cost_names_a_bad_argument_before_ray_starts(capsys):
 
 
 @pytest.mark.parametrize("argv, names", [(["--actors", "0"], "--actors"), (["--seconds", "0"], "--seconds"),
-                                         (["--events-per-s", "nan"], "--events-per-s")])
+                                         (["--events-per-s", "nan"], "--events-per-s"),
+                                         (["--restarts", "-1"], "--restarts")])
 def test_idle_cost_names_a_bad_argument_before_ray_starts(capsys, argv, names):
     import idle_cost
 
