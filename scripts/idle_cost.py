@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="how long to watch them (default 10)")
     ap.add_argument("--events-per-s", type=float, default=4000.0,
                     help="events/s to spread their CPU over (default 4000, 1,000 agents at capacity)")
-    ap.add_argument("--restarts", type=int, default=5, help="pairs of tasks, warm and after a stop (default 5; 0: none)")
+    ap.add_argument("--restarts", type=int, default=5,
+                    help="pairs of tasks, warm and after a stop (default 5; 0: none)")
     args = ap.parse_args(argv)
-    if args.actors < 1 or not 0 < args.seconds <= 600 or not args.events_per_s > 0 or not 0 <= args.restarts <= 100:
-        ap.error("--actors must be 1 or more, --seconds between 0 and 600, --events-per-s above 0, "
+    if (not 1 <= args.actors <= 500 or not 0 < args.seconds <= 600 or not args.events_per_s > 0
+            or not 0 <= args.restarts <= 100):
+        ap.error("--actors must be between 1 and 500, --seconds between 0 and 600, --events-per-s above 0, "
                  "--restarts between 0 and 100")
     if not os.path.isdir("/proc/self/task"):
         ap.error("this script reads /proc/<pid>/task: it runs on Linux only")

@@ -139,7 +139,8 @@ def test_ray_call_cost_names_a_bad_argument_before_ray_starts(capsys):
     assert exc.value.code == 2 and "--calls must be 4 or more" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, names", [(["--actors", "0"], "--actors"), (["--seconds", "0"], "--seconds"),
+@pytest.mark.parametrize("argv, names", [(["--actors", "0"], "--actors"), (["--actors", "501"], "--actors"),
+                                         (["--seconds", "0"], "--seconds"),
                                          (["--events-per-s", "nan"], "--events-per-s"),
                                          (["--restarts", "-1"], "--restarts")])
 def test_idle_cost_names_a_bad_argument_before_ray_starts(capsys, argv, names):
