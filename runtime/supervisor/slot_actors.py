@@ -76,13 +76,18 @@ class SlotActors:
         have been killed on purpose, e.g. it crashed)."""
         return slot.proc.causes.get(generation)
 
-    async def _replace(self, proc: Proc, old: Any, kill: bool) -> None:
+    async def _let_go(self, proc: Proc, old: Any) -> None:
+        """Kill ``old`` (``proc``'s process, if any) and wait until Ray confirms it dead;
+        ``proc`` is then left with no process and no event stream."""
         if old is not None:
             await self._kill_and_confirm(old)
         proc.handle = None
         if proc.channel is not None:
             proc.channel.close()
             proc.channel = None
+
+    async def _replace(self, proc: Proc, old: Any, kill: bool) -> None:
+        await self._let_go(proc, old)
         self.replacements += 1
         if not proc.recycling and self.placement is not None:
             self.placement.invalidate()  # killed or crashed: perhaps its node is gone
@@ -91,12 +96,8 @@ class SlotActors:
     async def _stop_idle(self, proc: Proc) -> None:
         """Stop an idle actor's process (:meth:`~.slots.SlotTable.trim_idle`). Its places
         are then not started; one reserved while it stopped gets a fresh process at once."""
-        old = proc.handle
-        await self._kill_and_confirm(old)
-        proc.handle, proc.pid, proc.node = None, None, None
-        if proc.channel is not None:
-            proc.channel.close()
-            proc.channel = None
+        await self._let_go(proc, proc.handle)
+        proc.pid, proc.node = None, None
         if not proc.idle() and not self._closed:
             await self._start(proc)
 
