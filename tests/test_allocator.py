@@ -500,7 +500,9 @@ def test_caps_hold_while_ray_restarts_a_killed_allocator(ray_session, fakes):
             assert all(status(sups, k, t) == SUCCEEDED for k, t in ids + more)
             after = await handle.describe.remote()
             assert after["most_in_use"] <= 2 and after["ready"]
-            assert sum(s.capacity.share.stats["failures"] for s in sups) >= 1, "the kill was never noticed"
+            # (Ray retries the shards' calls across the restart, so a shard may or may not see one
+            # fail: the new process, relearning both shards' holdings above, is the proof)
+            assert after["pid"] != before["pid"], "Ray did not restart the allocator"
         finally:
             for sup in sups:
                 await sup.shutdown(grace_s=0)
