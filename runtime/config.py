@@ -64,22 +64,15 @@ def _snapshot_dir(value: Any) -> Any:
     return os.path.join(state_dir(), "snapshots") if value is None else value
 
 
-def _not_bool(what: str) -> Any:
-    """A validator refusing a boolean where a count of ``what`` is due (pydantic would take
-    true as 1)."""
+def _not_bool(expected: str) -> Any:
+    """A validator refusing a boolean where ``expected`` (a count, a duration) is due:
+    pydantic would take true as 1."""
     def check(value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError(f"must be a whole number{what}, not a boolean (got {value!r})")
+            raise ValueError(f"must be {expected}, not a boolean (got {value!r})")
         return value
 
     return check
-
-
-def _duration_not_bool(value: Any) -> Any:
-    """Refuse a boolean where a duration is due (pydantic would take true as 1 second)."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a duration such as 90s or 10m, or null, not a boolean (got {value!r})")
-    return value
 
 
 BUILTIN_TRIO = ("coder", "tester", "reviewer")
@@ -100,15 +93,15 @@ class RuntimeConfig(_Section):
     recycle_after: int = Field(default=100, ge=1)
     # Agents one slot actor (one process) hosts at once, each on a thread of its own
     # (docs/many-agents.md); 1 = a process per agent.
-    agents_per_actor: Annotated[int, BeforeValidator(_not_bool(" of agents"))] = Field(default=1, ge=1)
+    agents_per_actor: Annotated[int, BeforeValidator(_not_bool("a whole number of agents"))] = Field(default=1, ge=1)
     # Supervisor shards: the pool's tasks split by id over this many supervisor actors,
     # each with its own journal, snapshots and lease, under global caps (docs/clusters.md).
-    shards: Annotated[int, BeforeValidator(_not_bool(""))] = Field(default=1, ge=1, le=64)
+    shards: Annotated[int, BeforeValidator(_not_bool("a whole number"))] = Field(default=1, ge=1, le=64)
     prewarm: bool = False
     # An agent actor none of whose agents has had a task for this long is stopped (its
     # process and memory given back); it starts again when a task needs it. null: actors
     # stay warm for the pool's life.
-    idle_actor_ttl_s: Annotated[Seconds | None, BeforeValidator(_duration_not_bool)] = None
+    idle_actor_ttl_s: Annotated[Seconds | None, BeforeValidator(_not_bool("a duration such as 90s or 10m, or null"))] = None
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
     wait_timeout_s: Seconds = 86400.0  # how long a task may wait for a person's input (then: timed_out)
