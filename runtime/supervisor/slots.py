@@ -26,8 +26,8 @@ on actors not started yet, and a place whose process is being replaced only when
 other is free (the role bound to it waits for it when it gets there; the task's other
 roles start at once).
 
-With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor none of whose places has
-been reserved or released for that long is stopped (:meth:`SlotTable.trim_idle`, on the
+With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor with no agent bound, whose
+process started and whose places were last released that long ago, is stopped (:meth:`SlotTable.trim_idle`, on the
 supervisor's tick) and its places count as not started: the next reservation that needs
 them starts it again. Until Ray confirms the old process dead it counts as being
 replaced, so the cap and the name hold as for a recycle; a place reserved on it meanwhile
@@ -188,8 +188,8 @@ class SlotTable(SlotNodes, SlotActors):
             raise proc.ready.exception()
 
     def trim_idle(self) -> int:
-        """Stop every actor none of whose places has been reserved or released for
-        ``idle_ttl_s`` (nor its process started): its process and memory go back to the
+        """Stop every actor with no agent bound whose process started, and whose places were
+        last released, ``idle_ttl_s`` ago or more: its process and memory go back to the
         machine, and its places start it again when a task needs them. Returns how many
         it began to stop (0 with ``idle_ttl_s`` None)."""
         if self.idle_ttl_s is None or self._closed:
@@ -198,7 +198,7 @@ class SlotTable(SlotNodes, SlotActors):
         for p in self.procs:
             if (p.handle is not None and p.idle() and not p.replacing and not any(_draining(s) for s in p.places)
                     and now - p.last_used >= self.idle_ttl_s):
-                p.recycling = False
+                p.recycling = False  # a stop, not a recycle: it does not hold up the due actors' turn
                 p.ready = self._spawn(self._stop_idle(p))
                 self.stopped_idle += 1
                 begun += 1
