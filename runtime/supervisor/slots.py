@@ -26,10 +26,10 @@ on actors not started yet, and a place whose process is being replaced only when
 other is free (the role bound to it waits for it when it gets there; the task's other
 roles start at once).
 
-With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor with no agent bound, whose
-process started and whose places were last released that long ago, is stopped (:meth:`SlotTable.trim_idle`, on the
-supervisor's tick) and its places count as not started: the next reservation that needs
-them starts it again. Until Ray confirms the old process dead it counts as being
+With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor with no agent bound,
+whose process started and whose places were last released that long ago, is stopped
+(:meth:`SlotTable.trim_idle`, on the supervisor's tick) and its places count as not
+started: the next reservation that needs them starts it again. Until Ray confirms the old process dead it counts as being
 replaced, so the cap and the name hold as for a recycle; a place reserved on it meanwhile
 (a last pick) gets a fresh process as soon as the old one is gone.
 
