@@ -101,7 +101,8 @@ class RuntimeConfig(_Section):
     # An agent actor none of whose agents has had a task for this long is stopped (its
     # process and memory given back); it starts again when a task needs it. null: actors
     # stay warm for the pool's life.
-    idle_actor_ttl_s: Annotated[Seconds | None, BeforeValidator(_not_bool("a duration such as 90s or 10m, or null"))] = None
+    idle_actor_ttl_s: Annotated[Seconds | None,
+                                BeforeValidator(_not_bool("a duration such as 90s or 10m, or null"))] = None
     step_timeout_s: Seconds = 30.0
     task_timeout_s: Seconds = 600.0  # time a task runs; time it waits for a person does not count
     wait_timeout_s: Seconds = 86400.0  # how long a task may wait for a person's input (then: timed_out)

@@ -29,9 +29,10 @@ roles start at once).
 With ``idle_ttl_s`` (the config's ``idle_actor_ttl_s``) an actor with no agent bound,
 whose process started and whose places were last released that long ago, is stopped
 (:meth:`SlotTable.trim_idle`, on the supervisor's tick) and its places count as not
-started: the next reservation that needs them starts it again. Until Ray confirms the old process dead it counts as being
-replaced, so the cap and the name hold as for a recycle; a place reserved on it meanwhile
-(a last pick) gets a fresh process as soon as the old one is gone.
+started: the next reservation that needs them starts it again. Until Ray confirms the
+old process dead it counts as being replaced, so the cap and the name hold as for a
+recycle; a place reserved on it meanwhile (a last pick) gets a fresh process as soon as
+the old one is gone.
 
 On a cluster (a :class:`~.placement.Placement` given) every actor has a node, and a
 task's places are all on one node, its *home* (see ``runtime.supervisor.placement`` for
