@@ -26,6 +26,12 @@ process, each on a thread) the levels run at k = ``--agents-per-actor`` and agai
 k = 1 "as far as memory allows" (stopping when the agent processes would need more
 than ``--memory-gib``), side by side. Where the field does not exist, only k = 1 runs
 and asking for k > 1 is an error.
+
+Each level at k > 1 is followed by the same level on the bare Ray plane
+(``scripts/capacity_floor.py``: the same agents, k to a process, one Ray call per flush,
+nothing of threadbound), and the pool's CPU per event is printed as a multiple of the
+bare plane's: the absolute figures move with this machine's speed (by up to 2x within
+minutes), the ratio to a floor measured a few seconds apart much less.
 """
 
 from __future__ import annotations
@@ -211,6 +217,17 @@ def run_level(scratch: str, n: int, *, seconds: float, rate: float = RATE, k: in
     finally:
         pool.shutdown(grace_s=0)
 
+    return summarize(n, k or 1, seconds=seconds, rate=rate, tokens=tokens, setup_s=setup_s, procs=procs,
+                     marks=marks, got=got, rss_agents=rss_agents, reads=reads)
+
+
+def summarize(n: int, k: int, *, seconds: float, rate: float, tokens: int, setup_s: float,
+              procs: dict[str, dict[int, Any]], marks: dict[str, Any], got: list[dict[str, Any]],
+              rss_agents: int, reads: int) -> dict[str, Any]:
+    """A level's row from what it recorded: CPU read at ``marks`` ("a"/"b": the window in
+    which every agent streamed; "start"/"end": the whole run) for each part of ``procs``,
+    and per task what its client saw (``seen``: (stamp, arrival, agent's stamp, tokens)
+    per token event; ``offsets``; ``order``; ``status``)."""
     together = "a" in marks and "b" in marks and marks["b"][0] > marks["a"][0]
     a, b = (marks["a"], marks["b"]) if together else (marks["start"], marks["end"])
     t_a, t_b = a[0], b[0]
@@ -228,7 +245,7 @@ def run_level(scratch: str, n: int, *, seconds: float, rate: float = RATE, k: in
     in_order = sum(1 for c in checked if c["in_order"])
     no_repeat = sum(1 for c in checked if c["no_repeat"])
     row = {
-        "agents": n, "k": k or 1, "processes": len(procs["agents"]), "seconds": seconds, "rate": rate,
+        "agents": n, "k": k, "processes": len(procs["agents"]), "seconds": seconds, "rate": rate,
         "setup_s": setup_s, "together": together, "window_s": span,
         "p50_ms": _pct(delays, 0.5), "p95_ms": _pct(delays, 0.95),
         "agent_p50_ms": _pct([(arr - stamp) * 1000 for _, arr, stamp, _ in inside], 0.5),
@@ -283,11 +300,32 @@ def describe(row: dict[str, Any]) -> str:
                "at p50: the machine is short of CPU for them)"))
 
 
+def describe_floor(row: dict[str, Any]) -> str:
+    """The bare plane's line under a level: its delay and CPU per event, and the pool's
+    CPU per event as a multiple of it."""
+    f = row["floor"]
+    checks = "" if f["checks_ok"] else " CHECKS FAILED on the bare plane"
+    return (f"        bare Ray plane, same level, no threadbound: delay p95 {f['p95_ms']:.1f} ms; CPU per event: "
+            f"supervisor {f['supervisor_us_per_event']:.0f} us, client {f['client_us_per_event']:.0f} us, agents "
+            f"{f['agents_us_per_event']:.0f} us, ray {f['ray_us_per_event']:.0f} us, all {f['all_us_per_event']:.0f} us"
+            f"{checks}\n        the pool's CPU per event: {floor_ratio(row):.2f}x the bare plane's (all processes), "
+            f"{row['supervisor_us_per_event'] / max(f['supervisor_us_per_event'], 1e-9):.2f}x (supervisor)")
+
+
+def floor_ratio(row: dict[str, Any]) -> float:
+    """The pool's all-process CPU per event over the bare plane's at the same level."""
+    return row["all_us_per_event"] / max(row["floor"]["all_us_per_event"], 1e-9)
+
+
 def series(scratch: str, levels: tuple[int, ...], *, seconds: float, k: int | None, limit_ms: float = LIMIT_MS,
-           memory_gib: float = MEMORY_GIB, rate: float = RATE, **over: Any) -> dict[str, Any]:
+           memory_gib: float = MEMORY_GIB, rate: float = RATE, floor: bool = False, **over: Any) -> dict[str, Any]:
     """Step through ``levels`` at ``k`` agents per actor (None: the field is not set)
     until the p95 delay passes ``limit_ms``, a check fails, or the agent processes would
-    need more than ``memory_gib`` (or more than the memory available less 2 GiB)."""
+    need more than ``memory_gib`` (or more than the memory available less 2 GiB).
+
+    With ``floor``, each level runs a second time right after on the bare Ray plane
+    (``capacity_floor``: the same agents, ``k`` to a process, nothing of threadbound),
+    kept as the row's ``"floor"``: what the same work costs at the least."""
     import psutil
 
     rows: list[dict[str, Any]] = []
@@ -304,6 +342,11 @@ def series(scratch: str, levels: tuple[int, ...], *, seconds: float, k: int | No
         row = run_level(scratch, n, seconds=seconds, rate=rate, k=k, **over)
         rows.append(row)
         print(describe(row), flush=True)
+        if floor:
+            import capacity_floor
+
+            row["floor"] = capacity_floor.floor_level(n, seconds=seconds, k=k or 1, rate=rate)
+            print(describe_floor(row), flush=True)
         if row["agent_rss_mb_per_process"] > 0:
             per_process_mb = row["agent_rss_mb_per_process"]
         if not row["checks_ok"]:
@@ -320,9 +363,11 @@ def series(scratch: str, levels: tuple[int, ...], *, seconds: float, k: int | No
 
 
 def capacity(scratch: str, levels: tuple[int, ...] = LEVELS, *, seconds: float = 10.0, k: int | None = None,
-             limit_ms: float = LIMIT_MS, memory_gib: float = MEMORY_GIB, **over: Any) -> dict[str, Any]:
+             limit_ms: float = LIMIT_MS, memory_gib: float = MEMORY_GIB, floor: bool = True,
+             **over: Any) -> dict[str, Any]:
     """The capacity figure: the levels at ``k`` agents per actor (default ``DEFAULT_K``
     when the pool has the field) and at k = 1 side by side; only k = 1 without the field.
+    With ``floor``, each level at k > 1 is followed by the bare Ray plane's run of it.
 
     Returns ``{"series": [...], "field": bool}``, each series as :func:`series` returns it.
     """
@@ -340,7 +385,8 @@ def capacity(scratch: str, levels: tuple[int, ...] = LEVELS, *, seconds: float =
     for kk in ks:
         print(f"\n  agents_per_actor = {kk or 1}" + (" (as far as memory allows)" if kk in (1, None) else ""),
               flush=True)
-        s = series(scratch, levels, seconds=seconds, k=kk, limit_ms=limit_ms, memory_gib=memory_gib, **over)
+        s = series(scratch, levels, seconds=seconds, k=kk, limit_ms=limit_ms, memory_gib=memory_gib,
+                   floor=floor and kk not in (1, None), **over)
         print(f"  {s['stopped']}", flush=True)
         runs.append(s)
     out = {"series": runs, "field": field}
@@ -378,7 +424,15 @@ def ratio_lines(s: dict[str, Any]) -> list[str]:
                  f"processes {best['all_us_per_event']:.0f} us/event (target <= 300), p95 {best['p95_ms']:.0f} ms")
     if top is not best:
         line += f"; at {top['agents']} agents p95 {top['p95_ms']:.0f} ms"
-    return [line]
+    lines = [line]
+    for r in (best, top) if top is not best else (top,):
+        if r is not None and "floor" in r:
+            f = r["floor"]
+            lines.append(f"capacity CPU per event at {r['agents']} agents, k={s['k']}, against the bare Ray plane "
+                         f"in the same run: {floor_ratio(r):.2f}x (pool {r['all_us_per_event']:.0f} us, bare "
+                         f"{f['all_us_per_event']:.0f} us; supervisor {r['supervisor_us_per_event']:.0f} vs "
+                         f"{f['supervisor_us_per_event']:.0f} us; bare p95 {f['p95_ms']:.0f} ms)")
+    return lines
 
 
 def markdown(cap: dict[str, Any]) -> list[str]:
@@ -399,6 +453,19 @@ def markdown(cap: dict[str, Any]) -> list[str]:
                       f"{r['total_cpu']:.0%} | {r['supervisor_us_per_event']:.0f} | {r['all_us_per_event']:.0f} | "
                       f"{r['agent_rss_mb']:.0f} | {'ok' if r['checks_ok'] else 'FAILED'} |")
         md.append("")
+        bare = [r for r in s["levels"] if "floor" in r]
+        if bare:
+            md += ["The same levels on the bare Ray plane (scripts/capacity_floor.py: the same agents, "
+                   f"{s['k']} to a process, one call per flush to one log actor, no threadbound), each run right "
+                   "after the pool's:", "",
+                   "| agents | bare p95 ms | bare sup us/ev | bare all us/ev | pool/bare all us/ev | checks |",
+                   "|---|---|---|---|---|---|"]
+            for r in bare:
+                f = r["floor"]
+                md.append(f"| {r['agents']} | {f['p95_ms']:.1f} | {f['supervisor_us_per_event']:.0f} | "
+                          f"{f['all_us_per_event']:.0f} | {floor_ratio(r):.2f}x | "
+                          f"{'ok' if f['checks_ok'] else 'FAILED'} |")
+            md.append("")
     if len(cap["series"]) > 1:
         md += ["Side by side (p95 ms, supervisor us/event, all us/event, agent RSS MB):", ""]
         md += side_by_side(cap["series"]) + [""]

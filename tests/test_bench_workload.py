@@ -72,6 +72,36 @@ def test_capacity_level_delivers_every_token_once_in_order_and_prints_every_fiel
         assert field in out, field
 
 
+def test_the_bare_plane_does_the_same_level_and_the_pool_is_quoted_against_it(tmp_path, capsys):
+    import capacity_floor
+
+    # Given the capacity workload on the bare Ray plane: 8 agents, 4 to a process, 1 s
+    bare = capacity_floor.floor_level(8, seconds=1.0, k=4)
+    # Then it did the same work the pool's level does, under the same checks
+    assert bare["checks_ok"], bare
+    assert bare["processes"] == 2 and bare["tokens_delivered"] == bare["tokens_expected"] == 8 * 20
+    assert bare["all_us_per_event"] > 0 and bare["cpu"]["supervisor"] > 0 and bare["reads"] > 0
+    # And a pool's row carrying it names the ratio of the two
+    row = {**bare, "all_us_per_event": 2 * bare["all_us_per_event"], "floor": bare}
+    assert bench_capacity.floor_ratio(row) == pytest.approx(2.0)
+    line = bench_capacity.describe_floor(row)
+    assert "bare Ray plane" in line and "2.00x the bare plane's" in line
+    md = "\n".join(bench_capacity.markdown({"series": [{"k": 4, "rate": 20.0, "seconds": 1.0, "stopped": "x",
+                                                        "levels": [row]}]}))
+    assert "| 8 | " in md and "2.00x" in md
+
+
+def test_the_bare_plane_turn_is_the_pools(tmp_path):
+    # the bare actors flush as often as the pool's actor stream does, so both send as many events
+    from threadbound.agents.host import _pace
+    from types import SimpleNamespace as S
+
+    import capacity_floor
+
+    for k in (1, 4, 8, 16, 50, 500):
+        assert capacity_floor.pace_s(k) == pytest.approx(_pace([S(req=S(token_interval_s=0.05))] * k))
+
+
 @pytest.mark.parametrize("got, broken", [
     ({"status": "failed", "order": [0, 1, 2], "offsets": [0, 1, 2]}, "succeeded"),
     ({"status": "succeeded", "order": [0, 2, 1], "offsets": [0, 1, 2]}, "in_order"),
