@@ -9,7 +9,8 @@ running its ``k`` agents as threads that put tokens in a list under one lock; on
 thread per actor that, every turn (the pool's turn for ``k`` agents: 50 ms stretched to at
 most 250 ms as ``agents_per_actor`` grows, so both send the same number of events), sends
 every agent's pending tokens as one event each, all in one fire-and-forget call to one
-async log actor; the log actor stamps and appends them to per-task lists in memory and
+async log actor (numbered: Ray does not keep the order of calls to an async actor); the
+log actor stamps and appends them, in each sender's order, to per-task lists in memory and
 wakes a waiting reader; one client long-polls all tasks in one call per burst.
 
 No durability, no metrics, no retries, no deadlines, no caps, no sandbox: what is left is
@@ -46,18 +47,27 @@ class FloorLog:
         self.logs: list[list[tuple[float, str, int]]] = [[] for _ in range(n)]
         self.done = [False] * n
         self.news = asyncio.Event()
+        # Ray does not keep the order of one caller's calls to an async actor: each
+        # sender numbers its flushes and they are applied in that order.
+        self.next: dict[int, int] = {}
+        self.held: dict[int, dict[int, tuple[list, list]]] = {}
 
     def pid(self) -> int:
         import os
 
         return os.getpid()
 
-    async def append(self, batch: list[tuple[int, str, int]], ended: list[int]) -> None:
+    async def append(self, sender: int, seq: int, batch: list[tuple[int, str, int]], ended: list[int]) -> None:
+        held = self.held.setdefault(sender, {})
+        held[seq] = (batch, ended)
         now = time.time()
-        for task, text, count in batch:
-            self.logs[task].append((now, text, count))
-        for task in ended:
-            self.done[task] = True
+        while self.next.get(sender, 0) in held:
+            batch, ended = held.pop(self.next.get(sender, 0))
+            self.next[sender] = self.next.get(sender, 0) + 1
+            for task, text, count in batch:
+                self.logs[task].append((now, text, count))
+            for task in ended:
+                self.done[task] = True
         self.news.set()
 
     async def read_many(self, offsets: list[int], wait_s: float) -> tuple[dict[int, list], list[int]]:
@@ -86,7 +96,7 @@ class FloorAgents:
 
         return os.getpid()
 
-    def run(self, log: Any, tasks: list[int], tokens: int, interval_s: float, turn_s: float) -> int:
+    def run(self, log: Any, sender: int, tasks: list[int], tokens: int, interval_s: float, turn_s: float) -> int:
         lock = threading.Lock()
         pending: dict[int, list[str]] = {t: [] for t in tasks}
         left = [len(tasks)]
@@ -108,7 +118,7 @@ class FloorAgents:
         threads = [threading.Thread(target=agent, args=(t,), daemon=True) for t in tasks]
         for th in threads:
             th.start()
-        sent = 0
+        sent = seq = 0
         while True:
             time.sleep(turn_s)
             with lock:
@@ -118,7 +128,8 @@ class FloorAgents:
                 gone, ended[:] = list(ended), []
                 last = left[0] == 0
             if batch or gone:
-                log.append.remote(batch, gone)
+                log.append.remote(sender, seq, batch, gone)
+                seq += 1
                 sent += len(batch)
             if last:
                 return sent
@@ -150,7 +161,8 @@ def floor_level(n: int, *, seconds: float, k: int, rate: float = RATE) -> dict[s
             return time.time(), {part: _cpu(p) for part, p in procs.items()}
 
         marks: dict[str, Any] = {"start": cpu_now()}
-        runs = [a.run.remote(log, g, tokens, 1.0 / rate, pace_s(len(g))) for a, g in zip(actors, groups)]
+        runs = [a.run.remote(log, i, g, tokens, 1.0 / rate, pace_s(len(g)))
+                for i, (a, g) in enumerate(zip(actors, groups))]
         got: list[dict[str, Any]] = [{"seen": [], "offsets": [], "order": [], "status": None} for _ in range(n)]
         cursors = [0] * n  # -1 once the task ended and everything it sent was read
         reads = 0
@@ -194,24 +206,23 @@ def main() -> int:
     import os
     import sys
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levels", default="1000", help="agents per level, comma-separated (default 1000)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="how long every agent streams (default 10)")
-    ap.add_argument("--agents-per-actor", type=int, default=50, metavar="K", help="agents per process (default 50)")
-    args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_capacity import _levels, describe
     from local_ray import isolate
 
-    levels = _levels(args.levels)
-    if not 0 < args.seconds <= 3600:
-        raise SystemExit(f"--seconds: must be > 0 and <= 3600, got {args.seconds}")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", type=_levels, default=(1000,), help="agents per level, comma-separated (default 1000)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="how long every agent streams (default 10)")
+    ap.add_argument("--agents-per-actor", type=int, default=50, metavar="K", help="agents per process (default 50)")
+    args = ap.parse_args()
+    if not 0 < args.seconds <= 3600:  # also refuses nan
+        ap.error(f"--seconds: must be > 0 and <= 3600, got {args.seconds}")
     if args.agents_per_actor < 1:
-        raise SystemExit(f"--agents-per-actor: must be >= 1, got {args.agents_per_actor}")
+        ap.error(f"--agents-per-actor: must be >= 1, got {args.agents_per_actor}")
     isolate("capacity-floor")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        for n in levels:
+        for n in args.levels:
             print(describe(floor_level(n, seconds=args.seconds, k=args.agents_per_actor)), flush=True)
     finally:
         ray.shutdown()
