@@ -309,12 +309,13 @@ def describe_floor(row: dict[str, Any]) -> str:
             f"supervisor {f['supervisor_us_per_event']:.0f} us, client {f['client_us_per_event']:.0f} us, agents "
             f"{f['agents_us_per_event']:.0f} us, ray {f['ray_us_per_event']:.0f} us, all {f['all_us_per_event']:.0f} us"
             f"{checks}\n        the pool's CPU per event: {floor_ratio(row):.2f}x the bare plane's (all processes), "
-            f"{row['supervisor_us_per_event'] / max(f['supervisor_us_per_event'], 1e-9):.2f}x (supervisor)")
+            f"{floor_ratio(row, 'supervisor'):.2f}x (supervisor)")
 
 
-def floor_ratio(row: dict[str, Any]) -> float:
-    """The pool's all-process CPU per event over the bare plane's at the same level."""
-    return row["all_us_per_event"] / max(row["floor"]["all_us_per_event"], 1e-9)
+def floor_ratio(row: dict[str, Any], part: str = "all") -> float:
+    """The pool's CPU per event (``part``: all processes, or one of them) over the bare
+    plane's at the same level."""
+    return row[f"{part}_us_per_event"] / max(row["floor"][f"{part}_us_per_event"], 1e-9)
 
 
 def series(scratch: str, levels: tuple[int, ...], *, seconds: float, k: int | None, limit_ms: float = LIMIT_MS,

@@ -166,7 +166,11 @@ def floor_level(n: int, *, seconds: float, k: int, rate: float = RATE) -> dict[s
         got: list[dict[str, Any]] = [{"seen": [], "offsets": [], "order": [], "status": None} for _ in range(n)]
         cursors = [0] * n  # -1 once the task ended and everything it sent was read
         reads = 0
+        deadline = time.monotonic() + 3 * seconds + 60  # an actor that died would leave its tasks open
         while not all(c < 0 for c in cursors):
+            if time.monotonic() > deadline:
+                ray.get(runs, timeout=1)  # raises the actors' error, if that is what happened
+                raise RuntimeError(f"the bare plane's {n} agents did not all end within {3 * seconds + 60:g} s")
             news, ended = ray.get(log.read_many.remote(cursors, 1.0))
             reads += 1
             now = time.time()
