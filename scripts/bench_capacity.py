@@ -95,6 +95,17 @@ def _cpu(procs: dict[int, Any]) -> dict[int, float]:
     return out
 
 
+def _rss(procs: dict[int, Any]) -> int:
+    """Resident bytes of the processes still alive."""
+    total = 0
+    for p in procs.values():
+        try:
+            total += p.memory_info().rss
+        except Exception:  # gone: not counted
+            pass
+    return total
+
+
 def _ray_processes(exclude: set[int]) -> dict[int, Any]:
     """Ray's own processes (GCS, raylet, dashboard, idle workers, ...): the descendants
     of this process when it started the local Ray, less the pool's. Empty when this
@@ -205,15 +216,10 @@ def run_level(scratch: str, n: int, *, seconds: float, rate: float = RATE, k: in
             marks["end"] = (time.time(), {k_: _cpu(p) for k_, p in procs.items()})
             return out
 
-        rss_agents = 0
         reads0 = pool.stats()["reads"]
         got = asyncio.run(main())
         reads = pool.stats()["reads"] - reads0  # long-polls the client made for all its tasks
-        for p in procs["agents"].values():
-            try:
-                rss_agents += p.memory_info().rss
-            except Exception:
-                pass
+        rss_agents = _rss(procs["agents"])
     finally:
         pool.shutdown(grace_s=0)
 

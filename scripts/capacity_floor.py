@@ -140,7 +140,7 @@ def floor_level(n: int, *, seconds: float, k: int, rate: float = RATE) -> dict[s
     same checks (every agent's tokens once each and in order, offsets without a gap)."""
     import psutil
 
-    from bench_capacity import _cpu, _ray_processes, summarize
+    from bench_capacity import _cpu, _ray_processes, _rss, summarize
 
     tokens = max(1, int(round(rate * seconds)))
     k = max(1, min(k, n))
@@ -191,12 +191,7 @@ def floor_level(n: int, *, seconds: float, k: int, rate: float = RATE) -> dict[s
                     marks.setdefault("b", cpu_now())
         marks["end"] = cpu_now()
         ray.get(runs)
-        rss = 0
-        for p in procs["agents"].values():
-            try:
-                rss += p.memory_info().rss
-            except Exception:
-                pass
+        rss = _rss(procs["agents"])
     finally:
         for a in actors:
             ray.kill(a)
