@@ -503,13 +503,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _levels(text: str) -> tuple[int, ...]:
+    """``--levels`` as argparse's ``type`` (argparse puts the flag's name before the message)."""
     try:
         levels = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--levels: {text!r} is not a comma-separated list of agent counts "
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of agent counts "
                                          "(e.g. 64,128)") from None
     if not levels or any(n < 1 for n in levels):
-        raise argparse.ArgumentTypeError(f"--levels: {text!r}: every level must be a number of agents >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: every level must be a number of agents >= 1")
     return levels
 
 
