@@ -61,13 +61,15 @@ class FloorLog:
         held = self.held.setdefault(sender, {})
         held[seq] = (batch, ended)
         now = time.time()
-        while self.next.get(sender, 0) in held:
-            batch, ended = held.pop(self.next.get(sender, 0))
-            self.next[sender] = self.next.get(sender, 0) + 1
+        due = self.next.get(sender, 0)
+        while due in held:
+            batch, ended = held.pop(due)
             for task, text, count in batch:
                 self.logs[task].append((now, text, count))
             for task in ended:
                 self.done[task] = True
+            due += 1
+        self.next[sender] = due
         self.news.set()
 
     async def read_many(self, offsets: list[int], wait_s: float) -> tuple[dict[int, list], list[int]]:
